@@ -1,0 +1,523 @@
+//! The device side of a session: what a device SDK (and the load generator) runs.
+//!
+//! One [`DeviceSession`] lives as long as the device: its message stream (sequence numbers and
+//! unacknowledged messages) survives reconnects. Call order, per connection:
+//! 1. [`connect`](DeviceSession::connect) once the TLS connection is up.
+//! 2. Feed input with [`handle_bytes`](DeviceSession::handle_bytes) and expired deadlines with
+//!    [`handle_timeout`](DeviceSession::handle_timeout).
+//! 3. After each input, drain [`poll_event`](DeviceSession::poll_event), then
+//!    [`poll_transmit`](DeviceSession::poll_transmit), then re-arm the timer from
+//!    [`poll_timeout`](DeviceSession::poll_timeout).
+//! 4. On [`DeviceEvent::Closed`], close the socket after flushing; call `connect` again to
+//!    reconnect (unacknowledged messages are resent after the next `Welcome`).
+//!
+//! States: `ExpectChallenge` → `ExpectWelcome` → `Established` → `Disconnected`.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+
+use crate::auth::{self, DeviceKey};
+use crate::codec::{DEFAULT_MAX_FRAME, FrameDecoder};
+use crate::error::{CloseReason, PeerMisbehaved, SendError};
+use crate::ids::{CodeVersion, DeviceId, Digest, Seq, SessionId};
+use crate::message::{GoodbyeReason, Hello, Message, PROTOCOL_VERSION, Resume};
+use crate::stream::Stream;
+
+/// A device's identity and limits.
+#[derive(Clone, Debug)]
+pub struct DeviceConfig {
+    /// Its id.
+    pub device: DeviceId,
+    /// Its key.
+    pub key: DeviceKey,
+    /// Code version it runs.
+    pub code_version: CodeVersion,
+    /// Firmware version text (≤ 255 bytes).
+    pub fw_version: Bytes,
+    /// Largest frame accepted from the server.
+    pub max_frame: u32,
+    /// Most unacknowledged messages it queues.
+    pub outbox_limit: u32,
+    /// Resend unacknowledged messages after this long without an ack.
+    pub resend_after: Duration,
+    /// Give up on a connection that sends no `Welcome` within this long.
+    pub welcome_timeout: Duration,
+}
+
+impl DeviceConfig {
+    /// Defaults for a device with this id and key.
+    pub fn new(device: DeviceId, key: DeviceKey) -> Self {
+        DeviceConfig {
+            device,
+            key,
+            code_version: CodeVersion(0),
+            fw_version: Bytes::from_static(b"tether-sdk/0.1"),
+            max_frame: DEFAULT_MAX_FRAME,
+            outbox_limit: 64,
+            resend_after: Duration::from_secs(10),
+            welcome_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What the session tells the device application.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeviceEvent {
+    /// `Welcome` arrived: the session is up.
+    Connected {
+        /// Session id.
+        session: SessionId,
+        /// Whether the server resumed the previous session.
+        resumed: bool,
+        /// Heartbeat interval the server asked for.
+        heartbeat: Duration,
+    },
+    /// A new message from the server (already acknowledged).
+    Message {
+        /// Its seq.
+        seq: Seq,
+        /// Topic.
+        topic: Bytes,
+        /// Payload.
+        payload: Bytes,
+    },
+    /// The server acknowledged a message we sent.
+    Acked {
+        /// Its seq.
+        seq: Seq,
+    },
+    /// A `Pong` for the `Ping` with this id.
+    Pong {
+        /// The ping's id.
+        id: u64,
+    },
+    /// The server offers a code version.
+    CodeOffer {
+        /// Version.
+        version: CodeVersion,
+        /// Size in bytes.
+        size: u64,
+        /// SHA-256 of the blob.
+        digest: Digest,
+    },
+    /// A piece of code.
+    CodeChunk {
+        /// Version.
+        version: CodeVersion,
+        /// Offset of `data`.
+        offset: u64,
+        /// The bytes.
+        data: Bytes,
+    },
+    /// The server said goodbye: reconnect after `retry_after`, to `redirect` if not empty.
+    Goodbye {
+        /// Why.
+        reason: GoodbyeReason,
+        /// When to come back.
+        retry_after: Duration,
+        /// Where to go instead.
+        redirect: Bytes,
+    },
+    /// The connection's session ended.
+    Closed(CloseReason),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    ExpectChallenge,
+    ExpectWelcome,
+    Established,
+    Disconnected,
+}
+
+/// The device end of a session. See the module doc for the call order.
+#[derive(Debug)]
+pub struct DeviceSession {
+    config: DeviceConfig,
+    state: State,
+    decoder: FrameDecoder,
+    tx: BytesMut,
+    events: VecDeque<DeviceEvent>,
+    session: Option<SessionId>,
+    stream: Stream,
+    heartbeat: Duration,
+    /// Handshake deadline, or idle deadline once established.
+    deadline: Instant,
+    next_ping: Option<Instant>,
+    resend_at: Option<Instant>,
+    ping_id: u64,
+}
+
+impl DeviceSession {
+    /// A disconnected device.
+    pub fn new(config: DeviceConfig, now: Instant) -> Self {
+        DeviceSession {
+            decoder: FrameDecoder::new(config.max_frame),
+            config,
+            state: State::Disconnected,
+            tx: BytesMut::new(),
+            events: VecDeque::new(),
+            session: None,
+            stream: Stream::default(),
+            heartbeat: Duration::from_secs(30),
+            deadline: now,
+            next_ping: None,
+            resend_at: None,
+            ping_id: 0,
+        }
+    }
+
+    /// The device's id.
+    pub fn device(&self) -> DeviceId {
+        self.config.device
+    }
+
+    /// Whether `Welcome` has arrived on the current connection.
+    pub fn is_established(&self) -> bool {
+        self.state == State::Established
+    }
+
+    /// Whether no connection is active.
+    pub fn is_disconnected(&self) -> bool {
+        self.state == State::Disconnected
+    }
+
+    /// Messages sent and not yet acknowledged.
+    pub fn unacked(&self) -> usize {
+        self.stream.unacked()
+    }
+
+    /// Starts the protocol on a new connection (TLS is up).
+    pub fn connect(&mut self, now: Instant) {
+        self.decoder.clear();
+        self.tx = BytesMut::new();
+        self.state = State::ExpectChallenge;
+        self.deadline = now + self.config.welcome_timeout;
+        self.next_ping = None;
+        self.resend_at = None;
+    }
+
+    /// Feeds bytes received from the server.
+    pub fn handle_bytes(&mut self, now: Instant, data: &[u8]) {
+        if self.state == State::Disconnected {
+            return;
+        }
+        self.decoder.push(data);
+        while self.state != State::Disconnected {
+            match self.decoder.next_frame() {
+                Ok(Some(frame)) => match Message::decode(frame) {
+                    Ok(m) => self.on_message(now, m),
+                    Err(e) => self.fail(PeerMisbehaved::Decode(e).into()),
+                },
+                Ok(None) => break,
+                Err(e) => self.fail(PeerMisbehaved::Decode(e).into()),
+            }
+        }
+    }
+
+    fn on_message(&mut self, now: Instant, m: Message) {
+        match (self.state, m) {
+            (State::ExpectChallenge, Message::Challenge { nonce }) => {
+                let c = &self.config;
+                let proof = auth::prove(&c.key, &nonce, c.device, PROTOCOL_VERSION);
+                let resume = self.session.map(|session| Resume {
+                    session,
+                    rx_seq: self.stream.rx_seq,
+                });
+                let _ = Message::Hello(Hello {
+                    version: PROTOCOL_VERSION,
+                    device: c.device,
+                    proof,
+                    code_version: c.code_version,
+                    fw_version: c.fw_version.clone(),
+                    resume,
+                })
+                .encode(&mut self.tx);
+                self.state = State::ExpectWelcome;
+            }
+            (
+                State::ExpectWelcome,
+                Message::Welcome {
+                    session,
+                    heartbeat_s,
+                    rx_seq,
+                    ..
+                },
+            ) => {
+                let resumed = self.session == Some(session);
+                if !resumed {
+                    // A new server-side session numbers its messages afresh.
+                    self.stream.rx_seq = Seq(0);
+                    self.stream.rx_acked = Seq(0);
+                }
+                self.session = Some(session);
+                // Whatever the server already has needs no resend.
+                if rx_seq > Seq(0) && rx_seq <= self.stream.tx_seq {
+                    let events = &mut self.events;
+                    let _ = self.stream.ack(rx_seq, |m| {
+                        events.push_back(DeviceEvent::Acked { seq: m.seq })
+                    });
+                }
+                self.heartbeat = Duration::from_secs(heartbeat_s.max(1) as u64);
+                self.state = State::Established;
+                self.stream.resend_all(&mut self.tx);
+                self.arm_resend(now);
+                self.next_ping = Some(now + self.heartbeat);
+                self.deadline = now + self.idle_timeout();
+                self.events.push_back(DeviceEvent::Connected {
+                    session,
+                    resumed,
+                    heartbeat: self.heartbeat,
+                });
+            }
+            (State::Established, m) => {
+                self.deadline = now + self.idle_timeout();
+                self.on_established(now, m);
+            }
+            (
+                _,
+                Message::Goodbye {
+                    reason,
+                    retry_after_ms,
+                    redirect,
+                },
+            ) => self.on_goodbye(reason, retry_after_ms, redirect),
+            (_, Message::Error { code, .. }) => self.close_with(CloseReason::PeerError(code)),
+            (state, m) => self.fail(
+                PeerMisbehaved::UnexpectedMessage {
+                    state: match state {
+                        State::ExpectChallenge => "expecting Challenge",
+                        State::ExpectWelcome => "expecting Welcome",
+                        _ => "disconnected",
+                    },
+                    got: m.ty(),
+                }
+                .into(),
+            ),
+        }
+    }
+
+    fn idle_timeout(&self) -> Duration {
+        self.heartbeat * 5 / 2
+    }
+
+    fn arm_resend(&mut self, now: Instant) {
+        self.resend_at = (self.stream.unacked() > 0).then(|| now + self.config.resend_after);
+    }
+
+    fn on_established(&mut self, now: Instant, m: Message) {
+        match m {
+            Message::Ping { id } => {
+                let _ = Message::Pong { id }.encode(&mut self.tx);
+            }
+            Message::Pong { id } => self.events.push_back(DeviceEvent::Pong { id }),
+            Message::Msg {
+                seq,
+                topic,
+                payload,
+            } => {
+                if self.stream.receive(seq) {
+                    self.events.push_back(DeviceEvent::Message {
+                        seq,
+                        topic,
+                        payload,
+                    });
+                }
+                // The device application consumes messages synchronously: ack at once
+                // (duplicates are re-acked, in case our earlier ack was lost).
+                self.stream.rx_acked = self.stream.rx_seq;
+                let _ = Message::Ack { seq }.encode(&mut self.tx);
+            }
+            Message::Ack { seq } => {
+                let events = &mut self.events;
+                match self
+                    .stream
+                    .ack(seq, |m| events.push_back(DeviceEvent::Acked { seq: m.seq }))
+                {
+                    Ok(()) => self.arm_resend(now),
+                    Err(e) => self.fail(e.into()),
+                }
+            }
+            Message::CodeOffer {
+                version,
+                size,
+                digest,
+            } => self.events.push_back(DeviceEvent::CodeOffer {
+                version,
+                size,
+                digest,
+            }),
+            Message::CodeChunk {
+                version,
+                offset,
+                data,
+            } => self.events.push_back(DeviceEvent::CodeChunk {
+                version,
+                offset,
+                data,
+            }),
+            Message::Goodbye {
+                reason,
+                retry_after_ms,
+                redirect,
+            } => self.on_goodbye(reason, retry_after_ms, redirect),
+            Message::Error { code, .. } => self.close_with(CloseReason::PeerError(code)),
+            other => self.fail(
+                PeerMisbehaved::UnexpectedMessage {
+                    state: "established",
+                    got: other.ty(),
+                }
+                .into(),
+            ),
+        }
+    }
+
+    fn on_goodbye(&mut self, reason: GoodbyeReason, retry_after_ms: u32, redirect: Bytes) {
+        self.events.push_back(DeviceEvent::Goodbye {
+            reason,
+            retry_after: Duration::from_millis(retry_after_ms as u64),
+            redirect,
+        });
+        self.close_with(CloseReason::PeerGoodbye(reason));
+    }
+
+    fn close_with(&mut self, reason: CloseReason) {
+        self.state = State::Disconnected;
+        self.decoder.clear();
+        self.next_ping = None;
+        self.resend_at = None;
+        self.events.push_back(DeviceEvent::Closed(reason));
+    }
+
+    fn fail(&mut self, reason: CloseReason) {
+        if let Some(code) = reason.wire_code() {
+            let _ = Message::Error {
+                code,
+                message: Bytes::from(reason.to_string()),
+            }
+            .encode(&mut self.tx);
+        }
+        self.close_with(reason);
+    }
+
+    /// Sends a message to the device's agent. Queued (and sent after `Welcome`) while not yet
+    /// established; kept until acknowledged.
+    pub fn send(&mut self, now: Instant, topic: Bytes, payload: Bytes) -> Result<Seq, SendError> {
+        let established = self.state == State::Established;
+        let m = self.stream.push(
+            self.config.outbox_limit,
+            self.config.max_frame,
+            0,
+            topic,
+            payload,
+        )?;
+        let seq = m.seq;
+        if established {
+            m.encode(&mut self.tx);
+            if self.resend_at.is_none() {
+                self.resend_at = Some(now + self.config.resend_after);
+            }
+        }
+        Ok(seq)
+    }
+
+    /// Sends a `Ping` now (the session also pings on its own every heartbeat); returns its id.
+    pub fn ping(&mut self, now: Instant) -> Option<u64> {
+        if self.state != State::Established {
+            return None;
+        }
+        self.ping_id += 1;
+        let _ = Message::Ping { id: self.ping_id }.encode(&mut self.tx);
+        self.next_ping = Some(now + self.heartbeat);
+        Some(self.ping_id)
+    }
+
+    /// Sends a code-transfer message (`CodeRequest`, `CodeAck`, `CodeDone`).
+    pub fn send_code(&mut self, m: &Message) -> Result<(), SendError> {
+        if self.state != State::Established {
+            return Err(SendError::Closed);
+        }
+        m.encode(&mut self.tx).map_err(|_| SendError::TooLarge {
+            limit: self.config.max_frame,
+            got: m.frame_len() as u32,
+        })
+    }
+
+    /// Ends the connection with a `Goodbye`.
+    pub fn close(&mut self) {
+        if self.state == State::Disconnected {
+            return;
+        }
+        let _ = Message::Goodbye {
+            reason: GoodbyeReason::Normal,
+            retry_after_ms: 0,
+            redirect: Bytes::new(),
+        }
+        .encode(&mut self.tx);
+        self.close_with(CloseReason::Local(GoodbyeReason::Normal));
+    }
+
+    /// The transport failed under us (reset, EOF): end the connection without sending.
+    pub fn connection_lost(&mut self, reason: CloseReason) {
+        if self.state != State::Disconnected {
+            self.tx = BytesMut::new();
+            self.close_with(reason);
+        }
+    }
+
+    /// Applies expired deadlines: handshake/idle timeouts, heartbeats, resends.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.state == State::Disconnected {
+            return;
+        }
+        if now >= self.deadline {
+            let reason = if self.state == State::Established {
+                CloseReason::IdleTimeout
+            } else {
+                CloseReason::HandshakeTimeout
+            };
+            self.fail(reason);
+            return;
+        }
+        if self.next_ping.is_some_and(|t| now >= t) {
+            self.ping(now);
+        }
+        if self.resend_at.is_some_and(|t| now >= t) {
+            self.stream.resend_all(&mut self.tx);
+            self.arm_resend(now);
+        }
+    }
+
+    /// The next event, if any.
+    pub fn poll_event(&mut self) -> Option<DeviceEvent> {
+        let e = self.events.pop_front();
+        if self.events.is_empty() && self.events.capacity() > 8 {
+            self.events = VecDeque::new();
+        }
+        e
+    }
+
+    /// Appends the bytes to send to `buf`; returns whether there were any.
+    #[must_use]
+    pub fn poll_transmit(&mut self, buf: &mut BytesMut) -> bool {
+        if self.tx.is_empty() {
+            return false;
+        }
+        buf.extend_from_slice(&self.tx);
+        self.tx = BytesMut::new();
+        true
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) should next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.state == State::Disconnected {
+            return None;
+        }
+        [Some(self.deadline), self.next_ping, self.resend_at]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+}

@@ -1,0 +1,736 @@
+//! Every message of the device link and the agent link, and their encoding.
+//!
+//! Fields are big-endian; short strings carry a u8 length, topics a u16 length, and the last
+//! variable-length field of a message (payloads, chunks, blobs) runs to the end of the frame.
+
+use std::fmt;
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::auth::{NONCE_LEN, Nonce, PROOF_LEN, Proof};
+use crate::codec::{Frame, Reader, put_header};
+use crate::error::DecodeError;
+use crate::ids::{CodeVersion, DeviceId, Digest, Seq, SessionId};
+
+/// The protocol version this crate speaks, sent in `Hello`.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+macro_rules! message_types {
+    ($($(#[$doc:meta])* $name:ident = $val:expr),* $(,)?) => {
+        /// The type byte of each message.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        #[repr(u8)]
+        #[non_exhaustive]
+        pub enum MessageType { $($(#[$doc])* $name = $val),* }
+
+        impl MessageType {
+            /// The message type for a type byte.
+            pub fn from_u8(b: u8) -> Result<Self, DecodeError> {
+                match b {
+                    $($val => Ok(MessageType::$name),)*
+                    other => Err(DecodeError::UnknownType(other)),
+                }
+            }
+            /// The lowercase name, for logs and errors.
+            pub fn name(self) -> &'static str {
+                match self { $(MessageType::$name => stringify!($name)),* }
+            }
+        }
+    };
+}
+
+message_types! {
+    /// server → device: the per-connection nonce the device must prove against.
+    Challenge = 0x01,
+    /// device → server: identity, proof, running versions, resume point.
+    Hello = 0x02,
+    /// server → device: session accepted.
+    Welcome = 0x03,
+    /// either way: keepalive.
+    Ping = 0x04,
+    /// either way: keepalive answer.
+    Pong = 0x05,
+    /// either way: an application message.
+    Msg = 0x06,
+    /// either way: cumulative acknowledgement.
+    Ack = 0x07,
+    /// server → device: a newer code version is available.
+    CodeOffer = 0x08,
+    /// device → server: send code from this offset (start or resume).
+    CodeRequest = 0x09,
+    /// server → device: a piece of code.
+    CodeChunk = 0x0a,
+    /// device → server: code received up to this offset (flow control).
+    CodeAck = 0x0b,
+    /// device → server: the transfer finished (digest verified or not).
+    CodeDone = 0x0c,
+    /// either way: the session ends, with a reason and when to come back.
+    Goodbye = 0x0d,
+    /// either way: a protocol error; the sender closes after it.
+    Error = 0x0e,
+    /// agent → server: attach with a token.
+    AgentHello = 0x40,
+    /// server → agent: attached.
+    AgentWelcome = 0x41,
+    /// agent → server: send a message to a device.
+    Send = 0x42,
+    /// server → agent: what became of a `Send`.
+    SendResult = 0x43,
+    /// server → agent: a message from a device.
+    Deliver = 0x44,
+    /// agent → server: a `Deliver` is safely handled; the device gets its `Ack`.
+    DeliverAck = 0x45,
+    /// server → agent: a device came online or went offline.
+    Presence = 0x46,
+    /// agent → server: deploy a code version to a device group.
+    Deploy = 0x47,
+    /// server → agent: outcome of a `Deploy`.
+    DeployResult = 0x48,
+}
+
+impl fmt::Display for MessageType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+macro_rules! wire_enum {
+    ($(#[$m:meta])* $name:ident { $($(#[$doc:meta])* $v:ident = $n:expr => $s:expr),* $(,)? }) => {
+        $(#[$m])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        #[repr(u16)]
+        #[non_exhaustive]
+        pub enum $name { $($(#[$doc])* $v = $n),* }
+        impl $name {
+            /// The value for a wire code; unknown codes map to `None`.
+            pub fn from_u16(c: u16) -> Option<Self> {
+                match c { $($n => Some($name::$v),)* _ => None }
+            }
+        }
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(match self { $($name::$v => $s),* })
+            }
+        }
+    };
+}
+
+wire_enum! {
+    /// Why a session ends, in a `Goodbye`.
+    GoodbyeReason {
+        /// Normal close.
+        Normal = 0 => "normal",
+        /// The server is shutting down.
+        Shutdown = 1 => "server shutting down",
+        /// The server is overloaded; come back after `retry_after_ms`.
+        Overloaded = 2 => "server overloaded",
+        /// A newer connection of the same device replaced this one.
+        Replaced = 3 => "replaced by a newer connection",
+        /// Connect to `redirect` instead.
+        Redirect = 4 => "redirected",
+        /// The server is being upgraded.
+        Upgrade = 5 => "server upgrading",
+    }
+}
+
+wire_enum! {
+    /// The code of an `Error` frame.
+    ErrorCode {
+        /// A frame could not be decoded.
+        MalformedFrame = 1 => "malformed frame",
+        /// A frame exceeded the size limit.
+        FrameTooLarge = 2 => "frame too large",
+        /// Protocol version not supported.
+        UnsupportedVersion = 3 => "unsupported protocol version",
+        /// A message out of order.
+        ProtocolViolation = 4 => "protocol violation",
+        /// Unknown device id.
+        UnknownDevice = 5 => "unknown device",
+        /// Proof did not verify.
+        BadProof = 6 => "bad proof",
+        /// Handshake or idle timeout.
+        Timeout = 7 => "timeout",
+        /// Agent token rejected.
+        BadToken = 8 => "bad agent token",
+        /// Internal server error.
+        Internal = 9 => "internal error",
+        /// A queue was full.
+        QueueFull = 10 => "queue full",
+        /// A request was invalid (e.g. an empty deploy).
+        InvalidRequest = 11 => "invalid request",
+    }
+}
+
+wire_enum! {
+    /// What became of an agent's `Send`.
+    SendStatus {
+        /// The device acknowledged the message.
+        Delivered = 0 => "delivered",
+        /// The device is not connected.
+        Offline = 1 => "device offline",
+        /// The device's outbound queue is full.
+        QueueFull = 2 => "device queue full",
+        /// No such device.
+        UnknownDevice = 3 => "unknown device",
+        /// The message is larger than a frame allows.
+        TooLarge = 4 => "message too large",
+    }
+}
+
+/// The device's resume point, sent in `Hello` after a reconnect.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Resume {
+    /// The session it had.
+    pub session: SessionId,
+    /// The last seq it received from the server in that session.
+    pub rx_seq: Seq,
+}
+
+/// `Hello`: who the device is, its proof, and what it runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hello {
+    /// Protocol version spoken.
+    pub version: u16,
+    /// The device's id.
+    pub device: DeviceId,
+    /// HMAC over the connection's nonce.
+    pub proof: Proof,
+    /// The code version it runs.
+    pub code_version: CodeVersion,
+    /// Its firmware version (free text, ≤ 255 bytes).
+    pub fw_version: Bytes,
+    /// Where to resume, if it had a session.
+    pub resume: Option<Resume>,
+}
+
+/// Every message of both links.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+#[allow(missing_docs)] // reason: fields are described by each variant's message type
+pub enum Message {
+    /// See [`MessageType::Challenge`].
+    Challenge { nonce: Nonce },
+    /// See [`MessageType::Hello`].
+    Hello(Hello),
+    /// See [`MessageType::Welcome`]. `rx_seq` is the last seq the server received from the
+    /// device in this session (0 for a new session).
+    Welcome {
+        session: SessionId,
+        heartbeat_s: u16,
+        server_time_ms: u64,
+        rx_seq: Seq,
+    },
+    /// See [`MessageType::Ping`].
+    Ping { id: u64 },
+    /// See [`MessageType::Pong`].
+    Pong { id: u64 },
+    /// See [`MessageType::Msg`].
+    Msg {
+        seq: Seq,
+        topic: Bytes,
+        payload: Bytes,
+    },
+    /// See [`MessageType::Ack`].
+    Ack { seq: Seq },
+    /// See [`MessageType::CodeOffer`].
+    CodeOffer {
+        version: CodeVersion,
+        size: u64,
+        digest: Digest,
+    },
+    /// See [`MessageType::CodeRequest`].
+    CodeRequest { version: CodeVersion, offset: u64 },
+    /// See [`MessageType::CodeChunk`].
+    CodeChunk {
+        version: CodeVersion,
+        offset: u64,
+        data: Bytes,
+    },
+    /// See [`MessageType::CodeAck`].
+    CodeAck { version: CodeVersion, offset: u64 },
+    /// See [`MessageType::CodeDone`].
+    CodeDone { version: CodeVersion, ok: bool },
+    /// See [`MessageType::Goodbye`].
+    Goodbye {
+        reason: GoodbyeReason,
+        retry_after_ms: u32,
+        redirect: Bytes,
+    },
+    /// See [`MessageType::Error`].
+    Error { code: ErrorCode, message: Bytes },
+    /// See [`MessageType::AgentHello`].
+    AgentHello {
+        version: u16,
+        token: Bytes,
+        name: Bytes,
+    },
+    /// See [`MessageType::AgentWelcome`].
+    AgentWelcome { agent: u32, server_time_ms: u64 },
+    /// See [`MessageType::Send`]. `tag` is the agent's own correlation id.
+    Send {
+        device: DeviceId,
+        tag: u64,
+        topic: Bytes,
+        payload: Bytes,
+    },
+    /// See [`MessageType::SendResult`].
+    SendResult { tag: u64, status: SendStatus },
+    /// See [`MessageType::Deliver`].
+    Deliver {
+        device: DeviceId,
+        seq: Seq,
+        topic: Bytes,
+        payload: Bytes,
+    },
+    /// See [`MessageType::DeliverAck`].
+    DeliverAck { device: DeviceId, seq: Seq },
+    /// See [`MessageType::Presence`].
+    Presence { device: DeviceId, online: bool },
+    /// See [`MessageType::Deploy`].
+    Deploy { group: Bytes, blob: Bytes },
+    /// See [`MessageType::DeployResult`]. `version` 0 and a message on failure.
+    DeployResult {
+        group: Bytes,
+        version: CodeVersion,
+        digest: Digest,
+        message: Bytes,
+    },
+}
+
+fn short(ty: MessageType, b: &Bytes, field: &'static str) -> Result<u8, DecodeError> {
+    u8::try_from(b.len()).map_err(|_| DecodeError::InvalidField {
+        ty: ty as u8,
+        field,
+    })
+}
+
+fn bool_field(ty: u8, v: u8, field: &'static str) -> Result<bool, DecodeError> {
+    match v {
+        0 => Ok(false),
+        1 => Ok(true),
+        _ => Err(DecodeError::InvalidField { ty, field }),
+    }
+}
+
+impl Message {
+    /// This message's type.
+    pub fn ty(&self) -> MessageType {
+        use MessageType as T;
+        match self {
+            Message::Challenge { .. } => T::Challenge,
+            Message::Hello(_) => T::Hello,
+            Message::Welcome { .. } => T::Welcome,
+            Message::Ping { .. } => T::Ping,
+            Message::Pong { .. } => T::Pong,
+            Message::Msg { .. } => T::Msg,
+            Message::Ack { .. } => T::Ack,
+            Message::CodeOffer { .. } => T::CodeOffer,
+            Message::CodeRequest { .. } => T::CodeRequest,
+            Message::CodeChunk { .. } => T::CodeChunk,
+            Message::CodeAck { .. } => T::CodeAck,
+            Message::CodeDone { .. } => T::CodeDone,
+            Message::Goodbye { .. } => T::Goodbye,
+            Message::Error { .. } => T::Error,
+            Message::AgentHello { .. } => T::AgentHello,
+            Message::AgentWelcome { .. } => T::AgentWelcome,
+            Message::Send { .. } => T::Send,
+            Message::SendResult { .. } => T::SendResult,
+            Message::Deliver { .. } => T::Deliver,
+            Message::DeliverAck { .. } => T::DeliverAck,
+            Message::Presence { .. } => T::Presence,
+            Message::Deploy { .. } => T::Deploy,
+            Message::DeployResult { .. } => T::DeployResult,
+        }
+    }
+
+    /// The encoded body length (without the 5-byte header).
+    pub fn body_len(&self) -> usize {
+        match self {
+            Message::Challenge { .. } => NONCE_LEN,
+            Message::Hello(h) => 2 + 8 + PROOF_LEN + 8 + 1 + h.fw_version.len() + 1 + 16,
+            Message::Welcome { .. } => 8 + 2 + 8 + 8,
+            Message::Ping { .. } | Message::Pong { .. } | Message::Ack { .. } => 8,
+            Message::Msg { topic, payload, .. } => 8 + 2 + topic.len() + payload.len(),
+            Message::CodeOffer { .. } => 8 + 8 + 32,
+            Message::CodeRequest { .. } | Message::CodeAck { .. } => 16,
+            Message::CodeChunk { data, .. } => 16 + data.len(),
+            Message::CodeDone { .. } => 9,
+            Message::Goodbye { redirect, .. } => 2 + 4 + 1 + redirect.len(),
+            Message::Error { message, .. } => 2 + message.len(),
+            Message::AgentHello { token, name, .. } => 2 + 1 + token.len() + 1 + name.len(),
+            Message::AgentWelcome { .. } => 12,
+            Message::Send { topic, payload, .. } => 16 + 2 + topic.len() + payload.len(),
+            Message::SendResult { .. } => 10,
+            Message::Deliver { topic, payload, .. } => 16 + 2 + topic.len() + payload.len(),
+            Message::DeliverAck { .. } => 16,
+            Message::Presence { .. } => 9,
+            Message::Deploy { group, blob } => 1 + group.len() + blob.len(),
+            Message::DeployResult { group, message, .. } => {
+                1 + group.len() + 8 + 32 + message.len()
+            }
+        }
+    }
+
+    /// The encoded frame length, header included.
+    pub fn frame_len(&self) -> usize {
+        crate::codec::HEADER_LEN + self.body_len()
+    }
+
+    /// Appends this message as one frame to `dst`.
+    ///
+    /// Fails only when a short field (firmware version, redirect, token, name, group) is longer
+    /// than 255 bytes or a topic longer than 65,535: nothing is written then.
+    pub fn encode(&self, dst: &mut BytesMut) -> Result<(), DecodeError> {
+        let ty = self.ty();
+        // Validate length-limited fields before writing anything.
+        match self {
+            Message::Hello(h) => {
+                short(ty, &h.fw_version, "fw_version")?;
+            }
+            Message::Goodbye { redirect, .. } => {
+                short(ty, redirect, "redirect")?;
+            }
+            Message::AgentHello { token, name, .. } => {
+                short(ty, token, "token")?;
+                short(ty, name, "name")?;
+            }
+            Message::Deploy { group, .. } | Message::DeployResult { group, .. } => {
+                short(ty, group, "group")?;
+            }
+            Message::Msg { topic, .. }
+            | Message::Send { topic, .. }
+            | Message::Deliver { topic, .. } => {
+                u16::try_from(topic.len()).map_err(|_| DecodeError::InvalidField {
+                    ty: ty as u8,
+                    field: "topic",
+                })?;
+            }
+            _ => {}
+        }
+        dst.reserve(self.frame_len());
+        put_header(dst, ty as u8, self.body_len());
+        match self {
+            Message::Challenge { nonce } => dst.put_slice(&nonce.0),
+            Message::Hello(h) => {
+                dst.put_u16(h.version);
+                dst.put_u64(h.device.0);
+                dst.put_slice(&h.proof.0);
+                dst.put_u64(h.code_version.0);
+                dst.put_u8(h.fw_version.len() as u8);
+                dst.put_slice(&h.fw_version);
+                match h.resume {
+                    Some(r) => {
+                        dst.put_u8(1);
+                        dst.put_u64(r.session.0);
+                        dst.put_u64(r.rx_seq.0);
+                    }
+                    None => {
+                        dst.put_u8(0);
+                        dst.put_bytes(0, 16);
+                    }
+                }
+            }
+            Message::Welcome {
+                session,
+                heartbeat_s,
+                server_time_ms,
+                rx_seq,
+            } => {
+                dst.put_u64(session.0);
+                dst.put_u16(*heartbeat_s);
+                dst.put_u64(*server_time_ms);
+                dst.put_u64(rx_seq.0);
+            }
+            Message::Ping { id } | Message::Pong { id } => dst.put_u64(*id),
+            Message::Ack { seq } => dst.put_u64(seq.0),
+            Message::Msg {
+                seq,
+                topic,
+                payload,
+            } => {
+                dst.put_u64(seq.0);
+                dst.put_u16(topic.len() as u16);
+                dst.put_slice(topic);
+                dst.put_slice(payload);
+            }
+            Message::CodeOffer {
+                version,
+                size,
+                digest,
+            } => {
+                dst.put_u64(version.0);
+                dst.put_u64(*size);
+                dst.put_slice(&digest.0);
+            }
+            Message::CodeRequest { version, offset } | Message::CodeAck { version, offset } => {
+                dst.put_u64(version.0);
+                dst.put_u64(*offset);
+            }
+            Message::CodeChunk {
+                version,
+                offset,
+                data,
+            } => {
+                dst.put_u64(version.0);
+                dst.put_u64(*offset);
+                dst.put_slice(data);
+            }
+            Message::CodeDone { version, ok } => {
+                dst.put_u64(version.0);
+                dst.put_u8(*ok as u8);
+            }
+            Message::Goodbye {
+                reason,
+                retry_after_ms,
+                redirect,
+            } => {
+                dst.put_u16(*reason as u16);
+                dst.put_u32(*retry_after_ms);
+                dst.put_u8(redirect.len() as u8);
+                dst.put_slice(redirect);
+            }
+            Message::Error { code, message } => {
+                dst.put_u16(*code as u16);
+                dst.put_slice(message);
+            }
+            Message::AgentHello {
+                version,
+                token,
+                name,
+            } => {
+                dst.put_u16(*version);
+                dst.put_u8(token.len() as u8);
+                dst.put_slice(token);
+                dst.put_u8(name.len() as u8);
+                dst.put_slice(name);
+            }
+            Message::AgentWelcome {
+                agent,
+                server_time_ms,
+            } => {
+                dst.put_u32(*agent);
+                dst.put_u64(*server_time_ms);
+            }
+            Message::Send {
+                device,
+                tag,
+                topic,
+                payload,
+            } => {
+                dst.put_u64(device.0);
+                dst.put_u64(*tag);
+                dst.put_u16(topic.len() as u16);
+                dst.put_slice(topic);
+                dst.put_slice(payload);
+            }
+            Message::SendResult { tag, status } => {
+                dst.put_u64(*tag);
+                dst.put_u16(*status as u16);
+            }
+            Message::Deliver {
+                device,
+                seq,
+                topic,
+                payload,
+            } => {
+                dst.put_u64(device.0);
+                dst.put_u64(seq.0);
+                dst.put_u16(topic.len() as u16);
+                dst.put_slice(topic);
+                dst.put_slice(payload);
+            }
+            Message::DeliverAck { device, seq } => {
+                dst.put_u64(device.0);
+                dst.put_u64(seq.0);
+            }
+            Message::Presence { device, online } => {
+                dst.put_u64(device.0);
+                dst.put_u8(*online as u8);
+            }
+            Message::Deploy { group, blob } => {
+                dst.put_u8(group.len() as u8);
+                dst.put_slice(group);
+                dst.put_slice(blob);
+            }
+            Message::DeployResult {
+                group,
+                version,
+                digest,
+                message,
+            } => {
+                dst.put_u8(group.len() as u8);
+                dst.put_slice(group);
+                dst.put_u64(version.0);
+                dst.put_slice(&digest.0);
+                dst.put_slice(message);
+            }
+        }
+        Ok(())
+    }
+
+    /// Decodes one frame. Unknown types, truncation, trailing bytes and out-of-range fields are
+    /// typed errors.
+    pub fn decode(frame: Frame) -> Result<Message, DecodeError> {
+        use MessageType as T;
+        let ty = T::from_u8(frame.ty)?;
+        let t = frame.ty;
+        let mut r = Reader::new(frame.ty, frame.body);
+        let m = match ty {
+            T::Challenge => Message::Challenge {
+                nonce: Nonce(r.array()?),
+            },
+            T::Hello => {
+                let version = r.u16()?;
+                let device = DeviceId(r.u64()?);
+                let proof = Proof(r.array()?);
+                let code_version = CodeVersion(r.u64()?);
+                let fw_version = r.short_bytes()?;
+                let has = bool_field(t, r.u8()?, "resume flag")?;
+                let session = SessionId(r.u64()?);
+                let rx_seq = Seq(r.u64()?);
+                let resume = has.then_some(Resume { session, rx_seq });
+                Message::Hello(Hello {
+                    version,
+                    device,
+                    proof,
+                    code_version,
+                    fw_version,
+                    resume,
+                })
+            }
+            T::Welcome => Message::Welcome {
+                session: SessionId(r.u64()?),
+                heartbeat_s: r.u16()?,
+                server_time_ms: r.u64()?,
+                rx_seq: Seq(r.u64()?),
+            },
+            T::Ping => Message::Ping { id: r.u64()? },
+            T::Pong => Message::Pong { id: r.u64()? },
+            T::Ack => Message::Ack { seq: Seq(r.u64()?) },
+            T::Msg => {
+                let seq = Seq(r.u64()?);
+                let topic = r.bytes16()?;
+                Message::Msg {
+                    seq,
+                    topic,
+                    payload: r.rest(),
+                }
+            }
+            T::CodeOffer => Message::CodeOffer {
+                version: CodeVersion(r.u64()?),
+                size: r.u64()?,
+                digest: Digest(r.array()?),
+            },
+            T::CodeRequest => Message::CodeRequest {
+                version: CodeVersion(r.u64()?),
+                offset: r.u64()?,
+            },
+            T::CodeAck => Message::CodeAck {
+                version: CodeVersion(r.u64()?),
+                offset: r.u64()?,
+            },
+            T::CodeChunk => {
+                let version = CodeVersion(r.u64()?);
+                let offset = r.u64()?;
+                Message::CodeChunk {
+                    version,
+                    offset,
+                    data: r.rest(),
+                }
+            }
+            T::CodeDone => Message::CodeDone {
+                version: CodeVersion(r.u64()?),
+                ok: bool_field(t, r.u8()?, "ok flag")?,
+            },
+            T::Goodbye => {
+                let code = r.u16()?;
+                let reason = GoodbyeReason::from_u16(code).ok_or(DecodeError::InvalidField {
+                    ty: t,
+                    field: "goodbye reason",
+                })?;
+                Message::Goodbye {
+                    reason,
+                    retry_after_ms: r.u32()?,
+                    redirect: r.short_bytes()?,
+                }
+            }
+            T::Error => {
+                let code = ErrorCode::from_u16(r.u16()?).ok_or(DecodeError::InvalidField {
+                    ty: t,
+                    field: "error code",
+                })?;
+                Message::Error {
+                    code,
+                    message: r.rest(),
+                }
+            }
+            T::AgentHello => Message::AgentHello {
+                version: r.u16()?,
+                token: r.short_bytes()?,
+                name: r.short_bytes()?,
+            },
+            T::AgentWelcome => Message::AgentWelcome {
+                agent: r.u32()?,
+                server_time_ms: r.u64()?,
+            },
+            T::Send => {
+                let device = DeviceId(r.u64()?);
+                let tag = r.u64()?;
+                let topic = r.bytes16()?;
+                Message::Send {
+                    device,
+                    tag,
+                    topic,
+                    payload: r.rest(),
+                }
+            }
+            T::SendResult => {
+                let tag = r.u64()?;
+                let status = SendStatus::from_u16(r.u16()?).ok_or(DecodeError::InvalidField {
+                    ty: t,
+                    field: "send status",
+                })?;
+                Message::SendResult { tag, status }
+            }
+            T::Deliver => {
+                let device = DeviceId(r.u64()?);
+                let seq = Seq(r.u64()?);
+                let topic = r.bytes16()?;
+                Message::Deliver {
+                    device,
+                    seq,
+                    topic,
+                    payload: r.rest(),
+                }
+            }
+            T::DeliverAck => Message::DeliverAck {
+                device: DeviceId(r.u64()?),
+                seq: Seq(r.u64()?),
+            },
+            T::Presence => Message::Presence {
+                device: DeviceId(r.u64()?),
+                online: bool_field(t, r.u8()?, "online flag")?,
+            },
+            T::Deploy => {
+                let group = r.short_bytes()?;
+                Message::Deploy {
+                    group,
+                    blob: r.rest(),
+                }
+            }
+            T::DeployResult => {
+                let group = r.short_bytes()?;
+                let version = CodeVersion(r.u64()?);
+                let digest = Digest(r.array()?);
+                Message::DeployResult {
+                    group,
+                    version,
+                    digest,
+                    message: r.rest(),
+                }
+            }
+        };
+        r.finish()?;
+        Ok(m)
+    }
+}

@@ -1,0 +1,539 @@
+//! The server side of a device session.
+//!
+//! Call order, per connection (quinn-style):
+//! 1. [`ServerSession::new`] with a fresh random nonce: it queues the `Challenge`.
+//! 2. Feed input with [`handle_bytes`](ServerSession::handle_bytes) and expired deadlines with
+//!    [`handle_timeout`](ServerSession::handle_timeout).
+//! 3. After each input, drain [`poll_event`](ServerSession::poll_event) (acting on each event),
+//!    then [`poll_transmit`](ServerSession::poll_transmit) (write the bytes out), then re-arm
+//!    the timer from [`poll_timeout`](ServerSession::poll_timeout).
+//! 4. On [`ServerEvent::Hello`], look the device up and call
+//!    [`authenticate`](ServerSession::authenticate); until then further input is buffered
+//!    undecoded (so the connection can move to the device's home shard in between).
+//! 5. When [`is_closed`](ServerSession::is_closed) and nothing is left to transmit, close the
+//!    socket.
+//!
+//! States: `ExpectHello` → `Authenticating` → `Established` → `Closed`.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+
+use crate::auth::{self, DeviceKey, Nonce};
+use crate::codec::{DEFAULT_MAX_FRAME, FrameDecoder};
+use crate::error::{AuthError, CloseReason, PeerMisbehaved, SendError};
+use crate::ids::{CodeVersion, DeviceId, Digest, Seq, SessionId};
+use crate::message::{GoodbyeReason, Hello, Message, PROTOCOL_VERSION, Resume};
+use crate::stream::{Outgoing, Stream};
+
+/// Server session limits and timings.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// Largest frame accepted from a device.
+    pub max_frame: u32,
+    /// Heartbeat interval told to devices in `Welcome`.
+    pub heartbeat: Duration,
+    /// Close a session that sent nothing for this long.
+    pub idle_timeout: Duration,
+    /// Close a connection that sent no `Hello` within this long.
+    pub hello_timeout: Duration,
+    /// Most unacknowledged messages queued towards one device.
+    pub outbox_limit: u32,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        let heartbeat = Duration::from_secs(30);
+        ServerConfig {
+            max_frame: DEFAULT_MAX_FRAME,
+            heartbeat,
+            idle_timeout: heartbeat * 5 / 2,
+            hello_timeout: Duration::from_secs(10),
+            outbox_limit: 64,
+        }
+    }
+}
+
+/// Code-transfer requests from the device; the transfer logic lives with the code store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CodeEvent {
+    /// Send `version` from `offset` (start or resume).
+    Request {
+        /// Version wanted.
+        version: CodeVersion,
+        /// First byte wanted.
+        offset: u64,
+    },
+    /// The device holds every byte below `offset`.
+    Ack {
+        /// Version in transfer.
+        version: CodeVersion,
+        /// Bytes received so far.
+        offset: u64,
+    },
+    /// The device finished: `ok` if the digest matched and it switched.
+    Done {
+        /// Version transferred.
+        version: CodeVersion,
+        /// Whether it verified.
+        ok: bool,
+    },
+}
+
+/// What the session tells its driver.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ServerEvent {
+    /// The device introduced itself: authenticate it.
+    Hello {
+        /// Claimed id.
+        device: DeviceId,
+        /// Code version it runs.
+        code_version: CodeVersion,
+        /// Firmware version text.
+        fw_version: Bytes,
+        /// Its resume point, if any.
+        resume: Option<Resume>,
+    },
+    /// A new message from the device. Call [`ServerSession::ack_received`] once it is safely
+    /// handed on; until then the device keeps it for resending.
+    Message {
+        /// Its seq.
+        seq: Seq,
+        /// Topic.
+        topic: Bytes,
+        /// Payload.
+        payload: Bytes,
+    },
+    /// The device acknowledged a message sent with [`ServerSession::send`].
+    Delivered {
+        /// Its seq.
+        seq: Seq,
+        /// The tag given to `send`.
+        tag: u64,
+    },
+    /// A code-transfer message.
+    Code(CodeEvent),
+    /// The session ended; flush [`ServerSession::poll_transmit`] and close.
+    Closed(CloseReason),
+}
+
+/// Stream state carried from a replaced session to its successor.
+#[derive(Debug, Default)]
+pub struct Carried {
+    /// The session id to keep.
+    pub session: SessionId,
+    stream: Stream,
+}
+
+impl Carried {
+    /// Messages still unacknowledged by the device.
+    pub fn unacked(&self) -> usize {
+        self.stream.unacked()
+    }
+}
+
+#[derive(Debug)]
+enum State {
+    ExpectHello {
+        nonce: Nonce,
+    },
+    Authenticating {
+        nonce: Nonce,
+        hello: Box<Hello>,
+    },
+    Established {
+        device: DeviceId,
+        session: SessionId,
+    },
+    Closed,
+}
+
+impl State {
+    fn name(&self) -> &'static str {
+        match self {
+            State::ExpectHello { .. } => "expecting Hello",
+            State::Authenticating { .. } => "authenticating",
+            State::Established { .. } => "established",
+            State::Closed => "closed",
+        }
+    }
+}
+
+/// The server end of one device connection. See the module doc for the call order.
+#[derive(Debug)]
+pub struct ServerSession {
+    state: State,
+    decoder: FrameDecoder,
+    tx: BytesMut,
+    events: VecDeque<ServerEvent>,
+    deadline: Instant,
+    idle_timeout: Duration,
+    heartbeat_s: u16,
+    outbox_limit: u32,
+    stream: Stream,
+}
+
+impl ServerSession {
+    /// A session for a freshly accepted connection; `nonce` must be fresh random bytes.
+    pub fn new(config: &ServerConfig, nonce: Nonce, now: Instant) -> Self {
+        let mut tx = BytesMut::new();
+        let _ = Message::Challenge { nonce }.encode(&mut tx);
+        ServerSession {
+            state: State::ExpectHello { nonce },
+            decoder: FrameDecoder::new(config.max_frame),
+            tx,
+            events: VecDeque::new(),
+            deadline: now + config.hello_timeout,
+            idle_timeout: config.idle_timeout,
+            heartbeat_s: config.heartbeat.as_secs().clamp(1, u16::MAX as u64) as u16,
+            outbox_limit: config.outbox_limit,
+            stream: Stream::default(),
+        }
+    }
+
+    /// The authenticated device, once established.
+    pub fn device(&self) -> Option<DeviceId> {
+        match self.state {
+            State::Established { device, .. } => Some(device),
+            _ => None,
+        }
+    }
+
+    /// The session id, once established.
+    pub fn session_id(&self) -> Option<SessionId> {
+        match self.state {
+            State::Established { session, .. } => Some(session),
+            _ => None,
+        }
+    }
+
+    /// Whether the session has ended.
+    pub fn is_closed(&self) -> bool {
+        matches!(self.state, State::Closed)
+    }
+
+    /// Whether the session waits for [`authenticate`](Self::authenticate).
+    pub fn awaiting_auth(&self) -> bool {
+        matches!(self.state, State::Authenticating { .. })
+    }
+
+    /// Feeds bytes received from the device.
+    pub fn handle_bytes(&mut self, now: Instant, data: &[u8]) {
+        if self.is_closed() {
+            return;
+        }
+        self.decoder.push(data);
+        self.process(now);
+    }
+
+    fn process(&mut self, now: Instant) {
+        // While authenticating, input stays buffered undecoded.
+        while !self.is_closed() && !self.awaiting_auth() {
+            match self.decoder.next_frame() {
+                Ok(Some(frame)) => match Message::decode(frame) {
+                    Ok(m) => self.on_message(now, m),
+                    Err(e) => self.fail(PeerMisbehaved::Decode(e).into()),
+                },
+                Ok(None) => break,
+                Err(e) => self.fail(PeerMisbehaved::Decode(e).into()),
+            }
+        }
+    }
+
+    fn on_message(&mut self, now: Instant, m: Message) {
+        if matches!(self.state, State::Established { .. }) {
+            self.deadline = now + self.idle_timeout;
+            self.on_established(m);
+            return;
+        }
+        let state = std::mem::replace(&mut self.state, State::Closed);
+        match (state, m) {
+            (State::ExpectHello { nonce }, Message::Hello(hello)) => {
+                if hello.version != PROTOCOL_VERSION {
+                    self.fail(
+                        PeerMisbehaved::UnsupportedVersion {
+                            got: hello.version,
+                            supported: PROTOCOL_VERSION,
+                        }
+                        .into(),
+                    );
+                    return;
+                }
+                self.events.push_back(ServerEvent::Hello {
+                    device: hello.device,
+                    code_version: hello.code_version,
+                    fw_version: hello.fw_version.clone(),
+                    resume: hello.resume,
+                });
+                self.state = State::Authenticating {
+                    nonce,
+                    hello: Box::new(hello),
+                };
+            }
+            (s, m) => self.fail(
+                PeerMisbehaved::UnexpectedMessage {
+                    state: s.name(),
+                    got: m.ty(),
+                }
+                .into(),
+            ),
+        }
+    }
+
+    fn on_established(&mut self, m: Message) {
+        match m {
+            Message::Ping { id } => {
+                let _ = Message::Pong { id }.encode(&mut self.tx);
+            }
+            Message::Pong { .. } => {}
+            Message::Msg {
+                seq,
+                topic,
+                payload,
+            } => {
+                if self.stream.receive(seq) {
+                    self.events.push_back(ServerEvent::Message {
+                        seq,
+                        topic,
+                        payload,
+                    });
+                } else if seq <= self.stream.rx_acked {
+                    // A resend of something already acknowledged: the ack was lost.
+                    let _ = Message::Ack { seq }.encode(&mut self.tx);
+                }
+            }
+            Message::Ack { seq } => {
+                let events = &mut self.events;
+                if let Err(e) = self.stream.ack(seq, |m| {
+                    events.push_back(ServerEvent::Delivered {
+                        seq: m.seq,
+                        tag: m.tag,
+                    })
+                }) {
+                    self.fail(e.into());
+                }
+            }
+            Message::CodeRequest { version, offset } => self
+                .events
+                .push_back(ServerEvent::Code(CodeEvent::Request { version, offset })),
+            Message::CodeAck { version, offset } => self
+                .events
+                .push_back(ServerEvent::Code(CodeEvent::Ack { version, offset })),
+            Message::CodeDone { version, ok } => self
+                .events
+                .push_back(ServerEvent::Code(CodeEvent::Done { version, ok })),
+            Message::Goodbye { reason, .. } => {
+                self.state = State::Closed;
+                self.events
+                    .push_back(ServerEvent::Closed(CloseReason::PeerGoodbye(reason)));
+            }
+            Message::Error { code, .. } => {
+                self.state = State::Closed;
+                self.events
+                    .push_back(ServerEvent::Closed(CloseReason::PeerError(code)));
+            }
+            other => self.fail(
+                PeerMisbehaved::UnexpectedMessage {
+                    state: "established",
+                    got: other.ty(),
+                }
+                .into(),
+            ),
+        }
+    }
+
+    /// Closes with an `Error` frame telling the device why.
+    fn fail(&mut self, reason: CloseReason) {
+        if let Some(code) = reason.wire_code() {
+            let _ = Message::Error {
+                code,
+                message: Bytes::from(reason.to_string()),
+            }
+            .encode(&mut self.tx);
+        }
+        self.state = State::Closed;
+        self.decoder.clear();
+        self.events.push_back(ServerEvent::Closed(reason));
+    }
+
+    /// Answers the pending `Hello`. `key` is the device's key, or `None` if the registry does
+    /// not know it. On success the session is established, `Welcome` is queued and any
+    /// `carried` stream (from a replaced session of the same device) is resumed: its
+    /// unacknowledged messages are resent. On failure an `Error` is queued and the session
+    /// closes.
+    pub fn authenticate(
+        &mut self,
+        now: Instant,
+        key: Option<&DeviceKey>,
+        session: SessionId,
+        server_time_ms: u64,
+        carried: Option<Carried>,
+    ) -> Result<DeviceId, AuthError> {
+        let State::Authenticating { nonce, hello } = &self.state else {
+            return Err(AuthError::NoHelloPending);
+        };
+        let device = hello.device;
+        let ok = key.ok_or(AuthError::UnknownDevice).and_then(|k| {
+            if auth::verify(k, nonce, device, hello.version, &hello.proof) {
+                Ok(())
+            } else {
+                Err(AuthError::BadProof)
+            }
+        });
+        if let Err(e) = ok {
+            self.fail(e.into());
+            return Err(e);
+        }
+        let (session, stream) = match carried {
+            Some(c) => (c.session, c.stream),
+            None => (session, Stream::default()),
+        };
+        self.stream = stream;
+        let _ = Message::Welcome {
+            session,
+            heartbeat_s: self.heartbeat_s,
+            server_time_ms,
+            // Only what was acknowledged: received-but-unacked messages must still be resent.
+            rx_seq: self.stream.rx_acked,
+        }
+        .encode(&mut self.tx);
+        self.stream.resend_all(&mut self.tx);
+        self.state = State::Established { device, session };
+        self.deadline = now + self.idle_timeout;
+        self.process(now);
+        Ok(device)
+    }
+
+    /// Queues a message to the device. `tag` comes back in [`ServerEvent::Delivered`].
+    pub fn send(&mut self, topic: Bytes, payload: Bytes, tag: u64) -> Result<Seq, SendError> {
+        if !matches!(self.state, State::Established { .. }) {
+            return Err(SendError::Closed);
+        }
+        let m = self.stream.push(
+            self.outbox_limit,
+            self.decoder.max_frame(),
+            tag,
+            topic,
+            payload,
+        )?;
+        let seq = m.seq;
+        m.encode(&mut self.tx);
+        Ok(seq)
+    }
+
+    /// Acknowledges device messages up to `seq` (cumulative), once they are safely handed on.
+    pub fn ack_received(&mut self, seq: Seq) {
+        if self.is_closed() || seq <= self.stream.rx_acked || seq > self.stream.rx_seq {
+            return;
+        }
+        self.stream.rx_acked = seq;
+        let _ = Message::Ack { seq }.encode(&mut self.tx);
+    }
+
+    /// Queues a raw message (code offers and chunks). Fails if not established.
+    pub fn send_control(&mut self, m: &Message) -> Result<(), SendError> {
+        if !matches!(self.state, State::Established { .. }) {
+            return Err(SendError::Closed);
+        }
+        m.encode(&mut self.tx).map_err(|_| SendError::TooLarge {
+            limit: self.decoder.max_frame(),
+            got: m.frame_len() as u32,
+        })
+    }
+
+    /// Offers a code version to the device.
+    pub fn offer_code(
+        &mut self,
+        version: CodeVersion,
+        size: u64,
+        digest: Digest,
+    ) -> Result<(), SendError> {
+        self.send_control(&Message::CodeOffer {
+            version,
+            size,
+            digest,
+        })
+    }
+
+    /// Ends the session with a `Goodbye`.
+    pub fn close(&mut self, reason: GoodbyeReason, retry_after_ms: u32) {
+        if self.is_closed() {
+            return;
+        }
+        let _ = Message::Goodbye {
+            reason,
+            retry_after_ms,
+            redirect: Bytes::new(),
+        }
+        .encode(&mut self.tx);
+        self.state = State::Closed;
+        self.decoder.clear();
+        self.events
+            .push_back(ServerEvent::Closed(CloseReason::Local(reason)));
+    }
+
+    /// Hands the stream state to a newer connection of the same device and closes this one
+    /// with `Goodbye{Replaced}`.
+    pub fn take_carried(&mut self) -> Option<Carried> {
+        let session = self.session_id()?;
+        self.close(GoodbyeReason::Replaced, 0);
+        Some(Carried {
+            session,
+            stream: std::mem::take(&mut self.stream),
+        })
+    }
+
+    /// Takes the messages the device never acknowledged (to report them undelivered when the
+    /// session is gone).
+    pub fn take_unacked(&mut self) -> VecDeque<Outgoing> {
+        std::mem::take(&mut self.stream.outbox)
+    }
+
+    /// Applies an expired deadline.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.is_closed() || now < self.deadline {
+            return;
+        }
+        match self.state {
+            State::ExpectHello { .. } => self.fail(CloseReason::HandshakeTimeout),
+            State::Established { .. } => self.fail(CloseReason::IdleTimeout),
+            // The driver owns the authentication step's latency; no deadline there.
+            State::Authenticating { .. } | State::Closed => {}
+        }
+    }
+
+    /// The next event, if any.
+    pub fn poll_event(&mut self) -> Option<ServerEvent> {
+        let e = self.events.pop_front();
+        if self.events.is_empty() && self.events.capacity() > 8 {
+            self.events = VecDeque::new();
+        }
+        e
+    }
+
+    /// Appends the bytes to send to `buf`; returns whether there were any.
+    #[must_use]
+    pub fn poll_transmit(&mut self, buf: &mut BytesMut) -> bool {
+        if self.tx.is_empty() {
+            return false;
+        }
+        buf.extend_from_slice(&self.tx);
+        // Hold no send buffer at rest.
+        self.tx = BytesMut::new();
+        true
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) should next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match self.state {
+            State::ExpectHello { .. } | State::Established { .. } => Some(self.deadline),
+            _ => None,
+        }
+    }
+
+    /// Messages sent to the device and not yet acknowledged.
+    pub fn unacked(&self) -> usize {
+        self.stream.unacked()
+    }
+}

@@ -1,0 +1,613 @@
+//! Deterministic session tests: a [`Pair`] steps a device and a server session with virtual
+//! time until both are idle.
+
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+
+use crate::auth::{DeviceKey, Nonce, derive_device_key};
+use crate::device::{DeviceConfig, DeviceEvent, DeviceSession};
+use crate::error::{AuthError, CloseReason, DecodeError, PeerMisbehaved};
+use crate::ids::{DeviceId, Seq, SessionId};
+use crate::message::{ErrorCode, GoodbyeReason, Message, MessageType};
+use crate::server::{ServerConfig, ServerEvent, ServerSession};
+
+const SECRET: &[u8] = b"test secret";
+
+struct Pair {
+    now: Instant,
+    device: DeviceSession,
+    server: ServerSession,
+    server_cfg: ServerConfig,
+    device_events: Vec<DeviceEvent>,
+    server_events: Vec<ServerEvent>,
+    /// The key the server's registry returns.
+    registry_key: Option<DeviceKey>,
+    /// Ack device messages as soon as they arrive (an agent that acks at once).
+    auto_ack: bool,
+    nonce_counter: u8,
+}
+
+impl Pair {
+    fn new() -> Self {
+        let now = Instant::now();
+        let id = DeviceId(42);
+        let key = derive_device_key(SECRET, id);
+        let server_cfg = ServerConfig::default();
+        let mut device = DeviceSession::new(DeviceConfig::new(id, key.clone()), now);
+        device.connect(now);
+        Pair {
+            now,
+            device,
+            server: ServerSession::new(&server_cfg, Nonce([1; 32]), now),
+            server_cfg,
+            device_events: vec![],
+            server_events: vec![],
+            registry_key: Some(key),
+            auto_ack: true,
+            nonce_counter: 1,
+        }
+    }
+
+    /// Exchanges bytes and handles events until nothing moves.
+    fn step(&mut self) {
+        for _ in 0..100 {
+            let mut moved = false;
+            let mut buf = BytesMut::new();
+            if self.device.poll_transmit(&mut buf) {
+                self.server.handle_bytes(self.now, &buf);
+                moved = true;
+            }
+            while let Some(e) = self.server.poll_event() {
+                moved = true;
+                match &e {
+                    ServerEvent::Hello { .. } => {
+                        let key = self.registry_key.clone();
+                        let _ =
+                            self.server
+                                .authenticate(self.now, key.as_ref(), SessionId(7), 0, None);
+                    }
+                    ServerEvent::Message { seq, .. } if self.auto_ack => {
+                        self.server.ack_received(*seq)
+                    }
+                    _ => {}
+                }
+                self.server_events.push(e);
+            }
+            let mut buf = BytesMut::new();
+            if self.server.poll_transmit(&mut buf) {
+                self.device.handle_bytes(self.now, &buf);
+                moved = true;
+            }
+            while let Some(e) = self.device.poll_event() {
+                moved = true;
+                self.device_events.push(e);
+            }
+            if !moved {
+                return;
+            }
+        }
+        panic!("pair did not settle");
+    }
+
+    /// Advances virtual time to `t`, firing both sides' timeouts on the way.
+    fn advance(&mut self, by: Duration) {
+        let end = self.now + by;
+        loop {
+            let next = [self.device.poll_timeout(), self.server.poll_timeout()]
+                .into_iter()
+                .flatten()
+                .filter(|t| *t <= end)
+                .min();
+            match next {
+                Some(t) => {
+                    self.now = t.max(self.now);
+                    self.device.handle_timeout(self.now);
+                    self.server.handle_timeout(self.now);
+                    self.step();
+                }
+                None => break,
+            }
+        }
+        self.now = end;
+    }
+
+    /// A new connection for the same device (the device session survives).
+    fn reconnect(&mut self) {
+        self.nonce_counter += 1;
+        self.server =
+            ServerSession::new(&self.server_cfg, Nonce([self.nonce_counter; 32]), self.now);
+        self.device.connect(self.now);
+        self.step();
+    }
+
+    fn established(&mut self) {
+        self.step();
+        assert!(self.device.is_established(), "{:?}", self.device_events);
+        assert_eq!(self.server.device(), Some(DeviceId(42)));
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[test]
+fn ping_frame_wire_bytes() {
+    let mut b = BytesMut::new();
+    Message::Ping { id: 0x0102 }.encode(&mut b).unwrap();
+    assert_eq!(
+        hex(&b),
+        "00000009" /* len */
+            .to_owned()
+            + "04"
+            + "0000000000000102"
+    );
+}
+
+#[test]
+fn msg_frame_wire_bytes() {
+    let mut b = BytesMut::new();
+    Message::Msg {
+        seq: Seq(1),
+        topic: Bytes::from_static(b"t"),
+        payload: Bytes::from_static(b"hi"),
+    }
+    .encode(&mut b)
+    .unwrap();
+    assert_eq!(
+        hex(&b),
+        "0000000e06000000000000000100017468".to_owned() + "69"
+    );
+}
+
+#[test]
+fn hello_welcome_establishes_both_sides() {
+    let mut p = Pair::new();
+    p.established();
+    assert!(matches!(
+        p.device_events[0],
+        DeviceEvent::Connected {
+            session: SessionId(7),
+            resumed: false,
+            ..
+        }
+    ));
+    assert!(matches!(
+        p.server_events[0],
+        ServerEvent::Hello {
+            device: DeviceId(42),
+            ..
+        }
+    ));
+}
+
+#[test]
+fn bad_proof_closes_with_error_frame() {
+    let mut p = Pair::new();
+    p.registry_key = Some(derive_device_key(b"other secret", DeviceId(42)));
+    p.step();
+    assert!(p.server.is_closed());
+    assert!(
+        p.server_events
+            .contains(&ServerEvent::Closed(CloseReason::Auth(AuthError::BadProof)))
+    );
+    assert!(
+        p.device_events
+            .contains(&DeviceEvent::Closed(CloseReason::PeerError(
+                ErrorCode::BadProof
+            )))
+    );
+}
+
+#[test]
+fn unknown_device_is_rejected() {
+    let mut p = Pair::new();
+    p.registry_key = None;
+    p.step();
+    assert!(
+        p.device_events
+            .contains(&DeviceEvent::Closed(CloseReason::PeerError(
+                ErrorCode::UnknownDevice
+            )))
+    );
+}
+
+#[test]
+fn message_before_hello_is_a_protocol_violation() {
+    let now = Instant::now();
+    let mut s = ServerSession::new(&ServerConfig::default(), Nonce([0; 32]), now);
+    let mut b = BytesMut::new();
+    Message::Ping { id: 1 }.encode(&mut b).unwrap();
+    s.handle_bytes(now, &b);
+    assert_eq!(
+        s.poll_event(),
+        Some(ServerEvent::Closed(CloseReason::PeerMisbehaved(
+            PeerMisbehaved::UnexpectedMessage {
+                state: "expecting Hello",
+                got: MessageType::Ping
+            }
+        )))
+    );
+    let mut out = BytesMut::new();
+    assert!(s.poll_transmit(&mut out));
+    // Challenge then Error{ProtocolViolation}.
+    let mut d = crate::codec::FrameDecoder::new(1 << 16);
+    d.push(&out);
+    let _challenge = d.next_frame().unwrap().unwrap();
+    let err = Message::decode(d.next_frame().unwrap().unwrap()).unwrap();
+    assert!(matches!(
+        err,
+        Message::Error {
+            code: ErrorCode::ProtocolViolation,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn oversized_frame_is_rejected_with_its_size() {
+    let now = Instant::now();
+    let cfg = ServerConfig {
+        max_frame: 1024,
+        ..ServerConfig::default()
+    };
+    let mut s = ServerSession::new(&cfg, Nonce([0; 32]), now);
+    s.handle_bytes(now, &[0, 0, 0x10, 0, 6]);
+    assert_eq!(
+        s.poll_event(),
+        Some(ServerEvent::Closed(CloseReason::PeerMisbehaved(
+            PeerMisbehaved::Decode(DecodeError::FrameTooLarge {
+                limit: 1024,
+                got: 4096
+            })
+        )))
+    );
+}
+
+#[test]
+fn unsupported_version_is_rejected() {
+    let now = Instant::now();
+    let mut s = ServerSession::new(&ServerConfig::default(), Nonce([0; 32]), now);
+    let mut b = BytesMut::new();
+    Message::Hello(crate::message::Hello {
+        version: 99,
+        device: DeviceId(1),
+        proof: crate::auth::Proof([0; 32]),
+        code_version: Default::default(),
+        fw_version: Bytes::new(),
+        resume: None,
+    })
+    .encode(&mut b)
+    .unwrap();
+    s.handle_bytes(now, &b);
+    assert_eq!(
+        s.poll_event(),
+        Some(ServerEvent::Closed(CloseReason::PeerMisbehaved(
+            PeerMisbehaved::UnsupportedVersion {
+                got: 99,
+                supported: 1
+            }
+        )))
+    );
+}
+
+#[test]
+fn device_message_is_delivered_and_acked() {
+    let mut p = Pair::new();
+    p.established();
+    let seq = p
+        .device
+        .send(p.now, Bytes::from_static(b"t"), Bytes::from_static(b"x"))
+        .unwrap();
+    p.step();
+    assert!(
+        p.server_events
+            .iter()
+            .any(|e| matches!(e, ServerEvent::Message { seq: s, .. } if *s == seq))
+    );
+    assert!(p.device_events.contains(&DeviceEvent::Acked { seq }));
+    assert_eq!(p.device.unacked(), 0);
+}
+
+#[test]
+fn server_message_is_delivered_and_reported() {
+    let mut p = Pair::new();
+    p.established();
+    let seq = p
+        .server
+        .send(Bytes::from_static(b"cmd"), Bytes::from_static(b"on"), 99)
+        .unwrap();
+    p.step();
+    assert!(
+        p.device_events
+            .iter()
+            .any(|e| matches!(e, DeviceEvent::Message { payload, .. } if &payload[..] == b"on"))
+    );
+    assert!(
+        p.server_events
+            .contains(&ServerEvent::Delivered { seq, tag: 99 })
+    );
+    assert_eq!(p.server.unacked(), 0);
+}
+
+#[test]
+fn unacked_messages_are_resent_after_reconnect_and_not_duplicated() {
+    let mut p = Pair::new();
+    p.established();
+    p.auto_ack = false; // the agent is slow: nothing acked
+    p.device
+        .send(p.now, Bytes::from_static(b"t"), Bytes::from_static(b"1"))
+        .unwrap();
+    p.device
+        .send(p.now, Bytes::from_static(b"t"), Bytes::from_static(b"2"))
+        .unwrap();
+    p.step();
+    assert_eq!(p.device.unacked(), 2);
+    // The connection drops; the device reconnects to a fresh server session.
+    p.device.connection_lost(CloseReason::IdleTimeout);
+    p.server_events.clear();
+    p.auto_ack = true;
+    p.reconnect();
+    let delivered: Vec<_> = p
+        .server_events
+        .iter()
+        .filter_map(|e| match e {
+            ServerEvent::Message { seq, .. } => Some(seq.0),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(delivered, vec![1, 2]);
+    assert_eq!(p.device.unacked(), 0);
+}
+
+#[test]
+fn resend_timer_retransmits_unacked_and_receiver_drops_duplicates() {
+    let mut p = Pair::new();
+    p.established();
+    p.auto_ack = false;
+    p.device
+        .send(p.now, Bytes::from_static(b"t"), Bytes::from_static(b"1"))
+        .unwrap();
+    p.step();
+    p.server_events.clear();
+    p.advance(Duration::from_secs(11));
+    // Resent, but the server already has seq 1: no second delivery.
+    assert!(
+        !p.server_events
+            .iter()
+            .any(|e| matches!(e, ServerEvent::Message { .. }))
+    );
+    p.server.ack_received(Seq(1));
+    p.step();
+    assert_eq!(p.device.unacked(), 0);
+}
+
+#[test]
+fn heartbeats_keep_an_idle_session_alive() {
+    let mut p = Pair::new();
+    p.established();
+    p.advance(Duration::from_secs(600));
+    assert!(p.device.is_established());
+    assert!(!p.server.is_closed());
+    assert!(
+        p.device_events
+            .iter()
+            .filter(|e| matches!(e, DeviceEvent::Pong { .. }))
+            .count()
+            >= 19
+    );
+}
+
+#[test]
+fn silent_device_hits_the_server_idle_timeout() {
+    let mut p = Pair::new();
+    p.established();
+    // The device goes silent: only the server's clock runs.
+    let t = p.now + Duration::from_secs(74);
+    p.server.handle_timeout(t);
+    assert_eq!(p.server.poll_event(), None);
+    let deadline = p.server.poll_timeout().unwrap();
+    p.server.handle_timeout(deadline);
+    assert_eq!(
+        p.server.poll_event(),
+        Some(ServerEvent::Closed(CloseReason::IdleTimeout))
+    );
+}
+
+#[test]
+fn no_hello_hits_the_handshake_timeout() {
+    let now = Instant::now();
+    let mut s = ServerSession::new(&ServerConfig::default(), Nonce([0; 32]), now);
+    s.handle_timeout(now + Duration::from_secs(11));
+    assert_eq!(
+        s.poll_event(),
+        Some(ServerEvent::Closed(CloseReason::HandshakeTimeout))
+    );
+}
+
+#[test]
+fn device_without_welcome_times_out() {
+    let mut p = Pair::new();
+    p.device.handle_timeout(p.now + Duration::from_secs(11));
+    assert!(p.device.is_disconnected());
+}
+
+#[test]
+fn replaced_session_carries_unacked_messages_to_the_new_connection() {
+    let mut p = Pair::new();
+    p.established();
+    p.server
+        .send(Bytes::from_static(b"t"), Bytes::from_static(b"a"), 1)
+        .unwrap();
+    // Do not deliver: the device's connection is half-dead. A new connection arrives.
+    let carried = p.server.take_carried().unwrap();
+    assert_eq!(carried.unacked(), 1);
+    let mut old_out = BytesMut::new();
+    assert!(p.server.poll_transmit(&mut old_out)); // Msg + Goodbye{Replaced}, never delivered
+    p.device.connection_lost(CloseReason::IdleTimeout);
+    p.nonce_counter += 1;
+    p.server = ServerSession::new(&p.server_cfg, Nonce([9; 32]), p.now);
+    p.device.connect(p.now);
+    // Drive the handshake by hand to pass the carried state.
+    let mut b = BytesMut::new();
+    let _ = p.server.poll_transmit(&mut b);
+    p.device.handle_bytes(p.now, &b);
+    let mut b = BytesMut::new();
+    let _ = p.device.poll_transmit(&mut b);
+    p.server.handle_bytes(p.now, &b);
+    assert!(matches!(
+        p.server.poll_event(),
+        Some(ServerEvent::Hello { .. })
+    ));
+    let key = p.registry_key.clone();
+    p.server
+        .authenticate(p.now, key.as_ref(), SessionId(0), 0, Some(carried))
+        .unwrap();
+    p.step();
+    assert!(
+        p.device_events
+            .iter()
+            .any(|e| matches!(e, DeviceEvent::Connected { resumed: true, .. }))
+    );
+    assert!(
+        p.device_events
+            .iter()
+            .any(|e| matches!(e, DeviceEvent::Message { payload, .. } if &payload[..] == b"a"))
+    );
+    assert!(p.server_events.contains(&ServerEvent::Delivered {
+        seq: Seq(1),
+        tag: 1
+    }));
+}
+
+#[test]
+fn goodbye_from_server_tells_the_device_when_to_return() {
+    let mut p = Pair::new();
+    p.established();
+    p.server.close(GoodbyeReason::Overloaded, 1500);
+    p.step();
+    assert!(p.device_events.contains(&DeviceEvent::Goodbye {
+        reason: GoodbyeReason::Overloaded,
+        retry_after: Duration::from_millis(1500),
+        redirect: Bytes::new()
+    }));
+    assert!(p.device.is_disconnected());
+}
+
+#[test]
+fn ack_of_unsent_seq_is_misbehaviour() {
+    let mut p = Pair::new();
+    p.established();
+    let mut b = BytesMut::new();
+    Message::Ack { seq: Seq(5) }.encode(&mut b).unwrap();
+    p.server.handle_bytes(p.now, &b);
+    let mut closed = None;
+    while let Some(e) = p.server.poll_event() {
+        if let ServerEvent::Closed(r) = e {
+            closed = Some(r);
+        }
+    }
+    assert_eq!(
+        closed,
+        Some(CloseReason::PeerMisbehaved(PeerMisbehaved::AckOfUnsent {
+            got: 5,
+            sent: 0
+        }))
+    );
+}
+
+#[test]
+fn outbox_is_bounded() {
+    let mut p = Pair::new();
+    p.established();
+    for _ in 0..64 {
+        p.server.send(Bytes::new(), Bytes::new(), 0).unwrap();
+    }
+    assert_eq!(
+        p.server.send(Bytes::new(), Bytes::new(), 0),
+        Err(crate::SendError::OutboxFull { limit: 64 })
+    );
+}
+
+#[test]
+fn idle_sessions_hold_no_buffers() {
+    let mut p = Pair::new();
+    p.established();
+    p.device
+        .send(p.now, Bytes::from_static(b"t"), Bytes::from_static(b"x"))
+        .unwrap();
+    p.step();
+    assert_eq!(p.server.unacked(), 0);
+    assert_eq!(p.device.unacked(), 0);
+    // Reported for the memory budget (STYLE.md): the size of each per-connection type.
+    println!(
+        "size_of ServerSession = {}, DeviceSession = {}",
+        std::mem::size_of::<ServerSession>(),
+        std::mem::size_of::<DeviceSession>()
+    );
+    assert!(std::mem::size_of::<ServerSession>() <= 256);
+}
+
+#[test]
+fn unknown_type_truncated_and_trailing_bytes_are_typed_errors() {
+    use crate::codec::Frame;
+    let f = |ty, body: &'static [u8]| Frame {
+        ty,
+        body: Bytes::from_static(body),
+    };
+    assert_eq!(
+        Message::decode(f(0x7f, b"")),
+        Err(DecodeError::UnknownType(0x7f))
+    );
+    assert_eq!(
+        Message::decode(f(0x04, b"\x00\x01")),
+        Err(DecodeError::Truncated { ty: 4 })
+    );
+    assert_eq!(
+        Message::decode(f(0x07, b"\x00\x00\x00\x00\x00\x00\x00\x01\xff")),
+        Err(DecodeError::TrailingBytes { ty: 7, extra: 1 })
+    );
+    assert_eq!(
+        Message::decode(f(0x46, b"\x00\x00\x00\x00\x00\x00\x00\x01\x02")),
+        Err(DecodeError::InvalidField {
+            ty: 0x46,
+            field: "online flag"
+        })
+    );
+    assert_eq!(
+        Message::decode(f(0x0e, b"\xff\xff")),
+        Err(DecodeError::InvalidField {
+            ty: 0x0e,
+            field: "error code"
+        })
+    );
+}
+
+#[test]
+fn errors_read_well() {
+    assert_eq!(
+        DecodeError::FrameTooLarge {
+            limit: 65536,
+            got: 70000
+        }
+        .to_string(),
+        "frame of 70000 bytes exceeds the limit of 65536 bytes"
+    );
+    assert_eq!(
+        CloseReason::Auth(AuthError::BadProof).to_string(),
+        "authentication failed: bad proof: the HMAC does not match this connection's challenge"
+    );
+}
+
+#[test]
+fn over_long_short_fields_are_refused_before_writing() {
+    let mut b = BytesMut::new();
+    let m = Message::Goodbye {
+        reason: GoodbyeReason::Redirect,
+        retry_after_ms: 0,
+        redirect: Bytes::from(vec![b'x'; 256]),
+    };
+    assert!(m.encode(&mut b).is_err());
+    assert!(b.is_empty());
+}
