@@ -1,1 +1,9 @@
-//! The Tether server.
+//! The Tether server: thread-per-core glommio shards holding device TLS connections.
+//!
+//! This library holds the server's building blocks; the `tether` binary wires them together.
+
+pub mod fsutil;
+pub mod tls;
+
+#[cfg(test)]
+mod testdir;
