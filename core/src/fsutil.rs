@@ -5,6 +5,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use rand::RngCore;
 
@@ -67,8 +68,11 @@ pub fn write_atomic_with(
 }
 
 fn temp_path(path: &Path) -> PathBuf {
+    // Unique per process and per call, so concurrent writers never share a temporary file.
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
     let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(format!(".tmp.{}", std::process::id()));
+    name.push(format!(".tmp.{}.{n}", std::process::id()));
     path.with_file_name(name)
 }
 
@@ -77,6 +81,34 @@ fn sync_dir(path: &Path) -> io::Result<()> {
         Some(dir) if !dir.as_os_str().is_empty() => File::open(dir)?.sync_all(),
         _ => Ok(()),
     }
+}
+
+/// Creates `path` with `bytes` and `mode` unless it exists, atomically: the content is written
+/// to a temporary file, fsynced, then hard-linked into place (a link never replaces a file), so
+/// two processes racing on first run agree on one content and a crash never leaves half a file.
+/// Returns whether this call created it.
+pub fn create_once(path: &Path, bytes: &[u8], mode: u32) -> io::Result<bool> {
+    if path.exists() {
+        return Ok(false);
+    }
+    let tmp = temp_path(path);
+    let result = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        match fs::hard_link(&tmp, path) {
+            Ok(()) => sync_dir(path).map(|()| true),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(e),
+        }
+    })();
+    let _ = fs::remove_file(&tmp);
+    result
 }
 
 /// Fills `out` with random bytes from the OS-seeded generator.
