@@ -4,6 +4,7 @@
 
 pub mod fsutil;
 pub mod registry;
+pub mod timer;
 pub mod tls;
 
 #[cfg(test)]
