@@ -3,6 +3,7 @@
 //! This library holds the server's building blocks; the `tether` binary wires them together.
 
 pub mod fsutil;
+pub mod metrics;
 pub mod registry;
 pub mod timer;
 pub mod tls;
