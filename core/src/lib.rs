@@ -2,6 +2,7 @@
 //!
 //! This library holds the server's building blocks; the `tether` binary wires them together.
 
+pub mod admin;
 pub mod fsutil;
 pub mod metrics;
 pub mod registry;
