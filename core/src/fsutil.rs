@@ -1,0 +1,199 @@
+//! Small file helpers for the data directory: atomic writes with a chosen mode, and random
+//! secrets created once (0600) and read back on every later run.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use rand::RngCore;
+
+/// Mode for files holding secrets: owner read/write only.
+pub const SECRET_MODE: u32 = 0o600;
+/// Mode for files anyone on the host may read (certificates, the device list).
+pub const PUBLIC_MODE: u32 = 0o644;
+
+/// Writes `bytes` to `path` atomically: a temporary file beside it is written, fsynced and
+/// renamed over `path`, then the directory is fsynced, so a crash leaves either the old file or
+/// the new one, never half of one. The file is created with `mode`.
+pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    let tmp = temp_path(path);
+    let result = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)?;
+        sync_dir(path)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Writes a file through `fill` atomically (see [`write_atomic`]); for large files written in
+/// pieces. `fill` gets a buffered writer over the temporary file.
+pub fn write_atomic_with(
+    path: &Path,
+    mode: u32,
+    fill: impl FnOnce(&mut io::BufWriter<&mut File>) -> io::Result<()>,
+) -> io::Result<()> {
+    let tmp = temp_path(path);
+    let result = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)?;
+        {
+            let mut w = io::BufWriter::with_capacity(1 << 16, &mut f);
+            fill(&mut w)?;
+            w.flush()?;
+        }
+        f.sync_all()?;
+        fs::rename(&tmp, path)?;
+        sync_dir(path)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+fn temp_path(path: &Path) -> PathBuf {
+    // Unique per process and per call, so concurrent writers never share a temporary file.
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".tmp.{}.{n}", std::process::id()));
+    path.with_file_name(name)
+}
+
+fn sync_dir(path: &Path) -> io::Result<()> {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => File::open(dir)?.sync_all(),
+        _ => Ok(()),
+    }
+}
+
+/// Creates `path` with `bytes` and `mode` unless it exists, atomically: the content is written
+/// to a temporary file, fsynced, then hard-linked into place (a link never replaces a file), so
+/// two processes racing on first run agree on one content and a crash never leaves half a file.
+/// Returns whether this call created it.
+pub fn create_once(path: &Path, bytes: &[u8], mode: u32) -> io::Result<bool> {
+    if path.exists() {
+        return Ok(false);
+    }
+    let tmp = temp_path(path);
+    let result = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        match fs::hard_link(&tmp, path) {
+            Ok(()) => sync_dir(path).map(|()| true),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(e),
+        }
+    })();
+    let _ = fs::remove_file(&tmp);
+    result
+}
+
+/// Fills `out` with random bytes from the OS-seeded generator.
+pub fn random_bytes(out: &mut [u8]) {
+    rand::rng().fill_bytes(out);
+}
+
+/// Lowercase hex of `bytes`.
+pub fn to_hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(DIGITS[usize::from(b >> 4)] as char);
+        s.push(DIGITS[usize::from(b & 0xf)] as char);
+    }
+    s
+}
+
+/// Decodes exactly `N` bytes of hex (either case); `None` if the length or a digit is wrong.
+pub fn from_hex<const N: usize>(s: &[u8]) -> Option<[u8; N]> {
+    if s.len() != N * 2 {
+        return None;
+    }
+    let mut out = [0u8; N];
+    for (o, pair) in out.iter_mut().zip(s.chunks_exact(2)) {
+        *o = (hex_digit(pair[0])? << 4) | hex_digit(pair[1])?;
+    }
+    Some(out)
+}
+
+fn hex_digit(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        b'A'..=b'F' => Some(c - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// Compares two byte strings in time that depends only on their lengths, so a token check
+/// does not leak how many leading bytes matched.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(diff) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn hex_round_trips_and_rejects_bad_input() {
+        let bytes = [0u8, 1, 0xab, 0xff];
+        let s = to_hex(&bytes);
+        assert_eq!(s, "0001abff");
+        assert_eq!(from_hex::<4>(s.as_bytes()), Some(bytes));
+        assert_eq!(from_hex::<4>(b"0001ABFF"), Some(bytes));
+        assert_eq!(from_hex::<4>(b"0001abf"), None);
+        assert_eq!(from_hex::<4>(b"0001abfg"), None);
+    }
+
+    #[test]
+    fn constant_time_eq_compares_contents_and_lengths() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+    }
+
+    #[test]
+    fn write_atomic_sets_mode_and_replaces() {
+        let dir = crate::testdir::TestDir::new("fsutil");
+        let p = dir.path().join("f");
+        write_atomic(&p, b"one", SECRET_MODE).unwrap();
+        write_atomic(&p, b"two", SECRET_MODE).unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"two");
+        let mode = fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(
+            fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "no temp file left"
+        );
+    }
+}

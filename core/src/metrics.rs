@@ -1,0 +1,395 @@
+//! Per-shard counters (plain `u64`s owned by one shard: no atomics, no locks), the snapshot the
+//! admin endpoint builds by asking every shard, its Prometheus rendering, and RSS readings.
+//!
+//! To add a counter, add one line to the `counters!` list below; to add an error reason, one
+//! line to `error_kinds!`. Struct fields, merging, JSON and Prometheus output follow.
+
+use std::collections::BTreeMap;
+use std::fmt::{self, Write as _};
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+macro_rules! error_kinds {
+    ($($(#[doc = $doc:literal])* $variant:ident => $name:literal,)*) => {
+        /// Why something failed, counted per reason in [`ShardMetrics::errors`].
+        #[non_exhaustive]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum ErrorKind {
+            $($(#[doc = $doc])* $variant,)*
+        }
+
+        impl ErrorKind {
+            /// Every kind, in index order.
+            pub const ALL: &'static [ErrorKind] = &[$(ErrorKind::$variant,)*];
+            /// How many kinds there are (the length of [`ShardMetrics::errors`]).
+            pub const COUNT: usize = Self::ALL.len();
+
+            /// The metric label of this kind, e.g. `bad_proof`.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(ErrorKind::$variant => $name,)*
+                }
+            }
+
+            /// The kind named `name` (the inverse of [`as_str`](Self::as_str)).
+            pub fn from_name(name: &str) -> Option<ErrorKind> {
+                match name {
+                    $($name => Some(ErrorKind::$variant),)*
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+
+error_kinds! {
+    /// A frame longer than the protocol's limit.
+    FrameTooLarge => "frame_too_large",
+    /// A frame that does not decode.
+    MalformedFrame => "malformed_frame",
+    /// A `Hello` whose proof does not verify.
+    BadProof => "bad_proof",
+    /// A `Hello` from a device not in the registry.
+    UnknownDevice => "unknown_device",
+    /// A TLS error (handshake or record layer).
+    Tls => "tls",
+    /// A socket error.
+    Io => "io",
+    /// A peer too slow for a deadline (handshake, hello).
+    Timeout => "timeout",
+    /// A device's bounded outbound queue was full.
+    OutboxFull => "outbox_full",
+    /// A valid frame at the wrong time.
+    Protocol => "protocol",
+    /// A panic caught while handling a connection.
+    Panic => "panic",
+}
+
+impl ErrorKind {
+    /// This kind's index in [`ShardMetrics::errors`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Whether a metric only goes up or may go down.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MetricType {
+    Counter,
+    Gauge,
+}
+
+macro_rules! counters {
+    ($($(#[doc = $doc:literal])+ $name:ident: $ty:ident,)*) => {
+        /// One shard's counters. The shard owns it and bumps fields directly.
+        #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+        #[serde(default)]
+        pub struct ShardMetrics {
+            $($(#[doc = $doc])+ pub $name: u64,)*
+            /// Errors by [`ErrorKind`] (serialised as a map from kind name to count).
+            #[serde(with = "errors_by_name")]
+            pub errors: [u64; ErrorKind::COUNT],
+        }
+
+        impl ShardMetrics {
+            /// Every plain field: name, help text, type, value.
+            pub fn fields(&self) -> [(&'static str, &'static str, MetricType, u64); counters!(@count $($name)*)] {
+                [$((stringify!($name), concat!($($doc),+), MetricType::$ty, self.$name),)*]
+            }
+
+            /// Adds `other` into `self` (gauges add too: open connections of two shards sum).
+            pub fn merge(&mut self, other: &ShardMetrics) {
+                $(self.$name = self.$name.wrapping_add(other.$name);)*
+                for (a, b) in self.errors.iter_mut().zip(other.errors.iter()) {
+                    *a = a.wrapping_add(*b);
+                }
+            }
+        }
+    };
+    (@count $($x:ident)*) => { <[()]>::len(&[$(counters!(@unit $x)),*]) };
+    (@unit $x:ident) => { () };
+}
+
+counters! {
+    /// Connections open now.
+    connections_open: Gauge,
+    /// TCP connections accepted.
+    connections_accepted: Counter,
+    /// TLS handshakes completed in full.
+    handshakes_full: Counter,
+    /// TLS handshakes completed by resuming a session.
+    handshakes_resumed: Counter,
+    /// TLS handshakes that failed.
+    handshake_failures: Counter,
+    /// Devices that failed authentication.
+    auth_failures: Counter,
+    /// Messages received from devices and agents.
+    msgs_in: Counter,
+    /// Messages sent to devices and agents.
+    msgs_out: Counter,
+    /// Bytes received (TLS records included).
+    bytes_in: Counter,
+    /// Bytes sent (TLS records included).
+    bytes_out: Counter,
+    /// Acknowledgements received.
+    acks: Counter,
+    /// Goodbye frames sent.
+    goodbyes_sent: Counter,
+    /// Sessions moved to this shard from another.
+    sessions_moved_in: Counter,
+    /// Sessions moved from this shard to another.
+    sessions_moved_out: Counter,
+    /// Sessions replaced by a newer connection of the same device.
+    sessions_replaced: Counter,
+    /// Connections closed for missing heartbeats.
+    heartbeat_timeouts: Counter,
+    /// Connections refused because the shard was overloaded.
+    shed: Counter,
+    /// Panics caught while handling a connection.
+    panics_caught: Counter,
+}
+
+impl ShardMetrics {
+    /// Counts one error of `kind`.
+    #[inline]
+    pub fn error(&mut self, kind: ErrorKind) {
+        self.errors[kind.index()] += 1;
+    }
+
+    /// The count of `kind`.
+    pub fn errors_of(&self, kind: ErrorKind) -> u64 {
+        self.errors[kind.index()]
+    }
+}
+
+mod errors_by_name {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(e: &[u64; ErrorKind::COUNT], s: S) -> Result<S::Ok, S::Error> {
+        let map: BTreeMap<&str, u64> = ErrorKind::ALL
+            .iter()
+            .map(|k| (k.as_str(), e[k.index()]))
+            .collect();
+        map.serialize(s)
+    }
+
+    /// Unknown names (from a newer server) are ignored, missing ones are zero.
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<[u64; ErrorKind::COUNT], D::Error> {
+        let map = BTreeMap::<String, u64>::deserialize(d)?;
+        let mut out = [0; ErrorKind::COUNT];
+        for (name, v) in map {
+            if let Some(k) = ErrorKind::from_name(&name) {
+                out[k.index()] = v;
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Every shard's counters at one moment, plus their sum and the process's memory.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MetricsSnapshot {
+    /// Per shard, indexed by shard number.
+    pub shards: Vec<ShardMetrics>,
+    /// The sum over `shards`.
+    pub total: ShardMetrics,
+    /// Resident memory of the process, if known.
+    pub rss_bytes: Option<u64>,
+}
+
+impl MetricsSnapshot {
+    /// A snapshot of these shards (index = shard number), with their total and the current RSS.
+    pub fn from_shards(shards: Vec<ShardMetrics>) -> MetricsSnapshot {
+        let mut total = ShardMetrics::default();
+        for s in &shards {
+            total.merge(s);
+        }
+        MetricsSnapshot {
+            shards,
+            total,
+            rss_bytes: rss_bytes(),
+        }
+    }
+
+    /// Adds `other` into `self` shard by shard (shard `i` into shard `i`, growing the list if
+    /// `other` has more), and the totals and RSS too: e.g. the old and the new process during
+    /// an upgrade seen as one.
+    pub fn merge(&mut self, other: &MetricsSnapshot) {
+        if self.shards.len() < other.shards.len() {
+            self.shards
+                .resize_with(other.shards.len(), Default::default);
+        }
+        for (a, b) in self.shards.iter_mut().zip(&other.shards) {
+            a.merge(b);
+        }
+        self.total.merge(&other.total);
+        self.rss_bytes = match (self.rss_bytes, other.rss_bytes) {
+            (Some(a), Some(b)) => Some(a + b),
+            (a, b) => a.or(b),
+        };
+    }
+
+    /// Prometheus text exposition format: per-shard series labelled `shard="i"`, then the
+    /// total without a shard label. (So `sum()` over a family counts twice: select by label.)
+    pub fn to_prometheus(&self) -> String {
+        let mut out = String::with_capacity(8192);
+        for (i, (name, help, ty, total)) in self.total.fields().into_iter().enumerate() {
+            let (full, ty) = match ty {
+                MetricType::Counter => (format!("tether_{name}_total"), "counter"),
+                MetricType::Gauge => (format!("tether_{name}"), "gauge"),
+            };
+            let help = help.trim();
+            let _ = writeln!(out, "# HELP {full} {help}\n# TYPE {full} {ty}");
+            for (shard, m) in self.shards.iter().enumerate() {
+                let _ = writeln!(out, "{full}{{shard=\"{shard}\"}} {}", m.fields()[i].3);
+            }
+            let _ = writeln!(out, "{full} {total}");
+        }
+        out.push_str("# HELP tether_errors_total Errors by kind.\n");
+        out.push_str("# TYPE tether_errors_total counter\n");
+        for &k in ErrorKind::ALL {
+            for (shard, m) in self.shards.iter().enumerate() {
+                let _ = writeln!(
+                    out,
+                    "tether_errors_total{{shard=\"{shard}\",kind=\"{k}\"}} {}",
+                    m.errors_of(k)
+                );
+            }
+            let _ = writeln!(
+                out,
+                "tether_errors_total{{kind=\"{k}\"}} {}",
+                self.total.errors_of(k)
+            );
+        }
+        if let Some(rss) = self.rss_bytes {
+            out.push_str("# HELP tether_resident_memory_bytes Resident memory of the server.\n");
+            out.push_str("# TYPE tether_resident_memory_bytes gauge\n");
+            let _ = writeln!(out, "tether_resident_memory_bytes {rss}");
+        }
+        out
+    }
+}
+
+/// Resident memory of this process, from `/proc/self/statm`.
+pub fn rss_bytes() -> Option<u64> {
+    rss_from_statm("/proc/self/statm")
+}
+
+/// Resident memory of process `pid`, from `/proc/<pid>/statm`.
+pub fn rss_of(pid: u32) -> Option<u64> {
+    rss_from_statm(&format!("/proc/{pid}/statm"))
+}
+
+fn rss_from_statm(path: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let pages: u64 = text.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * page_size())
+}
+
+fn page_size() -> u64 {
+    // SAFETY: sysconf reads a system constant; it has no preconditions and touches no memory
+    // of ours.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(size).ok().filter(|&s| s > 0).unwrap_or(4096)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shard(open: u64, bad_proofs: u64) -> ShardMetrics {
+        let mut m = ShardMetrics {
+            connections_open: open,
+            bytes_in: 100,
+            ..Default::default()
+        };
+        for _ in 0..bad_proofs {
+            m.error(ErrorKind::BadProof);
+        }
+        m
+    }
+
+    #[test]
+    fn error_kind_names_round_trip_and_indices_are_dense() {
+        for (i, &k) in ErrorKind::ALL.iter().enumerate() {
+            assert_eq!(k.index(), i);
+            assert_eq!(ErrorKind::from_name(k.as_str()), Some(k));
+        }
+        assert_eq!(ErrorKind::BadProof.to_string(), "bad_proof");
+        assert_eq!(ErrorKind::from_name("nope"), None);
+    }
+
+    #[test]
+    fn snapshot_totals_and_merges() {
+        let mut a = MetricsSnapshot::from_shards(vec![shard(3, 1), shard(4, 0)]);
+        assert_eq!(a.total.connections_open, 7);
+        assert_eq!(a.total.bytes_in, 200);
+        assert_eq!(a.total.errors_of(ErrorKind::BadProof), 1);
+        let b = MetricsSnapshot::from_shards(vec![shard(1, 2), shard(1, 0), shard(1, 0)]);
+        a.merge(&b);
+        assert_eq!(a.shards.len(), 3);
+        assert_eq!(a.shards[0].connections_open, 4);
+        assert_eq!(a.shards[0].errors_of(ErrorKind::BadProof), 3);
+        assert_eq!(a.total.connections_open, 10);
+    }
+
+    #[test]
+    fn json_round_trips_and_names_errors() {
+        let s = MetricsSnapshot::from_shards(vec![shard(3, 2)]);
+        let json = serde_json::to_string(&s).unwrap();
+        assert!(json.contains("\"bad_proof\":2"), "{json}");
+        let back: MetricsSnapshot = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, s);
+        // A newer server's unknown fields and kinds are ignored; missing ones are zero.
+        let old: ShardMetrics =
+            serde_json::from_str(r#"{"msgs_in":5,"future":1,"errors":{"future_kind":3}}"#).unwrap();
+        assert_eq!(old.msgs_in, 5);
+        assert_eq!(old.errors, [0; ErrorKind::COUNT]);
+    }
+
+    #[test]
+    fn prometheus_text_has_help_type_shard_and_total_lines() {
+        let mut s = MetricsSnapshot::from_shards(vec![shard(12, 1), shard(3, 0)]);
+        s.rss_bytes = Some(4096);
+        let text = s.to_prometheus();
+        for line in [
+            "# HELP tether_connections_open Connections open now.",
+            "# TYPE tether_connections_open gauge",
+            "tether_connections_open{shard=\"0\"} 12",
+            "tether_connections_open{shard=\"1\"} 3",
+            "tether_connections_open 15",
+            "# TYPE tether_bytes_in_total counter",
+            "tether_bytes_in_total 200",
+            "tether_errors_total{shard=\"0\",kind=\"bad_proof\"} 1",
+            "tether_errors_total{kind=\"bad_proof\"} 1",
+            "tether_resident_memory_bytes 4096",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+        // Every sample line is `name{labels} value` or `name value`.
+        for l in text.lines().filter(|l| !l.starts_with('#')) {
+            let (_, v) = l.rsplit_once(' ').unwrap();
+            v.parse::<u64>().unwrap();
+        }
+    }
+
+    #[test]
+    fn rss_is_read_for_self_and_by_pid() {
+        let me = rss_bytes().unwrap();
+        assert!(me > 0 && me % page_size() == 0);
+        assert!(rss_of(std::process::id()).unwrap() > 0);
+        assert_eq!(rss_of(u32::MAX), None);
+    }
+}
