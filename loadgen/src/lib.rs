@@ -20,3 +20,4 @@
 
 pub mod campaign;
 pub mod host;
+pub mod stats;
