@@ -20,4 +20,5 @@
 
 pub mod campaign;
 pub mod host;
+pub mod report;
 pub mod stats;
