@@ -223,7 +223,8 @@ pub struct Deploy {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
-    /// Abort the campaign once this many errors have been counted. Default: never.
+    /// Abort the campaign once more than this many errors have been counted (0: abort at the
+    /// first error). Default: never.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_errors: Option<u64>,
     /// A connect (TCP + TLS + Hello) that takes longer counts as an error. Default 10,000 ms.
@@ -303,7 +304,7 @@ impl Campaign {
         Campaign::parse(&text, &path.display().to_string())
     }
 
-    /// Parses and validates campaign text; `origin` names it in errors (a path, or "<inline>").
+    /// Parses and validates campaign text; `origin` names it in errors (a path, or `<inline>`).
     pub fn parse(text: &str, origin: &str) -> Result<Campaign, CampaignError> {
         let campaign: Campaign = toml::from_str(text).map_err(|e| CampaignError::Parse {
             origin: origin.to_owned(),
