@@ -1,0 +1,552 @@
+//! The final report (JSON through serde, and a human table) and the one-line live progress.
+//!
+//! Rates in the report are over the whole measured run (`duration_s`), except the connect rate,
+//! which is over the ramp. Memory per connection is `(RSS after − RSS before) / connections`,
+//! sampled after the ramp has settled; it needs a "before" sample, so the server's figure exists
+//! only when loadgen spawned the server.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+
+use crate::campaign::Campaign;
+use crate::host::{self, Machine, TcpSockStat};
+use crate::stats::{Metric, Stats};
+
+/// Everything a campaign measured, as written to the JSON report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    /// The campaign as it ran, overrides applied.
+    pub campaign: Campaign,
+    /// Measured length of the run in seconds.
+    pub duration_s: f64,
+    /// All errors.
+    pub errors_total: u64,
+    /// Errors by kind.
+    pub errors: BTreeMap<String, u64>,
+    /// Connection figures.
+    pub connections: Connections,
+    /// Message counts and rates.
+    pub messages: MessageCounts,
+    /// One summary per metric, keyed by [`Metric::name`].
+    pub latency: BTreeMap<String, LatencySummary>,
+    /// Latencies above the histogram range (60 s), recorded as 60 s.
+    pub latency_clamped: u64,
+    /// The server's memory; present when loadgen knows the server's pid (it spawned it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server: Option<ServerMemory>,
+    /// Loadgen's own memory (this process; workers report their own).
+    pub loadgen: LoadgenMemory,
+    /// Kernel socket figures; absent if /proc could not be read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<KernelUsage>,
+    /// The machine the run was measured on.
+    pub machine: Machine,
+}
+
+/// Connection figures of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Connections {
+    /// Devices the campaign asked for.
+    pub target: u64,
+    /// Most devices connected at once.
+    pub peak: u64,
+    /// Successful connects, reconnects included.
+    pub connects: u64,
+    /// Connections that ended.
+    pub disconnects: u64,
+    /// Connects per second during the ramp.
+    pub connect_rate_per_s: f64,
+}
+
+/// Message counts and rates of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct MessageCounts {
+    /// Messages sent by devices and agents.
+    pub sent: u64,
+    /// Messages received by devices and agents.
+    pub received: u64,
+    /// `sent` per second of the run.
+    pub sent_per_s: f64,
+    /// `received` per second of the run.
+    pub received_per_s: f64,
+}
+
+/// Percentiles of one latency histogram, in microseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LatencySummary {
+    /// Values recorded.
+    pub count: u64,
+    /// Median.
+    pub p50_us: u64,
+    /// 99th percentile.
+    pub p99_us: u64,
+    /// 99.9th percentile.
+    pub p999_us: u64,
+    /// Largest value.
+    pub max_us: u64,
+    /// Mean.
+    pub mean_us: f64,
+}
+
+impl LatencySummary {
+    /// Summarises a histogram (all zero if it is empty).
+    pub fn of(h: &Histogram<u64>) -> LatencySummary {
+        if h.is_empty() {
+            return LatencySummary {
+                count: 0,
+                p50_us: 0,
+                p99_us: 0,
+                p999_us: 0,
+                max_us: 0,
+                mean_us: 0.0,
+            };
+        }
+        LatencySummary {
+            count: h.len(),
+            p50_us: h.value_at_quantile(0.5),
+            p99_us: h.value_at_quantile(0.99),
+            p999_us: h.value_at_quantile(0.999),
+            max_us: h.max(),
+            mean_us: h.mean(),
+        }
+    }
+}
+
+/// The server's resident memory.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ServerMemory {
+    /// RSS after the ramp settled.
+    pub rss_bytes: u64,
+    /// (RSS after − RSS before) / connections held.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rss_per_connection_bytes: Option<f64>,
+}
+
+/// Loadgen's resident memory.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LoadgenMemory {
+    /// RSS after the ramp settled.
+    pub rss_bytes: u64,
+    /// (RSS after − RSS before) / simulated devices connected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rss_per_device_bytes: Option<f64>,
+}
+
+/// An RSS measurement: before the ramp (if known) and after it settled, with the connections
+/// held at the second sample.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RssSample {
+    /// RSS before any connection, if it was sampled.
+    pub before_bytes: Option<u64>,
+    /// RSS after the ramp settled.
+    pub after_bytes: u64,
+    /// Connections held when `after_bytes` was sampled.
+    pub connections: u64,
+}
+
+impl RssSample {
+    /// (after − before) / connections, when there is a before sample and a connection.
+    pub fn per_connection(&self) -> Option<f64> {
+        self.before_bytes
+            .filter(|_| self.connections > 0)
+            .map(|b| (self.after_bytes as f64 - b as f64) / self.connections as f64)
+    }
+}
+
+/// Kernel-wide socket figures at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelSample {
+    /// `/proc/net/sockstat` TCP line.
+    pub tcp: TcpSockStat,
+    /// `Slab:` of `/proc/meminfo`, bytes.
+    pub slab_bytes: u64,
+}
+
+impl KernelSample {
+    /// Reads the figures now.
+    pub fn read() -> io::Result<KernelSample> {
+        Ok(KernelSample {
+            tcp: host::sockstat()?,
+            slab_bytes: host::slab_bytes()?,
+        })
+    }
+}
+
+/// Kernel socket figures in the report.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct KernelUsage {
+    /// TCP sockets in use (both ends of loopback connections count: 2 per device).
+    pub tcp_inuse: u64,
+    /// Allocated TCP sockets.
+    pub tcp_alloc: u64,
+    /// Sockets in TIME_WAIT.
+    pub tcp_tw: u64,
+    /// Pages charged to TCP buffers.
+    pub tcp_mem_pages: u64,
+    /// `tcp_mem_pages` in bytes.
+    pub tcp_mem_bytes: u64,
+    /// Kernel slab memory.
+    pub slab_bytes: u64,
+    /// Slab growth since before the ramp per connection (both socket ends included).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slab_per_connection_bytes: Option<f64>,
+}
+
+/// What [`Report::build`] needs besides the merged statistics.
+#[derive(Debug, Clone)]
+pub struct ReportInputs<'a> {
+    /// The campaign as it ran.
+    pub campaign: &'a Campaign,
+    /// Statistics merged over shards and workers (with the run-wide peak observed).
+    pub stats: &'a Stats,
+    /// Whole run, first connect attempt to the end of the steady phase.
+    pub elapsed: Duration,
+    /// First connect attempt until `devices` were connected (or the ramp ended).
+    pub ramp_elapsed: Duration,
+    /// Server memory, when loadgen spawned the server.
+    pub server: Option<RssSample>,
+    /// Loadgen memory.
+    pub loadgen: RssSample,
+    /// Kernel figures before the ramp, if read.
+    pub kernel_before: Option<KernelSample>,
+    /// Kernel figures after the ramp settled, if read.
+    pub kernel_after: Option<KernelSample>,
+    /// The machine.
+    pub machine: Machine,
+}
+
+fn per_sec(n: u64, d: Duration) -> f64 {
+    let s = d.as_secs_f64();
+    if s > 0.0 { n as f64 / s } else { 0.0 }
+}
+
+impl Report {
+    /// Builds the report.
+    pub fn build(i: ReportInputs<'_>) -> Report {
+        let c = &i.stats.counters;
+        let latency = Metric::ALL
+            .iter()
+            .map(|m| {
+                (
+                    m.name().to_owned(),
+                    LatencySummary::of(i.stats.hist.get(*m)),
+                )
+            })
+            .collect();
+        let kernel = i.kernel_after.map(|after| {
+            let page = host::page_size();
+            let per = i
+                .kernel_before
+                .filter(|_| c.connected_now > 0)
+                .map(|b| (after.slab_bytes as f64 - b.slab_bytes as f64) / c.connected_now as f64);
+            KernelUsage {
+                tcp_inuse: after.tcp.inuse,
+                tcp_alloc: after.tcp.alloc,
+                tcp_tw: after.tcp.tw,
+                tcp_mem_pages: after.tcp.mem_pages,
+                tcp_mem_bytes: after.tcp.mem_pages * page,
+                slab_bytes: after.slab_bytes,
+                slab_per_connection_bytes: per,
+            }
+        });
+        Report {
+            campaign: i.campaign.clone(),
+            duration_s: i.elapsed.as_secs_f64(),
+            errors_total: i.stats.errors.total(),
+            errors: i.stats.errors.by_kind().clone(),
+            connections: Connections {
+                target: i.campaign.devices,
+                peak: c.peak_connected,
+                connects: c.connects,
+                disconnects: c.disconnects,
+                connect_rate_per_s: per_sec(c.connects.min(i.campaign.devices), i.ramp_elapsed),
+            },
+            messages: MessageCounts {
+                sent: c.msgs_sent,
+                received: c.msgs_recv,
+                sent_per_s: per_sec(c.msgs_sent, i.elapsed),
+                received_per_s: per_sec(c.msgs_recv, i.elapsed),
+            },
+            latency,
+            latency_clamped: i.stats.hist.clamped(),
+            server: i.server.map(|s| ServerMemory {
+                rss_bytes: s.after_bytes,
+                rss_per_connection_bytes: s.per_connection(),
+            }),
+            loadgen: LoadgenMemory {
+                rss_bytes: i.loadgen.after_bytes,
+                rss_per_device_bytes: i.loadgen.per_connection(),
+            },
+            kernel,
+            machine: i.machine,
+        }
+    }
+
+    /// The report as pretty JSON.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("a report always serialises")
+    }
+
+    /// The report as an aligned human-readable table.
+    pub fn to_table(&self) -> String {
+        let mut t = String::new();
+        let c = &self.connections;
+        let m = &self.messages;
+        let _ = writeln!(
+            t,
+            "campaign {}  ({} devices, {:.1} s, {})",
+            self.campaign.name,
+            count(self.campaign.devices),
+            self.duration_s,
+            self.machine.model_name
+        );
+        let _ = writeln!(
+            t,
+            "connections  peak {}/{}  connects {}  disconnects {}  ramp {}",
+            count(c.peak),
+            count(c.target),
+            count(c.connects),
+            count(c.disconnects),
+            rate(c.connect_rate_per_s)
+        );
+        let _ = writeln!(
+            t,
+            "messages     sent {} ({})  received {} ({})",
+            count(m.sent),
+            rate(m.sent_per_s),
+            count(m.received),
+            rate(m.received_per_s)
+        );
+        let _ = writeln!(t, "errors       {}", count(self.errors_total));
+        for (kind, n) in &self.errors {
+            let _ = writeln!(t, "  {kind:<24} {:>12}", count(*n));
+        }
+        let _ = writeln!(
+            t,
+            "\n{:<16} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
+            "latency", "count", "p50", "p99", "p99.9", "max", "mean"
+        );
+        for metric in Metric::ALL {
+            let Some(s) = self.latency.get(metric.name()) else {
+                continue;
+            };
+            if s.count == 0 {
+                continue;
+            }
+            let _ = writeln!(
+                t,
+                "{:<16} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
+                metric.name(),
+                count(s.count),
+                micros(s.p50_us),
+                micros(s.p99_us),
+                micros(s.p999_us),
+                micros(s.max_us),
+                micros(s.mean_us.round() as u64)
+            );
+        }
+        if self.latency_clamped > 0 {
+            let _ = writeln!(
+                t,
+                "({} latencies above 60 s were clamped)",
+                count(self.latency_clamped)
+            );
+        }
+        let _ = writeln!(t);
+        let mut mem = |who: &str, rss: u64, per: Option<f64>, per_what: &str| {
+            let per = per.map_or_else(String::new, |b| format!("  {} per {per_what}", per_conn(b)));
+            let _ = writeln!(t, "{who:<12} rss {}{per}", bytes(rss));
+        };
+        if let Some(s) = &self.server {
+            mem(
+                "server",
+                s.rss_bytes,
+                s.rss_per_connection_bytes,
+                "connection",
+            );
+        }
+        let l = &self.loadgen;
+        mem("loadgen", l.rss_bytes, l.rss_per_device_bytes, "device");
+        if let Some(k) = &self.kernel {
+            let per = k.slab_per_connection_bytes.map_or_else(String::new, |b| {
+                format!(" ({} per connection)", per_conn(b))
+            });
+            let _ = writeln!(
+                t,
+                "kernel       tcp inuse {}  tcp mem {}  slab {}{per}",
+                count(k.tcp_inuse),
+                bytes(k.tcp_mem_bytes),
+                bytes(k.slab_bytes)
+            );
+        }
+        let _ = writeln!(
+            t,
+            "machine      {} cores, Linux {}",
+            self.machine.cores, self.machine.kernel_version
+        );
+        t
+    }
+}
+
+/// What the live progress line shows.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Progress {
+    /// Since the first connect attempt.
+    pub elapsed: Duration,
+    /// Devices connected now.
+    pub connected: u64,
+    /// Devices the campaign asked for.
+    pub target: u64,
+    /// Connects per second over the last interval.
+    pub connect_rate_per_s: f64,
+    /// Messages (sent + received) per second over the last interval.
+    pub msgs_per_s: f64,
+    /// Round-trip median over the last interval, if any echo completed.
+    pub round_trip_p50_us: Option<u64>,
+    /// Round-trip 99th percentile over the last interval.
+    pub round_trip_p99_us: Option<u64>,
+    /// Errors so far.
+    pub errors: u64,
+}
+
+impl Progress {
+    /// The one-line form, e.g.
+    /// `[  12.0s] connected 8,000/10,000 +2,000/s  msgs 3,210/s  rtt p50 180 µs p99 1.20 ms  errors 0`.
+    pub fn line(&self) -> String {
+        let rtt = match (self.round_trip_p50_us, self.round_trip_p99_us) {
+            (Some(p50), Some(p99)) => format!("p50 {} p99 {}", micros(p50), micros(p99)),
+            _ => "-".to_owned(),
+        };
+        format!(
+            "[{:>7.1}s] connected {}/{} +{}  msgs {}  rtt {rtt}  errors {}",
+            self.elapsed.as_secs_f64(),
+            count(self.connected),
+            count(self.target),
+            rate(self.connect_rate_per_s),
+            rate(self.msgs_per_s),
+            count(self.errors)
+        )
+    }
+}
+
+/// Turns once-a-second snapshots of the merged [`Stats`] into [`Progress`] with interval rates.
+#[derive(Debug)]
+pub struct ProgressTracker {
+    start: Instant,
+    target: u64,
+    last: Option<(Instant, u64, u64, Histogram<u64>)>,
+}
+
+impl ProgressTracker {
+    /// A tracker for a run that started at `start` and aims at `target` devices.
+    pub fn new(start: Instant, target: u64) -> ProgressTracker {
+        ProgressTracker {
+            start,
+            target,
+            last: None,
+        }
+    }
+
+    /// The progress at `now`, given the merged statistics so far (cumulative).
+    pub fn sample(&mut self, now: Instant, merged: &Stats) -> Progress {
+        let c = &merged.counters;
+        let msgs = c.msgs_sent + c.msgs_recv;
+        let rt = merged.hist.get(Metric::RoundTrip);
+        let (since, connects0, msgs0, interval) = match self.last.take() {
+            Some((t, cn, ms, prev)) => {
+                let mut interval = rt.clone();
+                // Cumulative histograms only grow, so this cannot fail; fall back to cumulative.
+                if interval.subtract(&prev).is_err() {
+                    interval = rt.clone();
+                }
+                (t, cn, ms, interval)
+            }
+            None => (self.start, 0, 0, rt.clone()),
+        };
+        let dt = now.saturating_duration_since(since);
+        let (p50, p99) = if interval.is_empty() {
+            (None, None)
+        } else {
+            (
+                Some(interval.value_at_quantile(0.5)),
+                Some(interval.value_at_quantile(0.99)),
+            )
+        };
+        self.last = Some((now, c.connects, msgs, rt.clone()));
+        Progress {
+            elapsed: now.saturating_duration_since(self.start),
+            connected: c.connected_now,
+            target: self.target,
+            connect_rate_per_s: per_sec(c.connects.saturating_sub(connects0), dt),
+            msgs_per_s: per_sec(msgs.saturating_sub(msgs0), dt),
+            round_trip_p50_us: p50,
+            round_trip_p99_us: p99,
+            errors: merged.errors.total(),
+        }
+    }
+}
+
+/// `1234567` → `1,234,567`.
+pub fn count(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, ch) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    out
+}
+
+/// A rate per second: `1,998/s`, or `0.50/s` below 10.
+pub fn rate(per_s: f64) -> String {
+    if per_s < 10.0 {
+        format!("{per_s:.2}/s")
+    } else {
+        format!("{}/s", count(per_s.round() as u64))
+    }
+}
+
+/// Microseconds with a unit: `850 µs`, `1.20 ms`, `2.50 s`.
+pub fn micros(us: u64) -> String {
+    match us {
+        0..1_000 => format!("{us} µs"),
+        1_000..1_000_000 => format!("{:.2} ms", us as f64 / 1e3),
+        _ => format!("{:.2} s", us as f64 / 1e6),
+    }
+}
+
+/// Bytes with a binary unit: `512 B`, `1.4 KiB`, `3.0 MiB`, `2.1 GiB`.
+pub fn bytes(b: u64) -> String {
+    bytes_f(b as f64)
+}
+
+/// A per-connection figure: whole bytes, signed (RSS can shrink), `1,434 B`.
+fn per_conn(b: f64) -> String {
+    let sign = if b < 0.0 { "-" } else { "" };
+    format!("{sign}{} B", count(b.abs().round() as u64))
+}
+
+fn bytes_f(b: f64) -> String {
+    const K: f64 = 1024.0;
+    let sign = if b < 0.0 { "-" } else { "" };
+    let a = b.abs();
+    if a < K {
+        format!("{sign}{a:.0} B")
+    } else if a < K * K {
+        format!("{sign}{:.1} KiB", a / K)
+    } else if a < K * K * K {
+        format!("{sign}{:.1} MiB", a / (K * K))
+    } else {
+        format!("{sign}{:.2} GiB", a / (K * K * K))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,196 @@
+use super::*;
+use crate::stats::Stats;
+
+fn campaign() -> Campaign {
+    Campaign::parse(
+        "name = \"t\"\ndevices = 1000\n[server]\nspawn = true\n",
+        "<test>",
+    )
+    .unwrap()
+}
+
+fn stats() -> Stats {
+    let mut s = Stats::default();
+    for _ in 0..1000 {
+        s.counters.connected();
+    }
+    s.counters.msgs_sent = 5_000;
+    s.counters.msgs_recv = 4_000;
+    for v in 1..=100 {
+        s.hist.record(Metric::RoundTrip, v * 10);
+        s.hist.record(Metric::Connect, 2_000);
+    }
+    s.errors.count("connect_refused");
+    s.errors.count("connect_refused");
+    s.errors.count("tls_alert");
+    s
+}
+
+fn report() -> Report {
+    let c = campaign();
+    let s = stats();
+    let kernel = |slab| KernelSample {
+        tcp: TcpSockStat {
+            inuse: 2000,
+            mem_pages: 10,
+            ..Default::default()
+        },
+        slab_bytes: slab,
+    };
+    Report::build(ReportInputs {
+        campaign: &c,
+        stats: &s,
+        elapsed: Duration::from_secs(10),
+        ramp_elapsed: Duration::from_millis(500),
+        server: Some(RssSample {
+            before_bytes: Some(10_000_000),
+            after_bytes: 12_000_000,
+            connections: 1000,
+        }),
+        loadgen: RssSample {
+            before_bytes: Some(5_000_000),
+            after_bytes: 8_000_000,
+            connections: 1000,
+        },
+        kernel_before: Some(kernel(100_000_000)),
+        kernel_after: Some(kernel(104_000_000)),
+        machine: Machine {
+            cores: 2,
+            kernel_version: "6.1.0".into(),
+            model_name: "Test CPU".into(),
+        },
+    })
+}
+
+#[test]
+fn report_json_has_the_promised_fields() {
+    let r = report();
+    let v: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
+    assert_eq!(v["campaign"]["name"], "t");
+    assert_eq!(v["duration_s"], 10.0);
+    assert_eq!(v["errors_total"], 3);
+    assert_eq!(v["errors"]["connect_refused"], 2);
+    assert_eq!(v["connections"]["peak"], 1000);
+    assert_eq!(v["connections"]["connect_rate_per_s"], 2000.0);
+    assert_eq!(v["messages"]["sent_per_s"], 500.0);
+    for m in Metric::ALL {
+        let h = &v["latency"][m.name()];
+        for k in ["count", "p50_us", "p99_us", "p999_us", "max_us", "mean_us"] {
+            assert!(!h[k].is_null(), "latency.{m}.{k}");
+        }
+    }
+    let rt = &v["latency"]["round_trip"];
+    assert_eq!(rt["count"], 100);
+    assert_eq!(rt["p50_us"], 500);
+    assert_eq!(v["server"]["rss_bytes"], 12_000_000);
+    assert_eq!(v["server"]["rss_per_connection_bytes"], 2000.0);
+    assert_eq!(v["loadgen"]["rss_per_device_bytes"], 3000.0);
+    assert_eq!(v["kernel"]["tcp_inuse"], 2000);
+    assert_eq!(v["kernel"]["slab_per_connection_bytes"], 4000.0);
+    assert_eq!(v["machine"]["model_name"], "Test CPU");
+    // It reads back.
+    let back: Report = serde_json::from_str(&r.to_json()).unwrap();
+    assert_eq!(back, r);
+}
+
+#[test]
+fn optional_parts_are_left_out() {
+    let c = campaign();
+    let s = Stats::default();
+    let r = Report::build(ReportInputs {
+        campaign: &c,
+        stats: &s,
+        elapsed: Duration::ZERO,
+        ramp_elapsed: Duration::ZERO,
+        server: None,
+        loadgen: RssSample {
+            before_bytes: None,
+            after_bytes: 1,
+            connections: 0,
+        },
+        kernel_before: None,
+        kernel_after: None,
+        machine: Machine::probe(),
+    });
+    let v: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
+    assert!(v.get("server").is_none() && v.get("kernel").is_none());
+    assert!(v["loadgen"].get("rss_per_device_bytes").is_none());
+    assert_eq!(v["connections"]["connect_rate_per_s"], 0.0);
+    assert!(r.to_table().contains("loadgen"));
+}
+
+#[test]
+fn table_is_aligned_and_has_units() {
+    let t = report().to_table();
+    assert!(t.contains("peak 1,000/1,000"), "{t}");
+    assert!(t.contains("2,000/s"), "{t}");
+    assert!(t.contains("connect_refused"), "{t}");
+    assert!(t.contains("rss 11.4 MiB  2,000 B per connection"), "{t}");
+    let rows: Vec<&str> = t
+        .lines()
+        .filter(|l| {
+            l.starts_with("latency") || l.starts_with("connect ") || l.starts_with("round_trip")
+        })
+        .collect();
+    assert_eq!(rows.len(), 3, "{t}");
+    let widths: Vec<usize> = rows.iter().map(|l| l.chars().count()).collect();
+    assert!(
+        widths.iter().all(|w| *w == widths[0]),
+        "columns line up: {t}"
+    );
+    assert!(!t.contains("heartbeat"), "empty histograms are not shown");
+}
+
+#[test]
+fn progress_line_uses_interval_rates() {
+    let t0 = Instant::now();
+    let mut tracker = ProgressTracker::new(t0, 10_000);
+    let mut s = Stats::default();
+    for _ in 0..2_000 {
+        s.counters.connected();
+    }
+    s.counters.msgs_sent = 300;
+    let p = tracker.sample(t0 + Duration::from_secs(1), &s);
+    assert_eq!(
+        (p.connected, p.connect_rate_per_s, p.msgs_per_s),
+        (2_000, 2_000.0, 300.0)
+    );
+    assert_eq!(p.round_trip_p50_us, None);
+    assert!(p.line().contains("rtt -"), "{}", p.line());
+
+    for _ in 0..1_000 {
+        s.counters.connected();
+    }
+    s.hist.record(Metric::RoundTrip, 50_000); // a slow echo in the second interval
+    let _ = tracker.sample(t0 + Duration::from_secs(2), &s);
+    s.hist.record(Metric::RoundTrip, 180);
+    s.errors.count("timeout");
+    let p = tracker.sample(t0 + Duration::from_secs(3), &s);
+    assert_eq!(p.connect_rate_per_s, 0.0);
+    assert_eq!(
+        p.round_trip_p99_us,
+        Some(180),
+        "the slow echo belongs to the previous interval"
+    );
+    let line = p.line();
+    assert_eq!(
+        line,
+        "[    3.0s] connected 3,000/10,000 +0.00/s  msgs 0.00/s  rtt p50 180 µs p99 180 µs  errors 1"
+    );
+}
+
+#[test]
+fn units() {
+    assert_eq!(count(0), "0");
+    assert_eq!(count(999), "999");
+    assert_eq!(count(1_000), "1,000");
+    assert_eq!(count(1_234_567), "1,234,567");
+    assert_eq!(micros(850), "850 µs");
+    assert_eq!(micros(1_200), "1.20 ms");
+    assert_eq!(micros(2_500_000), "2.50 s");
+    assert_eq!(bytes(512), "512 B");
+    assert_eq!(bytes(1_434), "1.4 KiB");
+    assert_eq!(bytes(3 << 20), "3.0 MiB");
+    assert_eq!(rate(0.5), "0.50/s");
+    assert_eq!(rate(1998.4), "1,998/s");
+}

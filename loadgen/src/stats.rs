@@ -1,0 +1,429 @@
+//! Measurement: one HDR histogram per latency metric, error counts by kind and counters, kept per
+//! shard without sharing and merged with `add` for progress lines and the report.
+//!
+//! **No coordinated omission.** Sends follow a fixed timetable ([`OpenLoopSchedule`]): the n-th
+//! send of a stream is due at `start + phase/rate + n/rate`, whether or not earlier replies have
+//! come back, and its latency is measured from that *scheduled* time, not from when the driver
+//! got round to sending it. If the server (or loadgen) stalls, the sends that should have happened
+//! during the stall are still made — late — and each records the whole wait, so a stall shows up
+//! in p99/p99.9 instead of being hidden by a closed loop that politely stopped sending. Latencies
+//! that are not sends (connect, TLS handshake, Hello→Welcome) are measured from the attempt's
+//! scheduled ramp slot for the same reason.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+
+/// A latency the load generator measures, in microseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[non_exhaustive]
+pub enum Metric {
+    /// TCP connect (SYN → established).
+    Connect,
+    /// TLS 1.3 handshake, first ClientHello byte → handshake complete.
+    TlsHandshake,
+    /// `Hello` sent → `Welcome` received.
+    Hello,
+    /// Device → agent → device echo.
+    RoundTrip,
+    /// Device `Msg` sent → delivered to the agent.
+    DeviceToAgent,
+    /// Agent `Send` → `Msg` received by the device.
+    AgentToDevice,
+    /// `CodeOffer` → `CodeDone`: a whole code transfer.
+    CodeTransfer,
+    /// `Ping` → `Pong`.
+    Heartbeat,
+}
+
+impl Metric {
+    /// Every metric, in report order.
+    pub const ALL: [Metric; 8] = [
+        Metric::Connect,
+        Metric::TlsHandshake,
+        Metric::Hello,
+        Metric::RoundTrip,
+        Metric::DeviceToAgent,
+        Metric::AgentToDevice,
+        Metric::CodeTransfer,
+        Metric::Heartbeat,
+    ];
+
+    /// The name used in reports and JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Metric::Connect => "connect",
+            Metric::TlsHandshake => "tls_handshake",
+            Metric::Hello => "hello",
+            Metric::RoundTrip => "round_trip",
+            Metric::DeviceToAgent => "device_to_agent",
+            Metric::AgentToDevice => "agent_to_device",
+            Metric::CodeTransfer => "code_transfer",
+            Metric::Heartbeat => "heartbeat",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl fmt::Display for Metric {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// One histogram per [`Metric`]: microseconds, 3 significant digits, fixed range 1 µs … 60 s
+/// (no auto-resize, so recording never allocates). Larger values are clamped to the top and
+/// counted in [`Histograms::clamped`].
+#[derive(Debug, Clone)]
+pub struct Histograms {
+    hists: [Histogram<u64>; 8],
+    clamped: u64,
+}
+
+impl Histograms {
+    /// Highest trackable value: 60 s in microseconds.
+    pub const HIGHEST_US: u64 = 60_000_000;
+    /// Significant decimal digits kept.
+    pub const SIGFIG: u8 = 3;
+
+    /// Empty histograms.
+    pub fn new() -> Histograms {
+        let make = || {
+            let mut h = Histogram::new_with_bounds(1, Self::HIGHEST_US, Self::SIGFIG)
+                .expect("constant histogram bounds are valid");
+            h.auto(false);
+            h
+        };
+        Histograms {
+            hists: std::array::from_fn(|_| make()),
+            clamped: 0,
+        }
+    }
+
+    /// Records one latency in microseconds; above [`Self::HIGHEST_US`] it is clamped and counted.
+    pub fn record(&mut self, metric: Metric, micros: u64) {
+        if micros > Self::HIGHEST_US {
+            self.clamped += 1;
+        }
+        self.hists[metric.index()].saturating_record(micros);
+    }
+
+    /// Records the time from `scheduled` to `done` (0 if `done` is earlier).
+    pub fn record_since(&mut self, metric: Metric, scheduled: Instant, done: Instant) {
+        self.record(metric, micros_between(scheduled, done));
+    }
+
+    /// The histogram of one metric.
+    pub fn get(&self, metric: Metric) -> &Histogram<u64> {
+        &self.hists[metric.index()]
+    }
+
+    /// Values recorded above the range and clamped to [`Self::HIGHEST_US`].
+    pub fn clamped(&self) -> u64 {
+        self.clamped
+    }
+
+    /// Adds another shard's histograms into these.
+    pub fn add(&mut self, other: &Histograms) {
+        for (mine, theirs) in self.hists.iter_mut().zip(&other.hists) {
+            // Same bounds on both sides, so adding cannot fail.
+            mine.add(theirs).expect("histograms share bounds");
+        }
+        self.clamped += other.clamped;
+    }
+
+    /// Empties every histogram (for interval snapshots).
+    pub fn reset(&mut self) {
+        self.hists.iter_mut().for_each(Histogram::reset);
+        self.clamped = 0;
+    }
+}
+
+impl Default for Histograms {
+    fn default() -> Self {
+        Histograms::new()
+    }
+}
+
+/// Microseconds from `from` to `to`, 0 if `to` is earlier, saturating at `u64::MAX`.
+pub fn micros_between(from: Instant, to: Instant) -> u64 {
+    u64::try_from(to.saturating_duration_since(from).as_micros()).unwrap_or(u64::MAX)
+}
+
+/// Errors counted by kind (a short stable name, e.g. "connect_refused", "tls_alert").
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ErrorCounts(BTreeMap<String, u64>);
+
+impl ErrorCounts {
+    /// Counts one error of `kind`; allocates only the first time a kind is seen.
+    pub fn count(&mut self, kind: &str) {
+        self.count_n(kind, 1);
+    }
+
+    /// Counts `n` errors of `kind`.
+    pub fn count_n(&mut self, kind: &str, n: u64) {
+        match self.0.get_mut(kind) {
+            Some(c) => *c += n,
+            None => {
+                self.0.insert(kind.to_owned(), n);
+            }
+        }
+    }
+
+    /// All errors.
+    pub fn total(&self) -> u64 {
+        self.0.values().sum()
+    }
+
+    /// Counts by kind, sorted by kind.
+    pub fn by_kind(&self) -> &BTreeMap<String, u64> {
+        &self.0
+    }
+
+    /// Adds another shard's counts.
+    pub fn add(&mut self, other: &ErrorCounts) {
+        for (k, n) in &other.0 {
+            self.count_n(k, *n);
+        }
+    }
+}
+
+/// Connection and message counters of one shard (or, merged, of the run).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Devices connected now (Welcome received, not yet closed).
+    pub connected_now: u64,
+    /// Highest `connected_now` seen. Merged with [`Counters::add`] this is the sum of per-shard
+    /// peaks, an upper bound; a run-wide peak comes from [`Counters::observe_peak`] on the merged
+    /// counters each time progress is sampled.
+    pub peak_connected: u64,
+    /// Successful connects (Welcome received), reconnects included.
+    pub connects: u64,
+    /// Connections that ended (closed by either side or failed after Welcome).
+    pub disconnects: u64,
+    /// Messages sent by devices and agents.
+    pub msgs_sent: u64,
+    /// Messages received by devices and agents.
+    pub msgs_recv: u64,
+}
+
+impl Counters {
+    /// A device finished its Hello→Welcome.
+    pub fn connected(&mut self) {
+        self.connects += 1;
+        self.connected_now += 1;
+        self.peak_connected = self.peak_connected.max(self.connected_now);
+    }
+
+    /// A connected device's connection ended.
+    pub fn disconnected(&mut self) {
+        self.disconnects += 1;
+        self.connected_now = self.connected_now.saturating_sub(1);
+    }
+
+    /// Raises the peak to the current connected count (call on merged counters when sampling).
+    pub fn observe_peak(&mut self) {
+        self.peak_connected = self.peak_connected.max(self.connected_now);
+    }
+
+    /// Adds another shard's counters (see [`Counters::peak_connected`] for the peak).
+    pub fn add(&mut self, o: &Counters) {
+        self.connected_now += o.connected_now;
+        self.peak_connected += o.peak_connected;
+        self.connects += o.connects;
+        self.disconnects += o.disconnects;
+        self.msgs_sent += o.msgs_sent;
+        self.msgs_recv += o.msgs_recv;
+    }
+}
+
+/// Everything one shard measures; merged across shards and workers for the report.
+#[derive(Debug, Clone, Default)]
+pub struct Stats {
+    /// Latencies.
+    pub hist: Histograms,
+    /// Errors by kind.
+    pub errors: ErrorCounts,
+    /// Counters.
+    pub counters: Counters,
+}
+
+impl Stats {
+    /// Adds another shard's measurements.
+    pub fn add(&mut self, other: &Stats) {
+        self.hist.add(&other.hist);
+        self.errors.add(&other.errors);
+        self.counters.add(&other.counters);
+    }
+}
+
+/// A fixed send timetable at `rate` per second: the n-th send is due at
+/// `start + (phase + n) / rate`, computed from `n` (no drift from accumulated rounding).
+/// Give each device a different `phase` in `[0, 1)` so that devices with the same rate do not all
+/// send in the same instant. Latency is measured from the time this yields, not from the send.
+#[derive(Debug, Clone)]
+pub struct OpenLoopSchedule {
+    start: Instant,
+    rate: f64,
+    phase: f64,
+    next: u64,
+}
+
+impl OpenLoopSchedule {
+    /// A schedule whose first send is due at `start` (a rate ≤ 0 or not finite never sends).
+    pub fn new(rate_per_sec: f64, start: Instant) -> OpenLoopSchedule {
+        OpenLoopSchedule::with_phase(rate_per_sec, start, 0.0)
+    }
+
+    /// A schedule whose first send is due at `start + phase / rate`; `phase` is clamped to [0, 1).
+    pub fn with_phase(rate_per_sec: f64, start: Instant, phase: f64) -> OpenLoopSchedule {
+        let rate = if rate_per_sec.is_finite() && rate_per_sec > 0.0 {
+            rate_per_sec
+        } else {
+            0.0
+        };
+        let phase = if phase.is_finite() {
+            phase.clamp(0.0, 0.999_999)
+        } else {
+            0.0
+        };
+        OpenLoopSchedule {
+            start,
+            rate,
+            phase,
+            next: 0,
+        }
+    }
+
+    /// When the next send is due, without taking it; `None` if the schedule never sends.
+    /// A driver arms its timer for this instant.
+    pub fn peek(&self) -> Option<Instant> {
+        if self.rate == 0.0 {
+            return None;
+        }
+        let secs = (self.phase + self.next as f64) / self.rate;
+        Some(self.start + Duration::from_secs_f64(secs.min(1e12)))
+    }
+
+    /// Takes the next scheduled send time if it is due at `now`. Call in a loop: after a stall it
+    /// yields every missed send in order, each with its own scheduled time.
+    pub fn due(&mut self, now: Instant) -> Option<Instant> {
+        let at = self.peek().filter(|at| *at <= now)?;
+        self.next += 1;
+        Some(at)
+    }
+
+    /// Sends taken so far.
+    pub fn taken(&self) -> u64 {
+        self.next
+    }
+
+    /// Sends due at `now` and not yet taken (how far the driver is behind).
+    pub fn backlog(&self, now: Instant) -> u64 {
+        if self.rate == 0.0 || now < self.start {
+            return 0;
+        }
+        let elapsed = now.duration_since(self.start).as_secs_f64();
+        let due_total = (elapsed * self.rate - self.phase).floor() + 1.0;
+        (due_total.max(0.0) as u64).saturating_sub(self.next)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histograms_record_clamp_and_merge() {
+        let mut a = Histograms::new();
+        for v in 1..=1000 {
+            a.record(Metric::RoundTrip, v);
+        }
+        a.record(Metric::Connect, 120_000_000); // 2 minutes: clamped
+        let rt = a.get(Metric::RoundTrip);
+        assert_eq!(rt.len(), 1000);
+        assert!((499..=501).contains(&rt.value_at_quantile(0.5)));
+        assert_eq!(a.clamped(), 1);
+        assert!(a.get(Metric::Connect).max() >= Histograms::HIGHEST_US);
+        assert!(!a.get(Metric::Connect).is_auto_resize());
+
+        let mut b = Histograms::new();
+        b.record(Metric::RoundTrip, 5000);
+        b.record(Metric::Heartbeat, 7);
+        a.add(&b);
+        assert_eq!(a.get(Metric::RoundTrip).len(), 1001);
+        assert_eq!(a.get(Metric::Heartbeat).len(), 1);
+        assert!(a.get(Metric::RoundTrip).max() >= 4995);
+        a.reset();
+        assert_eq!(a.get(Metric::RoundTrip).len(), 0);
+        assert_eq!(Metric::ALL.map(Metric::name).len(), 8);
+    }
+
+    #[test]
+    fn errors_and_counters_merge() {
+        let mut s1 = Stats::default();
+        s1.errors.count("connect_refused");
+        s1.errors.count("connect_refused");
+        s1.counters.connected();
+        s1.counters.connected();
+        s1.counters.disconnected();
+        let mut s2 = Stats::default();
+        s2.errors.count("tls_alert");
+        s2.counters.connected();
+        s2.counters.msgs_sent = 10;
+        s1.add(&s2);
+        assert_eq!(s1.errors.total(), 3);
+        assert_eq!(s1.errors.by_kind()["connect_refused"], 2);
+        let c = s1.counters;
+        assert_eq!(
+            (c.connects, c.connected_now, c.disconnects, c.msgs_sent),
+            (3, 2, 1, 10)
+        );
+        assert_eq!(c.peak_connected, 3); // sum of shard peaks: an upper bound
+        let mut merged = Counters {
+            connected_now: 5,
+            ..Counters::default()
+        };
+        merged.observe_peak();
+        assert_eq!(merged.peak_connected, 5);
+    }
+
+    #[test]
+    fn open_loop_schedule_keeps_its_timetable_through_a_stall() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut s = OpenLoopSchedule::new(10.0, t0); // every 100 ms
+        assert_eq!(s.peek(), Some(t0));
+        assert_eq!(s.due(t0), Some(t0));
+        assert_eq!(s.due(t0 + ms(50)), None, "not due yet");
+        // The driver stalls until 350 ms: three sends are due, each at its own scheduled time.
+        let now = t0 + ms(350);
+        assert_eq!(s.backlog(now), 3);
+        let late: Vec<Instant> = std::iter::from_fn(|| s.due(now)).collect();
+        assert_eq!(late, [t0 + ms(100), t0 + ms(200), t0 + ms(300)]);
+        assert_eq!(s.backlog(now), 0);
+        assert_eq!(s.taken(), 4);
+        // Latency counts from the scheduled time: the send due at 100 ms, answered at 360 ms.
+        let mut h = Histograms::new();
+        h.record_since(Metric::RoundTrip, late[0], t0 + ms(360));
+        assert!((259_000..=261_000).contains(&h.get(Metric::RoundTrip).max()));
+    }
+
+    #[test]
+    fn open_loop_schedule_phase_and_zero_rate() {
+        let t0 = Instant::now();
+        let s = OpenLoopSchedule::with_phase(0.1, t0, 0.5); // every 10 s, first at 5 s
+        assert_eq!(s.peek(), Some(t0 + Duration::from_secs(5)));
+        assert_eq!(s.backlog(t0 + Duration::from_secs(4)), 0);
+        assert_eq!(s.backlog(t0 + Duration::from_secs(16)), 2);
+        let mut none = OpenLoopSchedule::new(0.0, t0);
+        assert_eq!(none.peek(), None);
+        assert_eq!(none.due(t0 + Duration::from_secs(100)), None);
+        assert_eq!(OpenLoopSchedule::new(f64::NAN, t0).peek(), None);
+    }
+}
