@@ -11,14 +11,17 @@
 //!   open-loop send schedule that keeps latency free of coordinated omission.
 //! - [`report`]: the JSON report, the human table and the one-line live progress.
 //! - [`host`]: limits, RSS and kernel socket figures read from `/proc`.
+//! - [`run`]: runs a campaign: the spawned server, the glommio shards of simulated devices and
+//!   agents, progress and the report.
 //!
 //! Operating needs: every connection is a file descriptor, so a process holds at most its
 //! open-file hard limit minus [`campaign::FD_RESERVE`] devices (20,000 on the project's shared
 //! VM; `tuning/` raises it on bare metal), and each loopback source address gives ~28k ephemeral
 //! ports towards one server address. Load never leaves loopback (127.0.0.0/8).
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)] // one audited exception: SIGTERM to the spawned server (run::spawn)
 
 pub mod campaign;
 pub mod host;
 pub mod report;
+pub mod run;
 pub mod stats;

@@ -46,6 +46,26 @@ pub struct Report {
     pub kernel: Option<KernelUsage>,
     /// The machine the run was measured on.
     pub machine: Machine,
+    /// Reconnect storms: how many connections each dropped and how long recovery took.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub storms: Vec<StormSummary>,
+    /// How this run differed from its campaign (parts not implemented yet), in words.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
+}
+
+/// One reconnect storm's outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct StormSummary {
+    /// When it began, seconds from the start of the ramp.
+    pub at_s: f64,
+    /// Established connections it dropped.
+    pub dropped: u64,
+    /// Of those, connected again before the run ended.
+    pub reconnected: u64,
+    /// From the drop until the last dropped device was connected again, if all came back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery_ms: Option<f64>,
 }
 
 /// Connection figures of a run.
@@ -74,6 +94,10 @@ pub struct MessageCounts {
     pub sent_per_s: f64,
     /// `received` per second of the run.
     pub received_per_s: f64,
+    /// Agent sends not made or not delivered because the device was offline (a storm dropped
+    /// it, or it was still connecting); not errors.
+    #[serde(default)]
+    pub agent_sends_offline: u64,
 }
 
 /// Percentiles of one latency histogram, in microseconds.
@@ -218,6 +242,12 @@ pub struct ReportInputs<'a> {
     pub kernel_after: Option<KernelSample>,
     /// The machine.
     pub machine: Machine,
+    /// Reconnect storms.
+    pub storms: Vec<StormSummary>,
+    /// See [`Report::notes`].
+    pub notes: Vec<String>,
+    /// See [`MessageCounts::agent_sends_offline`].
+    pub agent_sends_offline: u64,
 }
 
 fn per_sec(n: u64, d: Duration) -> f64 {
@@ -271,6 +301,7 @@ impl Report {
                 received: c.msgs_recv,
                 sent_per_s: per_sec(c.msgs_sent, i.elapsed),
                 received_per_s: per_sec(c.msgs_recv, i.elapsed),
+                agent_sends_offline: i.agent_sends_offline,
             },
             latency,
             latency_clamped: i.stats.hist.clamped(),
@@ -284,6 +315,8 @@ impl Report {
             },
             kernel,
             machine: i.machine,
+            storms: i.storms,
+            notes: i.notes,
         }
     }
 
@@ -322,6 +355,13 @@ impl Report {
             count(m.received),
             rate(m.received_per_s)
         );
+        if m.agent_sends_offline > 0 {
+            let _ = writeln!(
+                t,
+                "             agent sends to offline devices (skipped or answered Offline): {}",
+                count(m.agent_sends_offline)
+            );
+        }
         let _ = writeln!(t, "errors       {}", count(self.errors_total));
         for (kind, n) in &self.errors {
             let _ = writeln!(t, "  {kind:<24} {:>12}", count(*n));
@@ -357,6 +397,18 @@ impl Report {
                 count(self.latency_clamped)
             );
         }
+        for s in &self.storms {
+            let rec = s
+                .recovery_ms
+                .map_or_else(|| "not all back".to_owned(), |ms| micros((ms * 1e3) as u64));
+            let _ = writeln!(
+                t,
+                "storm at {:.1}s  dropped {}  reconnected {}  recovery {rec}",
+                s.at_s,
+                count(s.dropped),
+                count(s.reconnected)
+            );
+        }
         let _ = writeln!(t);
         let mut mem = |who: &str, rss: u64, per: Option<f64>, per_what: &str| {
             let per = per.map_or_else(String::new, |b| format!("  {} per {per_what}", per_conn(b)));
@@ -389,6 +441,9 @@ impl Report {
             "machine      {} cores, Linux {}",
             self.machine.cores, self.machine.kernel_version
         );
+        for n in &self.notes {
+            let _ = writeln!(t, "note: {n}");
+        }
         t
     }
 }

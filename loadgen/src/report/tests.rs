@@ -59,6 +59,14 @@ fn report() -> Report {
             kernel_version: "6.1.0".into(),
             model_name: "Test CPU".into(),
         },
+        storms: vec![StormSummary {
+            at_s: 5.0,
+            dropped: 200,
+            reconnected: 200,
+            recovery_ms: Some(350.0),
+        }],
+        notes: vec!["a note".into()],
+        agent_sends_offline: 3,
     })
 }
 
@@ -111,6 +119,9 @@ fn optional_parts_are_left_out() {
         kernel_before: None,
         kernel_after: None,
         machine: Machine::probe(),
+        storms: Vec::new(),
+        notes: Vec::new(),
+        agent_sends_offline: 0,
     });
     let v: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
     assert!(v.get("server").is_none() && v.get("kernel").is_none());
@@ -125,6 +136,11 @@ fn table_is_aligned_and_has_units() {
     assert!(t.contains("peak 1,000/1,000"), "{t}");
     assert!(t.contains("2,000/s"), "{t}");
     assert!(t.contains("connect_refused"), "{t}");
+    assert!(
+        t.contains("storm at 5.0s  dropped 200  reconnected 200  recovery 350.00 ms"),
+        "{t}"
+    );
+    assert!(t.contains("note: a note"), "{t}");
     assert!(t.contains("rss 11.4 MiB  2,000 B per connection"), "{t}");
     let rows: Vec<&str> = t
         .lines()

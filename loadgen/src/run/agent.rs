@@ -1,0 +1,217 @@
+//! A simulated agent on the agent link (plain TCP, the protocol's frame codec): delivers
+//! device→agent latencies, echoes round trips back to their device, and sends agent→device
+//! messages on an open-loop timetable over its share of the devices.
+
+use std::io;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use futures_lite::future;
+use futures_lite::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use glommio::net::TcpStream;
+use tether_protocol::codec::{DEFAULT_AGENT_MAX_FRAME, FrameDecoder};
+use tether_protocol::message::SendStatus;
+use tether_protocol::{Message, PROTOCOL_VERSION};
+
+use super::device::TOPIC;
+use super::net::{kind_of, sleep_until, until};
+use super::shard::ShardCtx;
+use super::stamp::{self, Kind};
+use crate::stats::{Metric, OpenLoopSchedule};
+
+enum Wake {
+    Read(io::Result<usize>),
+    Timer,
+    Stop,
+}
+
+/// Runs agent `agent` (shard-local `slot`) until the end of the run.
+pub async fn run(ctx: Rc<ShardCtx>, slot: usize, agent: usize) {
+    let sh = ctx.shared.clone();
+    let Some(addr) = sh.agent_server else { return };
+    let tl = sh.timeline;
+    let m = &sh.campaign.messages;
+    let agents = m.agents.max(1) as usize;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut stream = match until(deadline, TcpStream::connect(addr)).await {
+        Some(Ok(s)) => s,
+        Some(Err(e)) => {
+            ctx.error(&kind_of(&io::Error::from(e), "agent_connect"));
+            return;
+        }
+        None => {
+            ctx.error("agent_connect_timeout");
+            return;
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    let mut out = BytesMut::new();
+    let _ = Message::AgentHello {
+        version: PROTOCOL_VERSION,
+        token: Bytes::from(sh.agent_token.clone()),
+        name: Bytes::from(format!("loadgen-{agent}")),
+    }
+    .encode(&mut out);
+    let mut decoder = FrameDecoder::new(DEFAULT_AGENT_MAX_FRAME);
+    let mut buf = vec![0u8; 64 * 1024];
+    if let Err(e) = stream.write_all(&out).await {
+        ctx.error(&kind_of(&e, "agent_write"));
+        return;
+    }
+    out.clear();
+    // Wait for AgentWelcome (bounded by the deadline).
+    let welcomed = until(deadline, async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return Err("agent_closed_before_welcome"),
+                Ok(n) => decoder.push(&buf[..n]),
+            }
+            while let Ok(Some(f)) = decoder.next_frame() {
+                match Message::decode(f) {
+                    Ok(Message::AgentWelcome { .. }) => return Ok(()),
+                    Ok(Message::Error { .. }) => return Err("agent_rejected"),
+                    _ => {}
+                }
+            }
+        }
+    })
+    .await;
+    match welcomed {
+        Some(Ok(())) => {}
+        Some(Err(kind)) => return ctx.error(kind),
+        None => return ctx.error("agent_welcome_timeout"),
+    }
+    // This agent's share of agent→device traffic: devices agent, agent + agents, ...
+    let share: Vec<usize> = (agent..sh.devices.len()).step_by(agents).collect();
+    let mut a2d = OpenLoopSchedule::with_phase(
+        m.agent_to_device_per_sec * share.len() as f64,
+        tl.epoch.0,
+        0.5,
+    );
+    let mut cursor = 0usize;
+    let mut tag = 0u64;
+    let len = m.payload_bytes as usize;
+    // Bounded: the loop ends at `tl.end`, on stop, or when the link fails.
+    loop {
+        if !out.is_empty() {
+            if let Err(e) = stream.write_all(&out).await {
+                ctx.error(&kind_of(&e, "agent_write"));
+                return;
+            }
+            out.clear();
+        }
+        let wake_at = a2d
+            .peek()
+            .filter(|t| *t < tl.sends_end)
+            .unwrap_or(tl.end)
+            .min(tl.end);
+        let wake = future::or(
+            future::or(async { Wake::Read(stream.read(&mut buf).await) }, async {
+                sleep_until(wake_at).await;
+                Wake::Timer
+            }),
+            async {
+                ctx.stop.wait(slot).await;
+                Wake::Stop
+            },
+        )
+        .await;
+        let now = Instant::now();
+        match wake {
+            Wake::Read(Ok(0)) => return ctx.error("agent_eof"),
+            Wake::Read(Err(e)) => return ctx.error(&kind_of(&e, "agent_read")),
+            Wake::Read(Ok(n)) => {
+                decoder.push(&buf[..n]);
+                loop {
+                    let frame = match decoder.next_frame() {
+                        Ok(Some(f)) => f,
+                        Ok(None) => break,
+                        Err(_) => return ctx.error("agent_bad_frame"),
+                    };
+                    match Message::decode(frame) {
+                        Ok(msg) => on_message(&ctx, msg, now, &mut out, &mut tag),
+                        Err(_) => return ctx.error("agent_bad_message"),
+                    }
+                }
+            }
+            Wake::Timer => {
+                if now >= tl.end {
+                    return;
+                }
+                let until_t = now.min(tl.sends_end);
+                // Bounded by the timetable up to now.
+                while let Some(at) = a2d.due(until_t) {
+                    if at >= tl.sends_end || share.is_empty() {
+                        break;
+                    }
+                    let index = share[cursor % share.len()];
+                    cursor += 1;
+                    if !sh.online[index].load(Ordering::Relaxed) {
+                        ctx.sends_offline.set(ctx.sends_offline.get() + 1);
+                        continue;
+                    }
+                    tag += 1;
+                    let _ = Message::Send {
+                        device: sh.devices[index].id,
+                        tag,
+                        topic: Bytes::from_static(TOPIC),
+                        payload: stamp::payload(Kind::AgentToDevice, tl.epoch.micros(at), len),
+                    }
+                    .encode(&mut out);
+                    ctx.stats.borrow_mut().counters.msgs_sent += 1;
+                }
+            }
+            Wake::Stop => return,
+        }
+    }
+}
+
+fn on_message(ctx: &ShardCtx, msg: Message, now: Instant, out: &mut BytesMut, tag: &mut u64) {
+    let epoch = ctx.shared.timeline.epoch;
+    match msg {
+        Message::Deliver {
+            device,
+            seq,
+            topic,
+            payload,
+        } => {
+            let _ = Message::DeliverAck { device, seq }.encode(out);
+            let mut st = ctx.stats.borrow_mut();
+            st.counters.msgs_recv += 1;
+            match stamp::read(&payload) {
+                Some((Kind::DeviceToAgent, us)) => {
+                    st.hist
+                        .record_since(Metric::DeviceToAgent, epoch.instant(us), now);
+                }
+                Some((Kind::RoundTripOut, _)) => {
+                    *tag += 1;
+                    let _ = Message::Send {
+                        device,
+                        tag: *tag,
+                        topic,
+                        payload: stamp::rekind(&payload, Kind::RoundTripBack),
+                    }
+                    .encode(out);
+                    st.counters.msgs_sent += 1;
+                }
+                _ => {
+                    drop(st);
+                    ctx.error("agent_unexpected_payload");
+                }
+            }
+        }
+        Message::SendResult { status, .. } => match status {
+            SendStatus::Delivered => {}
+            SendStatus::Offline => ctx.sends_offline.set(ctx.sends_offline.get() + 1),
+            SendStatus::QueueFull => ctx.error("agent_send_queue_full"),
+            SendStatus::UnknownDevice => ctx.error("agent_send_unknown_device"),
+            SendStatus::TooLarge => ctx.error("agent_send_too_large"),
+            _ => ctx.error("agent_send_other"),
+        },
+        Message::Presence { .. } | Message::AgentWelcome { .. } => {}
+        Message::Error { .. } => ctx.error("agent_error_frame"),
+        _ => ctx.error("agent_unexpected_message"),
+    }
+}

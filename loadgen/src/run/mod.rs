@@ -1,0 +1,384 @@
+//! Running a campaign in this process: start (or find) the server, plan the timeline, run one
+//! glommio shard per core with its share of devices and agents, print progress once a second,
+//! and build the report.
+//!
+//! Latency clocks: connect is measured from the device's scheduled ramp slot (so a loadgen that
+//! falls behind its ramp shows it), the TLS handshake from TCP established to handshake done,
+//! `hello` from `Hello` sent to `Welcome`, messages from their open-loop scheduled send time
+//! (carried in the payload, see [`stamp`]), heartbeat from the ping's scheduled time.
+
+mod agent;
+mod device;
+mod net;
+pub mod shard;
+pub mod spawn;
+pub mod stamp;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use glommio::{LocalExecutorBuilder, Placement};
+use rustls::pki_types::ServerName;
+use tether_core::registry::Registry;
+use tether_core::tls::{ClientTlsOptions, client_config};
+
+use crate::campaign::{Campaign, CampaignError, TlsState};
+use crate::host::{self, HostLimits, Machine};
+use crate::report::{KernelSample, ProgressTracker, Report, ReportInputs, RssSample, StormSummary};
+use crate::stats::Stats;
+use shard::{DeviceIdent, Shared, Snapshot, StormTally, Timeline};
+use spawn::{ServerProcess, SpawnError};
+
+/// Time left after the last scheduled send for replies in flight.
+const DRAIN: Duration = Duration::from_secs(2);
+/// glommio reserves this much I/O memory per executor (it defaults to 10 MiB, for file DMA
+/// buffers loadgen never uses; below 512 KiB the executor refuses to start).
+const IO_MEMORY: usize = 512 * 1024;
+
+/// Command-line options of `loadgen run` besides the campaign.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// The `tether` binary for `server.spawn` (default: next to loadgen's executable).
+    pub tether_bin: Option<PathBuf>,
+    /// Data directory of an already-running server (devices.csv, tls/ca.pem, agent.token).
+    pub data_dir: Option<PathBuf>,
+    /// Print the once-a-second progress line to stderr.
+    pub progress: bool,
+}
+
+/// Why a run could not be made.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RunError {
+    /// The campaign does not fit this host or is invalid.
+    #[error(transparent)]
+    Campaign(#[from] CampaignError),
+    /// The server could not be started.
+    #[error(transparent)]
+    Spawn(#[from] SpawnError),
+    /// Something needed before the run is missing or broken.
+    #[error("{0}")]
+    Setup(String),
+}
+
+fn setup(msg: impl Into<String>) -> RunError {
+    RunError::Setup(msg.into())
+}
+
+/// Runs `c` and returns its report.
+pub fn run(c: &Campaign, opts: &RunOptions) -> Result<Report, RunError> {
+    let host = HostLimits::probe().map_err(|e| setup(format!("cannot read host limits: {e}")))?;
+    let plans = c.plan_workers(&host)?;
+    if plans.len() > 1 {
+        return Err(setup(format!(
+            "this campaign needs {} worker processes; multi-process runs are not implemented yet \
+             (one process holds at most {} devices here)",
+            plans.len(),
+            c.devices_per_process(host.fd_hard)
+        )));
+    }
+    let need = c.fds_needed(c.devices);
+    if need > host.fd_soft {
+        return Err(CampaignError::DoesNotFit {
+            key: "devices".into(),
+            problem: format!(
+                "{} devices need {need} open files, but this process may open {} (soft limit; \
+                 hard {}); raise it with `ulimit -n {}` or fewer devices",
+                c.devices, host.fd_soft, host.fd_hard, host.fd_hard
+            ),
+        }
+        .into());
+    }
+    let mut notes = Vec::new();
+    if c.tls_state == TlsState::Detached {
+        notes.push(
+            "tls_state = detached is not implemented in loadgen yet: simulated devices keep \
+             rustls' buffered ClientConnection (the server's --tls-state is its own)"
+                .to_owned(),
+        );
+    }
+    if !c.deploy.is_empty() {
+        notes.push(format!(
+            "{} deploy step(s) parsed but not run: code distribution comes in a later issue",
+            c.deploy.len()
+        ));
+    }
+
+    let mut server = if c.server.spawn {
+        let bin = opts
+            .tether_bin
+            .clone()
+            .unwrap_or_else(spawn::default_tether_bin);
+        Some(ServerProcess::start(c, &bin)?)
+    } else {
+        None
+    };
+    let data_dir = match (&server, &opts.data_dir) {
+        (Some(s), _) => s.data_dir.clone(),
+        (None, Some(d)) => d.clone(),
+        (None, None) => {
+            return Err(setup(
+                "server.spawn = false: pass --data-dir DIR of the running server \
+                 (devices.csv, tls/ca.pem, agent.token)",
+            ));
+        }
+    };
+    let result = run_against(c, &data_dir, server.as_ref(), &plans, notes, opts);
+    if let Some(s) = server.as_mut() {
+        let how = s.stop();
+        if opts.progress {
+            eprintln!("server {how}");
+        }
+        if result.is_err() {
+            for line in s.tail() {
+                eprintln!("  server: {line}");
+            }
+        }
+    }
+    result
+}
+
+fn run_against(
+    c: &Campaign,
+    data_dir: &Path,
+    server: Option<&ServerProcess>,
+    plans: &[crate::campaign::WorkerPlan],
+    notes: Vec<String>,
+    opts: &RunOptions,
+) -> Result<Report, RunError> {
+    let registry =
+        Registry::load(&data_dir.join("devices.csv")).map_err(|e| setup(e.to_string()))?;
+    let mut devices: Vec<DeviceIdent> = registry
+        .iter()
+        .map(|(id, e)| DeviceIdent {
+            id,
+            key: e.key.clone(),
+        })
+        .collect();
+    devices.sort_by_key(|d| d.id.0);
+    let want = usize::try_from(c.devices).map_err(|_| setup("devices: too many"))?;
+    if devices.len() < want {
+        return Err(setup(format!(
+            "{} lists {} devices, the campaign wants {want}",
+            data_dir.join("devices.csv").display(),
+            devices.len()
+        )));
+    }
+    devices.truncate(want);
+    let ca = data_dir.join("tls").join("ca.pem");
+    let tls = client_config(
+        &ca,
+        &ClientTlsOptions {
+            pq_kx: false,
+            session_tickets: if c.resume { want.max(1) } else { 0 },
+            secret_extraction: false,
+        },
+    )
+    .map_err(|e| setup(e.to_string()))?;
+    let uses_agents = c.messages.uses_agents();
+    let agent_token = if uses_agents {
+        let p = data_dir.join("agent.token");
+        std::fs::read_to_string(&p)
+            .map_err(|e| setup(format!("cannot read {}: {e}", p.display())))?
+            .trim()
+            .as_bytes()
+            .to_vec()
+    } else {
+        Vec::new()
+    };
+    let server_addr = c
+        .server
+        .device_address()
+        .ok_or_else(|| setup("server.address is not set"))?;
+    let shards = c.effective_shards().clamp(1, want.max(1));
+    let sources = plans.first().map(|p| p.sources.clone()).unwrap_or_default();
+
+    let server_pid = server.map(ServerProcess::pid);
+    let server_before = server_pid.and_then(|p| host::rss_of(p).ok());
+    let self_before = host::rss_self().ok();
+    let kernel_before = KernelSample::read().ok();
+
+    let start = Instant::now() + Duration::from_millis(300);
+    let timeline = Timeline::new(c, start, DRAIN);
+    let shared = Arc::new(Shared {
+        campaign: c.clone(),
+        timeline,
+        online: (0..want).map(|_| AtomicBool::new(false)).collect(),
+        devices,
+        sources,
+        server: server_addr,
+        agent_server: if uses_agents {
+            c.server.agent_link_address()
+        } else {
+            None
+        },
+        agent_token,
+        tls,
+        server_name: ServerName::try_from("localhost")
+            .map_err(|e| setup(e.to_string()))?
+            .to_owned(),
+        shards,
+        abort: AtomicBool::new(false),
+    });
+
+    let (tx, rx) = mpsc::channel::<Snapshot>();
+    let cores = host::available_cores();
+    let mut handles = Vec::new();
+    for i in 0..shards {
+        let (sh, tx) = (shared.clone(), tx.clone());
+        let builder = |placement| {
+            LocalExecutorBuilder::new(placement)
+                .name(&format!("loadgen-{i}"))
+                .io_memory(IO_MEMORY)
+        };
+        let spawn = |placement| {
+            let (sh, tx) = (sh.clone(), tx.clone());
+            builder(placement).spawn(move || shard::run_shard(sh, i, tx))
+        };
+        let h = spawn(Placement::Fixed(i % cores))
+            .or_else(|_| spawn(Placement::Unbound))
+            .map_err(|e| setup(format!("cannot start loadgen shard {i}: {e}")))?;
+        handles.push(h);
+    }
+    drop(tx);
+
+    // Collect snapshots; bounded by the timeline (plus a grace after which the run is aborted).
+    let mut latest: Vec<Option<Snapshot>> = vec![None; shards];
+    let mut tracker = ProgressTracker::new(start, c.devices);
+    let mut peak = 0u64;
+    let mut ramp_done: Option<Instant> = None;
+    let mut rss_after: Option<AfterRamp> = None;
+    let hard_end = timeline.end + Duration::from_secs(20);
+    let mut next_tick = Instant::now() + Duration::from_secs(1);
+    loop {
+        let wait = next_tick.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(wait) {
+            Ok(s) => {
+                let i = s.shard;
+                latest[i] = Some(s);
+                if latest.iter().all(|s| s.as_ref().is_some_and(|s| s.done)) {
+                    break;
+                }
+                continue;
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+        let now = Instant::now();
+        next_tick = now + Duration::from_secs(1);
+        let merged = merge(&latest);
+        peak = peak.max(merged.counters.connected_now);
+        if ramp_done.is_none()
+            && (merged.counters.connected_now >= c.devices
+                || now >= timeline.ramp_end + Duration::from_secs(5))
+        {
+            ramp_done = Some(now);
+        }
+        // Memory "at peak": one second after the ramp settled, before the steady phase ends.
+        if rss_after.is_none()
+            && ramp_done
+                .is_some_and(|t| now >= t + Duration::from_secs(1) || now >= timeline.sends_end)
+        {
+            rss_after = Some((
+                server_pid.and_then(|p| host::rss_of(p).ok()),
+                host::rss_self().ok(),
+                merged.counters.connected_now,
+                KernelSample::read().ok(),
+            ));
+        }
+        if opts.progress && now >= start {
+            eprintln!("{}", tracker.sample(now, &merged).line());
+        }
+        let over_limit = c
+            .limits
+            .max_errors
+            .is_some_and(|max| merged.errors.total() > max);
+        if (over_limit || now >= hard_end) && !shared.abort.load(Ordering::Relaxed) {
+            if opts.progress {
+                eprintln!(
+                    "aborting: {}",
+                    if over_limit {
+                        "more errors than limits.max_errors"
+                    } else {
+                        "shards did not finish in time"
+                    }
+                );
+            }
+            shared.abort.store(true, Ordering::Relaxed);
+        }
+    }
+    for h in handles {
+        h.join()
+            .map_err(|e| setup(format!("a loadgen shard failed: {e}")))?;
+    }
+    let elapsed = Instant::now().saturating_duration_since(start);
+    let mut stats = merge(&latest);
+    stats.counters.peak_connected = peak;
+    let (srv_after, self_after, held, kernel_after) =
+        rss_after.unwrap_or((None, host::rss_self().ok(), 0, KernelSample::read().ok()));
+    let storms = storm_summaries(c, &latest);
+    let agent_sends_offline = latest.iter().flatten().map(|s| s.sends_offline).sum();
+    Ok(Report::build(ReportInputs {
+        campaign: c,
+        stats: &stats,
+        elapsed,
+        ramp_elapsed: ramp_done
+            .unwrap_or(timeline.ramp_end)
+            .saturating_duration_since(start)
+            .max(Duration::from_millis(1)),
+        server: srv_after.map(|after| RssSample {
+            before_bytes: server_before,
+            after_bytes: after,
+            connections: held,
+        }),
+        loadgen: RssSample {
+            before_bytes: self_before,
+            after_bytes: self_after.unwrap_or(0),
+            connections: held,
+        },
+        kernel_before,
+        kernel_after,
+        machine: Machine::probe(),
+        storms,
+        notes,
+        agent_sends_offline,
+    }))
+}
+
+/// Server RSS, loadgen RSS, connections held and kernel figures, sampled once the ramp settled.
+type AfterRamp = (Option<u64>, Option<u64>, u64, Option<KernelSample>);
+
+fn merge(latest: &[Option<Snapshot>]) -> Stats {
+    let mut m = Stats::default();
+    for s in latest.iter().flatten() {
+        m.add(&s.stats);
+    }
+    m
+}
+
+fn storm_summaries(c: &Campaign, latest: &[Option<Snapshot>]) -> Vec<StormSummary> {
+    c.storm
+        .iter()
+        .enumerate()
+        .map(|(k, s)| {
+            let mut t = StormTally::default();
+            for snap in latest.iter().flatten() {
+                if let Some(x) = snap.storms.get(k) {
+                    t.dropped += x.dropped;
+                    t.reconnected += x.reconnected;
+                    t.last_reconnect_us = t.last_reconnect_us.max(x.last_reconnect_us);
+                }
+            }
+            StormSummary {
+                at_s: s.at_s,
+                dropped: t.dropped,
+                reconnected: t.reconnected,
+                recovery_ms: (t.dropped > 0 && t.reconnected == t.dropped)
+                    .then(|| t.last_reconnect_us as f64 / 1e3),
+            }
+        })
+        .collect()
+}

@@ -1,0 +1,257 @@
+//! A loadgen shard: one glommio executor pinned to a core, owning its devices' tasks, its
+//! statistics and its scratch buffers. Shards share only the read-only [`Shared`] plan and the
+//! online flags; statistics leave a shard as snapshots over a channel once a second.
+
+use std::cell::{Cell, RefCell};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Sender;
+use std::task::{Poll, Waker};
+use std::time::{Duration, Instant};
+
+use futures_lite::future;
+use rustls::pki_types::ServerName;
+use tether_protocol::DeviceId;
+use tether_protocol::auth::DeviceKey;
+
+use super::net::{Scratch, sleep_until};
+use super::stamp::Epoch;
+use super::{agent, device};
+use crate::campaign::Campaign;
+use crate::stats::Stats;
+
+/// The run's timeline, fixed before any shard starts.
+#[derive(Clone, Copy, Debug)]
+pub struct Timeline {
+    /// Time origin of payload stamps; also the first ramp slot.
+    pub epoch: Epoch,
+    /// Seconds between ramp slots (1 / ramp_per_sec).
+    pub slot_s: f64,
+    /// End of the ramp's schedule.
+    pub ramp_end: Instant,
+    /// No new sends after this.
+    pub sends_end: Instant,
+    /// Devices and agents close at this (in-flight replies have had time to arrive).
+    pub end: Instant,
+}
+
+impl Timeline {
+    /// Builds the timeline of `c` starting at `start`; `drain` is left after the last send.
+    pub fn new(c: &Campaign, start: Instant, drain: Duration) -> Timeline {
+        let ramp = Duration::from_secs_f64(c.ramp_duration_s());
+        let sends_end = start + ramp + Duration::from_secs_f64(c.duration_s);
+        Timeline {
+            epoch: Epoch(start),
+            slot_s: 1.0 / c.ramp_per_sec,
+            ramp_end: start + ramp,
+            sends_end,
+            end: sends_end + drain,
+        }
+    }
+
+    /// When device `index` makes its first connect attempt.
+    pub fn ramp_slot(&self, index: usize) -> Instant {
+        self.epoch.0 + Duration::from_secs_f64(index as f64 * self.slot_s)
+    }
+
+    /// The instant `s` seconds after the ramp started.
+    pub fn at(&self, s: f64) -> Instant {
+        self.epoch.0 + Duration::from_secs_f64(s.max(0.0))
+    }
+}
+
+/// One simulated device's identity.
+#[derive(Clone, Debug)]
+pub struct DeviceIdent {
+    /// Its id.
+    pub id: DeviceId,
+    /// Its key.
+    pub key: DeviceKey,
+}
+
+/// What every shard reads: the plan of the run. Written once before the shards start.
+pub struct Shared {
+    /// The campaign.
+    pub campaign: Campaign,
+    /// The timeline.
+    pub timeline: Timeline,
+    /// Devices this process simulates, by index.
+    pub devices: Vec<DeviceIdent>,
+    /// Whether each device is established now (set by its shard, read by agents).
+    pub online: Vec<AtomicBool>,
+    /// Source addresses to bind (empty: let the kernel choose).
+    pub sources: Vec<Ipv4Addr>,
+    /// Device listener.
+    pub server: SocketAddr,
+    /// Agent link, if agents run.
+    pub agent_server: Option<SocketAddr>,
+    /// The agent token (trimmed file content).
+    pub agent_token: Vec<u8>,
+    /// TLS client config shared by all devices (its ticket pool makes resumption work).
+    pub tls: Arc<rustls::ClientConfig>,
+    /// TLS server name.
+    pub server_name: ServerName<'static>,
+    /// Shards in this process.
+    pub shards: usize,
+    /// Set by the main thread to end the run early (error limit, Ctrl-C).
+    pub abort: AtomicBool,
+}
+
+/// One reconnect storm as one shard saw it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StormTally {
+    /// Established connections dropped.
+    pub dropped: u64,
+    /// Of those, connected again.
+    pub reconnected: u64,
+    /// Latest reconnect, micros after the storm began.
+    pub last_reconnect_us: u64,
+}
+
+/// A shard's measurements at one moment.
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    /// Which shard.
+    pub shard: usize,
+    /// Its statistics so far.
+    pub stats: Stats,
+    /// Per storm of the campaign.
+    pub storms: Vec<StormTally>,
+    /// Agent sends skipped because their device was offline, or answered `Offline`.
+    pub sends_offline: u64,
+    /// Whether the shard has finished.
+    pub done: bool,
+}
+
+/// Ends a shard's tasks early: every waiting task registers its waker under its own slot.
+#[derive(Default)]
+pub struct Stop {
+    fired: Cell<bool>,
+    wakers: RefCell<Vec<Option<Waker>>>,
+}
+
+impl Stop {
+    /// Whether the stop fired.
+    pub fn fired(&self) -> bool {
+        self.fired.get()
+    }
+
+    /// Wakes every task waiting on it.
+    pub fn fire(&self) {
+        self.fired.set(true);
+        let wakers = std::mem::take(&mut *self.wakers.borrow_mut());
+        wakers.into_iter().flatten().for_each(Waker::wake);
+    }
+
+    /// Resolves once the stop fired; `slot` is the waiting task's own index.
+    pub async fn wait(&self, slot: usize) {
+        future::poll_fn(|cx| {
+            if self.fired.get() {
+                return Poll::Ready(());
+            }
+            let mut w = self.wakers.borrow_mut();
+            if w.len() <= slot {
+                w.resize(slot + 1, None);
+            }
+            w[slot] = Some(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
+    }
+}
+
+/// What a shard's tasks share: owned by the shard, never crossing threads.
+pub struct ShardCtx {
+    /// This shard's index.
+    pub index: usize,
+    /// The run's plan.
+    pub shared: Arc<Shared>,
+    /// Measurements.
+    pub stats: RefCell<Stats>,
+    /// Storm tallies, one per campaign storm.
+    pub storms: RefCell<Vec<StormTally>>,
+    /// See [`Snapshot::sends_offline`].
+    pub sends_offline: Cell<u64>,
+    /// Buffers lent per operation.
+    pub scratch: Scratch,
+    /// Early end.
+    pub stop: Stop,
+}
+
+impl ShardCtx {
+    /// Counts an error of `kind`, unless the run is over (closing races are not errors).
+    pub fn error(&self, kind: &str) {
+        if Instant::now() < self.shared.timeline.end && !self.stop.fired() {
+            self.stats.borrow_mut().errors.count(kind);
+        }
+    }
+
+    fn snapshot(&self, done: bool) -> Snapshot {
+        Snapshot {
+            shard: self.index,
+            stats: self.stats.borrow().clone(),
+            storms: self.storms.borrow().clone(),
+            sends_offline: self.sends_offline.get(),
+            done,
+        }
+    }
+}
+
+/// Runs shard `index`: its share of devices (index ≡ shard mod shards) and of agents, until the
+/// timeline ends or the run is aborted. Sends a snapshot every second and a final one.
+pub async fn run_shard(shared: Arc<Shared>, index: usize, out: Sender<Snapshot>) {
+    let ctx = Rc::new(ShardCtx {
+        index,
+        storms: RefCell::new(vec![StormTally::default(); shared.campaign.storm.len()]),
+        shared: shared.clone(),
+        stats: RefCell::new(Stats::default()),
+        sends_offline: Cell::new(0),
+        scratch: Scratch::new(32 * 1024),
+        stop: Stop::default(),
+    });
+    let mut tasks = Vec::new();
+    let mut slot = 0;
+    for i in (index..shared.devices.len()).step_by(shared.shards) {
+        tasks.push(glommio::spawn_local(device::run(ctx.clone(), slot, i)));
+        slot += 1;
+    }
+    if shared.agent_server.is_some() && shared.campaign.messages.uses_agents() {
+        let agents = shared.campaign.messages.agents as usize;
+        for a in (index..agents).step_by(shared.shards) {
+            tasks.push(glommio::spawn_local(agent::run(ctx.clone(), slot, a)));
+            slot += 1;
+        }
+    }
+    let done = Rc::new(Cell::new(false));
+    let reporter = glommio::spawn_local({
+        let (ctx, done, out) = (ctx.clone(), done.clone(), out.clone());
+        async move {
+            let mut next = Instant::now();
+            // Bounded by the timeline: the tasks end by `end` (plus their close), and an abort
+            // ends them sooner.
+            while !done.get() {
+                next += Duration::from_secs(1);
+                future::or(sleep_until(next), async {
+                    while !done.get() {
+                        glommio::timer::sleep(Duration::from_millis(100)).await;
+                        if ctx.shared.abort.load(Ordering::Relaxed) && !ctx.stop.fired() {
+                            ctx.stop.fire();
+                        }
+                    }
+                })
+                .await;
+                if out.send(ctx.snapshot(false)).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    for t in tasks {
+        t.await;
+    }
+    done.set(true);
+    reporter.await;
+    let _ = out.send(ctx.snapshot(true));
+}

@@ -1,0 +1,284 @@
+//! A `tether serve` started by loadgen on loopback (`server.spawn = true`): provisions the
+//! devices, waits for the `listening` line, and stops it with SIGTERM at the end.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use crate::campaign::Campaign;
+
+/// How long a spawned server may take to print `listening`.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long it may take to exit after SIGTERM before it is killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why the server could not be started.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SpawnError {
+    /// No `tether` binary.
+    #[error(
+        "no tether binary at {0}: build it with `cargo build --release -p tether-core` \
+         (loadgen looks next to its own executable), or pass --tether-bin PATH"
+    )]
+    NoBinary(PathBuf),
+    /// A command failed to start or exited with an error.
+    #[error("{what} failed: {detail}")]
+    Command {
+        /// The command.
+        what: String,
+        /// What happened.
+        detail: String,
+    },
+    /// `listening` never came.
+    #[error("tether serve did not print `listening` within {0:?}; its last output:\n{1}")]
+    NotListening(Duration, String),
+}
+
+/// The `tether` binary next to the running executable (the same target directory), or the
+/// one above it (tests run from `target/<profile>/deps`).
+pub fn default_tether_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    let dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    let here = dir.join("tether");
+    if here.exists() {
+        return here;
+    }
+    match dir.parent() {
+        Some(up) if dir.file_name().is_some_and(|n| n == "deps") => up.join("tether"),
+        _ => here,
+    }
+}
+
+/// A running spawned server.
+#[derive(Debug)]
+pub struct ServerProcess {
+    child: Child,
+    /// Its data directory.
+    pub data_dir: PathBuf,
+    /// Whether loadgen made the data directory (and removes it at the end).
+    pub temp: bool,
+    lines: mpsc::Receiver<String>,
+    tail: Vec<String>,
+}
+
+impl ServerProcess {
+    /// Provisions `c.devices` devices and starts `tether serve`; returns once it listens.
+    pub fn start(c: &Campaign, bin: &Path) -> Result<ServerProcess, SpawnError> {
+        if !bin.exists() {
+            return Err(SpawnError::NoBinary(bin.to_owned()));
+        }
+        let (data_dir, temp) = match &c.server.data_dir {
+            Some(d) => (d.clone(), false),
+            None => {
+                let nanos = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.subsec_nanos());
+                let d = std::env::temp_dir()
+                    .join(format!("tether-loadgen-{}-{nanos}", std::process::id()));
+                (d, true)
+            }
+        };
+        let gen_out = Command::new(bin)
+            .args(["devices", "gen", "--count"])
+            .arg(c.devices.to_string())
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .output()
+            .map_err(|e| cmd_err("tether devices gen", e.to_string()))?;
+        if !gen_out.status.success() {
+            return Err(cmd_err(
+                "tether devices gen",
+                String::from_utf8_lossy(&gen_out.stderr).trim().to_owned(),
+            ));
+        }
+        let s = &c.server;
+        let addr =
+            |a: Option<SocketAddr>, d: &str| a.map_or_else(|| d.to_owned(), |a| a.to_string());
+        let mut cmd = Command::new(bin);
+        cmd.arg("serve")
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .arg("--listen")
+            .arg(addr(s.address, crate::campaign::ServerSpec::SPAWN_ADDRESS))
+            .arg("--agent-listen")
+            .arg(addr(
+                s.agent_address,
+                crate::campaign::ServerSpec::SPAWN_AGENT_ADDRESS,
+            ))
+            .arg("--admin-listen")
+            .arg(addr(
+                s.admin_address,
+                crate::campaign::ServerSpec::SPAWN_ADMIN_ADDRESS,
+            ))
+            .arg("--heartbeat-s")
+            .arg(c.heartbeat_s.to_string());
+        if let Some(n) = s.shards {
+            cmd.arg("--shards").arg(n.to_string());
+        }
+        cmd.args(&s.extra_args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| cmd_err("tether serve", e.to_string()))?;
+        let (tx, lines) = mpsc::channel();
+        for out in [
+            child
+                .stdout
+                .take()
+                .map(|o| Box::new(o) as Box<dyn std::io::Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|o| Box::new(o) as Box<dyn std::io::Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let tx = tx.clone();
+            // Ends when the server closes its output (it exits).
+            std::thread::spawn(move || {
+                for line in BufReader::new(out).lines().map_while(Result::ok) {
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        let mut p = ServerProcess {
+            child,
+            data_dir,
+            temp,
+            lines,
+            tail: Vec::new(),
+        };
+        p.wait_listening()?;
+        Ok(p)
+    }
+
+    fn wait_listening(&mut self) -> Result<(), SpawnError> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        // Bounded by the deadline.
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                self.stop();
+                return Err(SpawnError::NotListening(
+                    START_TIMEOUT,
+                    self.tail.join("\n"),
+                ));
+            }
+            match self
+                .lines
+                .recv_timeout(left.min(Duration::from_millis(200)))
+            {
+                Ok(line) => {
+                    let hit = line.contains("listening");
+                    self.keep(line);
+                    if hit {
+                        return Ok(());
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => {}
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                self.drain();
+                return Err(cmd_err(
+                    "tether serve",
+                    format!(
+                        "exited with {status}; its output:\n{}",
+                        self.tail.join("\n")
+                    ),
+                ));
+            }
+        }
+    }
+
+    fn keep(&mut self, line: String) {
+        if self.tail.len() >= 20 {
+            self.tail.remove(0);
+        }
+        self.tail.push(line);
+    }
+
+    fn drain(&mut self) {
+        while let Ok(l) = self.lines.try_recv() {
+            self.keep(l);
+        }
+    }
+
+    /// The server's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The last lines the server printed (up to 20).
+    pub fn tail(&mut self) -> Vec<String> {
+        self.drain();
+        self.tail.clone()
+    }
+
+    /// SIGTERM, wait up to 10 s, then SIGKILL; removes a temporary data directory. Returns how
+    /// it ended.
+    pub fn stop(&mut self) -> String {
+        let ended = match self.child.try_wait() {
+            Ok(Some(s)) => format!("had already exited ({s})"),
+            _ => {
+                sigterm(self.child.id());
+                let deadline = Instant::now() + STOP_TIMEOUT;
+                // Bounded by the deadline.
+                loop {
+                    match self.child.try_wait() {
+                        Ok(Some(s)) => break format!("stopped ({s})"),
+                        Ok(None) if Instant::now() < deadline => {
+                            std::thread::sleep(Duration::from_millis(50));
+                        }
+                        _ => {
+                            let _ = self.child.kill();
+                            let _ = self.child.wait();
+                            break format!("killed: no exit within {STOP_TIMEOUT:?} of SIGTERM");
+                        }
+                    }
+                }
+            }
+        };
+        self.drain();
+        if self.temp {
+            let _ = std::fs::remove_dir_all(&self.data_dir);
+        }
+        ended
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.stop();
+        }
+    }
+}
+
+fn cmd_err(what: &str, detail: String) -> SpawnError {
+    SpawnError::Command {
+        what: what.to_owned(),
+        detail,
+    }
+}
+
+#[allow(unsafe_code)] // reason: libc::kill is the one way to send SIGTERM without a new dependency
+fn sigterm(pid: u32) {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return;
+    };
+    // SAFETY: kill(2) has no memory-safety preconditions; `pid` is our own child, not yet
+    // reaped (we hold its `Child` and have not waited on it), so the pid cannot be reused.
+    unsafe {
+        libc::kill(pid, libc::SIGTERM);
+    }
+}
