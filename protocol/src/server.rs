@@ -213,6 +213,14 @@ impl ServerSession {
         matches!(self.state, State::Closed)
     }
 
+    /// The device whose `Hello` waits for [`authenticate`](Self::authenticate).
+    pub fn pending_device(&self) -> Option<DeviceId> {
+        match &self.state {
+            State::Authenticating { hello, .. } => Some(hello.device),
+            _ => None,
+        }
+    }
+
     /// Whether the session waits for [`authenticate`](Self::authenticate).
     pub fn awaiting_auth(&self) -> bool {
         matches!(self.state, State::Authenticating { .. })
