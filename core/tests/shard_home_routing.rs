@@ -24,8 +24,8 @@ fn sessions_live_on_their_home_shard() {
         want[0] > 0 && want[1] > 0,
         "both shards hold devices: {want:?}"
     );
-    for k in 0..2 {
-        assert_eq!(st.shards[k].connections_open, want[k], "shard {k}");
+    for (k, shard) in st.shards.iter().enumerate() {
+        assert_eq!(shard.connections_open, want[k], "shard {k}");
     }
     // The kernel spread accepts over both listeners, so some sessions had to move.
     assert_eq!(st.total.connections_accepted, 64);
