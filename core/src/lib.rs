@@ -1,5 +1,11 @@
 //! The Tether server: thread-per-core glommio shards holding device TLS connections.
 //!
+//! Operating needs: Linux ≥ 5.8 with io_uring (glommio), a locked-memory limit of at least
+//! 512 KiB per shard, and an open-file limit above the connections wanted (each connection is
+//! one descriptor; `tether serve` raises the soft limit to the hard one and refuses a
+//! `--max-connections` that cannot fit).
+#![deny(unsafe_op_in_unsafe_fn)]
+//!
 //! This library holds the server's building blocks; the `tether` binary wires them together.
 //! Building blocks so far: [`tls`] (dev PKI and rustls configs), [`registry`] (devices, server
 //! secret, agent token), [`timer`] (per-shard timing wheel), [`metrics`] (per-shard counters
@@ -11,6 +17,8 @@ pub mod fsutil;
 pub mod limits;
 pub mod metrics;
 pub mod registry;
+pub mod server;
+pub mod shard;
 pub mod timer;
 pub mod tls;
 

@@ -1,3 +1,155 @@
+//! `tether`: the server's command line.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use tether_core::server::{ServeOptions, TlsState, serve};
+
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-fn main() {}
+
+/// Tether: holds one long-lived TLS connection per device and connects it to its agent.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server (embedded defaults: loopback ports 7400/7401/7402, ./tether-data).
+    Serve(ServeArgs),
+    /// Manage the device registry.
+    Devices {
+        #[command(subcommand)]
+        command: DevicesCommand,
+    },
+    /// Print a running server's counters as a table (from its admin port).
+    Stats {
+        /// Admin address of the server.
+        #[arg(long, default_value = "127.0.0.1:7402")]
+        admin: String,
+        /// Print the raw JSON instead.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Data directory: dev PKI, device registry, secrets.
+    #[arg(long, default_value = "tether-data")]
+    data_dir: PathBuf,
+    /// Device port. Use 0.0.0.0:7400 to accept devices from other hosts.
+    #[arg(long, default_value = "127.0.0.1:7400")]
+    listen: SocketAddr,
+    /// Agent link port (plain TCP with a token: keep it on loopback or a private network).
+    #[arg(long, default_value = "127.0.0.1:7401")]
+    agent_listen: SocketAddr,
+    /// Admin port (Prometheus /metrics, /stats.json).
+    #[arg(long, default_value = "127.0.0.1:7402")]
+    admin_listen: SocketAddr,
+    /// Shards (one pinned executor each); 0 = one per available core.
+    #[arg(long, default_value_t = 0)]
+    shards: usize,
+    /// Heartbeat interval devices are told to keep, in seconds.
+    #[arg(long, default_value_t = 30)]
+    heartbeat_s: u64,
+    /// Most device sessions this process holds (must fit the open-file limit).
+    #[arg(long, default_value_t = 19_000)]
+    max_connections: u64,
+    /// Most TLS handshakes in flight per shard; more wait in the kernel's backlog.
+    #[arg(long, default_value_t = 256)]
+    max_handshakes: usize,
+    /// Accepted connections per second for the process (0 = unlimited).
+    #[arg(long, default_value_t = 0)]
+    accept_rate: u32,
+    /// How TLS state is kept after the handshake.
+    #[arg(long, value_enum, default_value_t = TlsState::Buffered)]
+    tls_state: TlsState,
+    /// Certificate chain (PEM); with --key. Default: a dev CA and certificate in the data dir.
+    #[arg(long, requires = "key")]
+    cert: Option<PathBuf>,
+    /// Private key (PEM); with --cert.
+    #[arg(long, requires = "cert")]
+    key: Option<PathBuf>,
+    /// Seconds a graceful shutdown may take.
+    #[arg(long, default_value_t = 5)]
+    shutdown_grace_s: u64,
+}
+
+#[derive(Subcommand)]
+enum DevicesCommand {
+    /// Provision N devices into DATA_DIR/devices.csv (replacing it); keys derive from the
+    /// server secret, so re-running keeps existing devices' keys.
+    Gen {
+        /// How many devices.
+        #[arg(long)]
+        count: u64,
+        /// Groups, assigned round-robin.
+        #[arg(long, value_delimiter = ',', default_value = "default")]
+        groups: Vec<String>,
+        /// First device id.
+        #[arg(long, default_value_t = 1)]
+        first_id: u64,
+        /// Data directory.
+        #[arg(long, default_value = "tether-data")]
+        data_dir: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let r: Result<(), String> = match cli.command {
+        Command::Serve(a) => serve(ServeOptions {
+            data_dir: a.data_dir,
+            listen: a.listen,
+            agent_listen: a.agent_listen,
+            admin_listen: a.admin_listen,
+            shards: a.shards,
+            heartbeat: Duration::from_secs(a.heartbeat_s),
+            max_connections: a.max_connections,
+            max_handshakes: a.max_handshakes,
+            accept_rate: a.accept_rate,
+            tls_state: a.tls_state,
+            cert: a.cert.zip(a.key),
+            shutdown_grace: Duration::from_secs(a.shutdown_grace_s),
+        })
+        .map_err(|e| e.to_string()),
+        Command::Devices {
+            command:
+                DevicesCommand::Gen {
+                    count,
+                    groups,
+                    first_id,
+                    data_dir,
+                },
+        } => std::fs::create_dir_all(&data_dir)
+            .map_err(|e| format!("cannot create {}: {e}", data_dir.display()))
+            .and_then(|_| {
+                tether_core::registry::Registry::generate(&data_dir, count, &groups, first_id)
+                    .map_err(|e| e.to_string())
+            })
+            .map(|path| eprintln!("tether: {count} devices written to {}", path.display())),
+        Command::Stats { admin, json } => tether_core::admin::fetch_stats(admin.as_str())
+            .map_err(|e| e.to_string())
+            .map(|s| {
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
+                } else {
+                    tether_core::admin::print_stats_table(&s);
+                }
+            }),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tether: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

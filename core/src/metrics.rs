@@ -153,6 +153,12 @@ counters! {
     shed: Counter,
     /// Panics caught while handling a connection.
     panics_caught: Counter,
+    /// Device messages left unacknowledged because no agent was attached (the device resends).
+    undeliverable: Counter,
+    /// Frames dropped because an agent's outbound queue was full.
+    agent_overflow: Counter,
+    /// Agents attached now.
+    agents_attached: Gauge,
 }
 
 impl ShardMetrics {

@@ -492,22 +492,13 @@ impl DeviceSession {
 
     /// The next event, if any.
     pub fn poll_event(&mut self) -> Option<DeviceEvent> {
-        let e = self.events.pop_front();
-        if self.events.is_empty() && self.events.capacity() > 8 {
-            self.events = VecDeque::new();
-        }
-        e
+        crate::stream::pop_event(&mut self.events)
     }
 
     /// Appends the bytes to send to `buf`; returns whether there were any.
     #[must_use]
     pub fn poll_transmit(&mut self, buf: &mut BytesMut) -> bool {
-        if self.tx.is_empty() {
-            return false;
-        }
-        buf.extend_from_slice(&self.tx);
-        self.tx = BytesMut::new();
-        true
+        crate::stream::drain_tx(&mut self.tx, buf)
     }
 
     /// When [`handle_timeout`](Self::handle_timeout) should next be called.

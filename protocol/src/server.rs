@@ -213,6 +213,14 @@ impl ServerSession {
         matches!(self.state, State::Closed)
     }
 
+    /// The device whose `Hello` waits for [`authenticate`](Self::authenticate).
+    pub fn pending_device(&self) -> Option<DeviceId> {
+        match &self.state {
+            State::Authenticating { hello, .. } => Some(hello.device),
+            _ => None,
+        }
+    }
+
     /// Whether the session waits for [`authenticate`](Self::authenticate).
     pub fn awaiting_auth(&self) -> bool {
         matches!(self.state, State::Authenticating { .. })
@@ -505,23 +513,13 @@ impl ServerSession {
 
     /// The next event, if any.
     pub fn poll_event(&mut self) -> Option<ServerEvent> {
-        let e = self.events.pop_front();
-        if self.events.is_empty() && self.events.capacity() > 8 {
-            self.events = VecDeque::new();
-        }
-        e
+        crate::stream::pop_event(&mut self.events)
     }
 
     /// Appends the bytes to send to `buf`; returns whether there were any.
     #[must_use]
     pub fn poll_transmit(&mut self, buf: &mut BytesMut) -> bool {
-        if self.tx.is_empty() {
-            return false;
-        }
-        buf.extend_from_slice(&self.tx);
-        // Hold no send buffer at rest.
-        self.tx = BytesMut::new();
-        true
+        crate::stream::drain_tx(&mut self.tx, buf)
     }
 
     /// When [`handle_timeout`](Self::handle_timeout) should next be called.

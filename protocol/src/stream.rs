@@ -126,3 +126,22 @@ impl Stream {
         self.outbox.len()
     }
 }
+
+/// Moves pending output to the caller's buffer and releases ours (no send buffer at rest).
+pub(crate) fn drain_tx(tx: &mut BytesMut, buf: &mut BytesMut) -> bool {
+    if tx.is_empty() {
+        return false;
+    }
+    buf.extend_from_slice(tx);
+    *tx = BytesMut::new();
+    true
+}
+
+/// Pops the next event, releasing a queue that grew large once it is empty.
+pub(crate) fn pop_event<T>(events: &mut VecDeque<T>) -> Option<T> {
+    let e = events.pop_front();
+    if events.is_empty() && events.capacity() > 8 {
+        *events = VecDeque::new();
+    }
+    e
+}

@@ -1,0 +1,285 @@
+//! The agent link: cloud-side agents attach over plain TCP (loopback by default) with the
+//! token from the data directory, then send to devices and receive every device message and
+//! presence change. Agents are few, so each gets a task (unlike devices).
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::task::{Poll, Waker};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::TcpStream;
+use tether_protocol::codec::{DEFAULT_AGENT_MAX_FRAME, FrameDecoder};
+use tether_protocol::message::ErrorCode;
+use tether_protocol::{CodeVersion, Digest, Message, PROTOCOL_VERSION};
+
+use super::mesh::{AgentId, ShardMsg, home_shard};
+use super::{Shard, now_ms, wake};
+use crate::metrics::ErrorKind;
+
+/// Most bytes queued towards one agent; past it, frames are dropped (and counted). Dropped
+/// `Deliver`s stay unacknowledged at the device, which resends them.
+const AGENT_QUEUE_LIMIT: usize = 8 * 1024 * 1024;
+
+/// The outbound queue of one attached agent.
+pub(crate) struct AgentOut {
+    buf: RefCell<BytesMut>,
+    waker: RefCell<Option<Waker>>,
+    closed: Cell<bool>,
+}
+
+impl AgentOut {
+    fn new() -> Self {
+        AgentOut {
+            buf: RefCell::new(BytesMut::new()),
+            waker: RefCell::new(None),
+            closed: Cell::new(false),
+        }
+    }
+
+    /// Queues a frame; `false` if the queue is full.
+    pub(crate) fn push(&self, m: &Message) -> bool {
+        let mut buf = self.buf.borrow_mut();
+        if buf.len() + m.frame_len() > AGENT_QUEUE_LIMIT {
+            return false;
+        }
+        if m.encode(&mut buf).is_err() {
+            return false;
+        }
+        if let Some(w) = self.waker.borrow_mut().take() {
+            w.wake();
+        }
+        true
+    }
+
+    async fn next_batch(&self) -> Option<BytesMut> {
+        std::future::poll_fn(|cx| {
+            if self.closed.get() {
+                return Poll::Ready(None);
+            }
+            let mut buf = self.buf.borrow_mut();
+            if buf.is_empty() {
+                *self.waker.borrow_mut() = Some(cx.waker().clone());
+                return Poll::Pending;
+            }
+            Poll::Ready(Some(buf.split()))
+        })
+        .await
+    }
+
+    fn close(&self) {
+        self.closed.set(true);
+        if let Some(w) = self.waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+}
+
+async fn read_frame(
+    stream: &mut TcpStream,
+    dec: &mut FrameDecoder,
+    buf: &mut [u8],
+) -> Result<Option<Message>, String> {
+    loop {
+        match dec.next_frame() {
+            Ok(Some(f)) => return Message::decode(f).map(Some).map_err(|e| e.to_string()),
+            Ok(None) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+        let n = stream.read(buf).await.map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Ok(None);
+        }
+        dec.push(&buf[..n]);
+    }
+}
+
+async fn send_error(stream: &mut TcpStream, code: ErrorCode, text: String) {
+    let mut b = BytesMut::new();
+    let _ = Message::Error {
+        code,
+        message: Bytes::from(text),
+    }
+    .encode(&mut b);
+    let _ = stream.write_all(&b).await;
+}
+
+/// Serves one agent connection until it leaves.
+pub(crate) async fn serve_agent(shard: Rc<RefCell<Shard>>, mut stream: TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let mut dec = FrameDecoder::new(DEFAULT_AGENT_MAX_FRAME);
+    let mut buf = vec![0u8; 64 * 1024];
+    // AgentHello within 5 s, with the right token.
+    let hello = glommio::timer::timeout(Duration::from_secs(5), async {
+        Ok(read_frame(&mut stream, &mut dec, &mut buf).await)
+    })
+    .await;
+    let token_ok = match hello {
+        Ok(Ok(Some(Message::AgentHello { version, token, .. }))) => {
+            if version != PROTOCOL_VERSION {
+                send_error(
+                    &mut stream,
+                    ErrorCode::UnsupportedVersion,
+                    format!("agent protocol version {version} not supported (server speaks {PROTOCOL_VERSION})"),
+                )
+                .await;
+                return;
+            }
+            shard.borrow().ctx.agent_token.verify(&token)
+        }
+        Ok(Ok(Some(other))) => {
+            send_error(
+                &mut stream,
+                ErrorCode::ProtocolViolation,
+                format!("expected AgentHello, got {}", other.ty()),
+            )
+            .await;
+            return;
+        }
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
+            send_error(&mut stream, ErrorCode::MalformedFrame, e).await;
+            return;
+        }
+        Err(_) => {
+            send_error(
+                &mut stream,
+                ErrorCode::Timeout,
+                "no AgentHello within 5 s".into(),
+            )
+            .await;
+            return;
+        }
+    };
+    if !token_ok {
+        shard.borrow_mut().metrics.error(ErrorKind::BadProof);
+        send_error(
+            &mut stream,
+            ErrorCode::BadToken,
+            "agent token rejected".into(),
+        )
+        .await;
+        return;
+    }
+    let out = Rc::new(AgentOut::new());
+    let agent: AgentId = {
+        let mut s = shard.borrow_mut();
+        s.next_agent += 1;
+        let agent = ((s.id as u32) << 24) | (s.next_agent & 0x00ff_ffff);
+        s.local_agents.insert(agent, out.clone());
+        s.metrics.agents_attached += 1;
+        s.broadcast(|| ShardMsg::AgentUp { agent });
+        agent
+    };
+    out.push(&Message::AgentWelcome {
+        agent,
+        server_time_ms: now_ms(),
+    });
+    // The writer drains the queue; the reader handles frames until the agent leaves.
+    let writer_stream = match stream.as_raw_fd_dup() {
+        Some(s) => s,
+        None => return,
+    };
+    let writer_out = out.clone();
+    let writer = glommio::spawn_local(async move {
+        let mut w = writer_stream;
+        while let Some(batch) = writer_out.next_batch().await {
+            if w.write_all(&batch).await.is_err() {
+                break;
+            }
+        }
+    })
+    .detach();
+    loop {
+        match read_frame(&mut stream, &mut dec, &mut buf).await {
+            Ok(Some(m)) => {
+                let mut s = shard.borrow_mut();
+                s.metrics.msgs_in += 1;
+                if let Some(reply) = s.on_agent_frame(agent, m) {
+                    out.push(&reply);
+                }
+                wake::wake_driver();
+            }
+            Ok(None) => break,
+            Err(e) => {
+                out.push(&Message::Error {
+                    code: ErrorCode::MalformedFrame,
+                    message: Bytes::from(e),
+                });
+                glommio::timer::sleep(Duration::from_millis(50)).await;
+                break;
+            }
+        }
+    }
+    out.close();
+    let _ = writer.await;
+    let mut s = shard.borrow_mut();
+    s.local_agents.remove(&agent);
+    s.metrics.agents_attached -= 1;
+    s.broadcast(|| ShardMsg::AgentDown { agent });
+}
+
+/// A second handle on the same socket, so reading and writing can run in two tasks.
+trait DupStream {
+    fn as_raw_fd_dup(&self) -> Option<TcpStream>;
+}
+
+impl DupStream for TcpStream {
+    fn as_raw_fd_dup(&self) -> Option<TcpStream> {
+        use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
+        let fd = super::dup(self.as_raw_fd())?;
+        // SAFETY: the duplicate descriptor is ours alone.
+        Some(unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) })
+    }
+}
+
+impl Shard {
+    /// Sends a message to every shard, this one included.
+    pub(crate) fn broadcast(&mut self, make: impl Fn() -> ShardMsg) {
+        for to in 0..self.nshards {
+            self.route(to, make());
+        }
+    }
+
+    /// Handles one frame from an attached agent; returns an immediate reply, if any.
+    fn on_agent_frame(&mut self, agent: AgentId, m: Message) -> Option<Message> {
+        match m {
+            Message::Send {
+                device,
+                tag,
+                topic,
+                payload,
+            } => {
+                let home = home_shard(device, self.nshards);
+                self.route(
+                    home,
+                    ShardMsg::ToDevice {
+                        device,
+                        agent,
+                        tag,
+                        topic,
+                        payload,
+                    },
+                );
+                None
+            }
+            Message::DeliverAck { device, seq } => {
+                let home = home_shard(device, self.nshards);
+                self.route(home, ShardMsg::DeliverAck { device, seq });
+                None
+            }
+            Message::Ping { id } => Some(Message::Pong { id }),
+            Message::Deploy { group, .. } => Some(Message::DeployResult {
+                group,
+                version: CodeVersion(0),
+                digest: Digest::default(),
+                message: Bytes::from_static(b"code distribution is not implemented yet"),
+            }),
+            other => Some(Message::Error {
+                code: ErrorCode::ProtocolViolation,
+                message: Bytes::from(format!("{} is not an agent-to-server message", other.ty())),
+            }),
+        }
+    }
+}

@@ -1,0 +1,63 @@
+//! What shards tell each other over the bounded channel mesh, and how a device or an agent
+//! maps to its shard.
+
+use std::os::fd::OwnedFd;
+
+use bytes::Bytes;
+use rustls::ServerConnection;
+use tether_protocol::server::ServerSession;
+use tether_protocol::{DeviceId, Message, Seq};
+
+/// An agent's process-wide id: its shard in the top byte, a per-shard counter below.
+pub(crate) type AgentId = u32;
+
+/// The shard an agent lives on.
+pub(crate) fn agent_shard(agent: AgentId) -> usize {
+    (agent >> 24) as usize
+}
+
+/// The home shard of a device: where its session lives.
+pub fn home_shard(device: DeviceId, shards: usize) -> usize {
+    (mix(device.0) % shards as u64) as usize
+}
+
+/// splitmix64's finaliser: spreads sequential device ids evenly.
+pub(crate) fn mix(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// A connection in transit to its home shard, after `Hello` and before authentication.
+pub(crate) struct Moved {
+    /// The socket (a duplicate of the one the sending shard closed).
+    pub fd: OwnedFd,
+    pub tls: Box<ServerConnection>,
+    pub session: ServerSession,
+    /// Encrypted bytes not yet written.
+    pub out: Vec<u8>,
+    pub tls_done: bool,
+}
+
+/// A message between shards.
+pub(crate) enum ShardMsg {
+    /// Take over this connection: the device's home is here.
+    Adopt(Box<Moved>),
+    /// An agent attached on some shard.
+    AgentUp { agent: AgentId },
+    /// An agent detached.
+    AgentDown { agent: AgentId },
+    /// An agent's `Send`, for the device's home shard.
+    ToDevice {
+        device: DeviceId,
+        agent: AgentId,
+        tag: u64,
+        topic: Bytes,
+        payload: Bytes,
+    },
+    /// An agent's `DeliverAck`, for the device's home shard.
+    DeliverAck { device: DeviceId, seq: Seq },
+    /// A frame for an agent attached on the receiving shard.
+    ToAgent { agent: AgentId, msg: Message },
+}

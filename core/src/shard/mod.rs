@@ -1,0 +1,671 @@
+//! A shard: one glommio executor pinned to one core, owning its listeners, its connection
+//! table, its timing wheel and its counters. Nothing here is shared with other shards; they
+//! talk over the bounded channel mesh ([`mesh::ShardMsg`]).
+//!
+//! One driver task per shard polls only the connections whose sockets are ready (index
+//! wakers, [`wake`]); an accept task, a timer task, one receiver task per peer shard and one
+//! task per attached agent feed it.
+
+mod agent;
+mod conn;
+pub mod mesh;
+mod run;
+mod wake;
+
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::rc::Rc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::{Bytes, BytesMut};
+use glommio::channels::channel_mesh::Senders;
+use glommio::net::TcpStream;
+use slab::Slab;
+use tether_protocol::auth::Nonce;
+use tether_protocol::message::{GoodbyeReason, SendStatus};
+use tether_protocol::server::{ServerEvent, ServerSession};
+use tether_protocol::{AuthError, CloseReason, DecodeError, DeviceId, Message, PeerMisbehaved};
+use tether_protocol::{SendError, SessionId};
+
+use crate::metrics::{ErrorKind, ShardMetrics};
+use crate::server::ServerCtx;
+use crate::timer::TimerWheel;
+use agent::AgentOut;
+use conn::{Conn, IoOutcome};
+use mesh::{AgentId, Moved, ShardMsg, agent_shard, home_shard};
+
+pub(crate) use run::run_shard;
+
+/// Read buffer lent to one connection at a time.
+const READ_BUF: usize = 32 * 1024;
+
+/// Everything one shard owns.
+pub(crate) struct Shard {
+    id: usize,
+    nshards: usize,
+    ctx: std::sync::Arc<ServerCtx>,
+    conns: Slab<Conn>,
+    /// Devices whose session lives here (home shard) → their slot.
+    devices: HashMap<DeviceId, usize>,
+    wheel: TimerWheel<(usize, u32)>,
+    metrics: ShardMetrics,
+    /// Every attached agent in the process, in attach order.
+    agents: Vec<AgentId>,
+    /// Agents attached on this shard.
+    local_agents: HashMap<AgentId, Rc<AgentOut>>,
+    next_agent: u32,
+    /// Agent `Send`s awaiting the device's ack: internal tag → (agent, agent's tag).
+    pending_sends: HashMap<u64, (AgentId, u64)>,
+    next_tag: u64,
+    next_generation: u32,
+    next_session: u64,
+    /// Cross-shard messages received, to handle in the driver.
+    inbox: VecDeque<ShardMsg>,
+    senders: Option<Rc<Senders<ShardMsg>>>,
+    handshaking: usize,
+    shutting_down: bool,
+    // Shard-local buffers, lent per operation.
+    read_buf: Box<[u8]>,
+    plain_buf: Box<[u8]>,
+    scratch: BytesMut,
+    events: Vec<ServerEvent>,
+    ready: Vec<usize>,
+}
+
+impl Shard {
+    pub(crate) fn new(id: usize, nshards: usize, ctx: std::sync::Arc<ServerCtx>) -> Self {
+        Shard {
+            id,
+            nshards,
+            ctx,
+            conns: Slab::new(),
+            devices: HashMap::new(),
+            wheel: TimerWheel::new(Instant::now()),
+            metrics: ShardMetrics::default(),
+            agents: Vec::new(),
+            local_agents: HashMap::new(),
+            next_agent: 0,
+            pending_sends: HashMap::new(),
+            next_tag: 1,
+            next_generation: 0,
+            next_session: (id as u64) << 48 | now_ms() << 8,
+            inbox: VecDeque::new(),
+            senders: None,
+            handshaking: 0,
+            shutting_down: false,
+            read_buf: vec![0; READ_BUF].into_boxed_slice(),
+            plain_buf: vec![0; READ_BUF].into_boxed_slice(),
+            scratch: BytesMut::with_capacity(16 * 1024),
+            events: Vec::new(),
+            ready: Vec::new(),
+        }
+    }
+
+    /// Takes a freshly accepted connection.
+    pub(crate) fn accept(&mut self, stream: TcpStream) {
+        self.metrics.connections_accepted += 1;
+        let tls = match rustls::ServerConnection::new(self.ctx.tls.clone()) {
+            Ok(t) => Box::new(t),
+            Err(_) => {
+                self.metrics.error(ErrorKind::Tls);
+                return;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let mut nonce = [0u8; 32];
+        crate::fsutil::random_bytes(&mut nonce);
+        let now = Instant::now();
+        let session = ServerSession::new(&self.ctx.session, Nonce(nonce), now);
+        self.insert(stream, tls, session, Vec::new(), false);
+    }
+
+    fn insert(
+        &mut self,
+        stream: TcpStream,
+        tls: Box<rustls::ServerConnection>,
+        session: ServerSession,
+        out: Vec<u8>,
+        tls_done: bool,
+    ) -> usize {
+        let entry = self.conns.vacant_entry();
+        let idx = entry.key();
+        self.next_generation = self.next_generation.wrapping_add(1);
+        entry.insert(Conn {
+            stream,
+            tls,
+            session,
+            waker: wake::slot_waker(idx),
+            out,
+            generation: self.next_generation,
+            armed: None,
+            tls_done,
+            closing: false,
+            registered: false,
+        });
+        self.metrics.connections_open += 1;
+        if !tls_done {
+            self.handshaking += 1;
+        }
+        wake::notify(idx);
+        idx
+    }
+
+    /// Connections still in the TLS handshake (admission control).
+    pub(crate) fn handshaking(&self) -> usize {
+        self.handshaking
+    }
+
+    /// Polls every connection that became ready, and handles cross-shard messages.
+    pub(crate) fn run_ready(&mut self) {
+        let now = Instant::now();
+        for _round in 0..64 {
+            let mut ready = std::mem::take(&mut self.ready);
+            wake::take_ready(&mut ready);
+            let idle = ready.is_empty() && self.inbox.is_empty();
+            for &idx in &ready {
+                self.drive(idx, now);
+            }
+            self.ready = ready;
+            while let Some(m) = self.inbox.pop_front() {
+                self.handle_msg(m, now);
+            }
+            if idle {
+                return;
+            }
+        }
+        // Still busy: let other tasks (accept, timers, agents) run, then continue.
+        wake::wake_driver();
+    }
+
+    /// One step of one connection: input, events, output, timer. A panic in it is caught,
+    /// counted, and closes that connection only.
+    fn drive(&mut self, idx: usize, now: Instant) {
+        if !self.conns.contains(idx) {
+            return; // a stale wake for a slot since freed
+        }
+        let r = catch_unwind(AssertUnwindSafe(|| self.drive_inner(idx, now)));
+        if r.is_err() {
+            self.metrics.panics_caught += 1;
+            self.metrics.error(ErrorKind::Panic);
+            if self.conns.contains(idx) {
+                self.remove(idx);
+            }
+        }
+    }
+
+    fn drive_inner(&mut self, idx: usize, now: Instant) {
+        let conn = &mut self.conns[idx];
+        let was_handshaking = !conn.tls_done;
+        let outcome = conn.read_step(
+            now,
+            &mut self.read_buf,
+            &mut self.plain_buf,
+            &mut self.metrics,
+        );
+        if was_handshaking && conn.tls_done {
+            self.handshaking -= 1;
+        }
+        if let IoOutcome::Dead(kind) = outcome {
+            if let Some(k) = kind {
+                self.metrics.error(k);
+            }
+            self.remove(idx);
+            return;
+        }
+        self.after_input(idx, now);
+    }
+
+    /// Handles the session's events, then writes its output and re-arms its timer.
+    fn after_input(&mut self, idx: usize, now: Instant) {
+        // Handling an event can raise more (authentication closes a session): loop until
+        // the session has nothing more to say.
+        let mut events = std::mem::take(&mut self.events);
+        let mut moved = false;
+        'outer: while self.conns.contains(idx) {
+            while let Some(e) = self.conns[idx].session.poll_event() {
+                events.push(e);
+            }
+            if events.is_empty() {
+                break;
+            }
+            for e in events.drain(..) {
+                if !self.conns.contains(idx) {
+                    break 'outer;
+                }
+                if self.on_event(idx, e, now) {
+                    moved = true;
+                    break 'outer;
+                }
+            }
+        }
+        events.clear();
+        self.events = events;
+        if moved || !self.conns.contains(idx) {
+            return;
+        }
+        let conn = &mut self.conns[idx];
+        if let IoOutcome::Dead(kind) = conn.write_step(&mut self.scratch, &mut self.metrics) {
+            if let Some(k) = kind {
+                self.metrics.error(k);
+            }
+            self.remove(idx);
+            return;
+        }
+        if conn.closing && conn.flushed() {
+            self.remove(idx);
+            return;
+        }
+        self.arm(idx);
+    }
+
+    /// Makes sure the wheel holds the connection's earliest deadline.
+    fn arm(&mut self, idx: usize) {
+        let conn = &mut self.conns[idx];
+        let want = if conn.closing {
+            // A closing connection gets a short grace to flush, then is dropped.
+            Some(Instant::now() + std::time::Duration::from_secs(2))
+        } else {
+            conn.session.poll_timeout()
+        };
+        match (want, conn.armed) {
+            (Some(w), Some((at, _))) if w >= at => {} // fires earlier, re-armed then
+            (Some(w), _) => {
+                let id = self.wheel.insert(w, (idx, conn.generation));
+                conn.armed = Some((w, id));
+            }
+            (None, _) => {}
+        }
+    }
+
+    /// Expires deadlines (called by the timer task).
+    pub(crate) fn tick(&mut self, now: Instant, expired: &mut Vec<(usize, u32)>) {
+        expired.clear();
+        self.wheel.expire(now, expired);
+        for &(idx, generation) in expired.iter() {
+            let Some(conn) = self.conns.get_mut(idx) else {
+                continue;
+            };
+            if conn.generation != generation {
+                continue;
+            }
+            conn.armed = None;
+            if conn.closing {
+                self.remove(idx);
+                continue;
+            }
+            conn.session.handle_timeout(now);
+            self.after_input(idx, now);
+        }
+    }
+
+    /// Acts on one session event. Returns `true` if the connection left this shard.
+    fn on_event(&mut self, idx: usize, e: ServerEvent, now: Instant) -> bool {
+        match e {
+            ServerEvent::Hello { device, .. } => {
+                let home = home_shard(device, self.nshards);
+                if home != self.id {
+                    self.move_to(idx, home);
+                    return true;
+                }
+                self.authenticate(idx, device, now);
+            }
+            ServerEvent::Message {
+                seq,
+                topic,
+                payload,
+            } => {
+                self.metrics.msgs_in += 1;
+                let Some(device) = self.conns[idx].session.device() else {
+                    return false;
+                };
+                if self.agents.is_empty() {
+                    // No agent to take it: leave it unacknowledged; the device resends.
+                    self.metrics.undeliverable += 1;
+                    return false;
+                }
+                let agent = self.agents[(mesh::mix(device.0) % self.agents.len() as u64) as usize];
+                self.route(
+                    agent_shard(agent),
+                    ShardMsg::ToAgent {
+                        agent,
+                        msg: Message::Deliver {
+                            device,
+                            seq,
+                            topic,
+                            payload,
+                        },
+                    },
+                );
+            }
+            ServerEvent::Delivered { tag, .. } => {
+                self.metrics.acks += 1;
+                if let Some((agent, tag)) = self.pending_sends.remove(&tag) {
+                    self.send_result(agent, tag, SendStatus::Delivered);
+                }
+            }
+            ServerEvent::Code(_) => {
+                // Code distribution is not built yet; devices that ask get nothing.
+            }
+            ServerEvent::Closed(reason) => {
+                self.count_close(&reason);
+                let conn = &mut self.conns[idx];
+                conn.closing = true;
+                if matches!(reason, CloseReason::Local(_)) {
+                    self.metrics.goodbyes_sent += 1;
+                }
+                self.unregister(idx);
+            }
+        }
+        false
+    }
+
+    fn count_close(&mut self, reason: &CloseReason) {
+        use CloseReason as R;
+        use PeerMisbehaved as P;
+        let kind = match reason {
+            R::PeerMisbehaved(P::Decode(DecodeError::FrameTooLarge { .. })) => {
+                ErrorKind::FrameTooLarge
+            }
+            R::PeerMisbehaved(P::Decode(_)) => ErrorKind::MalformedFrame,
+            R::PeerMisbehaved(_) => ErrorKind::Protocol,
+            R::Auth(AuthError::BadProof) => ErrorKind::BadProof,
+            R::Auth(_) => ErrorKind::UnknownDevice,
+            R::HandshakeTimeout => ErrorKind::Timeout,
+            R::IdleTimeout => {
+                self.metrics.heartbeat_timeouts += 1;
+                return;
+            }
+            _ => return,
+        };
+        if matches!(reason, R::Auth(_)) {
+            self.metrics.auth_failures += 1;
+        }
+        self.metrics.error(kind);
+    }
+
+    /// Hands a connection to the device's home shard (once per connection, after `Hello`).
+    fn move_to(&mut self, idx: usize, home: usize) {
+        let conn = self.remove_quietly(idx);
+        // The receiving shard gets its own descriptor; ours closes with the glommio stream.
+        let fd = match conn.stream.as_raw_fd() {
+            raw if raw >= 0 => dup(raw),
+            _ => None,
+        };
+        let Some(fd) = fd else {
+            self.metrics.error(ErrorKind::Io);
+            return;
+        };
+        drop(conn.stream);
+        self.metrics.sessions_moved_out += 1;
+        self.route(
+            home,
+            ShardMsg::Adopt(Box::new(Moved {
+                fd,
+                tls: conn.tls,
+                session: conn.session,
+                out: conn.out,
+                tls_done: conn.tls_done,
+            })),
+        );
+    }
+
+    fn adopt(&mut self, m: Moved, now: Instant) {
+        self.metrics.sessions_moved_in += 1;
+        // SAFETY: `m.fd` is an open socket descriptor this shard now owns alone.
+        let stream = unsafe { TcpStream::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(m.fd)) };
+        let device = m.session.pending_device();
+        let idx = self.insert(stream, m.tls, m.session, m.out, m.tls_done);
+        if let Some(device) = device {
+            self.authenticate(idx, device, now);
+            self.after_input(idx, now);
+        }
+    }
+
+    fn authenticate(&mut self, idx: usize, device: DeviceId, now: Instant) {
+        let ctx = self.ctx.clone();
+        let entry = ctx.registry.get(device);
+        // One session per device: a newer connection replaces the older one and inherits its
+        // unacknowledged messages.
+        let mut carried = None;
+        if let Some(&old) = self.devices.get(&device) {
+            if old != idx && self.conns.contains(old) && entry.is_some() {
+                let c = &mut self.conns[old];
+                carried = c.session.take_carried();
+                c.registered = false;
+                self.devices.remove(&device);
+                self.metrics.sessions_replaced += 1;
+                wake::notify(old);
+            }
+        }
+        if self.shutting_down {
+            self.conns[idx]
+                .session
+                .close(GoodbyeReason::Shutdown, retry_spread());
+            return;
+        }
+        if self.ctx.max_connections_per_shard <= self.devices.len() {
+            self.metrics.shed += 1;
+            self.conns[idx]
+                .session
+                .close(GoodbyeReason::Overloaded, retry_spread());
+            return;
+        }
+        self.next_session += 1;
+        let session = SessionId(self.next_session);
+        let conn = &mut self.conns[idx];
+        let key = entry.map(|e| &e.key);
+        if conn
+            .session
+            .authenticate(now, key, session, now_ms(), carried)
+            .is_ok()
+        {
+            conn.registered = true;
+            self.devices.insert(device, idx);
+            self.presence(device, true);
+        }
+    }
+
+    /// Forgets a connection's device registration (presence offline, undelivered sends).
+    fn unregister(&mut self, idx: usize) {
+        let conn = &mut self.conns[idx];
+        if !conn.registered {
+            return;
+        }
+        conn.registered = false;
+        let device = conn.session.device();
+        let unacked = conn.session.take_unacked();
+        if let Some(device) = device {
+            if self.devices.get(&device) == Some(&idx) {
+                self.devices.remove(&device);
+            }
+            self.presence(device, false);
+        }
+        for m in unacked {
+            if let Some((agent, tag)) = self.pending_sends.remove(&m.tag) {
+                self.send_result(agent, tag, SendStatus::Offline);
+            }
+        }
+    }
+
+    /// Drops a connection.
+    fn remove(&mut self, idx: usize) {
+        self.unregister(idx);
+        let mut conn = self.remove_quietly(idx);
+        if !conn.closing {
+            conn.tls.send_close_notify();
+            let _ = conn.tls.write_tls(&mut conn.out);
+            let _ = conn.flush(&mut self.metrics);
+        }
+        // A pending io_uring poll holds a reference to the socket, so closing the descriptor
+        // alone would leave the connection open: shut it down first (DESIGN.md, pitfalls).
+        // SAFETY: shutdown on a descriptor we still own; it frees nothing.
+        unsafe { libc::shutdown(conn.stream.as_raw_fd(), libc::SHUT_RDWR) };
+    }
+
+    fn remove_quietly(&mut self, idx: usize) -> Conn {
+        let conn = self.conns.remove(idx);
+        if let Some((_, id)) = conn.armed {
+            self.wheel.cancel(id);
+        }
+        if !conn.tls_done {
+            self.handshaking -= 1;
+        }
+        self.metrics.connections_open -= 1;
+        conn
+    }
+
+    fn presence(&mut self, device: DeviceId, online: bool) {
+        for i in 0..self.agents.len() {
+            let agent = self.agents[i];
+            self.route(
+                agent_shard(agent),
+                ShardMsg::ToAgent {
+                    agent,
+                    msg: Message::Presence { device, online },
+                },
+            );
+        }
+    }
+
+    fn send_result(&mut self, agent: AgentId, tag: u64, status: SendStatus) {
+        self.route(
+            agent_shard(agent),
+            ShardMsg::ToAgent {
+                agent,
+                msg: Message::SendResult { tag, status },
+            },
+        );
+    }
+
+    /// Delivers a message to shard `to`: handled at once if that is us.
+    fn route(&mut self, to: usize, msg: ShardMsg) {
+        if to == self.id {
+            self.handle_msg(msg, Instant::now());
+            return;
+        }
+        let Some(senders) = self.senders.clone() else {
+            return;
+        };
+        if let Err(glommio::GlommioError::WouldBlock(glommio::ResourceType::Channel(msg))) =
+            senders.try_send_to(to, msg)
+        {
+            // The peer's queue is full: wait for room without blocking this shard.
+            glommio::spawn_local(async move {
+                let _ = senders.send_to(to, msg).await;
+            })
+            .detach();
+        }
+    }
+
+    fn handle_msg(&mut self, msg: ShardMsg, now: Instant) {
+        match msg {
+            ShardMsg::Adopt(m) => self.adopt(*m, now),
+            ShardMsg::AgentUp { agent } => {
+                if !self.agents.contains(&agent) {
+                    self.agents.push(agent);
+                }
+            }
+            ShardMsg::AgentDown { agent } => self.agents.retain(|a| *a != agent),
+            ShardMsg::ToDevice {
+                device,
+                agent,
+                tag,
+                topic,
+                payload,
+            } => self.send_to_device(device, agent, tag, topic, payload),
+            ShardMsg::DeliverAck { device, seq } => {
+                if let Some(&idx) = self.devices.get(&device) {
+                    self.conns[idx].session.ack_received(seq);
+                    wake::notify(idx);
+                }
+            }
+            ShardMsg::ToAgent { agent, msg } => {
+                if let Some(a) = self.local_agents.get(&agent) {
+                    if a.push(&msg) {
+                        self.metrics.msgs_out += 1;
+                    } else {
+                        self.metrics.agent_overflow += 1;
+                    }
+                }
+            }
+        }
+    }
+
+    fn send_to_device(
+        &mut self,
+        device: DeviceId,
+        agent: AgentId,
+        tag: u64,
+        topic: Bytes,
+        payload: Bytes,
+    ) {
+        let Some(&idx) = self.devices.get(&device) else {
+            let status = if self.ctx.registry.get(device).is_some() {
+                SendStatus::Offline
+            } else {
+                SendStatus::UnknownDevice
+            };
+            self.send_result(agent, tag, status);
+            return;
+        };
+        let internal = self.next_tag;
+        self.next_tag += 1;
+        match self.conns[idx].session.send(topic, payload, internal) {
+            Ok(_) => {
+                self.metrics.msgs_out += 1;
+                self.pending_sends.insert(internal, (agent, tag));
+                wake::notify(idx);
+            }
+            Err(e) => {
+                let status = match e {
+                    SendError::OutboxFull { .. } => {
+                        self.metrics.error(ErrorKind::OutboxFull);
+                        SendStatus::QueueFull
+                    }
+                    SendError::TooLarge { .. } => SendStatus::TooLarge,
+                    _ => SendStatus::Offline,
+                };
+                self.send_result(agent, tag, status);
+            }
+        }
+    }
+
+    /// Starts a graceful shutdown: every session gets `Goodbye{Shutdown}` with a spread
+    /// `retry_after`, so the fleet does not come back all at once.
+    pub(crate) fn begin_shutdown(&mut self) {
+        self.shutting_down = true;
+        let idxs: Vec<usize> = self.conns.iter().map(|(i, _)| i).collect();
+        for idx in idxs {
+            self.conns[idx]
+                .session
+                .close(GoodbyeReason::Shutdown, retry_spread());
+            wake::notify(idx);
+        }
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.conns.is_empty()
+    }
+}
+
+fn dup(fd: i32) -> Option<OwnedFd> {
+    // SAFETY: dup on a descriptor we hold open; the result, if valid, is ours alone.
+    let new = unsafe { libc::dup(fd) };
+    // SAFETY: `new` is a fresh descriptor owned by nobody else.
+    (new >= 0).then(|| unsafe { OwnedFd::from_raw_fd(new) })
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A `retry_after` spread over 1–30 s, so a shed or shut-down fleet reconnects gradually.
+fn retry_spread() -> u32 {
+    let mut b = [0u8; 4];
+    crate::fsutil::random_bytes(&mut b);
+    1_000 + u32::from_le_bytes(b) % 29_000
+}
