@@ -68,6 +68,7 @@ struct Device {
     recovering: Option<(usize, Instant)>,
     hello_at: Option<Instant>,
     established: bool,
+    ever_connected: bool,
     retry_after: Option<Duration>,
 }
 
@@ -114,6 +115,7 @@ pub async fn run(ctx: Rc<ShardCtx>, slot: usize, index: usize) {
         recovering: None,
         hello_at: None,
         established: false,
+        ever_connected: false,
         retry_after: None,
         ctx: ctx.clone(),
         slot,
@@ -435,6 +437,12 @@ impl Device {
                     }
                     st.counters.connected();
                     self.established = true;
+                    if !self.ever_connected {
+                        self.ever_connected = true;
+                        let (n, last) = ctx.first_connects.get();
+                        let us = sh.timeline.epoch.micros(now);
+                        ctx.first_connects.set((n + 1, last.max(us)));
+                    }
                     sh.online[self.index].store(true, Ordering::Relaxed);
                     self.heartbeat = heartbeat;
                     self.next_ping = Some(now + heartbeat);

@@ -321,14 +321,27 @@ fn run_against(
         rss_after.unwrap_or((None, host::rss_self().ok(), 0, KernelSample::read().ok()));
     let storms = storm_summaries(c, &latest);
     let agent_sends_offline = latest.iter().flatten().map(|s| s.sends_offline).sum();
+    // The ramp ends when the last device first connected (exact, from the shards), or at the
+    // coarse once-a-second sample if some never did.
+    let first: u64 = latest.iter().flatten().map(|s| s.first_connects).sum();
+    let ramp_elapsed = if first >= c.devices {
+        let us = latest
+            .iter()
+            .flatten()
+            .map(|s| s.last_first_connect_us)
+            .max()
+            .unwrap_or(0);
+        Duration::from_micros(us)
+    } else {
+        ramp_done
+            .unwrap_or(timeline.ramp_end)
+            .saturating_duration_since(start)
+    };
     Ok(Report::build(ReportInputs {
         campaign: c,
         stats: &stats,
         elapsed,
-        ramp_elapsed: ramp_done
-            .unwrap_or(timeline.ramp_end)
-            .saturating_duration_since(start)
-            .max(Duration::from_millis(1)),
+        ramp_elapsed: ramp_elapsed.max(Duration::from_millis(1)),
         server: srv_after.map(|after| RssSample {
             before_bytes: server_before,
             after_bytes: after,

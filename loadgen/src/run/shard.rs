@@ -121,6 +121,10 @@ pub struct Snapshot {
     pub storms: Vec<StormTally>,
     /// Agent sends skipped because their device was offline, or answered `Offline`.
     pub sends_offline: u64,
+    /// Devices of this shard that have connected at least once.
+    pub first_connects: u64,
+    /// Micros after the epoch of the latest of those.
+    pub last_first_connect_us: u64,
     /// Whether the shard has finished.
     pub done: bool,
 }
@@ -174,6 +178,8 @@ pub struct ShardCtx {
     pub storms: RefCell<Vec<StormTally>>,
     /// See [`Snapshot::sends_offline`].
     pub sends_offline: Cell<u64>,
+    /// See [`Snapshot::first_connects`] and [`Snapshot::last_first_connect_us`].
+    pub first_connects: Cell<(u64, u64)>,
     /// Buffers lent per operation.
     pub scratch: Scratch,
     /// Early end.
@@ -194,6 +200,8 @@ impl ShardCtx {
             stats: self.stats.borrow().clone(),
             storms: self.storms.borrow().clone(),
             sends_offline: self.sends_offline.get(),
+            first_connects: self.first_connects.get().0,
+            last_first_connect_us: self.first_connects.get().1,
             done,
         }
     }
@@ -208,6 +216,7 @@ pub async fn run_shard(shared: Arc<Shared>, index: usize, out: Sender<Snapshot>)
         shared: shared.clone(),
         stats: RefCell::new(Stats::default()),
         sends_offline: Cell::new(0),
+        first_connects: Cell::new((0, 0)),
         scratch: Scratch::new(32 * 1024),
         stop: Stop::default(),
     });
