@@ -1,18 +1,17 @@
 //! One device connection in a shard's table: socket, TLS, session, and the I/O step that moves
-//! bytes between them. No task per connection: the shard's driver polls a connection when its
-//! index waker fires (see [`super::wake`]).
+//! bytes between them. No task and no buffer per connection: the shard's driver runs a
+//! connection's step when the readiness ring says its socket is ready, lending it the shard's
+//! buffers for the step.
 
 use std::io::{self, Read, Write};
-use std::pin::Pin;
-use std::task::{Context, Poll, Waker};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::Instant;
 
 use bytes::BytesMut;
-use futures_lite::{AsyncRead, AsyncWrite};
-use glommio::net::TcpStream;
 use rustls::ServerConnection;
 use tether_protocol::server::ServerSession;
 
+use super::ring;
 use crate::metrics::{ErrorKind, ShardMetrics};
 use crate::timer::TimerId;
 
@@ -21,19 +20,22 @@ use crate::timer::TimerId;
 pub(crate) enum IoOutcome {
     /// Nothing more to do until the socket is ready again.
     Idle,
+    /// Input remains (the step's read budget ran out): run the step again soon.
+    More,
+    /// Output remains that the socket would not take: wait until it is writable.
+    Blocked,
     /// The peer closed or the connection failed: drop it (after counting `ErrorKind`).
     Dead(Option<ErrorKind>),
 }
 
 /// A device connection owned by one shard.
 pub(crate) struct Conn {
-    pub stream: TcpStream,
+    pub fd: OwnedFd,
     pub tls: Box<ServerConnection>,
     pub session: ServerSession,
-    pub waker: Waker,
     /// Encrypted bytes not yet accepted by the socket. Empty (unallocated) at rest.
     pub out: Vec<u8>,
-    /// Generation of this slot, to recognise stale timer entries.
+    /// Generation of this slot, to recognise stale timer entries and ring completions.
     pub generation: u32,
     /// The deadline the timing wheel holds for this connection, if any.
     pub armed: Option<(Instant, TimerId)>,
@@ -43,11 +45,16 @@ pub(crate) struct Conn {
     pub closing: bool,
     /// This connection is the device's registered session on its home shard.
     pub registered: bool,
+    /// A write-readiness watch is armed on the ring.
+    pub writing: bool,
 }
 
+/// Most reads one step takes before giving other connections a turn.
+const READS_PER_STEP: usize = 16;
+
 impl Conn {
-    /// Reads everything the socket has, through TLS into the session. `buf` is the shard's
-    /// read buffer, lent for this call; `plain` its plaintext scratch buffer.
+    /// Reads what the socket has, through TLS into the session. `buf` is the shard's read
+    /// buffer, lent for this call; `plain` its plaintext scratch buffer.
     pub fn read_step(
         &mut self,
         now: Instant,
@@ -55,54 +62,66 @@ impl Conn {
         plain: &mut [u8],
         m: &mut ShardMetrics,
     ) -> IoOutcome {
-        let mut cx = Context::from_waker(&self.waker);
-        // Bounded per wake, for fairness between connections; a busy connection re-queues
-        // itself through its waker.
-        for _ in 0..16 {
+        for _ in 0..READS_PER_STEP {
             if self.closing {
                 return IoOutcome::Idle;
             }
-            let n = match Pin::new(&mut self.stream).poll_read(&mut cx, buf) {
-                Poll::Pending => return IoOutcome::Idle,
-                Poll::Ready(Ok(0)) => return IoOutcome::Dead(None),
-                Poll::Ready(Ok(n)) => n,
-                Poll::Ready(Err(e)) => return IoOutcome::Dead(io_kind(&e)),
+            let n = match ring::recv(self.fd.as_raw_fd(), buf) {
+                Ok(0) => return IoOutcome::Dead(None),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return IoOutcome::Idle,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return IoOutcome::Dead(io_kind(&e)),
             };
             m.bytes_in += n as u64;
-            let mut rd = &buf[..n];
-            while !rd.is_empty() {
-                if let Err(_e) = self.tls.read_tls(&mut rd) {
-                    return IoOutcome::Dead(Some(ErrorKind::Tls));
+            if let Some(dead) = self.feed_tls(now, &buf[..n], plain, m) {
+                return dead;
+            }
+            if n < buf.len() {
+                // A short read drained the socket; new data raises a new ring completion.
+                return IoOutcome::Idle;
+            }
+        }
+        IoOutcome::More
+    }
+
+    fn feed_tls(
+        &mut self,
+        now: Instant,
+        mut rd: &[u8],
+        plain: &mut [u8],
+        m: &mut ShardMetrics,
+    ) -> Option<IoOutcome> {
+        while !rd.is_empty() {
+            if self.tls.read_tls(&mut rd).is_err() {
+                return Some(IoOutcome::Dead(Some(ErrorKind::Tls)));
+            }
+            if self.tls.process_new_packets().is_err() {
+                // Send the alert rustls queued, best effort, then drop.
+                let _ = self.tls.write_tls(&mut self.out);
+                let _ = self.flush(m);
+                if !self.tls_done {
+                    m.handshake_failures += 1;
                 }
-                if let Err(_e) = self.tls.process_new_packets() {
-                    // Send the alert rustls queued, best effort, then drop.
-                    let _ = self.tls.write_tls(&mut self.out);
-                    self.flush(m);
-                    if !self.tls_done {
-                        m.handshake_failures += 1;
-                    }
-                    return IoOutcome::Dead(Some(ErrorKind::Tls));
+                return Some(IoOutcome::Dead(Some(ErrorKind::Tls)));
+            }
+            if !self.tls_done && !self.tls.is_handshaking() {
+                self.tls_done = true;
+                match self.tls.handshake_kind() {
+                    Some(rustls::HandshakeKind::Resumed) => m.handshakes_resumed += 1,
+                    _ => m.handshakes_full += 1,
                 }
-                if !self.tls_done && !self.tls.is_handshaking() {
-                    self.tls_done = true;
-                    match self.tls.handshake_kind() {
-                        Some(rustls::HandshakeKind::Resumed) => m.handshakes_resumed += 1,
-                        _ => m.handshakes_full += 1,
-                    }
-                }
-                loop {
-                    match self.tls.reader().read(plain) {
-                        Ok(0) => return IoOutcome::Dead(None), // close_notify
-                        Ok(k) => self.session.handle_bytes(now, &plain[..k]),
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                        Err(_) => return IoOutcome::Dead(Some(ErrorKind::Tls)),
-                    }
+            }
+            loop {
+                match self.tls.reader().read(plain) {
+                    Ok(0) => return Some(IoOutcome::Dead(None)), // close_notify
+                    Ok(k) => self.session.handle_bytes(now, &plain[..k]),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(_) => return Some(IoOutcome::Dead(Some(ErrorKind::Tls))),
                 }
             }
         }
-        // Still readable: come back after the others had their turn.
-        self.waker.wake_by_ref();
-        IoOutcome::Idle
+        None
     }
 
     /// Moves the session's output through TLS to the socket. `scratch` is a shard buffer.
@@ -121,27 +140,25 @@ impl Conn {
 
     /// Writes `out` to the socket as far as it goes without blocking.
     pub fn flush(&mut self, m: &mut ShardMetrics) -> IoOutcome {
-        if self.out.is_empty() {
-            return IoOutcome::Idle;
-        }
-        let mut cx = Context::from_waker(&self.waker);
         let mut done = 0;
         while done < self.out.len() {
-            match Pin::new(&mut self.stream).poll_write(&mut cx, &self.out[done..]) {
-                Poll::Ready(Ok(0)) => return IoOutcome::Dead(Some(ErrorKind::Io)),
-                Poll::Ready(Ok(n)) => done += n,
-                Poll::Ready(Err(e)) => return IoOutcome::Dead(io_kind(&e)),
-                Poll::Pending => break,
+            match ring::send(self.fd.as_raw_fd(), &self.out[done..]) {
+                Ok(0) => return IoOutcome::Dead(Some(ErrorKind::Io)),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return IoOutcome::Dead(io_kind(&e)),
             }
         }
         m.bytes_out += done as u64;
         if done == self.out.len() {
             // Hold no write buffer at rest.
             self.out = Vec::new();
+            IoOutcome::Idle
         } else {
             self.out.drain(..done);
+            IoOutcome::Blocked
         }
-        IoOutcome::Idle
     }
 
     /// Whether everything queued has reached the socket.

@@ -9,6 +9,7 @@
 mod agent;
 mod conn;
 pub mod mesh;
+mod ring;
 mod run;
 mod wake;
 
@@ -20,7 +21,6 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
 use glommio::channels::channel_mesh::Senders;
-use glommio::net::TcpStream;
 use slab::Slab;
 use tether_protocol::auth::Nonce;
 use tether_protocol::message::{GoodbyeReason, SendStatus};
@@ -34,6 +34,7 @@ use crate::timer::TimerWheel;
 use agent::AgentOut;
 use conn::{Conn, IoOutcome};
 use mesh::{AgentId, Moved, ShardMsg, agent_shard, home_shard};
+use ring::{Completion, Kind, Ring, ring_generation};
 
 pub(crate) use run::run_shard;
 
@@ -71,10 +72,26 @@ pub(crate) struct Shard {
     scratch: BytesMut,
     events: Vec<ServerEvent>,
     ready: Vec<usize>,
+    /// The readiness ring: device sockets and the device listener.
+    pub(crate) ring: Ring,
+    completions: Vec<Completion>,
+    /// The device listener, accepted from through the ring.
+    listener: Option<OwnedFd>,
+    /// A multishot accept is armed.
+    accepting: bool,
+    /// Accept-rate limiter.
+    bucket: run::TokenBucket,
 }
 
 impl Shard {
-    pub(crate) fn new(id: usize, nshards: usize, ctx: std::sync::Arc<ServerCtx>) -> Self {
+    pub(crate) fn new(
+        id: usize,
+        nshards: usize,
+        ctx: std::sync::Arc<ServerCtx>,
+        ring: Ring,
+        listener: OwnedFd,
+    ) -> Self {
+        let bucket = run::TokenBucket::new(ctx.accept_rate_per_shard);
         Shard {
             id,
             nshards,
@@ -99,11 +116,16 @@ impl Shard {
             scratch: BytesMut::with_capacity(16 * 1024),
             events: Vec::new(),
             ready: Vec::new(),
+            ring,
+            completions: Vec::new(),
+            listener: Some(listener),
+            accepting: false,
+            bucket,
         }
     }
 
     /// Takes a freshly accepted connection.
-    pub(crate) fn accept(&mut self, stream: TcpStream) {
+    fn accept(&mut self, fd: OwnedFd) {
         self.metrics.connections_accepted += 1;
         let tls = match rustls::ServerConnection::new(self.ctx.tls.clone()) {
             Ok(t) => Box::new(t),
@@ -112,17 +134,17 @@ impl Shard {
                 return;
             }
         };
-        let _ = stream.set_nodelay(true);
+        let _ = socket2::SockRef::from(&fd).set_tcp_nodelay(true);
         let mut nonce = [0u8; 32];
         crate::fsutil::random_bytes(&mut nonce);
         let now = Instant::now();
         let session = ServerSession::new(&self.ctx.session, Nonce(nonce), now);
-        self.insert(stream, tls, session, Vec::new(), false);
+        self.insert(fd, tls, session, Vec::new(), false);
     }
 
     fn insert(
         &mut self,
-        stream: TcpStream,
+        fd: OwnedFd,
         tls: Box<rustls::ServerConnection>,
         session: ServerSession,
         out: Vec<u8>,
@@ -130,18 +152,20 @@ impl Shard {
     ) -> usize {
         let entry = self.conns.vacant_entry();
         let idx = entry.key();
-        self.next_generation = self.next_generation.wrapping_add(1);
+        self.next_generation = ring_generation(self.next_generation.wrapping_add(1));
+        let generation = self.next_generation;
+        self.ring.watch_read(fd.as_raw_fd(), idx, generation);
         entry.insert(Conn {
-            stream,
+            fd,
             tls,
             session,
-            waker: wake::slot_waker(idx),
             out,
-            generation: self.next_generation,
+            generation,
             armed: None,
             tls_done,
             closing: false,
             registered: false,
+            writing: false,
         });
         self.metrics.connections_open += 1;
         if !tls_done {
@@ -151,15 +175,74 @@ impl Shard {
         idx
     }
 
-    /// Connections still in the TLS handshake (admission control).
-    pub(crate) fn handshaking(&self) -> usize {
-        self.handshaking
+    /// Applies the readiness ring's completions: ready sockets go on the ready list, new
+    /// connections into the table.
+    fn on_completions(&mut self) {
+        let mut cs = std::mem::take(&mut self.completions);
+        self.ring.drain(&mut cs);
+        for c in cs.drain(..) {
+            match c.kind {
+                Kind::Read | Kind::Write => {
+                    let Some(conn) = self.conns.get_mut(c.idx) else {
+                        continue;
+                    };
+                    if conn.generation != c.generation {
+                        continue; // a completion for a slot since reused
+                    }
+                    if c.kind == Kind::Write {
+                        conn.writing = false;
+                    } else if !c.more && c.result != -libc::ECANCELED {
+                        // The multishot poll ended (overflow or error): re-arm it.
+                        self.ring
+                            .watch_read(conn.fd.as_raw_fd(), c.idx, c.generation);
+                    }
+                    wake::notify(c.idx);
+                }
+                Kind::Accept => {
+                    if c.result >= 0 {
+                        // SAFETY: the kernel handed us this new descriptor; nobody else owns it.
+                        let fd = unsafe { OwnedFd::from_raw_fd(c.result) };
+                        self.accept(fd);
+                    } else if c.result != -libc::ECANCELED {
+                        self.metrics.error(ErrorKind::Io);
+                    }
+                    if !c.more {
+                        self.accepting = false;
+                    }
+                }
+                Kind::Control => {}
+            }
+        }
+        self.completions = cs;
+        self.admit(Instant::now());
+    }
+
+    /// Admission control: accept while fewer than the limit of handshakes are in flight and
+    /// the accept rate allows; otherwise leave connections in the kernel's backlog.
+    fn admit(&mut self, now: Instant) {
+        let room = self.handshaking < self.ctx.max_handshakes_per_shard && !self.shutting_down;
+        match (&self.listener, self.accepting, room) {
+            (Some(l), false, true) if self.bucket.ready(now) => {
+                self.ring.accept(l.as_raw_fd(), 0);
+                self.accepting = true;
+            }
+            (Some(_), true, false) => {
+                self.ring.cancel_accept(0);
+                self.accepting = false;
+            }
+            _ => {}
+        }
+        if self.accepting && !self.bucket.take(now) {
+            self.ring.cancel_accept(0);
+            self.accepting = false;
+        }
     }
 
     /// Polls every connection that became ready, and handles cross-shard messages.
     pub(crate) fn run_ready(&mut self) {
         let now = Instant::now();
         for _round in 0..64 {
+            self.on_completions();
             let mut ready = std::mem::take(&mut self.ready);
             wake::take_ready(&mut ready);
             let idle = ready.is_empty() && self.inbox.is_empty();
@@ -171,11 +254,20 @@ impl Shard {
                 self.handle_msg(m, now);
             }
             if idle {
+                self.submit();
                 return;
             }
+            self.submit();
         }
-        // Still busy: let other tasks (accept, timers, agents) run, then continue.
+        // Still busy: let other tasks (timers, agents, the mesh) run, then continue.
         wake::wake_driver();
+    }
+
+    /// Hands the ring's queued operations to the kernel.
+    pub(crate) fn submit(&mut self) {
+        if self.ring.submit().is_err() {
+            self.metrics.error(ErrorKind::Io);
+        }
     }
 
     /// One step of one connection: input, events, output, timer. A panic in it is caught,
@@ -206,12 +298,16 @@ impl Shard {
         if was_handshaking && conn.tls_done {
             self.handshaking -= 1;
         }
-        if let IoOutcome::Dead(kind) = outcome {
-            if let Some(k) = kind {
-                self.metrics.error(k);
+        match outcome {
+            IoOutcome::Dead(kind) => {
+                if let Some(k) = kind {
+                    self.metrics.error(k);
+                }
+                self.remove(idx);
+                return;
             }
-            self.remove(idx);
-            return;
+            IoOutcome::More => wake::notify(idx),
+            _ => {}
         }
         self.after_input(idx, now);
     }
@@ -245,13 +341,22 @@ impl Shard {
             return;
         }
         let conn = &mut self.conns[idx];
-        if let IoOutcome::Dead(kind) = conn.write_step(&mut self.scratch, &mut self.metrics) {
-            if let Some(k) = kind {
-                self.metrics.error(k);
+        match conn.write_step(&mut self.scratch, &mut self.metrics) {
+            IoOutcome::Dead(kind) => {
+                if let Some(k) = kind {
+                    self.metrics.error(k);
+                }
+                self.remove(idx);
+                return;
             }
-            self.remove(idx);
-            return;
+            IoOutcome::Blocked if !conn.writing => {
+                conn.writing = true;
+                self.ring
+                    .watch_write(conn.fd.as_raw_fd(), idx, conn.generation);
+            }
+            _ => {}
         }
+        let conn = &mut self.conns[idx];
         if conn.closing && conn.flushed() {
             self.remove(idx);
             return;
@@ -280,6 +385,7 @@ impl Shard {
 
     /// Expires deadlines (called by the timer task).
     pub(crate) fn tick(&mut self, now: Instant, expired: &mut Vec<(usize, u32)>) {
+        self.admit(now);
         expired.clear();
         self.wheel.expire(now, expired);
         for &(idx, generation) in expired.iter() {
@@ -386,22 +492,13 @@ impl Shard {
 
     /// Hands a connection to the device's home shard (once per connection, after `Hello`).
     fn move_to(&mut self, idx: usize, home: usize) {
+        // The watch is removed from our ring first; the descriptor itself travels.
         let conn = self.remove_quietly(idx);
-        // The receiving shard gets its own descriptor; ours closes with the glommio stream.
-        let fd = match conn.stream.as_raw_fd() {
-            raw if raw >= 0 => dup(raw),
-            _ => None,
-        };
-        let Some(fd) = fd else {
-            self.metrics.error(ErrorKind::Io);
-            return;
-        };
-        drop(conn.stream);
         self.metrics.sessions_moved_out += 1;
         self.route(
             home,
             ShardMsg::Adopt(Box::new(Moved {
-                fd,
+                fd: conn.fd,
                 tls: conn.tls,
                 session: conn.session,
                 out: conn.out,
@@ -412,10 +509,8 @@ impl Shard {
 
     fn adopt(&mut self, m: Moved, now: Instant) {
         self.metrics.sessions_moved_in += 1;
-        // SAFETY: `m.fd` is an open socket descriptor this shard now owns alone.
-        let stream = unsafe { TcpStream::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(m.fd)) };
         let device = m.session.pending_device();
-        let idx = self.insert(stream, m.tls, m.session, m.out, m.tls_done);
+        let idx = self.insert(m.fd, m.tls, m.session, m.out, m.tls_done);
         if let Some(device) = device {
             self.authenticate(idx, device, now);
             self.after_input(idx, now);
@@ -497,14 +592,13 @@ impl Shard {
             let _ = conn.tls.write_tls(&mut conn.out);
             let _ = conn.flush(&mut self.metrics);
         }
-        // A pending io_uring poll holds a reference to the socket, so closing the descriptor
-        // alone would leave the connection open: shut it down first (DESIGN.md, pitfalls).
-        // SAFETY: shutdown on a descriptor we still own; it frees nothing.
-        unsafe { libc::shutdown(conn.stream.as_raw_fd(), libc::SHUT_RDWR) };
+        // The ring's poll was removed in `remove_quietly`; the descriptor closes on drop.
     }
 
     fn remove_quietly(&mut self, idx: usize) -> Conn {
         let conn = self.conns.remove(idx);
+        // A pending poll would keep the socket open after close (DESIGN.md, pitfalls).
+        self.ring.unwatch(idx, conn.generation, conn.writing);
         if let Some((_, id)) = conn.armed {
             self.wheel.cancel(id);
         }
@@ -635,6 +729,11 @@ impl Shard {
     /// `retry_after`, so the fleet does not come back all at once.
     pub(crate) fn begin_shutdown(&mut self) {
         self.shutting_down = true;
+        if self.accepting {
+            self.ring.cancel_accept(0);
+            self.accepting = false;
+        }
+        self.listener = None;
         let idxs: Vec<usize> = self.conns.iter().map(|(i, _)| i).collect();
         for idx in idxs {
             self.conns[idx]

@@ -9,11 +9,13 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use glommio::channels::channel_mesh::MeshBuilder;
+use glommio::io::BufferedFile;
 use glommio::net::TcpListener;
+use std::os::fd::{FromRawFd, IntoRawFd};
 
 use super::mesh::ShardMsg;
+use super::ring::{self, Ring};
 use super::{Shard, agent, wake};
-use crate::metrics::ErrorKind;
 use crate::server::{ServerCtx, ShardHandle};
 
 /// Timer task period: deadlines are coarse (seconds), so 100 ms is plenty.
@@ -31,13 +33,43 @@ pub(crate) async fn run_shard(
         .join()
         .await
         .map_err(|_| format!("shard {id}: joining the channel mesh failed"))?;
-    let device_listener = TcpListener::bind(ctx.listen)
+    let device_listener = ring::listener(ctx.listen, 4096)
         .map_err(|e| format!("shard {id}: cannot listen on {}: {e}", ctx.listen))?;
+    let local = socket2::SockRef::from(&device_listener)
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket());
+    let ring = Ring::new(4096).map_err(|e| format!("shard {id}: io_uring setup failed: {e}"))?;
+    let eventfd = ring
+        .eventfd()
+        .map_err(|e| format!("shard {id}: eventfd: {e}"))?;
     let agent_listener = TcpListener::bind(ctx.agent_listen)
         .map_err(|e| format!("shard {id}: cannot listen on {}: {e}", ctx.agent_listen))?;
-    let shard = Rc::new(RefCell::new(Shard::new(id, nshards, ctx.clone())));
+    let shard = Rc::new(RefCell::new(Shard::new(
+        id,
+        nshards,
+        ctx.clone(),
+        ring,
+        device_listener,
+    )));
     shard.borrow_mut().senders = Some(Rc::new(senders));
-    let _ = handle.ready.send(device_listener.local_addr().ok());
+    shard.borrow_mut().admit(Instant::now());
+    shard.borrow_mut().submit();
+    let _ = handle.ready.send(local);
+
+    // Park on the readiness ring's eventfd (glommio's file API reads it through glommio's own
+    // ring); each wake-up lets the driver drain the completions.
+    glommio::spawn_local(async move {
+        // SAFETY: `eventfd` is a descriptor we own; the file takes it over.
+        let file = unsafe { BufferedFile::from_raw_fd(eventfd.into_raw_fd()) };
+        loop {
+            if file.read_at(0, 8).await.is_err() {
+                glommio::timer::sleep(Duration::from_millis(1)).await;
+            }
+            wake::wake_driver();
+        }
+    })
+    .detach();
 
     for (_peer, rx) in receivers.streams() {
         let shard = shard.clone();
@@ -50,7 +82,6 @@ pub(crate) async fn run_shard(
         .detach();
     }
 
-    let accept_devices = glommio::spawn_local(accept_devices(shard.clone(), device_listener));
     let accept_agents = glommio::spawn_local({
         let shard = shard.clone();
         async move {
@@ -72,7 +103,7 @@ pub(crate) async fn run_shard(
         async move {
             let mut expired = Vec::new();
             let mut shutdown_at: Option<Instant> = None;
-            let mut accepts = Some((accept_devices, accept_agents));
+            let mut accepts = Some(accept_agents);
             loop {
                 glommio::timer::sleep(TICK).await;
                 let now = Instant::now();
@@ -108,48 +139,15 @@ pub(crate) async fn run_shard(
     Ok(())
 }
 
-async fn accept_devices(shard: Rc<RefCell<Shard>>, listener: TcpListener) {
-    let ctx = shard.borrow().ctx.clone();
-    let mut bucket = TokenBucket::new(ctx.accept_rate_per_shard);
-    loop {
-        // Admission control: too many handshakes in flight → leave connections in the
-        // kernel's backlog until some finish.
-        while shard.borrow().handshaking() >= ctx.max_handshakes_per_shard {
-            glommio::timer::sleep(Duration::from_millis(1)).await;
-        }
-        if let Some(wait) = bucket.take(Instant::now()) {
-            glommio::timer::sleep(wait).await;
-        }
-        match listener.accept().await {
-            Ok(stream) => {
-                shard.borrow_mut().accept(stream);
-                wake::wake_driver();
-            }
-            Err(e) => {
-                // Out of descriptors, or a connection reset before accept: back off briefly.
-                shard.borrow_mut().metrics.error(ErrorKind::Io);
-                if is_fd_exhaustion(&e) {
-                    glommio::timer::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        }
-    }
-}
-
-fn is_fd_exhaustion(e: &glommio::GlommioError<()>) -> bool {
-    let s = e.to_string();
-    s.contains("Too many open files") || s.contains("os error 24")
-}
-
 /// Accept-rate limiter (per shard). `rate == 0` means unlimited.
-struct TokenBucket {
+pub(crate) struct TokenBucket {
     rate: f64,
     tokens: f64,
     last: Instant,
 }
 
 impl TokenBucket {
-    fn new(rate: u32) -> Self {
+    pub(crate) fn new(rate: u32) -> Self {
         TokenBucket {
             rate: rate as f64,
             tokens: rate as f64,
@@ -157,16 +155,33 @@ impl TokenBucket {
         }
     }
 
-    /// Takes a token; returns how long to wait first if there is none.
-    fn take(&mut self, now: Instant) -> Option<Duration> {
-        if self.rate <= 0.0 {
-            return None;
-        }
+    fn refill(&mut self, now: Instant) {
         let burst = self.rate.max(1.0);
         self.tokens =
             (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(burst);
         self.last = now;
-        self.tokens -= 1.0;
-        (self.tokens < 0.0).then(|| Duration::from_secs_f64(-self.tokens / self.rate))
+    }
+
+    /// Whether a token is available now.
+    pub(crate) fn ready(&mut self, now: Instant) -> bool {
+        if self.rate <= 0.0 {
+            return true;
+        }
+        self.refill(now);
+        self.tokens >= 1.0
+    }
+
+    /// Takes a token if there is one; `false` when the rate is used up for now.
+    pub(crate) fn take(&mut self, now: Instant) -> bool {
+        if self.rate <= 0.0 {
+            return true;
+        }
+        self.refill(now);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
     }
 }

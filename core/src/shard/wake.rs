@@ -1,32 +1,14 @@
-//! Index wakers: one driver task per shard polls only the connections whose sockets became
-//! ready. A connection's waker pushes its slab index onto the shard's ready list and wakes the
-//! driver. glommio completes I/O on the thread that started it, so the ready list is
-//! thread-local and needs no lock.
+//! The ready list: one driver task per shard runs only the connections that have work (their
+//! socket is ready, or another part of the shard queued output for them). Their slab indexes
+//! go on this thread-local list and the driver task is woken; a shard is one thread, so the
+//! list needs no lock.
 
 use std::cell::RefCell;
-use std::sync::Arc;
-use std::task::{Wake, Waker};
+use std::task::Waker;
 
 thread_local! {
     static READY: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
     static DRIVER: RefCell<Option<Waker>> = const { RefCell::new(None) };
-}
-
-struct SlotWaker(usize);
-
-impl Wake for SlotWaker {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        notify(self.0);
-    }
-}
-
-/// A waker that marks slab slot `idx` ready.
-pub(crate) fn slot_waker(idx: usize) -> Waker {
-    Waker::from(Arc::new(SlotWaker(idx)))
 }
 
 /// Marks `idx` ready and wakes the driver.

@@ -1,0 +1,295 @@
+//! The shard's own readiness ring: a second io_uring, next to glommio's, that holds one
+//! multishot `POLL_ADD` per device socket and a multishot `ACCEPT` per listener.
+//!
+//! Why: glommio 0.9's `TcpStream` re-allocates a ~500 B poll source at every re-arm and offers
+//! no multishot operations (DESIGN.md, "Idle connections"); a multishot poll costs nothing in
+//! user space while the connection is idle and needs no re-arm after each read. Reads and writes
+//! are plain non-blocking `recv`/`send` into shard buffers when the ring says a socket is ready.
+//!
+//! The ring posts every completion to an eventfd; the shard parks on that eventfd through
+//! glommio's file API (the one public way to wait on a foreign fd), so glommio keeps owning the
+//! executor, timers and cross-shard channels.
+//!
+//! Pitfalls handled here: a pending poll keeps a socket open after `close`, so every watch is
+//! removed before its descriptor is dropped; descriptor numbers are reused at once, so each
+//! watch carries the slot's generation in its `user_data` and stale completions are ignored.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+use io_uring::{IoUring, opcode, squeue, types};
+
+/// What a completion is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// A device socket became readable (or hung up).
+    Read,
+    /// A device socket became writable again.
+    Write,
+    /// A listener produced a new connection (`result` is its descriptor).
+    Accept,
+    /// Acknowledgement of a removal or cancellation; nothing to do.
+    Control,
+}
+
+/// One completion, decoded.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Completion {
+    pub kind: Kind,
+    pub idx: usize,
+    pub generation: u32,
+    /// The operation's result: poll event bits, a new descriptor, or `-errno`.
+    pub result: i32,
+    /// Whether a multishot operation stays armed.
+    pub more: bool,
+}
+
+const KIND_SHIFT: u32 = 62;
+const GEN_MASK: u64 = 0x3fff_ffff;
+
+fn user_data(kind: Kind, idx: usize, generation: u32) -> u64 {
+    let k = match kind {
+        Kind::Read => 0u64,
+        Kind::Write => 1,
+        Kind::Accept => 2,
+        Kind::Control => 3,
+    };
+    (k << KIND_SHIFT) | ((generation as u64 & GEN_MASK) << 32) | (idx as u64 & 0xffff_ffff)
+}
+
+fn decode(ud: u64) -> (Kind, usize, u32) {
+    let kind = match ud >> KIND_SHIFT {
+        0 => Kind::Read,
+        1 => Kind::Write,
+        2 => Kind::Accept,
+        _ => Kind::Control,
+    };
+    (
+        kind,
+        (ud & 0xffff_ffff) as usize,
+        ((ud >> 32) & GEN_MASK) as u32,
+    )
+}
+
+/// The generation as the ring carries it (30 bits), for comparing with completions.
+pub(crate) fn ring_generation(g: u32) -> u32 {
+    (g as u64 & GEN_MASK) as u32
+}
+
+/// A shard's readiness ring.
+pub(crate) struct Ring {
+    ring: IoUring,
+    eventfd: OwnedFd,
+    unsubmitted: usize,
+}
+
+impl Ring {
+    /// A ring with room for `entries` submissions per batch; completions signal an eventfd.
+    pub(crate) fn new(entries: u32) -> io::Result<Ring> {
+        let ring = IoUring::builder()
+            // Completions for 20k idle sockets can pile up between two drains.
+            .setup_cqsize(entries.saturating_mul(8).max(4096))
+            .setup_clamp()
+            .build(entries)?;
+        // SAFETY: eventfd returns a fresh descriptor or -1.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh descriptor owned by nobody else.
+        let eventfd = unsafe { OwnedFd::from_raw_fd(fd) };
+        ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
+        Ok(Ring {
+            ring,
+            eventfd,
+            unsubmitted: 0,
+        })
+    }
+
+    /// A duplicate of the completion eventfd, for the task that parks on it.
+    pub(crate) fn eventfd(&self) -> io::Result<OwnedFd> {
+        self.eventfd.try_clone()
+    }
+
+    fn push(&mut self, e: squeue::Entry) {
+        loop {
+            // SAFETY: the entries we push reference no user memory (polls, removals and
+            // accepts without an address buffer), so nothing must outlive the submission.
+            let pushed = unsafe { self.ring.submission().push(&e) };
+            if pushed.is_ok() {
+                self.unsubmitted += 1;
+                return;
+            }
+            // Submission queue full: hand the batch to the kernel and retry.
+            if self.submit().is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Watches `fd` for input (multishot) on behalf of slot `idx`.
+    pub(crate) fn watch_read(&mut self, fd: RawFd, idx: usize, generation: u32) {
+        let e = opcode::PollAdd::new(
+            types::Fd(fd),
+            (libc::POLLIN | libc::POLLRDHUP | libc::POLLERR | libc::POLLHUP) as u32,
+        )
+        .multi(true)
+        .build()
+        .user_data(user_data(Kind::Read, idx, generation));
+        self.push(e);
+    }
+
+    /// Waits once for `fd` to become writable.
+    pub(crate) fn watch_write(&mut self, fd: RawFd, idx: usize, generation: u32) {
+        let e = opcode::PollAdd::new(types::Fd(fd), libc::POLLOUT as u32)
+            .build()
+            .user_data(user_data(Kind::Write, idx, generation));
+        self.push(e);
+    }
+
+    /// Removes every watch of slot `idx`; call before its descriptor is closed or moved.
+    pub(crate) fn unwatch(&mut self, idx: usize, generation: u32, writing: bool) {
+        let ctl = user_data(Kind::Control, idx, generation);
+        self.push(
+            opcode::PollRemove::new(user_data(Kind::Read, idx, generation))
+                .build()
+                .user_data(ctl),
+        );
+        if writing {
+            self.push(
+                opcode::PollRemove::new(user_data(Kind::Write, idx, generation))
+                    .build()
+                    .user_data(ctl),
+            );
+        }
+    }
+
+    /// Accepts connections on `listener` (multishot) for listener number `which`.
+    pub(crate) fn accept(&mut self, listener: RawFd, which: usize) {
+        let e = opcode::AcceptMulti::new(types::Fd(listener))
+            .flags(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
+            .build()
+            .user_data(user_data(Kind::Accept, which, 0));
+        self.push(e);
+    }
+
+    /// Stops accepting on listener number `which`.
+    pub(crate) fn cancel_accept(&mut self, which: usize) {
+        let e = opcode::AsyncCancel::new(user_data(Kind::Accept, which, 0))
+            .build()
+            .user_data(user_data(Kind::Control, which, 0));
+        self.push(e);
+    }
+
+    /// Hands queued operations to the kernel (one syscall per batch).
+    pub(crate) fn submit(&mut self) -> io::Result<()> {
+        if self.unsubmitted == 0 {
+            return Ok(());
+        }
+        self.ring.submit()?;
+        self.unsubmitted = 0;
+        Ok(())
+    }
+
+    /// Takes every posted completion.
+    pub(crate) fn drain(&mut self, out: &mut Vec<Completion>) {
+        for cqe in self.ring.completion() {
+            let (kind, idx, generation) = decode(cqe.user_data());
+            out.push(Completion {
+                kind,
+                idx,
+                generation,
+                result: cqe.result(),
+                more: io_uring::cqueue::more(cqe.flags()),
+            });
+        }
+    }
+}
+
+/// Reads from a non-blocking socket. `Ok(0)` is end of stream.
+pub(crate) fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for `buf.len()` bytes for the duration of the call.
+    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// Writes to a non-blocking socket (no SIGPIPE).
+pub(crate) fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for `buf.len()` bytes for the duration of the call.
+    let n = unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// A non-blocking, `SO_REUSEPORT` listener with a deep backlog.
+pub(crate) fn listener(addr: std::net::SocketAddr, backlog: i32) -> io::Result<OwnedFd> {
+    let domain = if addr.is_ipv6() {
+        socket2::Domain::IPV6
+    } else {
+        socket2::Domain::IPV4
+    };
+    let s = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    s.set_reuse_port(true)?;
+    s.set_reuse_address(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(backlog)?;
+    Ok(s.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_data_round_trips() {
+        for kind in [Kind::Read, Kind::Write, Kind::Accept, Kind::Control] {
+            let ud = user_data(kind, 123_456, 0x2abc_def0);
+            assert_eq!(decode(ud), (kind, 123_456, 0x2abc_def0));
+        }
+        assert_eq!(ring_generation(u32::MAX), 0x3fff_ffff);
+    }
+
+    #[test]
+    fn multishot_poll_reports_readiness_and_removal_quiets_it() {
+        let mut ring = Ring::new(64).unwrap();
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        ring.watch_read(a.as_raw_fd(), 7, 3);
+        ring.submit().unwrap();
+        use std::io::Write;
+        (&b).write_all(b"x").unwrap();
+        let mut out = vec![];
+        for _ in 0..100 {
+            ring.drain(&mut out);
+            if !out.is_empty() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let c = out[0];
+        assert_eq!((c.kind, c.idx, c.generation), (Kind::Read, 7, 3));
+        assert!(c.more, "multishot poll stays armed");
+        assert!(c.result & libc::POLLIN as i32 != 0);
+        ring.unwatch(7, 3, false);
+        ring.submit().unwrap();
+        out.clear();
+        for _ in 0..100 {
+            ring.drain(&mut out);
+            if out.iter().any(|c| c.kind == Kind::Read && !c.more) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(
+            out.iter().any(|c| c.kind == Kind::Read && !c.more),
+            "{out:?}"
+        );
+    }
+}
