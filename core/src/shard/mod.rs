@@ -38,6 +38,10 @@ use ring::{Completion, Kind, Ring, ring_generation};
 
 pub(crate) use run::run_shard;
 
+/// In debug builds, a device message on this topic panics its connection's handler (tests).
+#[cfg(debug_assertions)]
+pub const PANIC_TOPIC: &[u8] = b"__tether_test_panic__";
+
 /// Read buffer lent to one connection at a time.
 const READ_BUF: usize = 32 * 1024;
 
@@ -422,6 +426,11 @@ impl Shard {
                 payload,
             } => {
                 self.metrics.msgs_in += 1;
+                // Debug builds only: lets the tests prove a panic closes one connection only.
+                #[cfg(debug_assertions)]
+                if &topic[..] == PANIC_TOPIC {
+                    panic!("test hook: a device asked for a panic");
+                }
                 let Some(device) = self.conns[idx].session.device() else {
                     return false;
                 };
