@@ -92,7 +92,9 @@ pub(crate) struct ServerCtx {
 
 /// What the main thread holds of each shard.
 pub(crate) struct ShardHandle {
-    pub ready: std::sync::mpsc::Sender<Option<SocketAddr>>,
+    pub ready: std::sync::mpsc::Sender<Result<Option<SocketAddr>, String>>,
+    /// Told when the shard's shutdown is complete (or its run failed).
+    pub done: std::sync::mpsc::Sender<Result<(), String>>,
     pub stats: crossbeam::channel::Receiver<crossbeam::channel::Sender<ShardMetrics>>,
 }
 
@@ -185,12 +187,22 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
                     "tether: signal {sig}: shutting down (goodbye to every device, then exit)"
                 );
                 ctx.shutdown.store(true, Ordering::Relaxed);
+                // The bound on shutdown, whatever happens in the shards.
+                std::thread::sleep(ctx.shutdown_grace + Duration::from_secs(2));
+                eprintln!("tether: shutdown took longer than its grace period; exiting now");
+                std::process::exit(1);
             })
             .map_err(setup("signal thread"))?;
     }
 
+    // Bound before the shards start, so a taken port fails fast.
+    let admin = std::net::TcpListener::bind(opts.admin_listen).map_err(setup(&format!(
+        "cannot listen on {} (admin)",
+        opts.admin_listen
+    )))?;
     let mesh = MeshBuilder::full(nshards, 1024);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
     let mut stats_txs = Vec::new();
     let mut executors = Vec::new();
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -199,6 +211,7 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         stats_txs.push(stats_tx);
         let handle = ShardHandle {
             ready: ready_tx.clone(),
+            done: done_tx.clone(),
             stats: stats_rx,
         };
         let ctx = ctx.clone();
@@ -212,28 +225,22 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         executors.push(ex);
     }
     drop(ready_tx);
-    for _ in 0..nshards {
+    drop(done_tx);
+    // Each shard reports its setup; a failed or stuck shard ends the start-up at once (the
+    // others may be waiting for it in the channel mesh, so they are not joined).
+    for ready in 0..nshards {
         match ready_rx.recv_timeout(Duration::from_secs(10)) {
-            Ok(_) => {}
+            Ok(Ok(_)) => {}
+            Ok(Err(msg)) => return Err(ServeError::Setup(msg)),
             Err(_) => {
-                ctx.shutdown.store(true, Ordering::Relaxed);
-                let errors: Vec<String> = executors
-                    .into_iter()
-                    .filter_map(|e| match e.join() {
-                        Ok(Err(msg)) => Some(msg),
-                        Err(e) => Some(e.to_string()),
-                        Ok(Ok(())) => None,
-                    })
-                    .collect();
-                return Err(ServeError::Setup(errors.join("; ")));
+                return Err(ServeError::Setup(format!(
+                    "only {ready} of {nshards} shards started within 10 s (a glommio executor \
+                     may have failed to start: check the locked-memory limit, `ulimit -l`)"
+                )));
             }
         }
     }
 
-    let admin = std::net::TcpListener::bind(opts.admin_listen).map_err(setup(&format!(
-        "cannot listen on {} (admin)",
-        opts.admin_listen
-    )))?;
     serve_admin(admin, move |req| {
         metrics_routes(req, || collect(&stats_txs)).unwrap_or_else(|| AdminResponse::not_found(req))
     })
@@ -246,14 +253,18 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         opts.agent_listen,
         opts.admin_listen
     );
+    // Each shard reports when its shutdown is complete. The process exits then, without
+    // waiting for glommio's executor teardown (which can wait on I/O that will never finish,
+    // such as the readiness ring's eventfd read).
     let mut failed = Vec::new();
-    for e in executors {
-        match e.join() {
+    for _ in 0..nshards {
+        match done_rx.recv() {
             Ok(Ok(())) => {}
             Ok(Err(msg)) => failed.push(msg),
-            Err(e) => failed.push(e.to_string()),
+            Err(_) => break,
         }
     }
+    drop(executors);
     if failed.is_empty() {
         eprintln!("tether: stopped");
         Ok(())

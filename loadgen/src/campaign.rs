@@ -324,20 +324,35 @@ impl Campaign {
     /// one; `storm.0.at_s` indexes a list), and the table is deserialised and validated again.
     /// On error the campaign is unchanged.
     pub fn apply_override(&mut self, key: &str, value: &str) -> Result<(), CampaignError> {
-        let err = |problem: String| CampaignError::Override {
+        self.apply_overrides(&[(key, value)])
+    }
+
+    /// Applies several `key=value` overrides, then validates once: overrides that only make
+    /// sense together (`server.spawn=false` with `server.address=…`) can be given together.
+    pub fn apply_overrides(&mut self, pairs: &[(&str, &str)]) -> Result<(), CampaignError> {
+        let err = |key: &str, value: &str, problem: String| CampaignError::Override {
             key: key.to_owned(),
             value: value.to_owned(),
             problem,
         };
-        let mut table = toml::Table::try_from(&*self).map_err(|e| err(e.to_string()))?;
-        let parsed = value
-            .parse::<toml::Value>()
-            .unwrap_or_else(|_| toml::Value::String(value.to_owned()));
-        set_dotted(&mut table, key, parsed).map_err(err)?;
-        let updated: Campaign = table.try_into().map_err(|e| err(e.message().to_owned()))?;
+        let all = || {
+            let keys: Vec<&str> = pairs.iter().map(|(k, _)| *k).collect();
+            keys.join(", ")
+        };
+        let mut table =
+            toml::Table::try_from(&*self).map_err(|e| err(&all(), "", e.to_string()))?;
+        for (key, value) in pairs {
+            let parsed = value
+                .parse::<toml::Value>()
+                .unwrap_or_else(|_| toml::Value::String((*value).to_owned()));
+            set_dotted(&mut table, key, parsed).map_err(|p| err(key, value, p))?;
+        }
+        let updated: Campaign = table
+            .try_into()
+            .map_err(|e| err(&all(), "", e.message().to_owned()))?;
         updated
             .validate()
-            .map_err(|problems| err(ProblemList(&problems).to_string()))?;
+            .map_err(|problems| err(&all(), "", ProblemList(&problems).to_string()))?;
         *self = updated;
         Ok(())
     }

@@ -75,13 +75,15 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(e) => return fail(&e.to_string()),
             };
+            let mut pairs = Vec::with_capacity(set.len());
             for kv in &set {
                 let Some((k, v)) = kv.split_once('=') else {
                     return fail(&format!("--set {kv}: expected KEY=VALUE"));
                 };
-                if let Err(e) = c.apply_override(k.trim(), v.trim()) {
-                    return fail(&e.to_string());
-                }
+                pairs.push((k.trim(), v.trim()));
+            }
+            if let Err(e) = c.apply_overrides(&pairs) {
+                return fail(&e.to_string());
             }
             eprintln!(
                 "campaign {}: {} devices, ramp {}/s, {} s steady",

@@ -29,6 +29,21 @@ pub(crate) async fn run_shard(
     mesh: MeshBuilder<ShardMsg, glommio::channels::channel_mesh::Full>,
     handle: ShardHandle,
 ) -> Result<(), String> {
+    let r = serve_shard(id, nshards, ctx, mesh, &handle).await;
+    if let Err(msg) = &r {
+        let _ = handle.ready.send(Err(msg.clone()));
+    }
+    let _ = handle.done.send(r.clone());
+    r
+}
+
+async fn serve_shard(
+    id: usize,
+    nshards: usize,
+    ctx: Arc<ServerCtx>,
+    mesh: MeshBuilder<ShardMsg, glommio::channels::channel_mesh::Full>,
+    handle: &ShardHandle,
+) -> Result<(), String> {
     let (senders, mut receivers) = mesh
         .join()
         .await
@@ -55,7 +70,7 @@ pub(crate) async fn run_shard(
     shard.borrow_mut().senders = Some(Rc::new(senders));
     shard.borrow_mut().admit(Instant::now());
     shard.borrow_mut().submit();
-    let _ = handle.ready.send(local);
+    let _ = handle.ready.send(Ok(local));
 
     // Park on the readiness ring's eventfd (glommio's file API reads it through glommio's own
     // ring); each wake-up lets the driver drain the completions.
@@ -97,6 +112,7 @@ pub(crate) async fn run_shard(
     });
 
     // The timer task: expire deadlines, answer stats requests, watch for shutdown.
+    let stats = handle.stats.clone();
     let timer = glommio::spawn_local({
         let shard = shard.clone();
         let ctx = ctx.clone();
@@ -109,7 +125,7 @@ pub(crate) async fn run_shard(
                 let now = Instant::now();
                 let mut s = shard.borrow_mut();
                 s.tick(now, &mut expired);
-                while let Ok(reply) = handle.stats.try_recv() {
+                while let Ok(reply) = stats.try_recv() {
                     let _ = reply.send(s.metrics.clone());
                 }
                 if shutdown_at.is_none() && ctx.shutdown.load(Ordering::Relaxed) {
