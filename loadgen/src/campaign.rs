@@ -349,10 +349,10 @@ impl Campaign {
         }
         let updated: Campaign = table
             .try_into()
-            .map_err(|e| err(&all(), "", e.message().to_owned()))?;
+            .map_err(|e| whole(e.message().to_owned()))?;
         updated
             .validate()
-            .map_err(|problems| err(&all(), "", ProblemList(&problems).to_string()))?;
+            .map_err(|problems| whole(ProblemList(&problems).to_string()))?;
         *self = updated;
         Ok(())
     }
