@@ -335,12 +335,19 @@ impl Campaign {
             value: value.to_owned(),
             problem,
         };
-        let all = || {
-            let keys: Vec<&str> = pairs.iter().map(|(k, _)| *k).collect();
-            keys.join(", ")
+        // Errors about the whole set name every override: `--set a=1 --set b=2: …`.
+        let whole = |problem: String| {
+            let Some(((last_k, last_v), rest)) = pairs.split_last() else {
+                return err("", "", problem);
+            };
+            let mut key: String = rest
+                .iter()
+                .map(|(k, v)| format!("{k}={v} --set "))
+                .collect();
+            key.push_str(last_k);
+            err(&key, last_v, problem)
         };
-        let mut table =
-            toml::Table::try_from(&*self).map_err(|e| err(&all(), "", e.to_string()))?;
+        let mut table = toml::Table::try_from(&*self).map_err(|e| whole(e.to_string()))?;
         for (key, value) in pairs {
             let parsed = value
                 .parse::<toml::Value>()
