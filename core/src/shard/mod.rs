@@ -9,6 +9,7 @@
 mod agent;
 mod conn;
 pub mod mesh;
+mod rollout;
 mod run;
 mod wake;
 
@@ -35,6 +36,7 @@ use agent::AgentOut;
 use conn::{Conn, IoOutcome};
 use mesh::{AgentId, Moved, ShardMsg, agent_shard, home_shard};
 
+pub use rollout::GroupRollout;
 pub(crate) use run::run_shard;
 
 /// Read buffer lent to one connection at a time.
@@ -50,6 +52,8 @@ pub(crate) struct Shard {
     devices: HashMap<DeviceId, usize>,
     wheel: TimerWheel<(usize, u32)>,
     metrics: ShardMetrics,
+    /// Which connected devices need new code, and their transfers.
+    rollout: rollout::Rollout,
     /// Every attached agent in the process, in attach order.
     agents: Vec<AgentId>,
     /// Agents attached on this shard.
@@ -75,6 +79,7 @@ pub(crate) struct Shard {
 
 impl Shard {
     pub(crate) fn new(id: usize, nshards: usize, ctx: std::sync::Arc<ServerCtx>) -> Self {
+        let rollout = Shard::new_rollout(&ctx);
         Shard {
             id,
             nshards,
@@ -83,6 +88,7 @@ impl Shard {
             devices: HashMap::new(),
             wheel: TimerWheel::new(Instant::now()),
             metrics: ShardMetrics::default(),
+            rollout,
             agents: Vec::new(),
             local_agents: HashMap::new(),
             next_agent: 0,
@@ -344,9 +350,7 @@ impl Shard {
                     self.send_result(agent, tag, SendStatus::Delivered);
                 }
             }
-            ServerEvent::Code(_) => {
-                // Code distribution is not built yet; devices that ask get nothing.
-            }
+            ServerEvent::Code(e) => self.on_code(idx, e),
             ServerEvent::Closed(reason) => {
                 self.count_close(&reason);
                 let conn = &mut self.conns[idx];
@@ -435,6 +439,7 @@ impl Shard {
                 c.registered = false;
                 self.devices.remove(&device);
                 self.metrics.sessions_replaced += 1;
+                self.code_disconnected(device);
                 wake::notify(old);
             }
         }
@@ -455,6 +460,7 @@ impl Shard {
         let session = SessionId(self.next_session);
         let conn = &mut self.conns[idx];
         let key = entry.map(|e| &e.key);
+        let running = conn.session.pending_code_version().unwrap_or_default();
         if conn
             .session
             .authenticate(now, key, session, now_ms(), carried)
@@ -463,6 +469,7 @@ impl Shard {
             conn.registered = true;
             self.devices.insert(device, idx);
             self.presence(device, true);
+            self.code_connected(idx, device, running);
         }
     }
 
@@ -478,6 +485,7 @@ impl Shard {
         if let Some(device) = device {
             if self.devices.get(&device) == Some(&idx) {
                 self.devices.remove(&device);
+                self.code_disconnected(device);
             }
             self.presence(device, false);
         }

@@ -78,8 +78,17 @@ pub(crate) async fn run_shard(
                 let now = Instant::now();
                 let mut s = shard.borrow_mut();
                 s.tick(now, &mut expired);
+                while let Ok(d) = handle.deploys.try_recv() {
+                    s.on_deployed(&d);
+                }
+                if !handle.stats.is_empty() {
+                    s.fill_code_metrics();
+                }
                 while let Ok(reply) = handle.stats.try_recv() {
                     let _ = reply.send(s.metrics.clone());
+                }
+                while let Ok(reply) = handle.rollout.try_recv() {
+                    let _ = reply.send(s.rollout_status());
                 }
                 if shutdown_at.is_none() && ctx.shutdown.load(Ordering::Relaxed) {
                     // Stop accepting, say goodbye to everyone, then wait for the flush.
