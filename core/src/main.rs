@@ -28,8 +28,38 @@ enum Command {
         #[command(subcommand)]
         command: DevicesCommand,
     },
+    /// Deploy a code blob to a device group (through the admin port): it becomes the group's
+    /// next version and rolls out to its connected devices.
+    Deploy {
+        /// Device group.
+        #[arg(long)]
+        group: String,
+        /// The code blob.
+        file: PathBuf,
+        /// Admin address of the server.
+        #[arg(long, default_value = "127.0.0.1:7402")]
+        admin: String,
+    },
+    /// Code rollout.
+    Rollout {
+        #[command(subcommand)]
+        command: RolloutCommand,
+    },
     /// Print a running server's counters as a table (from its admin port).
     Stats {
+        /// Admin address of the server.
+        #[arg(long, default_value = "127.0.0.1:7402")]
+        admin: String,
+        /// Print the raw JSON instead.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum RolloutCommand {
+    /// Per group: version, and connected devices current / pending / in flight / failed.
+    Status {
         /// Admin address of the server.
         #[arg(long, default_value = "127.0.0.1:7402")]
         admin: String,
@@ -80,6 +110,12 @@ struct ServeArgs {
     /// Seconds a graceful shutdown may take.
     #[arg(long, default_value_t = 5)]
     shutdown_grace_s: u64,
+    /// Most concurrent code transfers per shard; further devices wait in line (FIFO).
+    #[arg(long, default_value_t = 64)]
+    max_transfers: usize,
+    /// Largest code blob a deploy may store, in bytes.
+    #[arg(long, default_value_t = tether_core::codestore::DEFAULT_MAX_CODE_SIZE)]
+    max_code_size: u64,
 }
 
 #[derive(Subcommand)]
@@ -118,6 +154,8 @@ fn main() -> ExitCode {
             tls_state: a.tls_state,
             cert: a.cert.zip(a.key),
             shutdown_grace: Duration::from_secs(a.shutdown_grace_s),
+            max_transfers: a.max_transfers,
+            max_code_size: a.max_code_size,
         })
         .map_err(|e| e.to_string()),
         Command::Devices {
@@ -135,6 +173,27 @@ fn main() -> ExitCode {
                     .map_err(|e| e.to_string())
             })
             .map(|path| eprintln!("tether: {count} devices written to {}", path.display())),
+        Command::Deploy { group, .. } if !tether_core::registry::valid_group_name(&group) => Err(
+            format!("bad group name {group:?}: use 1 to 32 of A-Z a-z 0-9 _ -"),
+        ),
+        Command::Deploy { group, file, admin } => std::fs::read(&file)
+            .map_err(|e| format!("cannot read {}: {e}", file.display()))
+            .and_then(|blob| {
+                tether_core::deploy::deploy(admin.as_str(), &group, &blob)
+                    .map_err(|e| e.to_string())
+            })
+            .map(|r| println!("{}", r.summary())),
+        Command::Rollout {
+            command: RolloutCommand::Status { admin, json },
+        } => tether_core::deploy::fetch_rollout(admin.as_str())
+            .map_err(|e| e.to_string())
+            .map(|s| {
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
+                } else {
+                    print!("{}", s.table());
+                }
+            }),
         Command::Stats { admin, json } => tether_core::admin::fetch_stats(admin.as_str())
             .map_err(|e| e.to_string())
             .map(|s| {

@@ -159,6 +159,22 @@ counters! {
     agent_overflow: Counter,
     /// Agents attached now.
     agents_attached: Gauge,
+    /// Code transfers sending now.
+    code_transfers_active: Gauge,
+    /// Devices waiting for a code-transfer slot.
+    code_transfers_queued: Gauge,
+    /// Code offers sent to devices.
+    code_offers: Counter,
+    /// Code transfers started (a resume counts again).
+    code_transfers_started: Counter,
+    /// Code transfers the device verified and installed.
+    code_transfers_completed: Counter,
+    /// Code transfers the device reported failed (digest mismatch or refused).
+    code_transfers_failed: Counter,
+    /// Code bytes sent in chunks.
+    code_bytes_out: Counter,
+    /// Code-transfer messages that made no sense (ack of unsent bytes, request past the end).
+    code_protocol_errors: Counter,
 }
 
 impl ShardMetrics {

@@ -11,9 +11,12 @@ use glommio::channels::channel_mesh::MeshBuilder;
 use glommio::{LocalExecutorBuilder, Placement};
 use tether_protocol::server::ServerConfig;
 
-use crate::admin::{AdminResponse, metrics_routes, serve_admin};
+use crate::admin::{AdminOptions, AdminResponse, metrics_routes, serve_admin_with};
+use crate::codestore::{CodeStore, Deployed};
+use crate::deploy::{DeployRequest, RolloutStatus, code_routes, group_sizes, spawn_deployer};
 use crate::metrics::{MetricsSnapshot, ShardMetrics};
 use crate::registry::{AgentToken, FILE_NAME, Registry};
+use crate::shard::GroupRollout;
 use crate::shard::run_shard;
 use crate::tls::{DevPki, TlsOptions, server_config};
 
@@ -53,6 +56,10 @@ pub struct ServeOptions {
     pub cert: Option<(PathBuf, PathBuf)>,
     /// How long a graceful shutdown may take.
     pub shutdown_grace: Duration,
+    /// Most concurrent code transfers per shard; more devices wait in line.
+    pub max_transfers: usize,
+    /// Largest code blob a deploy may store.
+    pub max_code_size: u64,
 }
 
 impl Default for ServeOptions {
@@ -70,12 +77,14 @@ impl Default for ServeOptions {
             tls_state: TlsState::Buffered,
             cert: None,
             shutdown_grace: Duration::from_secs(5),
+            max_transfers: 64,
+            max_code_size: crate::codestore::DEFAULT_MAX_CODE_SIZE,
         }
     }
 }
 
 /// Read-only state every shard shares (no locks: nothing in it changes after start, except
-/// the shutdown flag).
+/// the shutdown flag). Code deployed at run time reaches shards as messages, not through here.
 pub(crate) struct ServerCtx {
     pub tls: Arc<rustls::ServerConfig>,
     pub session: ServerConfig,
@@ -88,6 +97,11 @@ pub(crate) struct ServerCtx {
     pub accept_rate_per_shard: u32,
     pub shutdown: AtomicBool,
     pub shutdown_grace: Duration,
+    pub max_transfers_per_shard: usize,
+    /// Each group's current code at start.
+    pub code_at_start: Vec<Deployed>,
+    /// Where deploys go (the agent link submits them here).
+    pub deployer: crossbeam::channel::Sender<DeployRequest>,
 }
 
 /// What the main thread holds of each shard.
@@ -96,6 +110,8 @@ pub(crate) struct ShardHandle {
     /// Told when the shard's shutdown is complete (or its run failed).
     pub done: std::sync::mpsc::Sender<Result<(), String>>,
     pub stats: crossbeam::channel::Receiver<crossbeam::channel::Sender<ShardMetrics>>,
+    pub rollout: crossbeam::channel::Receiver<crossbeam::channel::Sender<Vec<GroupRollout>>>,
+    pub deploys: crossbeam::channel::Receiver<Deployed>,
 }
 
 /// A start-up failure, said plainly.
@@ -117,6 +133,8 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
             "--tls-state detached is not built yet; use --tls-state buffered (the default)".into(),
         ));
     }
+    // Before any thread starts (the deployer's too), so only the signal thread takes them.
+    block_signals();
     std::fs::create_dir_all(&opts.data_dir).map_err(setup("cannot create the data directory"))?;
     let (cert, key) = match &opts.cert {
         Some((c, k)) => (c.clone(), k.clone()),
@@ -144,6 +162,8 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     .map_err(setup("TLS"))?;
     let registry = load_registry(&opts.data_dir)?;
     let agent_token = AgentToken::ensure(&opts.data_dir).map_err(setup("agent token"))?;
+    let store = CodeStore::open(&opts.data_dir, opts.max_code_size).map_err(setup("code store"))?;
+    let code_at_start = load_code(&store);
 
     let (soft, _hard) = crate::limits::raise_nofile().map_err(setup("open-file limit"))?;
     crate::limits::check_capacity(
@@ -158,6 +178,12 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         opts.shards
     };
     let heartbeat = opts.heartbeat.max(Duration::from_secs(1));
+    // Deploys reach each shard over its own bounded channel, read in its timer tick.
+    let (deploy_txs, deploy_rxs): (Vec<_>, Vec<_>) = (0..nshards)
+        .map(|_| crossbeam::channel::bounded(16))
+        .unzip();
+    let deployer = spawn_deployer(store, group_sizes(&registry), deploy_txs)
+        .map_err(setup("deployer thread"))?;
     let ctx = Arc::new(ServerCtx {
         tls,
         session: ServerConfig {
@@ -174,9 +200,11 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         accept_rate_per_shard: opts.accept_rate.div_ceil(nshards as u32),
         shutdown: AtomicBool::new(false),
         shutdown_grace: opts.shutdown_grace,
+        max_transfers_per_shard: opts.max_transfers.max(1),
+        code_at_start,
+        deployer: deployer.clone(),
     });
 
-    block_signals();
     {
         let ctx = ctx.clone();
         std::thread::Builder::new()
@@ -204,15 +232,20 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let (done_tx, done_rx) = std::sync::mpsc::channel();
     let mut stats_txs = Vec::new();
+    let mut rollout_txs = Vec::new();
     let mut executors = Vec::new();
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    for id in 0..nshards {
+    for (id, deploys) in deploy_rxs.into_iter().enumerate() {
         let (stats_tx, stats_rx) = crossbeam::channel::bounded(4);
         stats_txs.push(stats_tx);
+        let (rollout_tx, rollout_rx) = crossbeam::channel::bounded(4);
+        rollout_txs.push(rollout_tx);
         let handle = ShardHandle {
             ready: ready_tx.clone(),
             done: done_tx.clone(),
             stats: stats_rx,
+            rollout: rollout_rx,
+            deploys,
         };
         let ctx = ctx.clone();
         let mesh = mesh.clone();
@@ -241,8 +274,16 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         }
     }
 
-    serve_admin(admin, move |req| {
-        metrics_routes(req, || collect(&stats_txs)).unwrap_or_else(|| AdminResponse::not_found(req))
+    let admin_opts = AdminOptions {
+        max_body: AdminOptions::default()
+            .max_body
+            .max(opts.max_code_size as usize + 1),
+        ..AdminOptions::default()
+    };
+    serve_admin_with(admin, admin_opts, move |req| {
+        metrics_routes(req, || collect(&stats_txs))
+            .or_else(|| code_routes(req, &deployer, || collect_rollout(&rollout_txs)))
+            .unwrap_or_else(|| AdminResponse::not_found(req))
     })
     .map_err(setup("admin endpoint"))?;
 
@@ -283,6 +324,43 @@ fn load_registry(data_dir: &Path) -> Result<Registry, ServeError> {
         return Ok(Registry::default());
     }
     Registry::load(&path).map_err(setup("device registry"))
+}
+
+/// Each group's current code from the store. A damaged or missing blob is reported and that
+/// group serves no code (its devices keep what they run) rather than stopping the server.
+fn load_code(store: &CodeStore) -> Vec<Deployed> {
+    let mut out = Vec::new();
+    for (group, _) in store.groups() {
+        match store.load(group) {
+            Ok(Some(d)) => {
+                eprintln!(
+                    "tether: code for group {group}: v{} ({} bytes)",
+                    d.version.0,
+                    d.blob.len()
+                );
+                out.push(d);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                eprintln!("tether: warning: {e}; group {group} gets no code until the next deploy")
+            }
+        }
+    }
+    out
+}
+
+/// Asks every shard for its rollout state (answered within one timer tick).
+fn collect_rollout(
+    txs: &[crossbeam::channel::Sender<crossbeam::channel::Sender<Vec<GroupRollout>>>],
+) -> RolloutStatus {
+    let answers = txs.iter().map(|tx| {
+        let (reply_tx, reply_rx) = crossbeam::channel::bounded(1);
+        tx.send(reply_tx)
+            .ok()
+            .and_then(|_| reply_rx.recv_timeout(Duration::from_secs(2)).ok())
+            .unwrap_or_default()
+    });
+    RolloutStatus::merge(answers.collect::<Vec<_>>())
 }
 
 /// Asks every shard for its counters (answered within one timer tick).

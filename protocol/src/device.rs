@@ -184,6 +184,16 @@ impl DeviceSession {
         self.state == State::Disconnected
     }
 
+    /// The code version the next `Hello` names.
+    pub fn code_version(&self) -> CodeVersion {
+        self.config.code_version
+    }
+
+    /// Sets the code version the next `Hello` names (after installing new code).
+    pub fn set_code_version(&mut self, version: CodeVersion) {
+        self.config.code_version = version;
+    }
+
     /// Messages sent and not yet acknowledged.
     pub fn unacked(&self) -> usize {
         self.stream.unacked()

@@ -9,10 +9,13 @@
 //! - [`message`]: every message of the device link and the agent link.
 //! - [`auth`]: device keys and the per-connection proof.
 //! - [`server`] and [`device`]: the two ends of a device session as state machines.
+//! - [`code`]: code transfer: the server's chunked, flow-controlled sender and the device's
+//!   resuming, digest-verifying receiver.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod auth;
+pub mod code;
 pub mod codec;
 pub mod device;
 pub mod error;

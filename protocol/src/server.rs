@@ -221,6 +221,14 @@ impl ServerSession {
         }
     }
 
+    /// The code version named by the `Hello` that waits for [`authenticate`](Self::authenticate).
+    pub fn pending_code_version(&self) -> Option<CodeVersion> {
+        match &self.state {
+            State::Authenticating { hello, .. } => Some(hello.code_version),
+            _ => None,
+        }
+    }
+
     /// Whether the session waits for [`authenticate`](Self::authenticate).
     pub fn awaiting_auth(&self) -> bool {
         matches!(self.state, State::Authenticating { .. })

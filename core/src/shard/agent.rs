@@ -5,7 +5,7 @@
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::task::{Poll, Waker};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
@@ -16,6 +16,8 @@ use tether_protocol::{CodeVersion, Digest, Message, PROTOCOL_VERSION};
 
 use super::mesh::{AgentId, ShardMsg, home_shard};
 use super::{Shard, now_ms, wake};
+use crate::deploy::{DEPLOY_TIMEOUT, DeployReport, DeployRequest};
+use crate::fsutil::from_hex;
 use crate::metrics::ErrorKind;
 
 /// Most bytes queued towards one agent; past it, frames are dropped (and counted). Dropped
@@ -193,6 +195,10 @@ pub(crate) async fn serve_agent(shard: Rc<RefCell<Shard>>, mut stream: TcpStream
     .detach();
     loop {
         match read_frame(&mut stream, &mut dec, &mut buf).await {
+            Ok(Some(Message::Deploy { group, blob })) => {
+                shard.borrow_mut().metrics.msgs_in += 1;
+                agent_deploy(&shard, out.clone(), group, blob);
+            }
             Ok(Some(m)) => {
                 let mut s = shard.borrow_mut();
                 s.metrics.msgs_in += 1;
@@ -218,6 +224,65 @@ pub(crate) async fn serve_agent(shard: Rc<RefCell<Shard>>, mut stream: TcpStream
     s.local_agents.remove(&agent);
     s.metrics.agents_attached -= 1;
     s.broadcast(|| ShardMsg::AgentDown { agent });
+}
+
+/// Submits an agent's `Deploy` to the deployer thread and answers `DeployResult` when it is
+/// done, without holding up the agent's other frames (a deploy is a few fsyncs away).
+fn agent_deploy(shard: &Rc<RefCell<Shard>>, out: Rc<AgentOut>, group: Bytes, blob: Bytes) {
+    let deployer = shard.borrow().ctx.deployer.clone();
+    glommio::spawn_local(async move {
+        let result = match std::str::from_utf8(&group) {
+            Ok(g) => submit_deploy(&deployer, g.to_owned(), blob).await,
+            Err(_) => Err("group name is not UTF-8".to_owned()),
+        };
+        let reply = match result {
+            Ok(report) => Message::DeployResult {
+                group,
+                version: CodeVersion(report.version),
+                digest: from_hex::<32>(report.digest.as_bytes())
+                    .map(Digest)
+                    .unwrap_or_default(),
+                message: Bytes::from(report.summary()),
+            },
+            Err(e) => Message::DeployResult {
+                group,
+                version: CodeVersion(0),
+                digest: Digest::default(),
+                message: Bytes::from(e),
+            },
+        };
+        out.push(&reply);
+    })
+    .detach();
+}
+
+async fn submit_deploy(
+    deployer: &crossbeam::channel::Sender<DeployRequest>,
+    group: String,
+    blob: Bytes,
+) -> Result<DeployReport, String> {
+    let (reply, answer) = crossbeam::channel::bounded(1);
+    deployer
+        .try_send(DeployRequest { group, blob, reply })
+        .map_err(|_| "the deployer is busy; try again".to_owned())?;
+    let start = Instant::now();
+    loop {
+        match answer.try_recv() {
+            Ok(r) => return r.map_err(|e| e.to_string()),
+            Err(crossbeam::channel::TryRecvError::Disconnected) => {
+                return Err("the deployer stopped".to_owned());
+            }
+            Err(crossbeam::channel::TryRecvError::Empty) if start.elapsed() > DEPLOY_TIMEOUT => {
+                return Err(format!(
+                    "the deployer did not answer within {DEPLOY_TIMEOUT:?}"
+                ));
+            }
+            // Off the data path and rare: polling beats wiring a waker across threads.
+            Err(crossbeam::channel::TryRecvError::Empty) => {
+                glommio::timer::sleep(Duration::from_millis(5)).await
+            }
+        }
+    }
 }
 
 /// A second handle on the same socket, so reading and writing can run in two tasks.
@@ -270,12 +335,6 @@ impl Shard {
                 None
             }
             Message::Ping { id } => Some(Message::Pong { id }),
-            Message::Deploy { group, .. } => Some(Message::DeployResult {
-                group,
-                version: CodeVersion(0),
-                digest: Digest::default(),
-                message: Bytes::from_static(b"code distribution is not implemented yet"),
-            }),
             other => Some(Message::Error {
                 code: ErrorCode::ProtocolViolation,
                 message: Bytes::from(format!("{} is not an agent-to-server message", other.ty())),

@@ -127,12 +127,33 @@ impl Conn {
     /// Moves the session's output through TLS to the socket. `scratch` is a shard buffer.
     pub fn write_step(&mut self, scratch: &mut BytesMut, m: &mut ShardMetrics) -> IoOutcome {
         scratch.clear();
-        if self.session.poll_transmit(scratch) && self.tls.writer().write_all(scratch).is_err() {
-            return IoOutcome::Dead(Some(ErrorKind::Tls));
-        }
-        while self.tls.wants_write() {
-            if self.tls.write_tls(&mut self.out).is_err() {
-                return IoOutcome::Dead(Some(ErrorKind::Tls));
+        let _ = self.session.poll_transmit(scratch);
+        // rustls buffers at most 64 KiB of unsent data (its buffer limit) and accepts less
+        // plaintext once that is reached, so move its records into `out` as we go: a burst
+        // (code chunks, messages resent after a resume) may exceed the limit.
+        let mut rest = &scratch[..];
+        loop {
+            let n = if rest.is_empty() {
+                0
+            } else {
+                match self.tls.writer().write(rest) {
+                    Ok(n) => n,
+                    Err(_) => return IoOutcome::Dead(Some(ErrorKind::Tls)),
+                }
+            };
+            rest = &rest[n..];
+            let mut moved = false;
+            while self.tls.wants_write() {
+                if self.tls.write_tls(&mut self.out).is_err() {
+                    return IoOutcome::Dead(Some(ErrorKind::Tls));
+                }
+                moved = true;
+            }
+            if rest.is_empty() {
+                break;
+            }
+            if n == 0 && !moved {
+                return IoOutcome::Dead(Some(ErrorKind::Tls)); // rustls takes nothing more
             }
         }
         self.flush(m)

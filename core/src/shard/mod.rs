@@ -10,6 +10,7 @@ mod agent;
 mod conn;
 pub mod mesh;
 mod ring;
+mod rollout;
 mod run;
 mod wake;
 
@@ -36,6 +37,7 @@ use conn::{Conn, IoOutcome};
 use mesh::{AgentId, Moved, ShardMsg, agent_shard, home_shard};
 use ring::{Completion, Kind, Ring, ring_generation};
 
+pub use rollout::GroupRollout;
 pub(crate) use run::run_shard;
 
 /// In debug builds, a device message on this topic panics its connection's handler (tests).
@@ -55,6 +57,8 @@ pub(crate) struct Shard {
     devices: HashMap<DeviceId, usize>,
     wheel: TimerWheel<(usize, u32)>,
     metrics: ShardMetrics,
+    /// Which connected devices need new code, and their transfers.
+    rollout: rollout::Rollout,
     /// Every attached agent in the process, in attach order.
     agents: Vec<AgentId>,
     /// Agents attached on this shard.
@@ -96,6 +100,7 @@ impl Shard {
         listener: OwnedFd,
     ) -> Self {
         let bucket = run::TokenBucket::new(ctx.accept_rate_per_shard);
+        let rollout = Shard::new_rollout(&ctx);
         Shard {
             id,
             nshards,
@@ -104,6 +109,7 @@ impl Shard {
             devices: HashMap::new(),
             wheel: TimerWheel::new(Instant::now()),
             metrics: ShardMetrics::default(),
+            rollout,
             agents: Vec::new(),
             local_agents: HashMap::new(),
             next_agent: 0,
@@ -459,9 +465,7 @@ impl Shard {
                     self.send_result(agent, tag, SendStatus::Delivered);
                 }
             }
-            ServerEvent::Code(_) => {
-                // Code distribution is not built yet; devices that ask get nothing.
-            }
+            ServerEvent::Code(e) => self.on_code(idx, e),
             ServerEvent::Closed(reason) => {
                 self.count_close(&reason);
                 let conn = &mut self.conns[idx];
@@ -539,6 +543,7 @@ impl Shard {
                 c.registered = false;
                 self.devices.remove(&device);
                 self.metrics.sessions_replaced += 1;
+                self.code_disconnected(device);
                 wake::notify(old);
             }
         }
@@ -559,6 +564,7 @@ impl Shard {
         let session = SessionId(self.next_session);
         let conn = &mut self.conns[idx];
         let key = entry.map(|e| &e.key);
+        let running = conn.session.pending_code_version().unwrap_or_default();
         if conn
             .session
             .authenticate(now, key, session, now_ms(), carried)
@@ -567,6 +573,7 @@ impl Shard {
             conn.registered = true;
             self.devices.insert(device, idx);
             self.presence(device, true);
+            self.code_connected(idx, device, running);
         }
     }
 
@@ -582,6 +589,7 @@ impl Shard {
         if let Some(device) = device {
             if self.devices.get(&device) == Some(&idx) {
                 self.devices.remove(&device);
+                self.code_disconnected(device);
             }
             self.presence(device, false);
         }

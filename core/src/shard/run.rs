@@ -113,6 +113,8 @@ async fn serve_shard(
 
     // The timer task: expire deadlines, answer stats requests, watch for shutdown.
     let stats = handle.stats.clone();
+    let deploys = handle.deploys.clone();
+    let rollout = handle.rollout.clone();
     let timer = glommio::spawn_local({
         let shard = shard.clone();
         let ctx = ctx.clone();
@@ -125,8 +127,17 @@ async fn serve_shard(
                 let now = Instant::now();
                 let mut s = shard.borrow_mut();
                 s.tick(now, &mut expired);
+                while let Ok(d) = deploys.try_recv() {
+                    s.on_deployed(&d);
+                }
+                if !stats.is_empty() {
+                    s.fill_code_metrics();
+                }
                 while let Ok(reply) = stats.try_recv() {
                     let _ = reply.send(s.metrics.clone());
+                }
+                while let Ok(reply) = rollout.try_recv() {
+                    let _ = reply.send(s.rollout_status());
                 }
                 if shutdown_at.is_none() && ctx.shutdown.load(Ordering::Relaxed) {
                     // Stop accepting, say goodbye to everyone, then wait for the flush.

@@ -12,9 +12,10 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use tether_core::registry::Registry;
 use tether_core::tls::{ClientTlsOptions, client_config};
+use tether_protocol::code::{CodeReceiver, CodeUpdate, ReceiverConfig};
 use tether_protocol::codec::{DEFAULT_AGENT_MAX_FRAME, FrameDecoder};
 use tether_protocol::device::{DeviceConfig, DeviceEvent, DeviceSession};
-use tether_protocol::{DeviceId, Message, PROTOCOL_VERSION};
+use tether_protocol::{CodeVersion, DeviceId, Message, PROTOCOL_VERSION};
 
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -37,6 +38,12 @@ pub struct Server {
 impl Server {
     /// Starts `tether serve` with `count` provisioned devices and extra flags.
     pub fn start(count: u64, extra: &[&str]) -> Server {
+        Self::start_with_groups(count, "default", extra)
+    }
+
+    /// Starts `tether serve` with `count` devices spread round-robin over `groups`
+    /// (comma-separated).
+    pub fn start_with_groups(count: u64, groups: &str, extra: &[&str]) -> Server {
         let dir = std::env::temp_dir().join(format!(
             "tether-test-{}-{}",
             std::process::id(),
@@ -44,13 +51,14 @@ impl Server {
         ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let bin = env!("CARGO_BIN_EXE_tether");
-        let st = Command::new(bin)
+        let st = Command::new(env!("CARGO_BIN_EXE_tether"))
             .args([
                 "devices",
                 "gen",
                 "--count",
                 &count.to_string(),
+                "--groups",
+                groups,
                 "--data-dir",
             ])
             .arg(&dir)
@@ -58,6 +66,24 @@ impl Server {
             .status()
             .unwrap();
         assert!(st.success());
+        Self::spawn(dir, extra)
+    }
+
+    /// Stops this server (SIGTERM, then kill) and starts another on the same data directory
+    /// with new ports.
+    pub fn restart(mut self, extra: &[&str]) -> Server {
+        if self.terminate(Duration::from_secs(5)).is_none() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+        let dir = std::mem::take(&mut self.dir);
+        // `self` is dropped without removing the directory (its path is now empty).
+        drop(self);
+        Self::spawn(dir, extra)
+    }
+
+    fn spawn(dir: PathBuf, extra: &[&str]) -> Server {
+        let bin = env!("CARGO_BIN_EXE_tether");
         let devices: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let agents: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
@@ -113,6 +139,27 @@ impl Server {
         Device::connect(self, DeviceConfig::new(DeviceId(id), key))
     }
 
+    /// A device running `code_version`.
+    pub fn device_at(&self, id: u64, code_version: CodeVersion) -> Device {
+        let key = self
+            .registry
+            .get(DeviceId(id))
+            .expect("provisioned")
+            .key
+            .clone();
+        let mut cfg = DeviceConfig::new(DeviceId(id), key);
+        cfg.code_version = code_version;
+        Device::connect(self, cfg)
+    }
+
+    pub fn rollout(&self) -> tether_core::deploy::RolloutStatus {
+        tether_core::deploy::fetch_rollout(self.admin).unwrap()
+    }
+
+    pub fn deploy(&self, group: &str, blob: &[u8]) -> tether_core::deploy::DeployReport {
+        tether_core::deploy::deploy(self.admin, group, blob).unwrap()
+    }
+
     pub fn stats(&self) -> tether_core::metrics::MetricsSnapshot {
         tether_core::admin::fetch_stats(self.admin).unwrap()
     }
@@ -141,35 +188,107 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if !self.dir.as_os_str().is_empty() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 
-/// A blocking device: TLS over a std socket, driven by the protocol crate's `DeviceSession`.
+/// A blocking device: TLS over a std socket, driven by the protocol crate's `DeviceSession`,
+/// with a `CodeReceiver` that takes any code the server offers.
 pub struct Device {
     pub tls: rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
     pub session: DeviceSession,
     pub events: Vec<DeviceEvent>,
     pub closed: bool,
+    pub code: CodeReceiver,
+    pub code_updates: Vec<CodeUpdate>,
+    /// Offsets of the code chunks received, in order.
+    pub chunk_offsets: Vec<u64>,
+    /// Flip a byte in the chunk with this index (counted from 0 over the device's life).
+    pub corrupt_chunk: Option<usize>,
+    chunks_seen: usize,
+}
+
+fn open_tls(server: &Server) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+    let sock = TcpStream::connect(server.devices).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    let conn =
+        rustls::ClientConnection::new(server.tls.clone(), "localhost".try_into().unwrap()).unwrap();
+    rustls::StreamOwned::new(conn, sock)
 }
 
 impl Device {
     pub fn connect(server: &Server, cfg: DeviceConfig) -> Device {
-        let sock = TcpStream::connect(server.devices).unwrap();
-        sock.set_read_timeout(Some(Duration::from_millis(50)))
-            .unwrap();
-        let conn =
-            rustls::ClientConnection::new(server.tls.clone(), "localhost".try_into().unwrap())
-                .unwrap();
         let now = Instant::now();
+        let code = CodeReceiver::new(cfg.code_version, ReceiverConfig::default());
         let mut session = DeviceSession::new(cfg, now);
         session.connect(now);
         Device {
-            tls: rustls::StreamOwned::new(conn, sock),
+            tls: open_tls(server),
             session,
             events: vec![],
             closed: false,
+            code,
+            code_updates: vec![],
+            chunk_offsets: vec![],
+            corrupt_chunk: None,
+            chunks_seen: 0,
         }
+    }
+
+    /// Drops the connection (no goodbye) and connects again, keeping the session and the
+    /// code receiver (so a transfer resumes).
+    pub fn reconnect(&mut self, server: &Server) {
+        let _ = self.tls.sock.shutdown(std::net::Shutdown::Both);
+        self.session
+            .connection_lost(tether_protocol::CloseReason::Local(
+                tether_protocol::message::GoodbyeReason::Normal,
+            ));
+        self.tls = open_tls(server);
+        self.session.connect(Instant::now());
+        self.closed = false;
+        self.events.clear();
+    }
+
+    /// Feeds one session event to the code receiver (corrupting a chunk if asked).
+    fn code_event(&mut self, e: &DeviceEvent) {
+        let now = Instant::now();
+        if let DeviceEvent::CodeChunk {
+            version,
+            offset,
+            data,
+        } = e
+        {
+            self.chunk_offsets.push(*offset);
+            let n = self.chunks_seen;
+            self.chunks_seen += 1;
+            if self.corrupt_chunk == Some(n) {
+                let mut bad = data.to_vec();
+                bad[0] ^= 0xff;
+                self.code
+                    .handle_chunk(now, *version, *offset, Bytes::from(bad));
+                return;
+            }
+        }
+        self.code.handle_device_event(now, e);
+    }
+
+    pub fn installed(&self) -> Option<CodeVersion> {
+        self.code_updates.iter().rev().find_map(|u| match u {
+            CodeUpdate::Installed { version, .. } => Some(*version),
+            _ => None,
+        })
+    }
+
+    /// Pumps until the device runs `v`.
+    pub fn until_running(&mut self, v: CodeVersion, d: Duration) -> bool {
+        let end = Instant::now() + d;
+        while Instant::now() < end && self.code.running() < v && !self.closed {
+            self.pump_until(Duration::from_millis(20), |_| false);
+        }
+        self.code.running() >= v
     }
 
     /// Writes raw plaintext bytes (to inject bad frames).
@@ -197,7 +316,19 @@ impl Device {
                 let _ = self.tls.flush();
             }
             while let Some(e) = self.session.poll_event() {
+                self.code_event(&e);
                 self.events.push(e);
+            }
+            let _ = self.code.flush_into(&mut self.session);
+            while let Some(u) = self.code.poll_event() {
+                self.code_updates.push(u);
+            }
+            let mut out = BytesMut::new();
+            if self.session.poll_transmit(&mut out) {
+                if self.tls.write_all(&out).is_err() {
+                    self.closed = true;
+                }
+                let _ = self.tls.flush();
             }
             if until(&self.events) {
                 return true;
