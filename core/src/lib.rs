@@ -10,9 +10,11 @@
 //! Building blocks so far: [`tls`] (dev PKI and rustls configs), [`registry`] (devices, server
 //! secret, agent token), [`timer`] (per-shard timing wheel), [`metrics`] (per-shard counters
 //! and their Prometheus/JSON views), [`admin`] (HTTP admin endpoint and `tether stats` client),
-//! [`limits`] (open-file limit), [`fsutil`] (atomic writes and secrets in the data directory).
+//! [`limits`] (open-file limit), [`detached`] (lean,
+//! movable TLS record state after a rustls handshake), [`fsutil`] (atomic writes and secrets in the data directory).
 
 pub mod admin;
+pub mod detached;
 pub mod fsutil;
 pub mod limits;
 pub mod metrics;
