@@ -190,6 +190,13 @@ impl DetachedTls {
         self.kernel.is_some()
     }
 
+    /// Drops rustls' key schedule (`KernelConnection`, ≈ 0.8 KB of heap): the state then
+    /// behaves like one restored from bytes — a peer KeyUpdate, or reaching the rekey limit,
+    /// ends the connection with [`DetachedError::NoKeySchedule`].
+    pub fn forget_key_schedule(&mut self) {
+        self.kernel = None;
+    }
+
     /// True once the peer's close_notify was read.
     pub fn peer_closed(&self) -> bool {
         self.flags.peer_closed

@@ -8,7 +8,10 @@ use std::sync::Arc;
 
 use rustls::crypto::{CryptoProvider, aws_lc_rs};
 use rustls::pki_types::ServerName;
-use rustls::{ClientConfig, ClientConnection, HandshakeKind, ServerConfig, SupportedCipherSuite};
+use rustls::{
+    ClientConfig, ClientConnection, HandshakeKind, ServerConfig, ServerConnection,
+    SupportedCipherSuite,
+};
 use tether_core::detached::{DetachedTls, Handshake};
 use tether_core::tls::{self, ClientTlsOptions, DevPki, TlsOptions};
 
@@ -79,9 +82,11 @@ pub struct Pair {
     pub kind: HandshakeKind,
 }
 
-/// Runs a handshake with `CHALLENGE` as half-RTT data, detaches, and checks the client
-/// reads the challenge.
-pub fn connect(client: &Arc<ClientConfig>, server: &Arc<ServerConfig>) -> Pair {
+/// Runs a handshake with `CHALLENGE` as half-RTT data up to completion, not detached.
+pub fn handshake(
+    client: &Arc<ClientConfig>,
+    server: &Arc<ServerConfig>,
+) -> (ClientConnection, Handshake, Vec<u8>) {
     let name = ServerName::try_from("localhost").unwrap();
     let mut c = ClientConnection::new(client.clone(), name).unwrap();
     let mut hs = Handshake::new(server.clone()).unwrap();
@@ -104,8 +109,15 @@ pub fn connect(client: &Arc<ClientConfig>, server: &Arc<ServerConfig>) -> Pair {
     }
     assert!(hs.is_complete(), "handshake did not complete in 20 rounds");
     assert!(received.is_empty());
-    let kind = hs.handshake_kind().unwrap();
     assert_eq!(hs.alpn_protocol(), Some(tls::ALPN));
+    (c, hs, to_server)
+}
+
+/// [`handshake`], then detach, and check the client reads the challenge.
+pub fn connect(client: &Arc<ClientConfig>, server: &Arc<ServerConfig>) -> Pair {
+    let (mut c, hs, to_server) = handshake(client, server);
+    let kind = hs.handshake_kind().unwrap();
+    let mut to_client = Vec::new();
     let server = hs.detach(&mut to_client).unwrap();
     deliver(&mut c, &mut to_client);
     assert!(!c.is_handshaking());
@@ -118,6 +130,41 @@ pub fn connect(client: &Arc<ClientConfig>, server: &Arc<ServerConfig>) -> Pair {
         to_server,
         kind,
     }
+}
+
+/// The same with rustls' buffered `ServerConnection`, for comparison.
+pub fn connect_buffered(
+    client: &Arc<ClientConfig>,
+    server: &Arc<ServerConfig>,
+) -> (ClientConnection, ServerConnection) {
+    let name = ServerName::try_from("localhost").unwrap();
+    let mut c = ClientConnection::new(client.clone(), name).unwrap();
+    let mut s = ServerConnection::new(server.clone()).unwrap();
+    s.writer().write_all(CHALLENGE).unwrap();
+    for _ in 0..20 {
+        let mut wire = Vec::new();
+        while c.wants_write() {
+            c.write_tls(&mut wire).unwrap();
+        }
+        let mut rd = &wire[..];
+        while !rd.is_empty() {
+            s.read_tls(&mut rd).unwrap();
+            s.process_new_packets().unwrap();
+        }
+        wire.clear();
+        while s.wants_write() {
+            s.write_tls(&mut wire).unwrap();
+        }
+        deliver(&mut c, &mut wire);
+        if !s.is_handshaking() && !c.is_handshaking() && !s.wants_write() {
+            break;
+        }
+    }
+    assert!(!s.is_handshaking());
+    let mut got = vec![0; CHALLENGE.len()];
+    c.reader().read_exact(&mut got).unwrap();
+    assert_eq!(got, CHALLENGE);
+    (c, s)
 }
 
 /// Hands `bytes` to the client and processes them.
