@@ -284,3 +284,31 @@ impl WriterWrite for rustls::ClientConnection {
         self.writer().write_all(b).unwrap();
     }
 }
+
+#[test]
+fn handshake_error_hands_out_rustls_alert() {
+    let dir = Dir::new("det-hs-err");
+    let (server, _, _) = configs(&dir.0, None);
+    let mut hs = tether_core::detached::Handshake::new(server).unwrap();
+    // A ClientHello of zero bytes.
+    let mut garbage = vec![22, 3, 1, 0, 4, 1, 0, 0, 0];
+    let mut out = Vec::new();
+    let err = hs
+        .feed(&mut garbage, &mut out, &mut Vec::new())
+        .unwrap_err();
+    assert!(
+        matches!(err, tether_core::detached::HandshakeError::Tls(_)),
+        "{err}"
+    );
+    assert_eq!(out.first(), Some(&21), "a plaintext alert record: {out:?}");
+}
+
+#[test]
+fn config_without_secret_extraction_is_refused() {
+    let dir = Dir::new("det-no-extract");
+    let pki = tether_core::tls::DevPki::ensure(&dir.0).unwrap();
+    let opts = tether_core::tls::TlsOptions::default();
+    let server = tether_core::tls::server_config(&pki.server_cert, &pki.server_key, &opts).unwrap();
+    let err = tether_core::detached::Handshake::new(server).unwrap_err();
+    assert!(err.to_string().contains("secret extraction"), "{err}");
+}

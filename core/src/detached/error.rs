@@ -82,8 +82,7 @@ pub enum HandshakeError {
         "the server config does not allow secret extraction (set TlsOptions::secret_extraction)"
     )]
     SecretExtractionOff,
-    /// rustls rejected the handshake (its error says why, and rustls has queued no alert
-    /// for us to send: the connection is simply closed).
+    /// rustls rejected the handshake; its alert, if any, is at the end of `out`.
     #[error("TLS handshake failed: {0}")]
     Tls(#[from] rustls::Error),
     /// The client sent 0-RTT data, which this server never accepts.

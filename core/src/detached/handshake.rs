@@ -72,6 +72,8 @@ impl Handshake {
     /// Processes `incoming` (all bytes received and not yet consumed), appends the TLS
     /// records to send to `out` and any application data the client sent once its Finished
     /// was in (rare: it is usually read by the detached state) to `received`.
+    ///
+    /// On error, `out` ends with the alert rustls chose (if any): send it, then close.
     pub fn feed(
         &mut self,
         incoming: &mut [u8],
@@ -88,8 +90,15 @@ impl Handshake {
         loop {
             let UnbufferedStatus { discard, state } =
                 self.conn.process_tls_records(&mut incoming[consumed..]);
+            let state = match state {
+                Ok(state) => state,
+                Err(e) => {
+                    self.encode_alert(out);
+                    return Err(e.into());
+                }
+            };
             let mut extra = 0;
-            let done = match state? {
+            let done = match state {
                 ConnectionState::EncodeTlsData(mut enc) => {
                     append(out, |buf| match enc.encode(buf) {
                         Ok(n) => Ok(n),
@@ -139,6 +148,19 @@ impl Handshake {
                     complete: self.complete,
                 });
             }
+        }
+    }
+
+    /// After a handshake error rustls has queued the alert to send (handshake_failure,
+    /// decode_error, ...); it is handed out by the next call: append it to `out`.
+    fn encode_alert(&mut self, out: &mut Vec<u8>) {
+        let UnbufferedStatus { state, .. } = self.conn.process_tls_records(&mut []);
+        if let Ok(ConnectionState::EncodeTlsData(mut enc)) = state {
+            append(out, |buf| match enc.encode(buf) {
+                Ok(n) => Ok(n),
+                Err(EncodeError::InsufficientSize(e)) => Err(Grow(e)),
+                Err(EncodeError::AlreadyEncoded) => Ok(0),
+            });
         }
     }
 

@@ -13,13 +13,24 @@
 //! (`decrypt_in_place` / `encrypt` / `poll_transmit` / `close_notify`) →
 //! optionally [`DetachedTls::to_bytes`] / [`DetachedTls::from_bytes`] to hand it over.
 //!
+//! # Memory per connection (measured, AES-256-GCM; ChaCha20 within 20 B)
+//! `size_of::<DetachedTls>()` = 208 B. RSS per idle state over 10,000 real handshakes
+//! (`examples/tls_state_rss.rs`, glibc malloc, aws-lc's C contexts included): with rustls'
+//! key schedule ≈ 2.45 KB; after [`DetachedTls::forget_key_schedule`] or
+//! [`DetachedTls::from_bytes`] ≈ 1.6 KB; for comparison the finished
+//! `UnbufferedServerConnection` ≈ 3.5 KB and `ServerConnection` ≈ 7.8 KB. Of the Rust heap
+//! (`tests/tls_detached_memory.rs`): the `KernelConnection` holds ≈ 0.8 KB, the two AEAD
+//! objects ≈ 100 B; the rest (≈ 1.3 KB) is aws-lc's two `EVP_AEAD_CTX`s in C.
+//!
 //! # AES-GCM and the first sequence number (aws-lc-rs)
 //! aws-lc-rs seals AES-GCM with aws-lc's TLS 1.3 AEAD (`EVP_aead_aes_*_gcm_tls13`), which
 //! enforces strictly rising nonces: on the *first* seal it takes the nonce's low 64 bits as
 //! the IV mask (assuming sequence 0), then requires `(nonce ^ mask)` to rise. A fresh
-//! encrypter whose first record is at sequence N > 0 — after the server's session tickets
-//! (2) and the half-RTT `Challenge` (1), N = 3 — computes mask = IV ⊕ N and sees `seq ⊕ N`:
-//! 3⊕3 = 0, 4⊕3 = 7, 5⊕3 = 6 < 8 → the third record fails with `EncryptError`. Opening is
+//! encrypter whose first record is at sequence N > 0 computes mask = IV ⊕ N and sees
+//! `seq ⊕ N`, which stops rising: for N = 3, 3⊕3 = 0, 4⊕3 = 7, 5⊕3 = 6 < 8 → the third
+//! record fails with `EncryptError`. With rustls 0.23.46 the server sends the half-RTT
+//! `Challenge` and one record holding both tickets before detaching, so N = 2 and sealing
+//! fails at sequence 6 (the fifth record: 2→0, 3→1, 4→6, 5→7, 6→4). Opening is
 //! stateless, so only the sending side is affected, and ChaCha20-Poly1305 (a plain AEAD) never.
 //! The fix used here: for every suite but ChaCha20-Poly1305, [`Handshake::detach`] seals a
 //! KeyUpdate (update_not_requested) as the fresh encrypter's only record under the handshake
