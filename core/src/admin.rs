@@ -149,7 +149,26 @@ fn serve_one(
         Ok(req) => catch_unwind(AssertUnwindSafe(|| handler(&req)))
             .unwrap_or_else(|_| AdminResponse::text(500, "internal error: the handler panicked\n")),
         Err(RequestError::Io(e)) => return Err(e),
-        Err(RequestError::Reject(status, msg)) => AdminResponse::text(status, format!("{msg}\n")),
+        Err(RequestError::Reject(status, msg)) => {
+            write_response(
+                &mut stream,
+                &AdminResponse::text(status, format!("{msg}\n")),
+            )?;
+            // The client may still be sending the body we refused: read and drop a bounded
+            // amount of it, so closing does not reset the connection before the client has read
+            // our answer.
+            let _ = stream.shutdown(std::net::Shutdown::Write);
+            stream.set_read_timeout(Some(Duration::from_millis(200)))?;
+            let mut sink = [0u8; 16 * 1024];
+            let mut drained = 0;
+            while drained < 4 * 1024 * 1024 {
+                match stream.read(&mut sink) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => drained += n,
+                }
+            }
+            return Ok(());
+        }
     };
     write_response(&mut stream, &response)
 }

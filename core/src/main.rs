@@ -98,9 +98,14 @@ struct ServeArgs {
     /// Accepted connections per second for the process (0 = unlimited).
     #[arg(long, default_value_t = 0)]
     accept_rate: u32,
-    /// How TLS state is kept after the handshake.
+    /// How TLS state is kept after the handshake: `buffered` (rustls' ServerConnection) or
+    /// `detached` (traffic keys and sequence numbers only).
     #[arg(long, value_enum, default_value_t = TlsState::Buffered)]
     tls_state: TlsState,
+    /// Detached mode: keep rustls' key schedule (≈ 0.8 KB per connection) so devices may send
+    /// TLS KeyUpdate; without it a KeyUpdate closes the connection (the device resumes).
+    #[arg(long)]
+    tls_key_updates: bool,
     /// Certificate chain (PEM); with --key. Default: a dev CA and certificate in the data dir.
     #[arg(long, requires = "key")]
     cert: Option<PathBuf>,
@@ -152,6 +157,7 @@ fn main() -> ExitCode {
             max_handshakes: a.max_handshakes,
             accept_rate: a.accept_rate,
             tls_state: a.tls_state,
+            keep_key_schedule: a.tls_key_updates,
             cert: a.cert.zip(a.key),
             shutdown_grace: Duration::from_secs(a.shutdown_grace_s),
             max_transfers: a.max_transfers,

@@ -1,17 +1,17 @@
 //! One device connection in a shard's table: socket, TLS, session, and the I/O step that moves
-//! bytes between them. No task and no buffer per connection: the shard's driver runs a
+//! bytes between them. No task and no buffer per connection at rest: the shard's driver runs a
 //! connection's step when the readiness ring says its socket is ready, lending it the shard's
 //! buffers for the step.
 
-use std::io::{self, Read, Write};
+use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::Instant;
 
 use bytes::BytesMut;
-use rustls::ServerConnection;
 use tether_protocol::server::ServerSession;
 
 use super::ring;
+use super::tlsconn::{TlsConn, TlsEnd};
 use crate::metrics::{ErrorKind, ShardMetrics};
 use crate::timer::TimerId;
 
@@ -31,10 +31,12 @@ pub(crate) enum IoOutcome {
 /// A device connection owned by one shard.
 pub(crate) struct Conn {
     pub fd: OwnedFd,
-    pub tls: Box<ServerConnection>,
+    pub tls: TlsConn,
     pub session: ServerSession,
     /// Encrypted bytes not yet accepted by the socket. Empty (unallocated) at rest.
     pub out: Vec<u8>,
+    /// Received bytes of an incomplete TLS record (detached mode). Empty at rest.
+    pub partial: Vec<u8>,
     /// Generation of this slot, to recognise stale timer entries and ring completions.
     pub generation: u32,
     /// The deadline the timing wheel holds for this connection, if any.
@@ -60,6 +62,7 @@ impl Conn {
         now: Instant,
         buf: &mut [u8],
         plain: &mut [u8],
+        keep_key_schedule: bool,
         m: &mut ShardMetrics,
     ) -> IoOutcome {
         for _ in 0..READS_PER_STEP {
@@ -74,8 +77,11 @@ impl Conn {
                 Err(e) => return IoOutcome::Dead(io_kind(&e)),
             };
             m.bytes_in += n as u64;
-            if let Some(dead) = self.feed_tls(now, &buf[..n], plain, m) {
-                return dead;
+            if let Err(end) = self.open(now, &mut buf[..n], plain, keep_key_schedule, m) {
+                return self.end(end, m);
+            }
+            if !self.tls_done && self.tls.handshake_done() {
+                self.tls_done = true;
             }
             if n < buf.len() {
                 // A short read drained the socket; new data raises a new ring completion.
@@ -85,75 +91,50 @@ impl Conn {
         IoOutcome::More
     }
 
-    fn feed_tls(
+    /// Feeds received bytes to TLS, keeping an incomplete record for the next read.
+    fn open(
         &mut self,
         now: Instant,
-        mut rd: &[u8],
+        data: &mut [u8],
         plain: &mut [u8],
+        keep: bool,
         m: &mut ShardMetrics,
-    ) -> Option<IoOutcome> {
-        while !rd.is_empty() {
-            if self.tls.read_tls(&mut rd).is_err() {
-                return Some(IoOutcome::Dead(Some(ErrorKind::Tls)));
+    ) -> Result<(), TlsEnd> {
+        let (tls, session, out) = (&mut self.tls, &mut self.session, &mut self.out);
+        if self.partial.is_empty() {
+            let used = tls.open(now, data, plain, session, out, keep, m)?;
+            if used < data.len() {
+                self.partial.extend_from_slice(&data[used..]);
             }
-            if self.tls.process_new_packets().is_err() {
-                // Send the alert rustls queued, best effort, then drop.
-                let _ = self.tls.write_tls(&mut self.out);
-                let _ = self.flush(m);
-                if !self.tls_done {
-                    m.handshake_failures += 1;
-                }
-                return Some(IoOutcome::Dead(Some(ErrorKind::Tls)));
-            }
-            if !self.tls_done && !self.tls.is_handshaking() {
-                self.tls_done = true;
-                match self.tls.handshake_kind() {
-                    Some(rustls::HandshakeKind::Resumed) => m.handshakes_resumed += 1,
-                    _ => m.handshakes_full += 1,
-                }
-            }
-            loop {
-                match self.tls.reader().read(plain) {
-                    Ok(0) => return Some(IoOutcome::Dead(None)), // close_notify
-                    Ok(k) => self.session.handle_bytes(now, &plain[..k]),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(_) => return Some(IoOutcome::Dead(Some(ErrorKind::Tls))),
-                }
+        } else {
+            self.partial.extend_from_slice(data);
+            let mut pending = std::mem::take(&mut self.partial);
+            let used = tls.open(now, &mut pending, plain, session, out, keep, m)?;
+            pending.drain(..used);
+            if !pending.is_empty() {
+                self.partial = pending;
             }
         }
-        None
+        Ok(())
+    }
+
+    fn end(&mut self, end: TlsEnd, m: &mut ShardMetrics) -> IoOutcome {
+        match end {
+            TlsEnd::PeerClosed => IoOutcome::Dead(None),
+            TlsEnd::Failed => {
+                // Send whatever alert TLS queued, best effort.
+                let _ = self.flush(m);
+                IoOutcome::Dead(Some(ErrorKind::Tls))
+            }
+        }
     }
 
     /// Moves the session's output through TLS to the socket. `scratch` is a shard buffer.
     pub fn write_step(&mut self, scratch: &mut BytesMut, m: &mut ShardMetrics) -> IoOutcome {
         scratch.clear();
-        let _ = self.session.poll_transmit(scratch);
-        // rustls buffers at most 64 KiB of unsent data (its buffer limit) and accepts less
-        // plaintext once that is reached, so move its records into `out` as we go: a burst
-        // (code chunks, messages resent after a resume) may exceed the limit.
-        let mut rest = &scratch[..];
-        loop {
-            let n = if rest.is_empty() {
-                0
-            } else {
-                match self.tls.writer().write(rest) {
-                    Ok(n) => n,
-                    Err(_) => return IoOutcome::Dead(Some(ErrorKind::Tls)),
-                }
-            };
-            rest = &rest[n..];
-            let mut moved = false;
-            while self.tls.wants_write() {
-                if self.tls.write_tls(&mut self.out).is_err() {
-                    return IoOutcome::Dead(Some(ErrorKind::Tls));
-                }
-                moved = true;
-            }
-            if rest.is_empty() {
-                break;
-            }
-            if n == 0 && !moved {
-                return IoOutcome::Dead(Some(ErrorKind::Tls)); // rustls takes nothing more
+        if self.session.poll_transmit(scratch) {
+            if let Err(end) = self.tls.seal(scratch, &mut self.out) {
+                return self.end(end, m);
             }
         }
         self.flush(m)

@@ -4,7 +4,6 @@
 use std::os::fd::OwnedFd;
 
 use bytes::Bytes;
-use rustls::ServerConnection;
 use tether_protocol::server::ServerSession;
 use tether_protocol::{DeviceId, Message, Seq};
 
@@ -33,7 +32,7 @@ pub(crate) fn mix(x: u64) -> u64 {
 pub(crate) struct Moved {
     /// The socket (a duplicate of the one the sending shard closed).
     pub fd: OwnedFd,
-    pub tls: Box<ServerConnection>,
+    pub tls: super::tlsconn::TlsConn,
     pub session: ServerSession,
     /// Encrypted bytes not yet written.
     pub out: Vec<u8>,

@@ -12,6 +12,7 @@ pub mod mesh;
 mod ring;
 mod rollout;
 mod run;
+mod tlsconn;
 mod wake;
 
 use std::collections::{HashMap, VecDeque};
@@ -29,13 +30,15 @@ use tether_protocol::server::{ServerEvent, ServerSession};
 use tether_protocol::{AuthError, CloseReason, DecodeError, DeviceId, Message, PeerMisbehaved};
 use tether_protocol::{SendError, SessionId};
 
+use crate::detached::Handshake;
 use crate::metrics::{ErrorKind, ShardMetrics};
-use crate::server::ServerCtx;
+use crate::server::{ServerCtx, TlsState};
 use crate::timer::TimerWheel;
 use agent::AgentOut;
 use conn::{Conn, IoOutcome};
 use mesh::{AgentId, Moved, ShardMsg, agent_shard, home_shard};
 use ring::{Completion, Kind, Ring, ring_generation};
+use tlsconn::TlsConn;
 
 pub use rollout::GroupRollout;
 pub(crate) use run::run_shard;
@@ -137,25 +140,37 @@ impl Shard {
     /// Takes a freshly accepted connection.
     fn accept(&mut self, fd: OwnedFd) {
         self.metrics.connections_accepted += 1;
-        let tls = match rustls::ServerConnection::new(self.ctx.tls.clone()) {
-            Ok(t) => Box::new(t),
-            Err(_) => {
-                self.metrics.error(ErrorKind::Tls);
-                return;
-            }
+        let tls = match self.ctx.tls_state {
+            TlsState::Buffered => rustls::ServerConnection::new(self.ctx.tls.clone())
+                .map(|c| TlsConn::Buffered(Box::new(c)))
+                .ok(),
+            TlsState::Detached => Handshake::new(self.ctx.tls.clone())
+                .map(|h| TlsConn::Handshaking(Box::new(h)))
+                .ok(),
+        };
+        let Some(mut tls) = tls else {
+            self.metrics.error(ErrorKind::Tls);
+            return;
         };
         let _ = socket2::SockRef::from(&fd).set_tcp_nodelay(true);
         let mut nonce = [0u8; 32];
         crate::fsutil::random_bytes(&mut nonce);
         let now = Instant::now();
-        let session = ServerSession::new(&self.ctx.session, Nonce(nonce), now);
-        self.insert(fd, tls, session, Vec::new(), false);
+        let mut session = ServerSession::new(&self.ctx.session, Nonce(nonce), now);
+        // The Challenge goes out as half-RTT data, in the server's first flight.
+        let mut out = Vec::new();
+        self.scratch.clear();
+        if session.poll_transmit(&mut self.scratch) && tls.seal(&self.scratch, &mut out).is_err() {
+            self.metrics.error(ErrorKind::Tls);
+            return;
+        }
+        self.insert(fd, tls, session, out, false);
     }
 
     fn insert(
         &mut self,
         fd: OwnedFd,
-        tls: Box<rustls::ServerConnection>,
+        tls: TlsConn,
         session: ServerSession,
         out: Vec<u8>,
         tls_done: bool,
@@ -170,6 +185,7 @@ impl Shard {
             tls,
             session,
             out,
+            partial: Vec::new(),
             generation,
             armed: None,
             tls_done,
@@ -303,6 +319,7 @@ impl Shard {
             now,
             &mut self.read_buf,
             &mut self.plain_buf,
+            self.ctx.keep_key_schedule,
             &mut self.metrics,
         );
         if was_handshaking && conn.tls_done {
@@ -605,8 +622,7 @@ impl Shard {
         self.unregister(idx);
         let mut conn = self.remove_quietly(idx);
         if !conn.closing {
-            conn.tls.send_close_notify();
-            let _ = conn.tls.write_tls(&mut conn.out);
+            conn.tls.close_notify(&mut conn.out);
             let _ = conn.flush(&mut self.metrics);
         }
         // The ring's poll was removed in `remove_quietly`; the descriptor closes on drop.

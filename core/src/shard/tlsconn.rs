@@ -1,0 +1,212 @@
+//! A connection's TLS, in either mode: rustls' buffered `ServerConnection` for the
+//! connection's life (`--tls-state buffered`), or a sans-IO handshake that detaches into
+//! traffic keys and sequence numbers (`--tls-state detached`, DESIGN.md "Lean TLS state").
+//! Both take received ciphertext and hand plaintext to the session, and seal the session's
+//! output; nothing here owns a buffer at rest except rustls' own in buffered mode.
+
+use std::io::{self, Read, Write};
+use std::time::Instant;
+
+use rustls::{HandshakeKind, ServerConnection};
+use tether_protocol::server::ServerSession;
+
+use crate::detached::{DetachedTls, Handshake};
+use crate::metrics::ShardMetrics;
+
+/// Why a connection must end, from the TLS layer.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum TlsEnd {
+    /// The peer closed cleanly (close_notify).
+    PeerClosed,
+    /// A TLS error; an alert may have been queued to `out`.
+    Failed,
+}
+
+/// A connection's TLS state.
+pub(crate) enum TlsConn {
+    /// rustls' buffered connection (≈ 7.7 KB for life).
+    Buffered(Box<ServerConnection>),
+    /// Detached mode, handshake in progress.
+    Handshaking(Box<Handshake>),
+    /// Detached mode: traffic keys and sequence numbers only.
+    Detached(Box<DetachedTls>),
+    /// Transitional placeholder while the handshake detaches.
+    Gone,
+}
+
+impl TlsConn {
+    /// Whether the handshake is over.
+    pub fn handshake_done(&self) -> bool {
+        match self {
+            TlsConn::Buffered(c) => !c.is_handshaking(),
+            TlsConn::Handshaking(_) | TlsConn::Gone => false,
+            TlsConn::Detached(_) => true,
+        }
+    }
+
+    /// Processes received ciphertext `data` (the unconsumed bytes so far), hands plaintext to
+    /// `session`, appends what TLS must send to `out`, and returns how many bytes of `data`
+    /// it consumed (the rest is a partial record to keep for the next read).
+    pub fn open(
+        &mut self,
+        now: Instant,
+        data: &mut [u8],
+        plain: &mut [u8],
+        session: &mut ServerSession,
+        out: &mut Vec<u8>,
+        keep_key_schedule: bool,
+        m: &mut ShardMetrics,
+    ) -> Result<usize, TlsEnd> {
+        let mut pos = 0;
+        loop {
+            match self {
+                TlsConn::Buffered(c) => return open_buffered(c, now, data, plain, session, out, m),
+                TlsConn::Handshaking(hs) => {
+                    let mut early = Vec::new();
+                    let p = hs.feed(&mut data[pos..], out, &mut early).map_err(|_| {
+                        m.handshake_failures += 1;
+                        TlsEnd::Failed
+                    })?;
+                    pos += p.consumed;
+                    if !early.is_empty() {
+                        session.handle_bytes(now, &early);
+                    }
+                    if !p.complete {
+                        return Ok(pos);
+                    }
+                    count_handshake(hs.handshake_kind(), m);
+                    let TlsConn::Handshaking(hs) = std::mem::replace(self, TlsConn::Gone) else {
+                        return Err(TlsEnd::Failed);
+                    };
+                    let mut d = hs.detach(out).map_err(|_| TlsEnd::Failed)?;
+                    if !keep_key_schedule {
+                        // ≈ 0.8 KB less per connection; a peer KeyUpdate then ends the
+                        // connection with a clear error (the device reconnects and resumes).
+                        d.forget_key_schedule();
+                    }
+                    *self = TlsConn::Detached(Box::new(d));
+                }
+                TlsConn::Detached(d) => {
+                    let opened = d
+                        .decrypt_in_place(&mut data[pos..], |p| session.handle_bytes(now, p))
+                        .map_err(|_| TlsEnd::Failed)?;
+                    pos += opened.consumed;
+                    if opened.wants_write {
+                        d.poll_transmit(out).map_err(|_| TlsEnd::Failed)?;
+                    }
+                    if opened.peer_closed {
+                        return Err(TlsEnd::PeerClosed);
+                    }
+                    return Ok(pos);
+                }
+                TlsConn::Gone => return Err(TlsEnd::Failed),
+            }
+        }
+    }
+
+    /// Seals the session's output `plain` into `out`.
+    pub fn seal(&mut self, plain: &[u8], out: &mut Vec<u8>) -> Result<(), TlsEnd> {
+        match self {
+            TlsConn::Buffered(c) => seal_buffered(c, plain, out),
+            // Before the handshake ends only the Challenge (half-RTT data) or an error frame
+            // is sent: sealed as soon as the keys allow.
+            TlsConn::Handshaking(hs) => {
+                hs.queue_half_rtt(plain);
+                Ok(())
+            }
+            TlsConn::Detached(d) => d.encrypt(plain, out).map_err(|_| TlsEnd::Failed),
+            TlsConn::Gone => Err(TlsEnd::Failed),
+        }
+    }
+
+    /// Whether TLS holds bytes still to be moved to `out` (buffered mode only).
+    pub fn wants_write(&self) -> bool {
+        matches!(self, TlsConn::Buffered(c) if c.wants_write())
+    }
+
+    /// Queues close_notify.
+    pub fn close_notify(&mut self, out: &mut Vec<u8>) {
+        match self {
+            TlsConn::Buffered(c) => {
+                c.send_close_notify();
+                let _ = c.write_tls(out);
+            }
+            TlsConn::Detached(d) => {
+                let _ = d.close_notify(out);
+            }
+            TlsConn::Handshaking(_) | TlsConn::Gone => {}
+        }
+    }
+}
+
+fn count_handshake(kind: Option<HandshakeKind>, m: &mut ShardMetrics) {
+    match kind {
+        Some(HandshakeKind::Resumed) => m.handshakes_resumed += 1,
+        _ => m.handshakes_full += 1,
+    }
+}
+
+fn open_buffered(
+    c: &mut ServerConnection,
+    now: Instant,
+    data: &mut [u8],
+    plain: &mut [u8],
+    session: &mut ServerSession,
+    out: &mut Vec<u8>,
+    m: &mut ShardMetrics,
+) -> Result<usize, TlsEnd> {
+    let mut rd = &data[..];
+    let was_handshaking = c.is_handshaking();
+    while !rd.is_empty() {
+        if c.read_tls(&mut rd).is_err() {
+            return Err(TlsEnd::Failed);
+        }
+        if c.process_new_packets().is_err() {
+            // Send the alert rustls queued, then close.
+            let _ = c.write_tls(out);
+            if c.is_handshaking() {
+                m.handshake_failures += 1;
+            }
+            return Err(TlsEnd::Failed);
+        }
+        loop {
+            match c.reader().read(plain) {
+                Ok(0) => return Err(TlsEnd::PeerClosed),
+                Ok(k) => session.handle_bytes(now, &plain[..k]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(_) => return Err(TlsEnd::Failed),
+            }
+        }
+    }
+    if was_handshaking && !c.is_handshaking() {
+        count_handshake(c.handshake_kind(), m);
+    }
+    // rustls keeps what it did not process in its own buffer.
+    Ok(data.len())
+}
+
+fn seal_buffered(c: &mut ServerConnection, plain: &[u8], out: &mut Vec<u8>) -> Result<(), TlsEnd> {
+    // rustls buffers at most 64 KiB of unsent data (its buffer limit) and accepts less
+    // plaintext once that is reached, so move its records into `out` as we go: a burst
+    // (code chunks, messages resent after a resume) may exceed the limit.
+    let mut rest = plain;
+    loop {
+        let n = if rest.is_empty() {
+            0
+        } else {
+            c.writer().write(rest).map_err(|_| TlsEnd::Failed)?
+        };
+        rest = &rest[n..];
+        let mut moved = false;
+        while c.wants_write() {
+            c.write_tls(out).map_err(|_| TlsEnd::Failed)?;
+            moved = true;
+        }
+        if rest.is_empty() {
+            return Ok(());
+        }
+        if n == 0 && !moved {
+            return Err(TlsEnd::Failed); // rustls takes nothing more
+        }
+    }
+}
