@@ -11,7 +11,7 @@ use bytes::BytesMut;
 use tether_protocol::server::ServerSession;
 
 use super::ring;
-use super::tlsconn::{TlsConn, TlsEnd};
+use super::tlsconn::{OpenCx, TlsConn, TlsEnd};
 use crate::metrics::{ErrorKind, ShardMetrics};
 use crate::timer::TimerId;
 
@@ -100,16 +100,24 @@ impl Conn {
         keep: bool,
         m: &mut ShardMetrics,
     ) -> Result<(), TlsEnd> {
-        let (tls, session, out) = (&mut self.tls, &mut self.session, &mut self.out);
+        let mut cx = OpenCx {
+            now,
+            plain,
+            session: &mut self.session,
+            out: &mut self.out,
+            keep_key_schedule: keep,
+            m,
+        };
+        let tls = &mut self.tls;
         if self.partial.is_empty() {
-            let used = tls.open(now, data, plain, session, out, keep, m)?;
+            let used = tls.open(data, &mut cx)?;
             if used < data.len() {
                 self.partial.extend_from_slice(&data[used..]);
             }
         } else {
             self.partial.extend_from_slice(data);
             let mut pending = std::mem::take(&mut self.partial);
-            let used = tls.open(now, &mut pending, plain, session, out, keep, m)?;
+            let used = tls.open(&mut pending, &mut cx)?;
             pending.drain(..used);
             if !pending.is_empty() {
                 self.partial = pending;

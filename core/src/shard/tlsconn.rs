@@ -22,6 +22,19 @@ pub(crate) enum TlsEnd {
     Failed,
 }
 
+/// What [`TlsConn::open`] works with besides the received bytes.
+pub(crate) struct OpenCx<'a> {
+    pub now: Instant,
+    /// The shard's plaintext scratch buffer (buffered mode).
+    pub plain: &'a mut [u8],
+    pub session: &'a mut ServerSession,
+    /// Where TLS appends what it must send.
+    pub out: &'a mut Vec<u8>,
+    /// Detached mode: keep rustls' key schedule after the handshake.
+    pub keep_key_schedule: bool,
+    pub m: &'a mut ShardMetrics,
+}
+
 /// A connection's TLS state.
 pub(crate) enum TlsConn {
     /// rustls' buffered connection (≈ 7.7 KB for life).
@@ -47,20 +60,21 @@ impl TlsConn {
     /// Processes received ciphertext `data` (the unconsumed bytes so far), hands plaintext to
     /// `session`, appends what TLS must send to `out`, and returns how many bytes of `data`
     /// it consumed (the rest is a partial record to keep for the next read).
-    pub fn open(
-        &mut self,
-        now: Instant,
-        data: &mut [u8],
-        plain: &mut [u8],
-        session: &mut ServerSession,
-        out: &mut Vec<u8>,
-        keep_key_schedule: bool,
-        m: &mut ShardMetrics,
-    ) -> Result<usize, TlsEnd> {
+    pub fn open(&mut self, data: &mut [u8], cx: &mut OpenCx<'_>) -> Result<usize, TlsEnd> {
+        let OpenCx {
+            now,
+            plain,
+            session,
+            out,
+            keep_key_schedule,
+            m,
+        } = cx;
+        let now = *now;
         let mut pos = 0;
         loop {
             match self {
                 TlsConn::Buffered(c) => return open_buffered(c, now, data, plain, session, out, m),
+
                 TlsConn::Handshaking(hs) => {
                     let mut early = Vec::new();
                     let p = hs.feed(&mut data[pos..], out, &mut early).map_err(|_| {
@@ -79,7 +93,7 @@ impl TlsConn {
                         return Err(TlsEnd::Failed);
                     };
                     let mut d = hs.detach(out).map_err(|_| TlsEnd::Failed)?;
-                    if !keep_key_schedule {
+                    if !*keep_key_schedule {
                         // ≈ 0.8 KB less per connection; a peer KeyUpdate then ends the
                         // connection with a clear error (the device reconnects and resumes).
                         d.forget_key_schedule();
