@@ -195,6 +195,10 @@ fn open_buffered(
     if was_handshaking && !c.is_handshaking() {
         count_handshake(c.handshake_kind(), m);
     }
+    // What rustls wants to send in answer (handshake flights, the half-RTT Challenge).
+    while c.wants_write() {
+        c.write_tls(out).map_err(|_| TlsEnd::Failed)?;
+    }
     // rustls keeps what it did not process in its own buffer.
     Ok(data.len())
 }
