@@ -122,6 +122,10 @@ pub struct ServerSpec {
     pub shards: Option<NonZeroUsize>,
     /// Extra arguments appended to `tether serve`. Spawn only.
     pub extra_args: Vec<String>,
+    /// Process id of an already-running server (not spawned), so loadgen can sample its CPU
+    /// time and RSS like a spawned one's (`--server-pid` on the command line). Not with spawn.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
 }
 
 impl ServerSpec {
@@ -478,6 +482,12 @@ impl Campaign {
                     p.add(key, "only applies when server.spawn = true");
                 }
             }
+        }
+        if s.spawn && s.pid.is_some() {
+            p.add(
+                "server.pid",
+                "only applies when server.spawn = false (loadgen knows the pid it spawned)",
+            );
         }
         // Load must never leave loopback: the sources are loopback, so the server must be too.
         for (key, addr) in [

@@ -117,6 +117,43 @@ pub fn parse_statm_resident(text: &str) -> Option<u64> {
     text.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// Clock ticks per second of the `utime`/`stime` fields of `/proc/<pid>/stat`: `USER_HZ`, which
+/// is 100 on every Linux architecture (it is ABI, unlike the kernel's `HZ`), so a CPU-time sample
+/// resolves 10 ms. Over a window of a few seconds of server CPU that is well under 1%.
+pub const USER_HZ: f64 = 100.0;
+
+/// CPU time (user + system, all threads) process `pid` has used so far, in seconds, from
+/// `/proc/<pid>/stat`.
+pub fn cpu_of(pid: u32) -> io::Result<f64> {
+    cpu_from(&format!("/proc/{pid}/stat"))
+}
+
+/// CPU time (user + system, all threads) this process has used so far, in seconds.
+pub fn cpu_self() -> io::Result<f64> {
+    cpu_from("/proc/self/stat")
+}
+
+fn cpu_from(path: &str) -> io::Result<f64> {
+    let text = std::fs::read_to_string(path)?;
+    parse_stat_cpu_s(&text).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{path}: unexpected format"),
+        )
+    })
+}
+
+/// `utime + stime` of a `/proc/<pid>/stat` line, in seconds. The command name (field 2) is in
+/// parentheses and may itself contain spaces and parentheses, so fields are counted after the
+/// last `)`: `state` is field 3, `utime` field 14, `stime` field 15.
+pub fn parse_stat_cpu_s(text: &str) -> Option<f64> {
+    let (_, rest) = text.rsplit_once(')')?;
+    let mut f = rest.split_whitespace().skip(11);
+    let utime: u64 = f.next()?.parse().ok()?;
+    let stime: u64 = f.next()?.parse().ok()?;
+    Some((utime + stime) as f64 / USER_HZ)
+}
+
 /// The `TCP:` line of `/proc/net/sockstat`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TcpSockStat {
@@ -252,6 +289,10 @@ mod tests {
             parse_meminfo_slab("MemTotal: 10 kB\nSlab:     2048 kB\n"),
             Some(2048 * 1024)
         );
+        let stat = "4242 (tether (x) y) S 1 4242 4242 0 -1 4194560 900 0 0 0 1234 567 0 0 20 0 3 0 \
+                    100 2000000 500 18446744073709551615\n";
+        assert_eq!(parse_stat_cpu_s(stat), Some(18.01));
+        assert_eq!(parse_stat_cpu_s("garbage"), None);
         let cpu = "processor\t: 0\nmodel name\t: AMD EPYC 7B13\nprocessor\t: 1\nmodel name\t: AMD EPYC 7B13\n";
         assert_eq!(parse_cpu_model(cpu).as_deref(), Some("AMD EPYC 7B13"));
     }
@@ -261,6 +302,7 @@ mod tests {
         let limits = HostLimits::probe().unwrap();
         assert!(limits.fd_hard >= limits.fd_soft && limits.cores >= 1);
         assert!(rss_self().unwrap() > 0);
+        assert!(cpu_self().unwrap() >= 0.0);
         assert!(page_size().is_power_of_two());
         assert!(!Machine::probe().kernel_version.is_empty());
     }

@@ -35,6 +35,10 @@ enum Cmd {
         /// Data directory of an already-running server (server.spawn = false).
         #[arg(long, value_name = "DIR")]
         data_dir: Option<PathBuf>,
+        /// Process id of the running server (server.spawn = false), so its CPU time and RSS are
+        /// sampled like a spawned one's; the same as --set server.pid=PID.
+        #[arg(long, value_name = "PID")]
+        server_pid: Option<u32>,
         /// No progress lines.
         #[arg(long, short)]
         quiet: bool,
@@ -68,6 +72,7 @@ fn main() -> ExitCode {
             report,
             tether_bin,
             data_dir,
+            server_pid,
             quiet,
         } => {
             raise_nofile();
@@ -84,6 +89,11 @@ fn main() -> ExitCode {
             }
             if let Err(e) = c.apply_overrides(&pairs) {
                 return fail(&e.to_string());
+            }
+            if let Some(pid) = server_pid {
+                if let Err(e) = c.apply_override("server.pid", &pid.to_string()) {
+                    return fail(&e.to_string());
+                }
             }
             eprintln!(
                 "campaign {}: {} devices, ramp {}/s, {} s steady",

@@ -2,8 +2,19 @@
 //!
 //! Rates in the report are over the whole measured run (`duration_s`), except the connect rate,
 //! which is over the ramp. Memory per connection is `(RSS after − RSS before) / connections`,
-//! sampled after the ramp has settled; it needs a "before" sample, so the server's figure exists
-//! only when loadgen spawned the server.
+//! sampled after the ramp has settled; it needs a "before" sample and the server's pid (spawned,
+//! or `--server-pid` / `server.pid` for a running one).
+//!
+//! CPU: loadgen samples the server's and its own CPU time (`utime + stime` of all threads, from
+//! `/proc/<pid>/stat`, 10 ms resolution) every 100 ms into a [`CpuTrace`]. A figure per connect
+//! is the CPU spent between the last sample at or before a window's start and the first at or
+//! after its end, divided by the connections the window completed. The ramp window runs from the
+//! first ramp slot until the last device first received `Welcome`; for the server it holds accept,
+//! the TLS handshake, `Challenge`/`Hello`/`Welcome` (with the cross-shard move), plus whatever else
+//! the server did meanwhile: heartbeats (none if the window is shorter than `heartbeat_s`),
+//! messages (none in the handshake campaigns), and up to 100 ms of idle after the end. A storm's
+//! window runs from the storm instant until its last reconnect: it also holds the teardown of the
+//! dropped connections.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -36,11 +47,12 @@ pub struct Report {
     pub latency: BTreeMap<String, LatencySummary>,
     /// Latencies above the histogram range (60 s), recorded as 60 s.
     pub latency_clamped: u64,
-    /// The server's memory; present when loadgen knows the server's pid (it spawned it).
+    /// The server's memory and CPU; present when loadgen knows the server's pid (it spawned it,
+    /// or was given `server.pid`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub server: Option<ServerMemory>,
-    /// Loadgen's own memory (this process; workers report their own).
-    pub loadgen: LoadgenMemory,
+    pub server: Option<ServerUsage>,
+    /// Loadgen's own memory and CPU (this process; workers report their own).
+    pub loadgen: LoadgenUsage,
     /// Kernel socket figures; absent if /proc could not be read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kernel: Option<KernelUsage>,
@@ -66,6 +78,16 @@ pub struct StormSummary {
     /// From the drop until the last dropped device was connected again, if all came back.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recovery_ms: Option<f64>,
+    /// Of the reconnects, how many resumed their TLS session (rustls' `handshake_kind()`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resumed: Option<u64>,
+    /// Server CPU from the storm until the last reconnect, per reconnect (teardown of the dropped
+    /// connections included).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_per_reconnect_us: Option<f64>,
+    /// Loadgen's CPU over the same window, per reconnect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loadgen_cpu_per_reconnect_us: Option<f64>,
 }
 
 /// Connection figures of a run.
@@ -81,6 +103,9 @@ pub struct Connections {
     pub disconnects: u64,
     /// Connects per second during the ramp.
     pub connect_rate_per_s: f64,
+    /// Successful connects whose TLS session was resumed.
+    #[serde(default)]
+    pub resumed: u64,
 }
 
 /// Message counts and rates of a run.
@@ -141,24 +166,138 @@ impl LatencySummary {
     }
 }
 
-/// The server's resident memory.
+/// The server's resident memory and CPU time.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct ServerMemory {
+pub struct ServerUsage {
     /// RSS after the ramp settled.
     pub rss_bytes: u64,
     /// (RSS after − RSS before) / connections held.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rss_per_connection_bytes: Option<f64>,
+    /// CPU seconds the server used from just before the ramp until the end of the run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_s: Option<f64>,
+    /// CPU seconds the server used over the ramp window (see the module doc).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ramp_cpu_s: Option<f64>,
+    /// `ramp_cpu_s` per connection the ramp made, in microseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_per_connect_us: Option<f64>,
 }
 
-/// Loadgen's resident memory.
+/// Loadgen's resident memory and CPU time.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct LoadgenMemory {
+pub struct LoadgenUsage {
     /// RSS after the ramp settled.
     pub rss_bytes: u64,
     /// (RSS after − RSS before) / simulated devices connected.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rss_per_device_bytes: Option<f64>,
+    /// CPU seconds loadgen used from just before the ramp until the end of the run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_s: Option<f64>,
+    /// CPU seconds loadgen used over the ramp window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ramp_cpu_s: Option<f64>,
+    /// `ramp_cpu_s` per connection the ramp made, in microseconds (the client side's cost).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_per_connect_us: Option<f64>,
+}
+
+/// CPU time of the server (if its pid is known) and of loadgen at one instant, in seconds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CpuSample {
+    /// When it was read.
+    pub at: Instant,
+    /// The server's CPU seconds so far.
+    pub server_s: Option<f64>,
+    /// Loadgen's CPU seconds so far.
+    pub loadgen_s: Option<f64>,
+}
+
+/// CPU spent by each side over a window.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct CpuSpent {
+    /// Server CPU seconds.
+    pub server_s: Option<f64>,
+    /// Loadgen CPU seconds.
+    pub loadgen_s: Option<f64>,
+}
+
+impl CpuSpent {
+    /// Server microseconds per `n` (none if nothing was measured or `n` is 0).
+    pub fn server_us_per(&self, n: u64) -> Option<f64> {
+        us_per(self.server_s, n)
+    }
+
+    /// Loadgen microseconds per `n`.
+    pub fn loadgen_us_per(&self, n: u64) -> Option<f64> {
+        us_per(self.loadgen_s, n)
+    }
+}
+
+fn us_per(s: Option<f64>, n: u64) -> Option<f64> {
+    s.filter(|_| n > 0).map(|s| s * 1e6 / n as f64)
+}
+
+/// CPU samples in time order (see the module doc).
+#[derive(Debug, Clone, Default)]
+pub struct CpuTrace {
+    samples: Vec<CpuSample>,
+}
+
+impl CpuTrace {
+    /// Appends a sample; samples must come in time order.
+    pub fn push(&mut self, s: CpuSample) {
+        self.samples.push(s);
+    }
+
+    /// Reads the CPU of `server` (if any) and of this process now and appends it.
+    pub fn sample(&mut self, server: Option<u32>) {
+        let at = Instant::now();
+        self.push(CpuSample {
+            at,
+            server_s: server.and_then(|p| host::cpu_of(p).ok()),
+            loadgen_s: host::cpu_self().ok(),
+        });
+    }
+
+    /// The samples so far.
+    pub fn samples(&self) -> &[CpuSample] {
+        &self.samples
+    }
+
+    /// CPU spent from the last sample at or before `from` (or the first sample) to the first
+    /// sample at or after `to` (or the last sample): the window is never cut short.
+    pub fn spent(&self, from: Instant, to: Instant) -> CpuSpent {
+        let first = self
+            .samples
+            .iter()
+            .rev()
+            .find(|s| s.at <= from)
+            .or(self.samples.first());
+        let last = self
+            .samples
+            .iter()
+            .find(|s| s.at >= to)
+            .or(self.samples.last());
+        let (Some(a), Some(b)) = (first, last) else {
+            return CpuSpent::default();
+        };
+        let diff = |x: Option<f64>, y: Option<f64>| Some((y? - x?).max(0.0));
+        CpuSpent {
+            server_s: diff(a.server_s, b.server_s),
+            loadgen_s: diff(a.loadgen_s, b.loadgen_s),
+        }
+    }
+
+    /// CPU spent from the first sample to the last.
+    pub fn total(&self) -> CpuSpent {
+        match (self.samples.first(), self.samples.last()) {
+            (Some(a), Some(b)) => self.spent(a.at, b.at),
+            _ => CpuSpent::default(),
+        }
+    }
 }
 
 /// An RSS measurement: before the ramp (if known) and after it settled, with the connections
@@ -232,7 +371,7 @@ pub struct ReportInputs<'a> {
     pub elapsed: Duration,
     /// First connect attempt until `devices` were connected (or the ramp ended).
     pub ramp_elapsed: Duration,
-    /// Server memory, when loadgen spawned the server.
+    /// Server memory, when loadgen knows the server's pid.
     pub server: Option<RssSample>,
     /// Loadgen memory.
     pub loadgen: RssSample,
@@ -248,6 +387,14 @@ pub struct ReportInputs<'a> {
     pub notes: Vec<String>,
     /// See [`MessageCounts::agent_sends_offline`].
     pub agent_sends_offline: u64,
+    /// See [`Connections::resumed`].
+    pub resumed: u64,
+    /// CPU over the whole run.
+    pub cpu_total: CpuSpent,
+    /// CPU over the ramp window.
+    pub cpu_ramp: CpuSpent,
+    /// Connections the ramp window made (devices that got their first `Welcome`).
+    pub ramp_connects: u64,
 }
 
 fn per_sec(n: u64, d: Duration) -> f64 {
@@ -295,6 +442,7 @@ impl Report {
                 connects: c.connects,
                 disconnects: c.disconnects,
                 connect_rate_per_s: per_sec(c.connects.min(i.campaign.devices), i.ramp_elapsed),
+                resumed: i.resumed,
             },
             messages: MessageCounts {
                 sent: c.msgs_sent,
@@ -305,13 +453,19 @@ impl Report {
             },
             latency,
             latency_clamped: i.stats.hist.clamped(),
-            server: i.server.map(|s| ServerMemory {
+            server: i.server.map(|s| ServerUsage {
                 rss_bytes: s.after_bytes,
                 rss_per_connection_bytes: s.per_connection(),
+                cpu_s: i.cpu_total.server_s,
+                ramp_cpu_s: i.cpu_ramp.server_s,
+                cpu_per_connect_us: i.cpu_ramp.server_us_per(i.ramp_connects),
             }),
-            loadgen: LoadgenMemory {
+            loadgen: LoadgenUsage {
                 rss_bytes: i.loadgen.after_bytes,
                 rss_per_device_bytes: i.loadgen.per_connection(),
+                cpu_s: i.cpu_total.loadgen_s,
+                ramp_cpu_s: i.cpu_ramp.loadgen_s,
+                cpu_per_connect_us: i.cpu_ramp.loadgen_us_per(i.ramp_connects),
             },
             kernel,
             machine: i.machine,
@@ -401,13 +555,23 @@ impl Report {
             let rec = s
                 .recovery_ms
                 .map_or_else(|| "not all back".to_owned(), |ms| micros((ms * 1e3) as u64));
-            let _ = writeln!(
+            let _ = write!(
                 t,
                 "storm at {:.1}s  dropped {}  reconnected {}  recovery {rec}",
                 s.at_s,
                 count(s.dropped),
                 count(s.reconnected)
             );
+            if let Some(n) = s.resumed {
+                let _ = write!(t, "  resumed {}", count(n));
+            }
+            if let Some(us) = s.cpu_per_reconnect_us {
+                let _ = write!(t, "  server cpu {us:.1} µs/reconnect");
+            }
+            if let Some(us) = s.loadgen_cpu_per_reconnect_us {
+                let _ = write!(t, "  loadgen cpu {us:.1} µs/reconnect");
+            }
+            let _ = writeln!(t);
         }
         let _ = writeln!(t);
         let mut mem = |who: &str, rss: u64, per: Option<f64>, per_what: &str| {
@@ -424,6 +588,18 @@ impl Report {
         }
         let l = &self.loadgen;
         mem("loadgen", l.rss_bytes, l.rss_per_device_bytes, "device");
+        let mut cpu = |who: &str, total: Option<f64>, ramp: Option<f64>, per: Option<f64>| {
+            let Some(total) = total else { return };
+            let _ = write!(t, "{who:<12} cpu {total:.2} s");
+            if let (Some(ramp), Some(per)) = (ramp, per) {
+                let _ = write!(t, "  ramp {ramp:.2} s = {per:.1} µs per connect");
+            }
+            let _ = writeln!(t);
+        };
+        if let Some(s) = &self.server {
+            cpu("server", s.cpu_s, s.ramp_cpu_s, s.cpu_per_connect_us);
+        }
+        cpu("loadgen", l.cpu_s, l.ramp_cpu_s, l.cpu_per_connect_us);
         if let Some(k) = &self.kernel {
             let per = k.slab_per_connection_bytes.map_or_else(String::new, |b| {
                 format!(" ({} per connection)", per_conn(b))

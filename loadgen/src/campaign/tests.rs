@@ -260,3 +260,21 @@ fn a_spawned_server_must_fit_one_process() {
     let err = c.plan_workers(&VM).unwrap_err().to_string();
     assert!(err.contains("server.spawn") && !err.contains('\n'), "{err}");
 }
+
+#[test]
+fn server_pid_only_for_a_running_server() {
+    let keys = |text: &str| -> Vec<String> {
+        match Campaign::parse(text, "<t>") {
+            Ok(_) => Vec::new(),
+            Err(CampaignError::Invalid { problems, .. }) => {
+                problems.into_iter().map(|p| p.key).collect()
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(keys("[server]\nspawn = true\npid = 42\n"), ["server.pid"]);
+    assert!(keys("[server]\naddress = \"127.0.0.1:1\"\npid = 42\n").is_empty());
+    let mut c = Campaign::parse("[server]\naddress = \"127.0.0.1:1\"\n", "<t>").unwrap();
+    c.apply_override("server.pid", "4242").unwrap();
+    assert_eq!(c.server.pid, Some(4242));
+}

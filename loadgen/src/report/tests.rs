@@ -64,9 +64,22 @@ fn report() -> Report {
             dropped: 200,
             reconnected: 200,
             recovery_ms: Some(350.0),
+            resumed: Some(190),
+            cpu_per_reconnect_us: Some(80.0),
+            loadgen_cpu_per_reconnect_us: Some(40.0),
         }],
         notes: vec!["a note".into()],
         agent_sends_offline: 3,
+        resumed: 190,
+        cpu_total: CpuSpent {
+            server_s: Some(2.0),
+            loadgen_s: Some(1.5),
+        },
+        cpu_ramp: CpuSpent {
+            server_s: Some(0.125),
+            loadgen_s: Some(0.0625),
+        },
+        ramp_connects: 1000,
     })
 }
 
@@ -96,6 +109,12 @@ fn report_json_has_the_promised_fields() {
     assert_eq!(v["kernel"]["tcp_inuse"], 2000);
     assert_eq!(v["kernel"]["slab_per_connection_bytes"], 4000.0);
     assert_eq!(v["machine"]["model_name"], "Test CPU");
+    assert_eq!(v["server"]["cpu_s"], 2.0);
+    assert_eq!(v["server"]["cpu_per_connect_us"], 125.0);
+    assert_eq!(v["loadgen"]["cpu_per_connect_us"], 62.5);
+    assert_eq!(v["connections"]["resumed"], 190);
+    assert_eq!(v["storms"][0]["cpu_per_reconnect_us"], 80.0);
+    assert_eq!(v["storms"][0]["resumed"], 190);
     // It reads back.
     let back: Report = serde_json::from_str(&r.to_json()).unwrap();
     assert_eq!(back, r);
@@ -122,6 +141,10 @@ fn optional_parts_are_left_out() {
         storms: Vec::new(),
         notes: Vec::new(),
         agent_sends_offline: 0,
+        resumed: 0,
+        cpu_total: CpuSpent::default(),
+        cpu_ramp: CpuSpent::default(),
+        ramp_connects: 0,
     });
     let v: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
     assert!(v.get("server").is_none() && v.get("kernel").is_none());
@@ -141,6 +164,14 @@ fn table_is_aligned_and_has_units() {
         "{t}"
     );
     assert!(t.contains("note: a note"), "{t}");
+    assert!(
+        t.contains("resumed 190  server cpu 80.0 µs/reconnect  loadgen cpu 40.0 µs/reconnect"),
+        "{t}"
+    );
+    assert!(
+        t.contains("server       cpu 2.00 s  ramp 0.12 s = 125.0 µs per connect"),
+        "{t}"
+    );
     assert!(t.contains("rss 11.4 MiB  2,000 B per connection"), "{t}");
     let rows: Vec<&str> = t
         .lines()
@@ -209,4 +240,41 @@ fn units() {
     assert_eq!(bytes(3 << 20), "3.0 MiB");
     assert_eq!(rate(0.5), "0.50/s");
     assert_eq!(rate(1998.4), "1,998/s");
+}
+
+#[test]
+fn cpu_windows_never_cut_short() {
+    let t0 = Instant::now();
+    let mut trace = CpuTrace::default();
+    assert_eq!(trace.total(), CpuSpent::default());
+    for (ms, srv, lg) in [
+        (0, 1.0, 0.5),
+        (100, 1.5, 0.5),
+        (200, 2.25, 0.75),
+        (300, 2.25, 1.0),
+    ] {
+        trace.push(CpuSample {
+            at: t0 + Duration::from_millis(ms),
+            server_s: Some(srv),
+            loadgen_s: Some(lg),
+        });
+    }
+    // From the last sample at or before 150 ms (100) to the first at or after 160 ms (200).
+    let w = trace.spent(
+        t0 + Duration::from_millis(150),
+        t0 + Duration::from_millis(160),
+    );
+    assert_eq!(w.server_s, Some(0.75));
+    assert_eq!(w.server_us_per(3), Some(250_000.0));
+    assert_eq!(w.loadgen_us_per(0), None);
+    // Past either end: the first and last samples.
+    let all = trace.spent(t0 - Duration::from_secs(1), t0 + Duration::from_secs(9));
+    assert_eq!(all, trace.total());
+    assert_eq!(all.loadgen_s, Some(0.5));
+    // No server pid: no server figure.
+    let mut lone = CpuTrace::default();
+    lone.sample(None);
+    lone.sample(None);
+    assert_eq!(lone.total().server_s, None);
+    assert!(lone.total().loadgen_s.is_some());
 }

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use futures_lite::future;
 use glommio::net::TcpStream;
-use rustls::ClientConnection;
+use rustls::{ClientConnection, HandshakeKind};
 use tether_protocol::device::{DeviceConfig, DeviceEvent, DeviceSession};
 use tether_protocol::message::GoodbyeReason;
 use tether_protocol::{AuthError, CloseReason};
@@ -68,6 +68,8 @@ struct Device {
     recovering: Option<(usize, Instant)>,
     hello_at: Option<Instant>,
     established: bool,
+    /// Whether the current connection's TLS handshake resumed a session.
+    resumed: bool,
     ever_connected: bool,
     retry_after: Option<Duration>,
 }
@@ -115,6 +117,7 @@ pub async fn run(ctx: Rc<ShardCtx>, slot: usize, index: usize) {
         recovering: None,
         hello_at: None,
         established: false,
+        resumed: false,
         ever_connected: false,
         retry_after: None,
         ctx: ctx.clone(),
@@ -220,6 +223,7 @@ impl Device {
             .borrow_mut()
             .hist
             .record_since(Metric::TlsHandshake, connected, Instant::now());
+        self.resumed = tls.handshake_kind() == Some(HandshakeKind::Resumed);
         self.drive(&mut stream, &mut tls).await
     }
 
@@ -437,6 +441,9 @@ impl Device {
                     }
                     st.counters.connected();
                     self.established = true;
+                    if self.resumed {
+                        ctx.resumed.set(ctx.resumed.get() + 1);
+                    }
                     if !self.ever_connected {
                         self.ever_connected = true;
                         let (n, last) = ctx.first_connects.get();
@@ -450,6 +457,7 @@ impl Device {
                         let mut storms = ctx.storms.borrow_mut();
                         let t = &mut storms[k];
                         t.reconnected += 1;
+                        t.resumed += u64::from(self.resumed);
                         t.last_reconnect_us = t
                             .last_reconnect_us
                             .max(crate::stats::micros_between(at, now));

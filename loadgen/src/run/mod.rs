@@ -6,6 +6,10 @@
 //! falls behind its ramp shows it), the TLS handshake from TCP established to handshake done,
 //! `hello` from `Hello` sent to `Welcome`, messages from their open-loop scheduled send time
 //! (carried in the payload, see [`stamp`]), heartbeat from the ping's scheduled time.
+//!
+//! CPU: the server's (spawned, or `server.pid`) and loadgen's CPU time are sampled every
+//! [`CPU_SAMPLE`] into a [`CpuTrace`]; windows (ramp, storms) are cut from it after the run, at
+//! the exact instants the shards reported (see [`crate::report`]).
 
 mod agent;
 mod device;
@@ -27,7 +31,9 @@ use tether_core::tls::{ClientTlsOptions, client_config};
 
 use crate::campaign::{Campaign, CampaignError, TlsState};
 use crate::host::{self, HostLimits, Machine};
-use crate::report::{KernelSample, ProgressTracker, Report, ReportInputs, RssSample, StormSummary};
+use crate::report::{
+    CpuTrace, KernelSample, ProgressTracker, Report, ReportInputs, RssSample, StormSummary,
+};
 use crate::stats::Stats;
 use shard::{DeviceIdent, Shared, Snapshot, StormTally, Timeline};
 use spawn::{ServerProcess, SpawnError};
@@ -37,6 +43,9 @@ const DRAIN: Duration = Duration::from_secs(2);
 /// glommio reserves this much I/O memory per executor (it defaults to 10 MiB, for file DMA
 /// buffers loadgen never uses; below 512 KiB the executor refuses to start).
 const IO_MEMORY: usize = 512 * 1024;
+/// How often the server's and loadgen's CPU time is read: two small `/proc` reads, so windows
+/// end within 100 ms of their exact instant at a negligible cost.
+pub const CPU_SAMPLE: Duration = Duration::from_millis(100);
 
 /// Command-line options of `loadgen run` besides the campaign.
 #[derive(Debug, Clone, Default)]
@@ -126,7 +135,19 @@ pub fn run(c: &Campaign, opts: &RunOptions) -> Result<Report, RunError> {
             ));
         }
     };
-    let result = run_against(c, &data_dir, server.as_ref(), &plans, notes, opts);
+    let server_pid = match (&server, c.server.pid) {
+        (Some(s), _) => Some(s.pid()),
+        (None, Some(pid)) => {
+            host::cpu_of(pid).map_err(|e| {
+                setup(format!(
+                    "server.pid {pid}: cannot read /proc/{pid}/stat: {e}"
+                ))
+            })?;
+            Some(pid)
+        }
+        (None, None) => None,
+    };
+    let result = run_against(c, &data_dir, server_pid, &plans, notes, opts);
     if let Some(s) = server.as_mut() {
         let how = s.stop();
         if opts.progress {
@@ -144,7 +165,7 @@ pub fn run(c: &Campaign, opts: &RunOptions) -> Result<Report, RunError> {
 fn run_against(
     c: &Campaign,
     data_dir: &Path,
-    server: Option<&ServerProcess>,
+    server_pid: Option<u32>,
     plans: &[crate::campaign::WorkerPlan],
     notes: Vec<String>,
     opts: &RunOptions,
@@ -196,11 +217,12 @@ fn run_against(
     let shards = c.effective_shards().clamp(1, want.max(1));
     let sources = plans.first().map(|p| p.sources.clone()).unwrap_or_default();
 
-    let server_pid = server.map(ServerProcess::pid);
     let server_before = server_pid.and_then(|p| host::rss_of(p).ok());
     let self_before = host::rss_self().ok();
     let kernel_before = KernelSample::read().ok();
 
+    let mut cpu = CpuTrace::default();
+    cpu.sample(server_pid);
     let start = Instant::now() + Duration::from_millis(300);
     let timeline = Timeline::new(c, start, DRAIN);
     let shared = Arc::new(Shared {
@@ -253,8 +275,11 @@ fn run_against(
     let mut rss_after: Option<AfterRamp> = None;
     let hard_end = timeline.end + Duration::from_secs(20);
     let mut next_tick = Instant::now() + Duration::from_secs(1);
+    let mut next_sample = Instant::now() + CPU_SAMPLE;
     loop {
-        let wait = next_tick.saturating_duration_since(Instant::now());
+        let wait = next_tick
+            .min(next_sample)
+            .saturating_duration_since(Instant::now());
         match rx.recv_timeout(wait) {
             Ok(s) => {
                 let i = s.shard;
@@ -262,12 +287,18 @@ fn run_against(
                 if latest.iter().all(|s| s.as_ref().is_some_and(|s| s.done)) {
                     break;
                 }
-                continue;
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }
         let now = Instant::now();
+        if now >= next_sample {
+            cpu.sample(server_pid);
+            next_sample = now + CPU_SAMPLE;
+        }
+        if now < next_tick {
+            continue;
+        }
         next_tick = now + Duration::from_secs(1);
         let merged = merge(&latest);
         peak = peak.max(merged.counters.connected_now);
@@ -314,12 +345,13 @@ fn run_against(
         h.join()
             .map_err(|e| setup(format!("a loadgen shard failed: {e}")))?;
     }
+    cpu.sample(server_pid);
     let elapsed = Instant::now().saturating_duration_since(start);
     let mut stats = merge(&latest);
     stats.counters.peak_connected = peak;
     let (srv_after, self_after, held, kernel_after) =
         rss_after.unwrap_or((None, host::rss_self().ok(), 0, KernelSample::read().ok()));
-    let storms = storm_summaries(c, &latest);
+    let storms = storm_summaries(c, &latest, &timeline, &cpu);
     let agent_sends_offline = latest.iter().flatten().map(|s| s.sends_offline).sum();
     // The ramp ends when the last device first connected (exact, from the shards), or at the
     // coarse once-a-second sample if some never did.
@@ -337,6 +369,9 @@ fn run_against(
             .unwrap_or(timeline.ramp_end)
             .saturating_duration_since(start)
     };
+    let resumed = latest.iter().flatten().map(|s| s.resumed).sum();
+    let ramp_connects = first.min(c.devices);
+    let cpu_ramp = cpu.spent(start, start + ramp_elapsed);
     Ok(Report::build(ReportInputs {
         campaign: c,
         stats: &stats,
@@ -358,6 +393,10 @@ fn run_against(
         storms,
         notes,
         agent_sends_offline,
+        resumed,
+        cpu_total: cpu.total(),
+        cpu_ramp,
+        ramp_connects,
     }))
 }
 
@@ -372,7 +411,13 @@ fn merge(latest: &[Option<Snapshot>]) -> Stats {
     m
 }
 
-fn storm_summaries(c: &Campaign, latest: &[Option<Snapshot>]) -> Vec<StormSummary> {
+/// Per storm: counts from the shards, and CPU from the storm instant to its last reconnect.
+fn storm_summaries(
+    c: &Campaign,
+    latest: &[Option<Snapshot>],
+    timeline: &Timeline,
+    cpu: &CpuTrace,
+) -> Vec<StormSummary> {
     c.storm
         .iter()
         .enumerate()
@@ -383,14 +428,20 @@ fn storm_summaries(c: &Campaign, latest: &[Option<Snapshot>]) -> Vec<StormSummar
                     t.dropped += x.dropped;
                     t.reconnected += x.reconnected;
                     t.last_reconnect_us = t.last_reconnect_us.max(x.last_reconnect_us);
+                    t.resumed += x.resumed;
                 }
             }
+            let at = timeline.at(s.at_s);
+            let spent = cpu.spent(at, at + Duration::from_micros(t.last_reconnect_us));
             StormSummary {
                 at_s: s.at_s,
                 dropped: t.dropped,
                 reconnected: t.reconnected,
                 recovery_ms: (t.dropped > 0 && t.reconnected == t.dropped)
                     .then(|| t.last_reconnect_us as f64 / 1e3),
+                resumed: (t.reconnected > 0).then_some(t.resumed),
+                cpu_per_reconnect_us: spent.server_us_per(t.reconnected),
+                loadgen_cpu_per_reconnect_us: spent.loadgen_us_per(t.reconnected),
             }
         })
         .collect()

@@ -108,6 +108,8 @@ pub struct StormTally {
     pub reconnected: u64,
     /// Latest reconnect, micros after the storm began.
     pub last_reconnect_us: u64,
+    /// Of the reconnects, those whose TLS session was resumed.
+    pub resumed: u64,
 }
 
 /// A shard's measurements at one moment.
@@ -125,6 +127,8 @@ pub struct Snapshot {
     pub first_connects: u64,
     /// Micros after the epoch of the latest of those.
     pub last_first_connect_us: u64,
+    /// Successful connects whose TLS session was resumed.
+    pub resumed: u64,
     /// Whether the shard has finished.
     pub done: bool,
 }
@@ -180,6 +184,8 @@ pub struct ShardCtx {
     pub sends_offline: Cell<u64>,
     /// See [`Snapshot::first_connects`] and [`Snapshot::last_first_connect_us`].
     pub first_connects: Cell<(u64, u64)>,
+    /// See [`Snapshot::resumed`].
+    pub resumed: Cell<u64>,
     /// Buffers lent per operation.
     pub scratch: Scratch,
     /// Early end.
@@ -202,6 +208,7 @@ impl ShardCtx {
             sends_offline: self.sends_offline.get(),
             first_connects: self.first_connects.get().0,
             last_first_connect_us: self.first_connects.get().1,
+            resumed: self.resumed.get(),
             done,
         }
     }
@@ -217,6 +224,7 @@ pub async fn run_shard(shared: Arc<Shared>, index: usize, out: Sender<Snapshot>)
         stats: RefCell::new(Stats::default()),
         sends_offline: Cell::new(0),
         first_connects: Cell::new((0, 0)),
+        resumed: Cell::new(0),
         scratch: Scratch::new(32 * 1024),
         stop: Stop::default(),
     });
