@@ -255,6 +255,15 @@ pub struct TlsOptions {
 
 fn provider(pq_kx: bool) -> Arc<CryptoProvider> {
     let mut p = aws_lc_rs::default_provider();
+    // SHA-256 suites first: their key schedule runs on the CPU's SHA extensions, where
+    // SHA-384 (AES-256-GCM's suite) has none and was the largest single cost of a handshake
+    // in a profile. ChaCha20-Poly1305 leads: many devices lack AES instructions, and its
+    // detached state needs no rekey at detach and can move between processes (see detached).
+    p.cipher_suites = vec![
+        aws_lc_rs::cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
+        aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256,
+        aws_lc_rs::cipher_suite::TLS13_AES_256_GCM_SHA384,
+    ];
     p.kx_groups = if pq_kx {
         vec![
             kx_group::X25519MLKEM768,
@@ -309,6 +318,11 @@ pub fn server_config(
     };
     config.send_half_rtt_data = true;
     config.max_early_data_size = 0;
+    // Our suite order, not the client's (rustls clients put AES-256-GCM-SHA384 first).
+    config.ignore_client_order = true;
+    // A device reconnects once per ticket and gets a fresh one each time: one is enough, and
+    // each costs the server a key derivation and a seal.
+    config.send_tls13_tickets = 1;
     config.enable_secret_extraction = opts.secret_extraction;
     config.alpn_protocols = vec![ALPN.to_vec()];
     Ok(Arc::new(config))
