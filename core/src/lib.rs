@@ -10,13 +10,15 @@
 //! Building blocks so far: [`tls`] (dev PKI and rustls configs), [`registry`] (devices, server
 //! secret, agent token), [`timer`] (per-shard timing wheel), [`metrics`] (per-shard counters
 //! and their Prometheus/JSON views), [`admin`] (HTTP admin endpoint and `tether stats` client),
-//! [`limits`] (open-file limit), [`fsutil`] (atomic writes and secrets in the data directory).
+//! [`limits`] (open-file limit), [`ring`] (the shard-owned readiness ring, also used by
+//! loadgen), [`fsutil`] (atomic writes and secrets in the data directory).
 
 pub mod admin;
 pub mod fsutil;
 pub mod limits;
 pub mod metrics;
 pub mod registry;
+pub mod ring;
 pub mod server;
 pub mod shard;
 pub mod timer;

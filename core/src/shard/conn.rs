@@ -11,8 +11,8 @@ use bytes::BytesMut;
 use rustls::ServerConnection;
 use tether_protocol::server::ServerSession;
 
-use super::ring;
 use crate::metrics::{ErrorKind, ShardMetrics};
+use crate::ring;
 use crate::timer::TimerId;
 
 /// How a connection's I/O step ended.

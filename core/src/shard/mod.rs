@@ -9,7 +9,6 @@
 mod agent;
 mod conn;
 pub mod mesh;
-mod ring;
 mod run;
 mod wake;
 
@@ -29,12 +28,12 @@ use tether_protocol::{AuthError, CloseReason, DecodeError, DeviceId, Message, Pe
 use tether_protocol::{SendError, SessionId};
 
 use crate::metrics::{ErrorKind, ShardMetrics};
+use crate::ring::{Completion, Kind, Ring, ring_generation};
 use crate::server::ServerCtx;
 use crate::timer::TimerWheel;
 use agent::AgentOut;
 use conn::{Conn, IoOutcome};
 use mesh::{AgentId, Moved, ShardMsg, agent_shard, home_shard};
-use ring::{Completion, Kind, Ring, ring_generation};
 
 pub(crate) use run::run_shard;
 
