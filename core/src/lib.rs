@@ -11,8 +11,9 @@
 //! secret, agent token), [`timer`] (per-shard timing wheel), [`metrics`] (per-shard counters
 //! and their Prometheus/JSON views), [`admin`] (HTTP admin endpoint and `tether stats` client),
 //! [`codestore`] (code blobs and the current version per device group), [`detached`] (lean,
-//! movable TLS record state after a rustls handshake), [`limits`] (open-file limit), [`fsutil`]
-//! (atomic writes and secrets in the data directory).
+//! movable TLS record state after a rustls handshake), [`limits`] (open-file limit), [`ring`]
+//! (the shard-owned readiness ring, also used by loadgen), [`fsutil`] (atomic writes and secrets
+//! in the data directory).
 
 pub mod admin;
 pub mod codestore;
@@ -22,6 +23,7 @@ pub mod fsutil;
 pub mod limits;
 pub mod metrics;
 pub mod registry;
+pub mod ring;
 pub mod server;
 pub mod shard;
 pub mod timer;

@@ -10,9 +10,9 @@ use std::time::Instant;
 use bytes::BytesMut;
 use tether_protocol::server::ServerSession;
 
-use super::ring;
 use super::tlsconn::{OpenCx, TlsConn, TlsEnd};
 use crate::metrics::{ErrorKind, ShardMetrics};
+use crate::ring;
 use crate::timer::TimerId;
 
 /// How a connection's I/O step ended.

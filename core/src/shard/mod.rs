@@ -9,7 +9,6 @@
 mod agent;
 mod conn;
 pub mod mesh;
-mod ring;
 mod rollout;
 mod run;
 mod tlsconn;
@@ -32,12 +31,12 @@ use tether_protocol::{SendError, SessionId};
 
 use crate::detached::Handshake;
 use crate::metrics::{ErrorKind, ShardMetrics};
+use crate::ring::{Completion, Kind, Ring, ring_generation};
 use crate::server::{ServerCtx, TlsState};
 use crate::timer::TimerWheel;
 use agent::AgentOut;
 use conn::{Conn, IoOutcome};
 use mesh::{AgentId, Moved, ShardMsg, agent_shard, home_shard};
-use ring::{Completion, Kind, Ring, ring_generation};
 use tlsconn::TlsConn;
 
 pub use rollout::GroupRollout;

@@ -9,13 +9,11 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use glommio::channels::channel_mesh::MeshBuilder;
-use glommio::io::BufferedFile;
 use glommio::net::TcpListener;
-use std::os::fd::{FromRawFd, IntoRawFd};
 
 use super::mesh::ShardMsg;
-use super::ring::{self, Ring};
 use super::{Shard, agent, wake};
+use crate::ring::{self, Doorbell, Ring};
 use crate::server::{ServerCtx, ShardHandle};
 
 /// Timer task period: deadlines are coarse (seconds), so 100 ms is plenty.
@@ -55,9 +53,7 @@ async fn serve_shard(
         .ok()
         .and_then(|a| a.as_socket());
     let ring = Ring::new(4096).map_err(|e| format!("shard {id}: io_uring setup failed: {e}"))?;
-    let eventfd = ring
-        .eventfd()
-        .map_err(|e| format!("shard {id}: eventfd: {e}"))?;
+    let doorbell = Doorbell::new(&ring).map_err(|e| format!("shard {id}: eventfd: {e}"))?;
     let agent_listener = TcpListener::bind(ctx.agent_listen)
         .map_err(|e| format!("shard {id}: cannot listen on {}: {e}", ctx.agent_listen))?;
     let shard = Rc::new(RefCell::new(Shard::new(
@@ -75,10 +71,8 @@ async fn serve_shard(
     // Park on the readiness ring's eventfd (glommio's file API reads it through glommio's own
     // ring); each wake-up lets the driver drain the completions.
     glommio::spawn_local(async move {
-        // SAFETY: `eventfd` is a descriptor we own; the file takes it over.
-        let file = unsafe { BufferedFile::from_raw_fd(eventfd.into_raw_fd()) };
         loop {
-            if file.read_at(0, 8).await.is_err() {
+            if doorbell.wait().await.is_err() {
                 glommio::timer::sleep(Duration::from_millis(1)).await;
             }
             wake::wake_driver();

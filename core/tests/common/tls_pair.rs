@@ -60,6 +60,7 @@ pub fn configs(
             )
             .unwrap();
         cfg.ticketer = server.ticketer.clone();
+        cfg.send_tls13_tickets = server.send_tls13_tickets;
         cfg.send_half_rtt_data = true;
         cfg.enable_secret_extraction = true;
         cfg.alpn_protocols = server.alpn_protocols.clone();

@@ -1,77 +1,121 @@
-//! A simulated device: the protocol crate's [`DeviceSession`] over rustls over a glommio socket
-//! bound to one of the campaign's source addresses.
+//! A simulated device: the protocol crate's [`DeviceSession`] over a [`DeviceTls`] over a
+//! non-blocking socket bound to one of the campaign's source addresses — an explicit state
+//! machine, not a task. The shard's driver ([`super::driver`]) owns every device in a table
+//! and runs one when the readiness ring says its socket is ready or the timing wheel says one
+//! of its deadlines came; it lends the shard's buffers ([`Lent`]) for that step only, so a
+//! device at rest holds its session, its TLS state and its socket, and no buffer.
 //!
-//! Shape (for this first version): **one task per device**. Reads go through the shard's scratch
-//! buffers, lent for one poll only, so an idle device holds its session, its rustls
-//! `ClientConnection`, its socket and its task — no buffer of its own. The one-driver-per-shard
-//! shape of DESIGN.md (a slab and index wakers) is the next step; nothing in the session logic
-//! depends on which one runs it.
+//! Phases: [`Phase::Waiting`] for the ramp slot → [`Phase::Connecting`] (non-blocking connect,
+//! completion by a `POLLOUT` poll on the ring) → [`Phase::Handshaking`] (TLS) →
+//! [`Phase::Established`] (Hello/Welcome, then traffic) → back to [`Phase::Backoff`] after a
+//! failure or a storm drop, and [`Phase::Done`] at the end of the run.
 
-use std::future::Future;
-use std::io::{self, Write as _};
-use std::rc::Rc;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use futures_lite::future;
-use glommio::net::TcpStream;
-use rustls::{ClientConnection, HandshakeKind};
+use socket2::{Domain, Protocol, SockAddr, SockRef, Socket, Type};
+use tether_core::ring::{self, Completion, Kind as RingKind, Ring, ring_generation};
+use tether_core::timer::{TimerId, TimerWheel};
 use tether_protocol::device::{DeviceConfig, DeviceEvent, DeviceSession};
 use tether_protocol::message::GoodbyeReason;
 use tether_protocol::{AuthError, CloseReason};
 
-use super::net::{self, flush_tls, kind_of, poll_read_tls, sleep_until, until};
+use super::net::kind_of;
 use super::shard::ShardCtx;
 use super::stamp::{self, Kind};
+use super::tls::DeviceTls;
 use crate::stats::{Metric, OpenLoopSchedule};
 
 /// Topic of every loadgen message.
 pub const TOPIC: &[u8] = b"lg";
 /// Wait after a failed connect before the next attempt (unless the server said otherwise).
 const RETRY_AFTER: Duration = Duration::from_secs(1);
+/// Most reads one step takes before giving other devices a turn.
+const READS_PER_STEP: usize = 16;
 
-/// How one connection ended.
-enum Outcome {
-    /// The run is over (or aborted): do not reconnect.
-    End,
-    /// Dropped by a storm: reconnect at once.
-    Dropped,
-    /// Failed or closed by the server: reconnect after this.
-    Retry(Duration),
+/// What the shard lends a device for one step.
+pub(super) struct Lent<'a> {
+    pub ctx: &'a ShardCtx,
+    pub ring: &'a mut Ring,
+    pub wheel: &'a mut TimerWheel<u32>,
+    /// This device's slot in the shard's table (ring and wheel key).
+    pub slot: u32,
+    /// Ciphertext read from the socket.
+    pub rx: &'a mut [u8],
+    /// Plaintext out of TLS.
+    pub plain: &'a mut [u8],
+    /// Frames out of the session.
+    pub frames: &'a mut BytesMut,
+    /// Ciphertext on its way to the socket.
+    pub tx: &'a mut Vec<u8>,
+    /// Slots whose socket may hold more input (the read budget ran out).
+    pub again: &'a mut Vec<u32>,
+    /// Devices that reached [`Phase::Done`].
+    pub done: &'a mut usize,
 }
 
-enum Wake {
-    Read(io::Result<usize>),
-    Timer,
-    Stop,
+/// A socket with TLS on it.
+pub(super) struct Link {
+    fd: OwnedFd,
+    tls: DeviceTls,
+    /// Ciphertext the socket did not take yet. Empty (unallocated) at rest.
+    out: Vec<u8>,
+    /// A write-readiness watch is armed on the ring.
+    writing: bool,
 }
 
-struct Device {
-    ctx: Rc<ShardCtx>,
-    slot: usize,
-    index: usize,
+/// Where a device is in its life; each phase holds what it waits with.
+pub(super) enum Phase {
+    /// Before its ramp slot (`Device::attempt`); nothing open.
+    Waiting,
+    /// After a failed or lost connection, until `Device::attempt`.
+    Backoff,
+    /// TCP connect in flight; a one-shot `POLLOUT` watch says when it is done.
+    Connecting { fd: OwnedFd, deadline: Instant },
+    /// TCP up since `connected`, TLS handshake in flight.
+    Handshaking {
+        link: Link,
+        connected: Instant,
+        deadline: Instant,
+    },
+    /// TLS up: Hello/Welcome, then traffic until the run ends, a storm, or a failure.
+    Established { link: Link },
+    /// The run is over for this device.
+    Done,
+}
+
+/// One simulated device.
+pub(super) struct Device {
+    phase: Phase,
     session: DeviceSession,
-    /// Device→agent and echo timetables, started at the first `Welcome`, kept across reconnects.
+    /// Device→agent and echo timetables, started at the ramp slot, kept across reconnects.
     d2a: OpenLoopSchedule,
     rt: OpenLoopSchedule,
-    started: bool,
+    /// When the current (or next) connect attempt is scheduled: connect latency counts from it.
+    attempt: Instant,
     /// Our own heartbeat (the session's would fire at the same interval; ours is timed).
     next_ping: Option<Instant>,
     pending_ping: Option<(u64, Instant)>,
-    heartbeat: Duration,
-    /// Storms that drop this device, by campaign index, with their instant; `next_storm` is the
-    /// first not yet passed.
-    storms: Vec<(usize, Instant)>,
-    next_storm: usize,
-    /// The storm this device is recovering from.
-    recovering: Option<(usize, Instant)>,
     hello_at: Option<Instant>,
+    retry_after: Option<Duration>,
+    /// The deadline the wheel holds for this device.
+    armed: Option<(Instant, TimerId)>,
+    heartbeat: Duration,
+    /// Index of this device in the process (identity, phases, storm victims).
+    index: u32,
+    /// Generation of the current connection, tagging its ring operations.
+    generation: u32,
+    /// First campaign storm not yet passed (storms are per campaign; victims are computed).
+    next_storm: u8,
+    /// The storm this device is recovering from.
+    recovering: Option<u8>,
     established: bool,
+    ever_connected: bool,
     /// Whether the current connection's TLS handshake resumed a session.
     resumed: bool,
-    ever_connected: bool,
-    retry_after: Option<Duration>,
 }
 
 /// A stable pseudo-random number in [0, 1) for (device, salt): spreads phases and picks storm
@@ -84,286 +128,468 @@ fn unit(index: usize, salt: u64) -> f64 {
     (x >> 11) as f64 / (1u64 << 53) as f64
 }
 
-/// Runs device `index` (shard-local `slot`) from its ramp slot to the end of the run.
-pub async fn run(ctx: Rc<ShardCtx>, slot: usize, index: usize) {
-    let sh = ctx.shared.clone();
-    let tl = sh.timeline;
-    let c = &sh.campaign;
-    let first = tl.ramp_slot(index);
-    if stopped(&ctx, slot, sleep_until(first)).await {
-        return;
+impl Device {
+    /// Device `index` of the process, waiting for its ramp slot.
+    pub fn new(ctx: &ShardCtx, index: usize) -> Device {
+        let sh = &ctx.shared;
+        let c = &sh.campaign;
+        let first = sh.timeline.ramp_slot(index);
+        let ident = &sh.devices[index];
+        let mut cfg = DeviceConfig::new(ident.id, ident.key.clone());
+        cfg.welcome_timeout = Duration::from_millis(c.limits.connect_timeout_ms);
+        let m = &c.messages;
+        Device {
+            phase: Phase::Waiting,
+            session: DeviceSession::new(cfg, first),
+            // Timetables start at the ramp slot, phase-spread, so the schedule is fixed
+            // regardless of how long connects take.
+            d2a: OpenLoopSchedule::with_phase(m.device_to_agent_per_sec, first, unit(index, 1)),
+            rt: OpenLoopSchedule::with_phase(m.round_trip_per_sec, first, unit(index, 2)),
+            attempt: first,
+            next_ping: None,
+            pending_ping: None,
+            hello_at: None,
+            retry_after: None,
+            armed: None,
+            heartbeat: Duration::from_secs(u64::from(c.heartbeat_s)),
+            index: index as u32,
+            generation: 0,
+            next_storm: 0,
+            recovering: None,
+            established: false,
+            ever_connected: false,
+            resumed: false,
+        }
     }
-    let ident = &sh.devices[index];
-    let mut cfg = DeviceConfig::new(ident.id, ident.key.clone());
-    cfg.welcome_timeout = Duration::from_millis(c.limits.connect_timeout_ms);
-    let storms = c
-        .storm
-        .iter()
-        .enumerate()
-        .filter(|(k, s)| unit(index, 1000 + *k as u64) * 100.0 < s.drop_percent)
-        .map(|(k, s)| (k, tl.at(s.at_s)))
-        .collect();
-    let m = &c.messages;
-    let mut dev = Device {
-        session: DeviceSession::new(cfg, Instant::now()),
-        d2a: OpenLoopSchedule::new(0.0, first),
-        rt: OpenLoopSchedule::new(0.0, first),
-        started: false,
-        next_ping: None,
-        pending_ping: None,
-        heartbeat: Duration::from_secs(u64::from(c.heartbeat_s)),
-        storms,
-        next_storm: 0,
-        recovering: None,
-        hello_at: None,
-        established: false,
-        resumed: false,
-        ever_connected: false,
-        retry_after: None,
-        ctx: ctx.clone(),
-        slot,
-        index,
-    };
-    let (d2a_rate, rt_rate) = (m.device_to_agent_per_sec, m.round_trip_per_sec);
-    let mut attempt = first;
-    // Bounded: every attempt either ends the loop or waits (≥ RETRY_AFTER, or a storm instant,
-    // of which there are finitely many) and the loop ends at `sends_end`.
-    loop {
-        if Instant::now() >= tl.sends_end || ctx.stop.fired() {
-            break;
-        }
-        if !dev.started {
-            // Timetables start at the first attempt, phase-spread, so the schedule is fixed
-            // regardless of how long the connect takes.
-            dev.d2a = OpenLoopSchedule::with_phase(d2a_rate, attempt, unit(index, 1));
-            dev.rt = OpenLoopSchedule::with_phase(rt_rate, attempt, unit(index, 2));
-            dev.started = true;
-        }
-        match dev.connection(attempt).await {
-            Outcome::End => break,
-            Outcome::Dropped => attempt = Instant::now(),
-            Outcome::Retry(after) => {
-                attempt = Instant::now() + after;
-                if stopped(&ctx, slot, sleep_until(attempt.min(tl.sends_end))).await {
-                    break;
+
+    /// The generation ring completions for this device must carry.
+    pub fn generation(&self) -> u32 {
+        self.generation
+    }
+
+    /// Whether the run is over for this device.
+    pub fn is_done(&self) -> bool {
+        matches!(self.phase, Phase::Done)
+    }
+
+    /// Puts the first deadline (the ramp slot) on the wheel.
+    pub fn start(&mut self, l: &mut Lent<'_>) {
+        self.arm(l);
+    }
+
+    /// The wheel fired for this device.
+    pub fn on_timer(&mut self, now: Instant, l: &mut Lent<'_>) {
+        self.armed = None;
+        let tl = l.ctx.shared.timeline;
+        match &self.phase {
+            Phase::Waiting | Phase::Backoff => {
+                if now >= tl.sends_end {
+                    self.done(l);
+                    return;
+                }
+                if now >= self.attempt {
+                    self.connect(now, l);
                 }
             }
+            Phase::Connecting { .. } | Phase::Handshaking { .. } if now >= tl.end => {
+                self.close(l);
+                self.done(l);
+                return;
+            }
+            Phase::Connecting { deadline, .. } if now >= *deadline => {
+                l.ctx.error("connect_timeout");
+                self.close(l);
+                self.backoff(now, RETRY_AFTER);
+            }
+            Phase::Handshaking { deadline, .. } if now >= *deadline => {
+                l.ctx.error("tls_timeout");
+                self.session.connection_lost(CloseReason::HandshakeTimeout);
+                self.drain_events(now, l);
+                self.close(l);
+                self.backoff(now, RETRY_AFTER);
+            }
+            Phase::Established { .. } => {
+                if now >= tl.end {
+                    self.finish(now, l);
+                    return;
+                }
+                if let Some((k, at)) = self.storm(l.ctx) {
+                    if now >= at {
+                        self.next_storm = k as u8 + 1;
+                        if self.established {
+                            self.recovering = Some(k as u8);
+                            l.ctx.storms.borrow_mut()[k].dropped += 1;
+                            // Abrupt: no Goodbye, the socket just closes.
+                            self.session
+                                .connection_lost(CloseReason::Local(GoodbyeReason::Normal));
+                            self.drain_events(now, l);
+                            self.close(l);
+                            self.backoff(now, Duration::ZERO);
+                            self.arm(l);
+                            return;
+                        }
+                    }
+                }
+                self.session.handle_timeout(now);
+                self.sends(now, l.ctx);
+                if self.next_ping.is_some_and(|t| now >= t) {
+                    self.ping(now);
+                }
+            }
+            _ => {}
+        }
+        self.settle(now, l);
+    }
+
+    /// The readiness ring reported on this device's socket (the generation is checked).
+    pub fn on_ready(&mut self, c: Completion, now: Instant, l: &mut Lent<'_>) {
+        match (c.kind, &mut self.phase) {
+            (RingKind::Write, Phase::Connecting { .. }) => self.connected(c.result, now, l),
+            (RingKind::Write, Phase::Handshaking { link, .. } | Phase::Established { link }) => {
+                link.writing = false
+            }
+            (RingKind::Read, Phase::Handshaking { link, .. } | Phase::Established { link }) => {
+                if !c.more && c.result != -libc::ECANCELED {
+                    // The multishot poll ended (overflow or error): re-arm it.
+                    l.ring
+                        .watch_read(link.fd.as_raw_fd(), l.slot as usize, self.generation);
+                }
+                self.read(now, l);
+            }
+            _ => return,
+        }
+        self.settle(now, l);
+    }
+
+    /// Reads again after the read budget ran out.
+    pub fn on_again(&mut self, now: Instant, l: &mut Lent<'_>) {
+        if matches!(
+            self.phase,
+            Phase::Handshaking { .. } | Phase::Established { .. }
+        ) {
+            self.read(now, l);
+            self.settle(now, l);
         }
     }
-    sh.online[index].store(false, Ordering::Relaxed);
-}
 
-/// Waits for `fut` or the shard's stop; true if stopped.
-async fn stopped(ctx: &ShardCtx, slot: usize, fut: impl Future<Output = ()>) -> bool {
-    future::or(
-        async {
-            fut.await;
-            false
-        },
-        async {
-            ctx.stop.wait(slot).await;
-            true
-        },
-    )
-    .await
-}
+    /// The shard stops early (abort): close whatever is open.
+    pub fn stop(&mut self, now: Instant, l: &mut Lent<'_>) {
+        match self.phase {
+            Phase::Done => {}
+            Phase::Established { .. } => self.finish(now, l),
+            _ => {
+                self.close(l);
+                self.done(l);
+            }
+        }
+    }
 
-impl Device {
-    /// One connection: TCP, TLS, Hello/Welcome, then traffic until it ends.
-    async fn connection(&mut self, scheduled: Instant) -> Outcome {
-        let ctx = self.ctx.clone();
-        let sh = &ctx.shared;
+    /// Starts a non-blocking connect from the device's source address.
+    fn connect(&mut self, now: Instant, l: &mut Lent<'_>) {
+        let sh = &l.ctx.shared;
         let timeout = Duration::from_millis(sh.campaign.limits.connect_timeout_ms);
-        let deadline = scheduled.max(Instant::now()) + timeout;
-        let source = (!sh.sources.is_empty()).then(|| sh.sources[self.index % sh.sources.len()]);
-        let stream = match until(deadline, net::connect_from(source, sh.server)).await {
-            None => {
-                ctx.error("connect_timeout");
-                return Outcome::Retry(RETRY_AFTER);
+        let deadline = self.attempt.max(now) + timeout;
+        let source =
+            (!sh.sources.is_empty()).then(|| sh.sources[self.index as usize % sh.sources.len()]);
+        let socket = (|| {
+            let s = Socket::new(
+                Domain::for_address(sh.server),
+                Type::STREAM.nonblocking().cloexec(),
+                Some(Protocol::TCP),
+            )?;
+            s.set_tcp_nodelay(true)?;
+            if let Some(ip) = source {
+                s.bind(&SockAddr::from(std::net::SocketAddr::from((ip, 0))))?;
             }
-            Some(Err(e)) => {
-                ctx.error(&kind_of(&e, "connect"));
-                return Outcome::Retry(RETRY_AFTER);
+            match s.connect(&SockAddr::from(sh.server)) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+                Err(e) => return Err(e),
             }
-            Some(Ok(s)) => s,
+            io::Result::Ok(s)
+        })();
+        match socket {
+            Ok(s) => {
+                let fd = OwnedFd::from(s);
+                self.generation = ring_generation(self.generation.wrapping_add(1));
+                l.ring
+                    .watch_write(fd.as_raw_fd(), l.slot as usize, self.generation);
+                self.phase = Phase::Connecting { fd, deadline };
+            }
+            Err(e) => {
+                l.ctx.error(&kind_of(&e, "connect"));
+                self.backoff(now, RETRY_AFTER);
+            }
+        }
+    }
+
+    /// The connecting socket became writable: connected, or failed.
+    fn connected(&mut self, result: i32, now: Instant, l: &mut Lent<'_>) {
+        let Phase::Connecting { fd, deadline } = std::mem::replace(&mut self.phase, Phase::Backoff)
+        else {
+            return;
         };
-        let connected = Instant::now();
-        ctx.stats
+        let failure = match SockRef::from(&fd).take_error() {
+            Ok(Some(e)) | Err(e) => Some(e),
+            Ok(None) if result < 0 => Some(io::Error::from_raw_os_error(-result)),
+            Ok(None) => None,
+        };
+        if let Some(e) = failure {
+            l.ctx.error(&kind_of(&e, "connect"));
+            self.phase = Phase::Connecting { fd, deadline };
+            self.close(l);
+            self.backoff(now, RETRY_AFTER);
+            return;
+        }
+        let sh = &l.ctx.shared;
+        l.ctx
+            .stats
             .borrow_mut()
             .hist
-            .record_since(Metric::Connect, scheduled, connected);
-        let mut tls = match ClientConnection::new(sh.tls.clone(), sh.server_name.clone()) {
+            .record_since(Metric::Connect, self.attempt, now);
+        let tls = match DeviceTls::buffered(sh.tls.clone(), sh.server_name.clone()) {
             Ok(t) => t,
             Err(_) => {
-                ctx.error("tls_config");
-                return Outcome::Retry(RETRY_AFTER);
+                l.ctx.error("tls_config");
+                self.phase = Phase::Connecting { fd, deadline };
+                self.close(l);
+                self.backoff(now, RETRY_AFTER);
+                return;
             }
         };
-        let mut stream = stream;
-        self.session.connect(connected);
+        self.session.connect(now);
         self.hello_at = None;
         self.retry_after = None;
-        match until(deadline, self.handshake(&mut stream, &mut tls)).await {
-            None => {
-                ctx.error("tls_timeout");
-                self.session.connection_lost(CloseReason::HandshakeTimeout);
-                self.drain_events();
-                return Outcome::Retry(RETRY_AFTER);
-            }
-            Some(Err(e)) => {
-                ctx.error(&kind_of(&e, "tls"));
-                self.session
-                    .connection_lost(CloseReason::Local(GoodbyeReason::Normal));
-                self.drain_events();
-                return Outcome::Retry(RETRY_AFTER);
-            }
-            Some(Ok(())) => {}
-        }
-        ctx.stats
-            .borrow_mut()
-            .hist
-            .record_since(Metric::TlsHandshake, connected, Instant::now());
-        self.resumed = tls.handshake_kind() == Some(HandshakeKind::Resumed);
-        self.drive(&mut stream, &mut tls).await
+        l.ring
+            .watch_read(fd.as_raw_fd(), l.slot as usize, self.generation);
+        self.phase = Phase::Handshaking {
+            link: Link {
+                fd,
+                tls,
+                out: Vec::new(),
+                writing: false,
+            },
+            connected: now,
+            deadline,
+        };
     }
 
-    async fn handshake(
-        &mut self,
-        stream: &mut TcpStream,
-        tls: &mut ClientConnection,
-    ) -> io::Result<()> {
-        let ctx = self.ctx.clone();
-        // Bounded by the caller's deadline.
-        loop {
-            flush_tls(stream, tls, &ctx.scratch).await?;
-            if !tls.is_handshaking() {
-                return Ok(());
-            }
+    /// Reads what the socket has, through TLS into the session, via the shard's buffers.
+    fn read(&mut self, now: Instant, l: &mut Lent<'_>) {
+        for _ in 0..READS_PER_STEP {
+            let (link, handshaking) = match &mut self.phase {
+                Phase::Handshaking { link, .. } => (link, true),
+                Phase::Established { link } => (link, false),
+                _ => return,
+            };
+            let stage = if handshaking { "tls" } else { "read" };
+            let n = match ring::recv(link.fd.as_raw_fd(), l.rx) {
+                Ok(0) => {
+                    self.eof(now, stage, l);
+                    return;
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    self.fail(now, &kind_of(&e, stage), l);
+                    return;
+                }
+            };
             let session = &mut self.session;
-            let n = future::poll_fn(|cx| {
-                poll_read_tls(cx, stream, tls, &ctx.scratch, |p| {
-                    session.handle_bytes(Instant::now(), p)
-                })
-            })
-            .await?;
-            if n == 0 {
-                return Err(io::ErrorKind::UnexpectedEof.into());
+            let opened = link
+                .tls
+                .read(&mut l.rx[..n], l.plain, |p| session.handle_bytes(now, p));
+            match opened {
+                Err(e) => {
+                    self.fail(now, &kind_of(&e, stage), l);
+                    return;
+                }
+                Ok(o) if o.peer_closed => {
+                    self.eof(now, stage, l);
+                    return;
+                }
+                Ok(_) => {}
             }
+            if handshaking && !link.tls.is_handshaking() {
+                self.handshake_done(now, l);
+            }
+            if n < l.rx.len() {
+                // A short read drained the socket; new data raises a new ring completion.
+                return;
+            }
+        }
+        l.again.push(l.slot);
+    }
+
+    fn handshake_done(&mut self, now: Instant, l: &mut Lent<'_>) {
+        if let Phase::Handshaking {
+            link, connected, ..
+        } = std::mem::replace(&mut self.phase, Phase::Done)
+        {
+            l.ctx
+                .stats
+                .borrow_mut()
+                .hist
+                .record_since(Metric::TlsHandshake, connected, now);
+            self.resumed = link.tls.resumed();
+            self.phase = Phase::Established { link };
         }
     }
 
-    /// Runs an established TLS connection until it ends.
-    async fn drive(&mut self, stream: &mut TcpStream, tls: &mut ClientConnection) -> Outcome {
-        let ctx = self.ctx.clone();
-        let tl = ctx.shared.timeline;
-        // Bounded: each turn waits for input, a deadline or the stop, and the run ends at `end`.
-        loop {
-            let now = Instant::now();
-            self.drain_events();
-            if let Err(e) = self.transmit(stream, tls, now).await {
-                ctx.error(&kind_of(&e, "write"));
-                return self.lost();
-            }
-            if self.session.is_disconnected() {
+    /// The server closed the stream. After the session ended (the server's Goodbye) that is
+    /// how a connection ends; otherwise it is an error.
+    fn eof(&mut self, now: Instant, stage: &str, l: &mut Lent<'_>) {
+        if self.session.is_disconnected() {
+            self.close(l);
+            let after = self.retry_after.take().unwrap_or(RETRY_AFTER);
+            self.backoff(now, after);
+        } else {
+            self.fail(now, &format!("{stage}_eof"), l);
+        }
+    }
+
+    /// The transport broke under the session: count `kind`, close, retry later.
+    fn fail(&mut self, now: Instant, kind: &str, l: &mut Lent<'_>) {
+        l.ctx.error(kind);
+        self.session
+            .connection_lost(CloseReason::Local(GoodbyeReason::Normal));
+        self.drain_events(now, l);
+        self.close(l);
+        self.backoff(now, RETRY_AFTER);
+    }
+
+    /// After any input: handle the session's events, send its output, re-arm the timer.
+    fn settle(&mut self, now: Instant, l: &mut Lent<'_>) {
+        self.drain_events(now, l);
+        if let Phase::Handshaking { .. } | Phase::Established { .. } = self.phase {
+            let stage = match self.phase {
+                Phase::Handshaking { .. } => "tls",
+                _ => "write",
+            };
+            if let Err(e) = self.transmit(now, l) {
+                self.fail(now, &kind_of(&e, stage), l);
+            } else if self.session.is_disconnected()
+                && matches!(self.phase, Phase::Established { .. })
+            {
                 // The session closed (server goodbye, error, timeout): the reason is counted.
-                return Outcome::Retry(self.retry_after.take().unwrap_or(RETRY_AFTER));
+                self.close(l);
+                let after = self.retry_after.take().unwrap_or(RETRY_AFTER);
+                self.backoff(now, after);
             }
-            let wake_at = [
+        }
+        self.arm(l);
+    }
+
+    /// Moves what the session has to send through TLS to the socket; what the socket does not
+    /// take waits in the link's own buffer for a `POLLOUT`.
+    fn transmit(&mut self, now: Instant, l: &mut Lent<'_>) -> io::Result<()> {
+        let (link, established) = match &mut self.phase {
+            Phase::Handshaking { link, .. } => (link, false),
+            Phase::Established { link } => (link, true),
+            _ => return Ok(()),
+        };
+        l.frames.clear();
+        let any = established && self.session.poll_transmit(l.frames);
+        if any && !self.established && self.hello_at.is_none() {
+            self.hello_at = Some(now);
+        }
+        l.tx.clear();
+        link.tls.seal(l.frames, l.tx)?;
+        if l.frames.capacity() > 64 * 1024 {
+            *l.frames = BytesMut::new(); // a burst grew it: do not keep it
+        }
+        flush(link, self.generation, l)
+    }
+
+    /// Ends the run for this device: Goodbye, close_notify, one non-blocking flush, close.
+    fn finish(&mut self, now: Instant, l: &mut Lent<'_>) {
+        self.session.close();
+        self.drain_events(now, l);
+        let _ = self.transmit(now, l);
+        if let Phase::Established { link } = &mut self.phase {
+            l.tx.clear();
+            if link.tls.close_notify(l.tx).is_ok() {
+                let _ = flush(link, self.generation, l);
+            }
+        }
+        self.close(l);
+        self.done(l);
+    }
+
+    /// Closes the socket, if one is open: its ring watches are removed first (a pending poll
+    /// would keep the socket alive after close).
+    fn close(&mut self, l: &mut Lent<'_>) {
+        let writing = match &self.phase {
+            Phase::Connecting { .. } => true,
+            Phase::Handshaking { link, .. } | Phase::Established { link } => link.writing,
+            _ => return,
+        };
+        l.ring.unwatch(l.slot as usize, self.generation, writing);
+        // The descriptor closes when the phase is replaced.
+        self.phase = Phase::Backoff;
+    }
+
+    fn backoff(&mut self, now: Instant, after: Duration) {
+        self.attempt = now + after;
+        self.phase = Phase::Backoff;
+    }
+
+    fn done(&mut self, l: &mut Lent<'_>) {
+        if !self.is_done() {
+            self.phase = Phase::Done;
+            *l.done += 1;
+            if let Some((_, id)) = self.armed.take() {
+                l.wheel.cancel(id);
+            }
+            l.ctx.shared.online[self.index as usize].store(false, Ordering::Relaxed);
+        }
+    }
+
+    /// Makes sure the wheel holds the device's next deadline.
+    fn arm(&mut self, l: &mut Lent<'_>) {
+        let tl = l.ctx.shared.timeline;
+        let want = match &self.phase {
+            Phase::Waiting | Phase::Backoff => Some(self.attempt.min(tl.sends_end)),
+            Phase::Connecting { deadline, .. } | Phase::Handshaking { deadline, .. } => {
+                Some((*deadline).min(tl.end))
+            }
+            Phase::Established { .. } => [
                 self.session.poll_timeout(),
-                self.next_send(),
+                self.next_send(tl.sends_end),
                 self.next_ping,
-                self.storms.get(self.next_storm).map(|s| s.1),
+                self.storm(l.ctx).map(|s| s.1),
                 Some(tl.end),
             ]
             .into_iter()
             .flatten()
-            .min()
-            .unwrap_or(tl.end);
-            let session = &mut self.session;
-            let scratch = &ctx.scratch;
-            let read = future::poll_fn(|cx| {
-                poll_read_tls(cx, stream, tls, scratch, |p| {
-                    session.handle_bytes(Instant::now(), p)
-                })
-            });
-            let wake = future::or(
-                future::or(async { Wake::Read(read.await) }, async {
-                    sleep_until(wake_at).await;
-                    Wake::Timer
-                }),
-                async {
-                    ctx.stop.wait(self.slot).await;
-                    Wake::Stop
-                },
-            )
-            .await;
-            let now = Instant::now();
-            match wake {
-                Wake::Read(Ok(0)) => {
-                    ctx.error("read_eof");
-                    return self.lost();
+            .min(),
+            Phase::Done => None,
+        };
+        match (want, self.armed) {
+            (Some(w), Some((at, _))) if w == at => {}
+            (want, armed) => {
+                if let Some((_, id)) = armed {
+                    l.wheel.cancel(id);
                 }
-                Wake::Read(Ok(_)) => {}
-                Wake::Read(Err(e)) => {
-                    ctx.error(&kind_of(&e, "read"));
-                    return self.lost();
-                }
-                Wake::Timer => {
-                    if now >= tl.end {
-                        return self.finish(stream, tls).await;
-                    }
-                    if let Some(&(k, at)) = self.storms.get(self.next_storm) {
-                        if now >= at {
-                            self.next_storm += 1;
-                            if self.established {
-                                self.recovering = Some((k, at));
-                                ctx.storms.borrow_mut()[k].dropped += 1;
-                                // Abrupt: no Goodbye, the socket just closes (dropped below).
-                                self.session
-                                    .connection_lost(CloseReason::Local(GoodbyeReason::Normal));
-                                self.drain_events();
-                                return Outcome::Dropped;
-                            }
-                        }
-                    }
-                    self.session.handle_timeout(now);
-                    self.sends(now);
-                    if self.next_ping.is_some_and(|t| now >= t) {
-                        self.ping(now);
-                    }
-                }
-                Wake::Stop => return self.finish(stream, tls).await,
+                self.armed = want.map(|w| (w, l.wheel.insert(w, l.slot)));
             }
         }
     }
 
-    /// The transport broke under the session.
-    fn lost(&mut self) -> Outcome {
-        self.session
-            .connection_lost(CloseReason::Local(GoodbyeReason::Normal));
-        self.drain_events();
-        Outcome::Retry(RETRY_AFTER)
+    /// The next storm that drops this device, with its instant.
+    fn storm(&self, ctx: &ShardCtx) -> Option<(usize, Instant)> {
+        let sh = &ctx.shared;
+        sh.campaign
+            .storm
+            .iter()
+            .enumerate()
+            .skip(usize::from(self.next_storm))
+            .find(|(k, s)| unit(self.index as usize, 1000 + *k as u64) * 100.0 < s.drop_percent)
+            .map(|(k, s)| (k, sh.timeline.at(s.at_s)))
     }
 
-    /// Ends the run for this device: Goodbye, TLS close_notify, flush.
-    async fn finish(&mut self, stream: &mut TcpStream, tls: &mut ClientConnection) -> Outcome {
-        self.session.close();
-        self.drain_events();
-        let _ = self.transmit(stream, tls, Instant::now()).await;
-        tls.send_close_notify();
-        let _ = until(
-            Instant::now() + Duration::from_secs(1),
-            flush_tls(stream, tls, &self.ctx.scratch),
-        )
-        .await;
-        Outcome::End
-    }
-
-    fn next_send(&self) -> Option<Instant> {
-        if !self.started {
-            return None;
-        }
-        let end = self.ctx.shared.timeline.sends_end;
+    fn next_send(&self, end: Instant) -> Option<Instant> {
         [self.d2a.peek(), self.rt.peek()]
             .into_iter()
             .flatten()
@@ -372,9 +598,9 @@ impl Device {
     }
 
     /// Makes every send that is due: late ones keep their scheduled time.
-    fn sends(&mut self, now: Instant) {
-        let tl = self.ctx.shared.timeline;
-        let len = self.ctx.shared.campaign.messages.payload_bytes as usize;
+    fn sends(&mut self, now: Instant, ctx: &ShardCtx) {
+        let tl = ctx.shared.timeline;
+        let len = ctx.shared.campaign.messages.payload_bytes as usize;
         let now_capped = now.min(tl.sends_end);
         for kind in [Kind::DeviceToAgent, Kind::RoundTripOut] {
             // Bounded by the timetable up to `now` (a few per wake-up unless the shard stalled).
@@ -391,8 +617,8 @@ impl Device {
                 }
                 let payload = stamp::payload(kind, tl.epoch.micros(at), len);
                 match self.session.send(now, Bytes::from_static(TOPIC), payload) {
-                    Ok(_) => self.ctx.stats.borrow_mut().counters.msgs_sent += 1,
-                    Err(e) => self.ctx.error(match e {
+                    Ok(_) => ctx.stats.borrow_mut().counters.msgs_sent += 1,
+                    Err(e) => ctx.error(match e {
                         tether_protocol::SendError::OutboxFull { .. } => "device_outbox_full",
                         tether_protocol::SendError::TooLarge { .. } => "device_message_too_large",
                         _ => "device_send_closed",
@@ -410,28 +636,9 @@ impl Device {
         }
     }
 
-    /// Moves what the session has to send through rustls to the socket.
-    async fn transmit(
-        &mut self,
-        stream: &mut TcpStream,
-        tls: &mut ClientConnection,
-        now: Instant,
-    ) -> io::Result<()> {
-        let mut out = BytesMut::new();
-        if self.session.poll_transmit(&mut out) {
-            if !self.established && self.hello_at.is_none() {
-                self.hello_at = Some(now);
-            }
-            tls.writer().write_all(&out)?;
-        }
-        drop(out);
-        flush_tls(stream, tls, &self.ctx.scratch).await
-    }
-
-    fn drain_events(&mut self) {
-        let ctx = self.ctx.clone();
+    fn drain_events(&mut self, now: Instant, l: &mut Lent<'_>) {
+        let ctx = l.ctx;
         let sh = &ctx.shared;
-        let now = Instant::now();
         while let Some(ev) = self.session.poll_event() {
             match ev {
                 DeviceEvent::Connected { heartbeat, .. } => {
@@ -450,12 +657,13 @@ impl Device {
                         let us = sh.timeline.epoch.micros(now);
                         ctx.first_connects.set((n + 1, last.max(us)));
                     }
-                    sh.online[self.index].store(true, Ordering::Relaxed);
+                    sh.online[self.index as usize].store(true, Ordering::Relaxed);
                     self.heartbeat = heartbeat;
                     self.next_ping = Some(now + heartbeat);
-                    if let Some((k, at)) = self.recovering.take() {
+                    if let Some(k) = self.recovering.take() {
+                        let at = sh.timeline.at(sh.campaign.storm[usize::from(k)].at_s);
                         let mut storms = ctx.storms.borrow_mut();
-                        let t = &mut storms[k];
+                        let t = &mut storms[usize::from(k)];
                         t.reconnected += 1;
                         t.resumed += u64::from(self.resumed);
                         t.last_reconnect_us = t
@@ -484,8 +692,7 @@ impl Device {
                     }
                 }
                 DeviceEvent::Pong { id } => {
-                    if let Some((pid, at)) = self.pending_ping.filter(|p| p.0 == id) {
-                        let _ = pid;
+                    if let Some((_, at)) = self.pending_ping.filter(|p| p.0 == id) {
                         self.pending_ping = None;
                         ctx.stats
                             .borrow_mut()
@@ -500,7 +707,7 @@ impl Device {
                     if self.established {
                         self.established = false;
                         ctx.stats.borrow_mut().counters.disconnected();
-                        sh.online[self.index].store(false, Ordering::Relaxed);
+                        sh.online[self.index as usize].store(false, Ordering::Relaxed);
                     }
                     self.pending_ping = None;
                     self.next_ping = None;
@@ -514,6 +721,46 @@ impl Device {
             }
         }
     }
+}
+
+/// Writes pending ciphertext (the link's leftovers first, then the shard's `tx`) as far as the
+/// socket takes it; copies only the rest into the link and watches for `POLLOUT`.
+fn flush(link: &mut Link, generation: u32, l: &mut Lent<'_>) -> io::Result<()> {
+    if !link.out.is_empty() {
+        link.out.extend_from_slice(l.tx);
+        let done = send_all(&link.fd, &link.out)?;
+        if done == link.out.len() {
+            link.out = Vec::new(); // hold no write buffer at rest
+        } else {
+            link.out.drain(..done);
+        }
+    } else if !l.tx.is_empty() {
+        let done = send_all(&link.fd, l.tx)?;
+        if done < l.tx.len() {
+            link.out = l.tx[done..].to_vec();
+        }
+    }
+    if !link.out.is_empty() && !link.writing {
+        link.writing = true;
+        l.ring
+            .watch_write(link.fd.as_raw_fd(), l.slot as usize, generation);
+    }
+    Ok(())
+}
+
+/// Sends as much of `buf` as the socket takes without blocking; returns how much.
+fn send_all(fd: &OwnedFd, buf: &[u8]) -> io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match ring::send(fd.as_raw_fd(), &buf[done..]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
 }
 
 /// The error kind of a session close, `None` for closes this side made.
@@ -540,7 +787,7 @@ fn close_kind(r: &CloseReason) -> Option<&'static str> {
 
 #[cfg(test)]
 mod tests {
-    use super::unit;
+    use super::*;
 
     #[test]
     fn unit_is_spread_and_stable() {
@@ -549,5 +796,32 @@ mod tests {
         assert!((1_800..2_200).contains(&below), "{below}");
         assert_eq!(unit(42, 3), unit(42, 3));
         assert!((0..n).all(|i| (0.0..1.0).contains(&unit(i, 9))));
+    }
+
+    /// Memory per device is a budget (STYLE.md): these are the inline sizes of what every
+    /// simulated device holds at rest; heap behind them (rustls' `ClientConnection`, the
+    /// session's buffers) is measured by the idle campaigns. Run with `--nocapture` to see them.
+    #[test]
+    fn per_device_sizes() {
+        use std::mem::size_of;
+        let sizes = [
+            ("Device", size_of::<Device>()),
+            ("Phase", size_of::<Phase>()),
+            ("Link", size_of::<Link>()),
+            ("DeviceTls", size_of::<DeviceTls>()),
+            ("DeviceSession", size_of::<DeviceSession>()),
+            ("OpenLoopSchedule", size_of::<OpenLoopSchedule>()),
+            (
+                "rustls::ClientConnection (boxed)",
+                size_of::<rustls::ClientConnection>(),
+            ),
+        ];
+        for (name, size) in sizes {
+            println!("size_of {name}: {size} B");
+        }
+        assert!(size_of::<DeviceTls>() <= 16, "the TLS state stays boxed");
+        assert!(size_of::<Link>() <= 48);
+        assert!(size_of::<Phase>() <= 80);
+        assert!(size_of::<Device>() <= 768, "{}", size_of::<Device>());
     }
 }

@@ -13,10 +13,12 @@
 
 mod agent;
 mod device;
+mod driver;
 mod net;
 pub mod shard;
 pub mod spawn;
 pub mod stamp;
+mod tls;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

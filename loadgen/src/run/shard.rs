@@ -1,5 +1,5 @@
-//! A loadgen shard: one glommio executor pinned to a core, owning its devices' tasks, its
-//! statistics and its scratch buffers. Shards share only the read-only [`Shared`] plan and the
+//! A loadgen shard: one glommio executor pinned to a core, owning its devices (one driver task
+//! over a table of them, [`super::driver`]), its agents' tasks and its statistics. Shards share only the read-only [`Shared`] plan and the
 //! online flags; statistics leave a shard as snapshots over a channel once a second.
 
 use std::cell::{Cell, RefCell};
@@ -16,9 +16,9 @@ use rustls::pki_types::ServerName;
 use tether_protocol::DeviceId;
 use tether_protocol::auth::DeviceKey;
 
-use super::net::{Scratch, sleep_until};
+use super::net::sleep_until;
 use super::stamp::Epoch;
-use super::{agent, device};
+use super::{agent, driver};
 use crate::campaign::Campaign;
 use crate::stats::Stats;
 
@@ -133,7 +133,8 @@ pub struct Snapshot {
     pub done: bool,
 }
 
-/// Ends a shard's tasks early: every waiting task registers its waker under its own slot.
+/// Ends a shard's tasks early: every waiting task registers its waker under its own slot (the
+/// device driver looks at [`Stop::fired`] instead).
 #[derive(Default)]
 pub struct Stop {
     fired: Cell<bool>,
@@ -186,8 +187,6 @@ pub struct ShardCtx {
     pub first_connects: Cell<(u64, u64)>,
     /// See [`Snapshot::resumed`].
     pub resumed: Cell<u64>,
-    /// Buffers lent per operation.
-    pub scratch: Scratch,
     /// Early end.
     pub stop: Stop,
 }
@@ -225,15 +224,14 @@ pub async fn run_shard(shared: Arc<Shared>, index: usize, out: Sender<Snapshot>)
         sends_offline: Cell::new(0),
         first_connects: Cell::new((0, 0)),
         resumed: Cell::new(0),
-        scratch: Scratch::new(32 * 1024),
         stop: Stop::default(),
     });
     let mut tasks = Vec::new();
+    let devices: Vec<usize> = (index..shared.devices.len())
+        .step_by(shared.shards)
+        .collect();
+    tasks.push(glommio::spawn_local(driver::run(ctx.clone(), devices)));
     let mut slot = 0;
-    for i in (index..shared.devices.len()).step_by(shared.shards) {
-        tasks.push(glommio::spawn_local(device::run(ctx.clone(), slot, i)));
-        slot += 1;
-    }
     if shared.agent_server.is_some() && shared.campaign.messages.uses_agents() {
         let agents = shared.campaign.messages.agents as usize;
         for a in (index..agents).step_by(shared.shards) {

@@ -1,5 +1,9 @@
-//! The shard's own readiness ring: a second io_uring, next to glommio's, that holds one
+//! A shard's own readiness ring: a second io_uring, next to glommio's, that holds one
 //! multishot `POLL_ADD` per device socket and a multishot `ACCEPT` per listener.
+//!
+//! Public because both ends use it: the server's shards ([`crate::shard`]) and loadgen's
+//! simulated-device drivers (`tether-loadgen`, which forbids `unsafe` and so takes every
+//! unsafe call it needs from here: the ring, `recv`/`send`, and the [`Doorbell`]).
 //!
 //! Why: glommio 0.9's `TcpStream` re-allocates a ~500 B poll source at every re-arm and offers
 //! no multishot operations (DESIGN.md, "Idle connections"); a multishot poll costs nothing in
@@ -17,11 +21,12 @@
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
+use glommio::io::BufferedFile;
 use io_uring::{IoUring, opcode, squeue, types};
 
 /// What a completion is about.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Kind {
+pub enum Kind {
     /// A device socket became readable (or hung up).
     Read,
     /// A device socket became writable again.
@@ -34,9 +39,12 @@ pub(crate) enum Kind {
 
 /// One completion, decoded.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct Completion {
+pub struct Completion {
+    /// What the operation was.
     pub kind: Kind,
+    /// The slot (or listener number) the operation was made for.
     pub idx: usize,
+    /// The slot's generation when the operation was made (see [`ring_generation`]).
     pub generation: u32,
     /// The operation's result: poll event bits, a new descriptor, or `-errno`.
     pub result: i32,
@@ -72,12 +80,12 @@ fn decode(ud: u64) -> (Kind, usize, u32) {
 }
 
 /// The generation as the ring carries it (30 bits), for comparing with completions.
-pub(crate) fn ring_generation(g: u32) -> u32 {
+pub fn ring_generation(g: u32) -> u32 {
     (g as u64 & GEN_MASK) as u32
 }
 
 /// A shard's readiness ring.
-pub(crate) struct Ring {
+pub struct Ring {
     ring: IoUring,
     eventfd: OwnedFd,
     unsubmitted: usize,
@@ -85,7 +93,7 @@ pub(crate) struct Ring {
 
 impl Ring {
     /// A ring with room for `entries` submissions per batch; completions signal an eventfd.
-    pub(crate) fn new(entries: u32) -> io::Result<Ring> {
+    pub fn new(entries: u32) -> io::Result<Ring> {
         let ring = IoUring::builder()
             // Completions for 20k idle sockets can pile up between two drains.
             .setup_cqsize(entries.saturating_mul(8).max(4096))
@@ -107,7 +115,7 @@ impl Ring {
     }
 
     /// A duplicate of the completion eventfd, for the task that parks on it.
-    pub(crate) fn eventfd(&self) -> io::Result<OwnedFd> {
+    pub fn eventfd(&self) -> io::Result<OwnedFd> {
         self.eventfd.try_clone()
     }
 
@@ -128,7 +136,7 @@ impl Ring {
     }
 
     /// Watches `fd` for input (multishot) on behalf of slot `idx`.
-    pub(crate) fn watch_read(&mut self, fd: RawFd, idx: usize, generation: u32) {
+    pub fn watch_read(&mut self, fd: RawFd, idx: usize, generation: u32) {
         let e = opcode::PollAdd::new(
             types::Fd(fd),
             (libc::POLLIN | libc::POLLRDHUP | libc::POLLERR | libc::POLLHUP) as u32,
@@ -140,7 +148,7 @@ impl Ring {
     }
 
     /// Waits once for `fd` to become writable.
-    pub(crate) fn watch_write(&mut self, fd: RawFd, idx: usize, generation: u32) {
+    pub fn watch_write(&mut self, fd: RawFd, idx: usize, generation: u32) {
         let e = opcode::PollAdd::new(types::Fd(fd), libc::POLLOUT as u32)
             .build()
             .user_data(user_data(Kind::Write, idx, generation));
@@ -148,7 +156,7 @@ impl Ring {
     }
 
     /// Removes every watch of slot `idx`; call before its descriptor is closed or moved.
-    pub(crate) fn unwatch(&mut self, idx: usize, generation: u32, writing: bool) {
+    pub fn unwatch(&mut self, idx: usize, generation: u32, writing: bool) {
         let ctl = user_data(Kind::Control, idx, generation);
         self.push(
             opcode::PollRemove::new(user_data(Kind::Read, idx, generation))
@@ -165,7 +173,7 @@ impl Ring {
     }
 
     /// Accepts connections on `listener` (multishot) for listener number `which`.
-    pub(crate) fn accept(&mut self, listener: RawFd, which: usize) {
+    pub fn accept(&mut self, listener: RawFd, which: usize) {
         let e = opcode::AcceptMulti::new(types::Fd(listener))
             .flags(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
             .build()
@@ -174,7 +182,7 @@ impl Ring {
     }
 
     /// Stops accepting on listener number `which`.
-    pub(crate) fn cancel_accept(&mut self, which: usize) {
+    pub fn cancel_accept(&mut self, which: usize) {
         let e = opcode::AsyncCancel::new(user_data(Kind::Accept, which, 0))
             .build()
             .user_data(user_data(Kind::Control, which, 0));
@@ -182,7 +190,7 @@ impl Ring {
     }
 
     /// Hands queued operations to the kernel (one syscall per batch).
-    pub(crate) fn submit(&mut self) -> io::Result<()> {
+    pub fn submit(&mut self) -> io::Result<()> {
         if self.unsubmitted == 0 {
             return Ok(());
         }
@@ -192,7 +200,7 @@ impl Ring {
     }
 
     /// Takes every posted completion.
-    pub(crate) fn drain(&mut self, out: &mut Vec<Completion>) {
+    pub fn drain(&mut self, out: &mut Vec<Completion>) {
         for cqe in self.ring.completion() {
             let (kind, idx, generation) = decode(cqe.user_data());
             out.push(Completion {
@@ -206,8 +214,34 @@ impl Ring {
     }
 }
 
+/// The ring's completion eventfd, read through glommio's file API: `wait` resolves once the
+/// ring has posted completions since the last wait. The one public way to park a glommio task
+/// on another ring (DESIGN.md, "Idle connections"). Make it inside the shard's executor.
+pub struct Doorbell {
+    file: BufferedFile,
+}
+
+impl Doorbell {
+    /// A doorbell on `ring`'s eventfd (a duplicate; the ring keeps its own).
+    pub fn new(ring: &Ring) -> io::Result<Doorbell> {
+        let fd = ring.eventfd()?;
+        // SAFETY: `fd` is a fresh duplicate that we own; the file takes it over and closes it.
+        let file = unsafe { BufferedFile::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(fd)) };
+        Ok(Doorbell { file })
+    }
+
+    /// Waits until the ring signals (reads and resets the eventfd's counter).
+    pub async fn wait(&self) -> io::Result<()> {
+        self.file
+            .read_at(0, 8)
+            .await
+            .map(drop)
+            .map_err(io::Error::from)
+    }
+}
+
 /// Reads from a non-blocking socket. `Ok(0)` is end of stream.
-pub(crate) fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+pub fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     // SAFETY: `buf` is valid for `buf.len()` bytes for the duration of the call.
     let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
     if n < 0 {
@@ -218,7 +252,7 @@ pub(crate) fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
 }
 
 /// Writes to a non-blocking socket (no SIGPIPE).
-pub(crate) fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+pub fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
     // SAFETY: `buf` is valid for `buf.len()` bytes for the duration of the call.
     let n = unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL) };
     if n < 0 {
@@ -229,7 +263,7 @@ pub(crate) fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
 }
 
 /// A non-blocking, `SO_REUSEPORT` listener with a deep backlog.
-pub(crate) fn listener(addr: std::net::SocketAddr, backlog: i32) -> io::Result<OwnedFd> {
+pub fn listener(addr: std::net::SocketAddr, backlog: i32) -> io::Result<OwnedFd> {
     let domain = if addr.is_ipv6() {
         socket2::Domain::IPV6
     } else {
