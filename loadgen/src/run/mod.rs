@@ -106,8 +106,9 @@ pub fn run(c: &Campaign, opts: &RunOptions) -> Result<Report, RunError> {
     let mut notes = Vec::new();
     if c.tls_state == TlsState::Detached {
         notes.push(
-            "tls_state = detached is not implemented in loadgen yet: simulated devices keep \
-             rustls' buffered ClientConnection (the server's --tls-state is its own)"
+            "tls_state = detached: a spawned server runs --tls-state detached; loadgen's own \
+             devices still keep rustls' buffered ClientConnection (detached client state is not \
+             built yet)"
                 .to_owned(),
         );
     }

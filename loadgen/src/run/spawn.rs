@@ -115,7 +115,12 @@ impl ServerProcess {
                 crate::campaign::ServerSpec::SPAWN_ADMIN_ADDRESS,
             ))
             .arg("--heartbeat-s")
-            .arg(c.heartbeat_s.to_string());
+            .arg(c.heartbeat_s.to_string())
+            .arg("--tls-state")
+            .arg(match c.tls_state {
+                crate::campaign::TlsState::Buffered => "buffered",
+                crate::campaign::TlsState::Detached => "detached",
+            });
         if let Some(n) = s.shards {
             cmd.arg("--shards").arg(n.to_string());
         }
