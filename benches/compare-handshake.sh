@@ -4,8 +4,11 @@
 # Runs loadgen/campaigns/handshake-full.toml against four servers, each started fresh on its own
 # loopback address and ports with its own data directory (provisioned by `tether devices gen`):
 #
-#   tether-1     tether serve --shards 1
-#   tokio-cur    baseline-tokio --runtime current   (single-threaded tokio + tokio-rustls)
+#   tether-1     tether serve --shards 1 --tls-state $TLS_STATE (default detached)
+#   tokio-cur    baseline-tokio --runtime current   (single-threaded tokio + tokio-rustls, with
+#                rustls' default configuration: what a plain tokio-rustls server runs)
+#   tokio-tcfg   baseline-tokio --runtime current --tls tether   (the same, with Tether's TLS
+#                configuration: separates what the configuration gains from the architecture)
 #   tether-2     tether serve --shards 2
 #   tokio-multi  baseline-tokio --runtime multi
 #
@@ -43,7 +46,8 @@ RAMP=${RAMP:-1000}
 # SO_REUSEPORT, and connections landing on them would be counted as ours.
 IP=${IP:-127.0.77.2}
 BASE_PORT=${BASE_PORT:-17600}
-VARIANTS="tether-1 tokio-cur tether-2 tokio-multi"
+VARIANTS=${VARIANTS:-"tether-1 tokio-cur tokio-tcfg tether-2 tokio-multi"}
+TLS_STATE=${TLS_STATE:-detached}
 
 for b in tether loadgen baseline-tokio; do
     [ -x "$BIN/$b" ] || {
@@ -86,14 +90,16 @@ run_one() {
     case $variant in
     tether-1 | tether-2)
         "$BIN/tether" serve --data-dir "$dir/data" --shards "${variant#tether-}" \
+            --tls-state "$TLS_STATE" \
             --listen "$IP:$port" --agent-listen "$IP:$((port + 1))" \
             --admin-listen "$IP:$((port + 2))" --heartbeat-s 60 \
             >"$dir/server.log" 2>&1 &
         ;;
-    tokio-cur | tokio-multi)
-        rt=current
+    tokio-cur | tokio-tcfg | tokio-multi)
+        rt=current tls=plain
         [ "$variant" = tokio-multi ] && rt=multi
-        "$BIN/baseline-tokio" --data-dir "$dir/data" --runtime "$rt" \
+        [ "$variant" = tokio-tcfg ] && tls=tether
+        "$BIN/baseline-tokio" --data-dir "$dir/data" --runtime "$rt" --tls "$tls" \
             --listen "$IP:$port" --heartbeat-s 60 >"$dir/server.log" 2>&1 &
         ;;
     esac
@@ -164,6 +170,7 @@ ratio() {
         'BEGIN { printf "%-24s %.3f  (server CPU per handshake, medians)\n", n, a / b }'
 }
 ratio tether-1 tokio-cur
+ratio tether-1 tokio-tcfg
 ratio tether-2 tokio-cur
 ratio tether-2 tokio-multi
 # Per-round ratios of the side-by-side pair, so their spread is visible too.

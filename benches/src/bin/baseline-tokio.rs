@@ -15,7 +15,7 @@ use std::time::Instant;
 use bytes::BytesMut;
 use clap::Parser;
 use tether_core::registry::Registry;
-use tether_core::tls::{DevPki, TlsOptions, server_config};
+use tether_core::tls::{DevPki, TlsOptions, load_certs, load_key, server_config};
 use tether_protocol::SessionId;
 use tether_protocol::auth::Nonce;
 use tether_protocol::server::{ServerConfig, ServerEvent, ServerSession};
@@ -39,6 +39,12 @@ struct Args {
     /// Heartbeat interval told to devices, seconds.
     #[arg(long, default_value_t = 30)]
     heartbeat_s: u64,
+    /// TLS configuration: `plain` is what a plain tokio-rustls server gets from rustls'
+    /// defaults (aws-lc-rs: X25519MLKEM768 first, the client's suite order, two tickets);
+    /// `tether` is Tether's own (`tls::server_config`), to tell configuration gains from
+    /// architecture gains.
+    #[arg(long, default_value = "plain")]
+    tls: String,
 }
 
 fn main() -> Result<(), String> {
@@ -58,8 +64,28 @@ fn main() -> Result<(), String> {
 
 async fn serve(args: Args) -> Result<(), String> {
     let pki = DevPki::ensure(&args.data_dir).map_err(|e| e.to_string())?;
-    let tls = server_config(&pki.server_cert, &pki.server_key, &TlsOptions::default())
-        .map_err(|e| e.to_string())?;
+    let tls = match args.tls.as_str() {
+        "tether" => server_config(&pki.server_cert, &pki.server_key, &TlsOptions::default())
+            .map_err(|e| e.to_string())?,
+        "plain" => {
+            let certs = load_certs(&pki.server_cert, "certificate").map_err(|e| e.to_string())?;
+            let key = load_key(&pki.server_key).map_err(|e| e.to_string())?;
+            let mut c = rustls::ServerConfig::builder_with_provider(Arc::new(
+                rustls::crypto::aws_lc_rs::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .map_err(|e| e.to_string())?;
+            // The protocol's ALPN, and tickets so devices can resume (a plain server that
+            // wants resumption sets a ticketer; rustls' default is a stateful cache).
+            c.alpn_protocols = vec![tether_core::tls::ALPN.to_vec()];
+            c.ticketer = tether_core::tls::new_ticketer().map_err(|e| e.to_string())?;
+            Arc::new(c)
+        }
+        other => return Err(format!("--tls must be plain or tether, not {other:?}")),
+    };
     let registry =
         Arc::new(Registry::load(&args.data_dir.join("devices.csv")).map_err(|e| e.to_string())?);
     let heartbeat = std::time::Duration::from_secs(args.heartbeat_s.max(1));
@@ -73,9 +99,10 @@ async fn serve(args: Args) -> Result<(), String> {
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     eprintln!(
-        "baseline-tokio: listening on {} ({} runtime, {} devices)",
+        "baseline-tokio: listening on {} ({} runtime, {} TLS config, {} devices)",
         args.listen,
         args.runtime,
+        args.tls,
         registry.len()
     );
     let mut next_session = 0u64;
