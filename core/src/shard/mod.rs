@@ -151,7 +151,6 @@ impl Shard {
             self.metrics.error(ErrorKind::Tls);
             return;
         };
-        let _ = socket2::SockRef::from(&fd).set_tcp_nodelay(true);
         let mut nonce = [0u8; 32];
         crate::fsutil::random_bytes(&mut nonce);
         let now = Instant::now();
