@@ -130,6 +130,11 @@ fn unit(index: usize, salt: u64) -> f64 {
 
 impl Device {
     /// Device `index` of the process, waiting for its ramp slot.
+    /// The device's index in the campaign (its stable identity for the run).
+    pub fn index(&self) -> u64 {
+        u64::from(self.index)
+    }
+
     pub fn new(ctx: &ShardCtx, index: usize) -> Device {
         let sh = &ctx.shared;
         let c = &sh.campaign;

@@ -165,7 +165,11 @@ impl Driver {
             again: &mut self.again,
             done: &mut self.done,
         };
-        f(&mut self.devices[slot], &mut l);
+        let dev = &mut self.devices[slot];
+        // TLS tickets are kept per device: a device resumes only its own session.
+        tether_core::tls::set_ticket_owner(Some(dev.index()));
+        f(dev, &mut l);
+        tether_core::tls::set_ticket_owner(None);
     }
 
     /// One pass: the stop, ring completions, devices with input left, expired deadlines.
