@@ -7,93 +7,15 @@
 mod tls_pair;
 
 use std::io::{Read, Write};
-use std::sync::Arc;
 
 use rustls::crypto::aws_lc_rs::cipher_suite::{
     TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256,
 };
-use rustls::pki_types::ServerName;
-use rustls::{
-    CipherSuite, ClientConfig, HandshakeKind, ServerConfig, ServerConnection, SupportedCipherSuite,
-};
+use rustls::{CipherSuite, HandshakeKind, ServerConnection, SupportedCipherSuite};
 use tether_core::detached::{
-    ClientHandshake, DetachedClientTls, DetachedError, DetachedTls, Handshake, HandshakeError,
+    ClientHandshake, DetachedClientTls, DetachedError, DetachedTls, HandshakeError,
 };
-use tether_core::tls::{self, ClientTlsOptions};
-use tls_pair::{CHALLENGE, Dir, configs};
-
-fn detaching_client(dir: &Dir) -> Arc<ClientConfig> {
-    let pki = tls::DevPki::ensure(&dir.0).unwrap();
-    tls::client_config(
-        &pki.ca_cert,
-        &ClientTlsOptions {
-            secret_extraction: true,
-            ..ClientTlsOptions::default()
-        },
-    )
-    .unwrap()
-}
-
-fn name() -> ServerName<'static> {
-    ServerName::try_from("localhost").unwrap()
-}
-
-/// Opens every whole record of `wire` on the client, returns the plaintext.
-fn client_open(c: &mut DetachedClientTls, wire: &mut Vec<u8>) -> Vec<u8> {
-    let mut got = Vec::new();
-    let o = c
-        .decrypt_in_place(wire, |d| got.extend_from_slice(d))
-        .unwrap();
-    wire.drain(..o.consumed);
-    got
-}
-
-/// A detached client and a detached server, after the server's ticket reached the client.
-fn connect_detached(
-    client: &Arc<ClientConfig>,
-    server: &Arc<ServerConfig>,
-) -> (DetachedClientTls, DetachedTls, HandshakeKind, HandshakeKind) {
-    let mut ch = ClientHandshake::new(client.clone(), name()).unwrap();
-    let mut hs = Handshake::new(server.clone()).unwrap();
-    hs.queue_half_rtt(CHALLENGE);
-    let (mut to_server, mut to_client) = (Vec::new(), Vec::new());
-    let mut half_rtt = Vec::new();
-    let mut received = Vec::new();
-    for _ in 0..20 {
-        if !ch.is_complete() {
-            let p = ch
-                .feed(&mut to_client, &mut to_server, |d| {
-                    half_rtt.extend_from_slice(d)
-                })
-                .unwrap();
-            to_client.drain(..p.consumed);
-        }
-        let p = hs
-            .feed(&mut to_server, &mut to_client, &mut received)
-            .unwrap();
-        to_server.drain(..p.consumed);
-        if p.complete && ch.is_complete() {
-            break;
-        }
-    }
-    assert!(ch.is_complete() && hs.is_complete());
-    assert_eq!(
-        half_rtt, CHALLENGE,
-        "half-RTT data read during the handshake"
-    );
-    let (ckind, skind) = (ch.handshake_kind().unwrap(), hs.handshake_kind().unwrap());
-    let mut c = ch.detach(&mut to_server).unwrap();
-    let mut s = hs.detach(&mut to_client).unwrap();
-    assert!(client_open(&mut c, &mut to_client).is_empty());
-    assert!(to_client.is_empty());
-    assert_eq!(c.tickets_received(), 1, "the server's one ticket");
-    let mut got = Vec::new();
-    let o = s
-        .decrypt_in_place(&mut to_server, |d| got.extend_from_slice(d))
-        .unwrap();
-    assert_eq!(o.consumed, to_server.len());
-    (c, s, ckind, skind)
-}
+use tls_pair::{CHALLENGE, Dir, client_open, configs, connect_detached, detaching_client, name};
 
 fn exchange(c: &mut DetachedClientTls, s: &mut DetachedTls, n: usize) {
     for i in 0..n {

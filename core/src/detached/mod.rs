@@ -27,6 +27,10 @@
 //! (`tests/tls_detached_memory.rs`): the `KernelConnection` holds ≈ 0.8 KB, the two AEAD
 //! objects ≈ 100 B; the rest (≈ 1.3 KB) is aws-lc's two `EVP_AEAD_CTX`s in C.
 //!
+//! Client side, same example (`client-*` modes, ChaCha20-Poly1305, 5,000 states):
+//! [`DetachedClientTls`] after its ticket, key schedule forgotten ≈ 1.5 KB; key schedule kept
+//! ≈ 3.0 KB; rustls' buffered `ClientConnection` ≈ 8.3 KB.
+//!
 //! # AES-GCM and the first sequence number (aws-lc-rs)
 //! aws-lc-rs seals AES-GCM with aws-lc's TLS 1.3 AEAD (`EVP_aead_aes_*_gcm_tls13`), which
 //! enforces strictly rising nonces: on the *first* seal it takes the nonce's low 64 bits as

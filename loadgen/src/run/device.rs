@@ -822,6 +822,10 @@ mod tests {
             ("DeviceSession", size_of::<DeviceSession>()),
             ("OpenLoopSchedule", size_of::<OpenLoopSchedule>()),
             (
+                "DeviceEvent (the session's event queue keeps 4 at rest)",
+                size_of::<DeviceEvent>(),
+            ),
+            (
                 "rustls::ClientConnection (boxed)",
                 size_of::<rustls::ClientConnection>(),
             ),
