@@ -7,7 +7,10 @@
 //! `cargo run -p tether-core --example tls_state_rss -- <mode> [count]`, mode one of
 //! (optionally followed by `chacha20` or `aes128` to pin the suite; default AES-256-GCM)
 //! `detached`, `detached-no-ks` (key schedule forgotten), `restored` (from bytes),
-//! `unbuffered` (handshake done, not detached), `buffered` (rustls `ServerConnection`).
+//! `unbuffered` (handshake done, not detached), `buffered` (rustls `ServerConnection`);
+//! client side (the load generator's devices): `client-detached` (`DetachedClientTls`, its
+//! ticket handled, key schedule forgotten, as loadgen keeps it), `client-detached-ks` (key
+//! schedule kept), `client-buffered` (rustls `ClientConnection`).
 
 #[path = "../tests/common/tls_pair.rs"]
 mod tls_pair;
@@ -20,7 +23,10 @@ use rustls::crypto::aws_lc_rs::cipher_suite::{
 
 use tether_core::detached::DetachedTls;
 use tether_core::tls::{self, ClientTlsOptions};
-use tls_pair::{Dir, configs, connect, connect_buffered, handshake, provider};
+use tls_pair::{
+    Dir, configs, connect, connect_buffered, connect_detached, detaching_client, handshake,
+    provider,
+};
 
 fn rss_bytes() -> usize {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
@@ -48,6 +54,7 @@ fn main() {
         ..ClientTlsOptions::default()
     };
     let client = tls::client_config(&pki.ca_cert, &opts).expect("client config");
+    let detaching = detaching_client(&dir);
     let pr = provider();
     let make = |_: usize| -> Box<dyn Any> {
         match mode.as_str() {
@@ -65,6 +72,13 @@ fn main() {
             }
             "unbuffered" => Box::new(handshake(&client, &server).1),
             "buffered" => Box::new(connect_buffered(&client, &server).1),
+            "client-detached" => {
+                let mut tls = connect_detached(&detaching, &server).0;
+                tls.forget_key_schedule();
+                Box::new(tls)
+            }
+            "client-detached-ks" => Box::new(connect_detached(&detaching, &server).0),
+            "client-buffered" => Box::new(connect_buffered(&client, &server).0),
             other => panic!("unknown mode {other}"),
         }
     };

@@ -1,6 +1,7 @@
 //! CI smoke: `loadgen run loadgen/campaigns/tiny.toml` end to end — a spawned `tether serve`,
 //! 200 TLS devices, every message direction, a reconnect storm — with zero errors and a
-//! non-empty histogram for every measured path.
+//! non-empty histogram for every measured path, in both TLS modes (`tls_state`, which both the
+//! devices and the spawned server run): storms reconnect with resumption in both.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -36,9 +37,21 @@ fn free_port() -> u16 {
 }
 
 #[test]
-fn tiny_campaign_runs_clean() {
+fn tiny_campaign_runs_clean_detached() {
+    tiny_campaign_runs_clean("detached");
+}
+
+#[test]
+fn tiny_campaign_runs_clean_buffered() {
+    tiny_campaign_runs_clean("buffered");
+}
+
+fn tiny_campaign_runs_clean(tls_state: &str) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let report = std::env::temp_dir().join(format!("loadgen-tiny-{}.json", std::process::id()));
+    let report = std::env::temp_dir().join(format!(
+        "loadgen-tiny-{tls_state}-{}.json",
+        std::process::id()
+    ));
     let addr = |key: &str| format!("server.{key}=127.0.0.1:{}", free_port());
     let out = Command::new(env!("CARGO_BIN_EXE_loadgen"))
         .arg("run")
@@ -46,6 +59,7 @@ fn tiny_campaign_runs_clean() {
         .args(["--set", &addr("address")])
         .args(["--set", &addr("agent_address")])
         .args(["--set", &addr("admin_address")])
+        .args(["--set", &format!("tls_state={tls_state}")])
         .arg("--tether-bin")
         .arg(tether_bin())
         .arg("--report")
@@ -76,4 +90,7 @@ fn tiny_campaign_runs_clean() {
     let storm = &v["storms"][0];
     assert!(storm["dropped"].as_u64().unwrap_or(0) > 0, "{stdout}");
     assert_eq!(storm["dropped"], storm["reconnected"], "{stdout}");
+    // The reconnects resume from tickets the devices' TLS state handed to the ticket pool.
+    let resumed = storm["resumed"].as_u64().unwrap_or(0);
+    assert!(resumed > 0, "{tls_state}: no reconnect resumed\n{stdout}");
 }

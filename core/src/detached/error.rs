@@ -31,8 +31,9 @@ pub enum DetachedError {
     /// A protected message that does not parse.
     #[error("malformed {0}")]
     Malformed(&'static str),
-    /// A post-handshake message a client may not send to a server (e.g. NewSessionTicket).
-    #[error("unexpected post-handshake message {0:?} from the client")]
+    /// A post-handshake message the peer may not send (a client's NewSessionTicket, or any
+    /// post-handshake authentication).
+    #[error("unexpected post-handshake message {0:?} from the peer")]
     UnexpectedHandshake(HandshakeType),
     /// An inner content type that has no business after the handshake.
     #[error("inner content type {0:?} after the handshake")]
@@ -53,6 +54,9 @@ pub enum DetachedError {
     /// Sequence numbers ran out (u64) for a direction with no key schedule left.
     #[error("sequence number space of the {0} direction is exhausted")]
     SeqExhausted(&'static str),
+    /// rustls refused a session ticket the server sent (client side).
+    #[error("session ticket rejected: {0}")]
+    Ticket(rustls::Error),
     /// `encrypt` or `close_notify` after our close_notify.
     #[error("sending after close_notify")]
     Closed,

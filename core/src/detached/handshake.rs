@@ -220,10 +220,10 @@ const _: fn() = || {
     send::<rustls::kernel::KernelConnection<ServerConnectionData>>();
 };
 
-struct Grow(InsufficientSizeError);
+pub(super) struct Grow(pub(super) InsufficientSizeError);
 
 /// Appends what `write` writes into the spare end of `out`, growing it as asked.
-fn append(out: &mut Vec<u8>, mut write: impl FnMut(&mut [u8]) -> Result<usize, Grow>) {
+pub(super) fn append(out: &mut Vec<u8>, mut write: impl FnMut(&mut [u8]) -> Result<usize, Grow>) {
     let start = out.len();
     let mut room = 1024;
     loop {

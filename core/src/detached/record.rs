@@ -1,5 +1,6 @@
 //! The TLS 1.3 record layer of a detached connection, on rustls' own AEAD objects.
 
+use rustls::client::ClientConnectionData;
 use rustls::crypto::cipher::{
     AeadKey, InboundOpaqueMessage, Iv, MessageDecrypter, MessageEncrypter, OutboundChunks,
     OutboundPlainMessage,
@@ -100,6 +101,60 @@ pub(super) fn tx_must_start_at_zero(suite: CipherSuite) -> bool {
     suite != CipherSuite::TLS13_CHACHA20_POLY1305_SHA256
 }
 
+/// Which end of the connection a [`DetachedTls`] is: rustls' `ServerConnectionData` or
+/// `ClientConnectionData` (the type parameter of its `KernelConnection`). The record layer is
+/// the same for both; they differ in which post-handshake messages the peer may send.
+pub trait Side: sealed::Sealed + Sized + Send + Sync + 'static {
+    /// Handles a post-handshake message other than KeyUpdate, of type `typ` and body `msg`.
+    /// Returns true if it was a session ticket.
+    #[doc(hidden)]
+    fn post_handshake(
+        kernel: Option<&mut KernelConnection<Self>>,
+        typ: HandshakeType,
+        msg: &[u8],
+    ) -> Result<bool, DetachedError>;
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for rustls::server::ServerConnectionData {}
+    impl Sealed for rustls::client::ClientConnectionData {}
+}
+
+impl Side for ServerConnectionData {
+    /// A client sends nothing after its Finished but KeyUpdate (no post-handshake auth here).
+    fn post_handshake(
+        _: Option<&mut KernelConnection<Self>>,
+        typ: HandshakeType,
+        _: &[u8],
+    ) -> Result<bool, DetachedError> {
+        Err(DetachedError::UnexpectedHandshake(typ))
+    }
+}
+
+impl Side for ClientConnectionData {
+    /// The server sends NewSessionTickets after the handshake: rustls' key schedule stores
+    /// them in the config's session store (resumption keeps working). With no key schedule
+    /// left (forgotten, to save memory) a ticket is dropped, as RFC 8446 §4.6.1 allows.
+    fn post_handshake(
+        kernel: Option<&mut KernelConnection<Self>>,
+        typ: HandshakeType,
+        msg: &[u8],
+    ) -> Result<bool, DetachedError> {
+        match typ {
+            HandshakeType::NewSessionTicket => {
+                if let Some(kernel) = kernel {
+                    kernel
+                        .handle_new_session_ticket(msg)
+                        .map_err(DetachedError::Ticket)?;
+                }
+                Ok(true)
+            }
+            other => Err(DetachedError::UnexpectedHandshake(other)),
+        }
+    }
+}
+
 /// What one [`DetachedTls::decrypt_in_place`] call did.
 #[must_use]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,25 +169,29 @@ pub struct Opened {
     pub wants_write: bool,
 }
 
-/// A server-side TLS 1.3 connection after its handshake: two AEADs from rustls, their
-/// sequence numbers, and rustls' [`KernelConnection`] for key updates. Made by
-/// [`super::Handshake::detach`] or [`DetachedTls::from_bytes`].
+/// A TLS 1.3 connection after its handshake: two AEADs from rustls, their sequence numbers,
+/// and rustls' [`KernelConnection`] for key updates (and, on a client, session tickets). The
+/// server side (the default `S`) is made by [`super::Handshake::detach`] or
+/// [`DetachedTls::from_bytes`]; the client side, [`super::DetachedClientTls`], by
+/// [`super::ClientHandshake::detach`].
 ///
 /// Call order: feed received bytes to [`decrypt_in_place`](Self::decrypt_in_place) (keep
 /// the unconsumed tail for the next read); seal with [`encrypt`](Self::encrypt); when
 /// `Opened::wants_write`, call [`poll_transmit`](Self::poll_transmit); end with
 /// [`close_notify`](Self::close_notify). The value is `Send`: moving it to another shard of the
 /// same process keeps everything, key updates included.
-pub struct DetachedTls {
+pub struct DetachedTls<S: Side = ServerConnectionData> {
     pub(super) suite: &'static Tls13CipherSuite,
     pub(super) tx: Direction<dyn MessageEncrypter>,
     pub(super) rx: Direction<dyn MessageDecrypter>,
-    /// rustls' key schedule; `None` once restored from bytes.
-    pub(super) kernel: Option<Box<KernelConnection<ServerConnectionData>>>,
+    /// rustls' key schedule; `None` once restored from bytes or forgotten.
+    pub(super) kernel: Option<Box<KernelConnection<S>>>,
     /// Records sealed under one key before we rekey (or refuse, with no key schedule).
     pub(super) rekey_after: u64,
     pub(super) flags: Flags,
     key_updates_in_a_row: u8,
+    /// Session tickets read (client side; saturating).
+    tickets: u8,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -143,7 +202,7 @@ pub(super) struct Flags {
     pub(super) answer_key_update: bool,
 }
 
-impl std::fmt::Debug for DetachedTls {
+impl<S: Side> std::fmt::Debug for DetachedTls<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never the keys.
         f.debug_struct("DetachedTls")
@@ -156,13 +215,13 @@ impl std::fmt::Debug for DetachedTls {
     }
 }
 
-impl DetachedTls {
+impl<S: Side> DetachedTls<S> {
     pub(super) fn new(
         suite: &'static Tls13CipherSuite,
         tx: Direction<dyn MessageEncrypter>,
         rx: Direction<dyn MessageDecrypter>,
-        kernel: Option<Box<KernelConnection<ServerConnectionData>>>,
-    ) -> DetachedTls {
+        kernel: Option<Box<KernelConnection<S>>>,
+    ) -> DetachedTls<S> {
         DetachedTls {
             suite,
             tx,
@@ -171,6 +230,7 @@ impl DetachedTls {
             rekey_after: default_rekey_after(suite),
             flags: Flags::default(),
             key_updates_in_a_row: 0,
+            tickets: 0,
         }
     }
 
@@ -197,6 +257,12 @@ impl DetachedTls {
         self.kernel = None;
     }
 
+    /// Session tickets the peer sent since detaching (a server sends them to a client; they
+    /// reach rustls' session store while the key schedule is held). Saturates at 255.
+    pub fn tickets_received(&self) -> u8 {
+        self.tickets
+    }
+
     /// True once the peer's close_notify was read.
     pub fn peer_closed(&self) -> bool {
         self.flags.peer_closed
@@ -211,8 +277,8 @@ impl DetachedTls {
     /// Opens every whole record at the front of `buf`, in place, and hands each application
     /// data payload to `on_data`. Partial records are left: keep `buf[opened.consumed..]` and
     /// append the next read to it. Handles alerts (close_notify ends reading), the peer's
-    /// KeyUpdate (new receive key; an answer is queued if requested) and rejects everything
-    /// else a client may not send.
+    /// KeyUpdate (new receive key; an answer is queued if requested), session tickets on a
+    /// client, and rejects everything else the peer may not send.
     pub fn decrypt_in_place(
         &mut self,
         buf: &mut [u8],
@@ -302,7 +368,8 @@ impl DetachedTls {
         while let [typ, a, b, c, rest @ ..] = body {
             let len = u32::from_be_bytes([0, *a, *b, *c]) as usize;
             let Some(msg) = rest.get(..len) else {
-                // A post-handshake message split over records: none a client sends is that long.
+                // A post-handshake message split over records: none a client sends is that
+                // long, nor a ticket from our server (a few hundred bytes).
                 return Err(DetachedError::Malformed(
                     "handshake message split over records",
                 ));
@@ -331,7 +398,11 @@ impl DetachedTls {
                     self.rx = decrypter(self.suite, key, iv, seq);
                     self.flags.answer_key_update |= requested;
                 }
-                other => return Err(DetachedError::UnexpectedHandshake(other)),
+                other => {
+                    if S::post_handshake(self.kernel.as_deref_mut(), other, msg)? {
+                        self.tickets = self.tickets.saturating_add(1);
+                    }
+                }
             }
         }
         if body.is_empty() {

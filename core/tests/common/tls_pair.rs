@@ -12,7 +12,7 @@ use rustls::{
     ClientConfig, ClientConnection, HandshakeKind, ServerConfig, ServerConnection,
     SupportedCipherSuite,
 };
-use tether_core::detached::{DetachedTls, Handshake};
+use tether_core::detached::{ClientHandshake, DetachedClientTls, DetachedTls, Handshake};
 use tether_core::tls::{self, ClientTlsOptions, DevPki, TlsOptions};
 
 pub const CHALLENGE: &[u8] = b"challenge: 32 bytes of nonce....";
@@ -235,4 +235,81 @@ impl Pair {
             assert_eq!(self.server_to_client(&msg), msg, "message {i} s->c");
         }
     }
+}
+
+// The detached client (`ClientHandshake` → `DetachedClientTls`).
+
+/// The standard client config with secret extraction on (the detached client needs it).
+pub fn detaching_client(dir: &Dir) -> Arc<ClientConfig> {
+    let pki = tls::DevPki::ensure(&dir.0).unwrap();
+    tls::client_config(
+        &pki.ca_cert,
+        &ClientTlsOptions {
+            secret_extraction: true,
+            ..ClientTlsOptions::default()
+        },
+    )
+    .unwrap()
+}
+
+/// The server name of the dev certificate.
+pub fn name() -> ServerName<'static> {
+    ServerName::try_from("localhost").unwrap()
+}
+
+/// Opens every whole record of `wire` on the client, returns the plaintext.
+pub fn client_open(c: &mut DetachedClientTls, wire: &mut Vec<u8>) -> Vec<u8> {
+    let mut got = Vec::new();
+    let o = c
+        .decrypt_in_place(wire, |d| got.extend_from_slice(d))
+        .unwrap();
+    wire.drain(..o.consumed);
+    got
+}
+
+/// A detached client and a detached server, after the server's ticket reached the client.
+pub fn connect_detached(
+    client: &Arc<ClientConfig>,
+    server: &Arc<ServerConfig>,
+) -> (DetachedClientTls, DetachedTls, HandshakeKind, HandshakeKind) {
+    let mut ch = ClientHandshake::new(client.clone(), name()).unwrap();
+    let mut hs = Handshake::new(server.clone()).unwrap();
+    hs.queue_half_rtt(CHALLENGE);
+    let (mut to_server, mut to_client) = (Vec::new(), Vec::new());
+    let mut half_rtt = Vec::new();
+    let mut received = Vec::new();
+    for _ in 0..20 {
+        if !ch.is_complete() {
+            let p = ch
+                .feed(&mut to_client, &mut to_server, |d| {
+                    half_rtt.extend_from_slice(d)
+                })
+                .unwrap();
+            to_client.drain(..p.consumed);
+        }
+        let p = hs
+            .feed(&mut to_server, &mut to_client, &mut received)
+            .unwrap();
+        to_server.drain(..p.consumed);
+        if p.complete && ch.is_complete() {
+            break;
+        }
+    }
+    assert!(ch.is_complete() && hs.is_complete());
+    assert_eq!(
+        half_rtt, CHALLENGE,
+        "half-RTT data read during the handshake"
+    );
+    let (ckind, skind) = (ch.handshake_kind().unwrap(), hs.handshake_kind().unwrap());
+    let mut c = ch.detach(&mut to_server).unwrap();
+    let mut s = hs.detach(&mut to_client).unwrap();
+    assert!(client_open(&mut c, &mut to_client).is_empty());
+    assert!(to_client.is_empty());
+    assert_eq!(c.tickets_received(), 1, "the server's one ticket");
+    let mut got = Vec::new();
+    let o = s
+        .decrypt_in_place(&mut to_server, |d| got.extend_from_slice(d))
+        .unwrap();
+    assert_eq!(o.consumed, to_server.len());
+    (c, s, ckind, skind)
 }

@@ -27,6 +27,7 @@ use super::net::kind_of;
 use super::shard::ShardCtx;
 use super::stamp::{self, Kind};
 use super::tls::DeviceTls;
+use crate::campaign::TlsState;
 use crate::stats::{Metric, OpenLoopSchedule};
 
 /// Topic of every loadgen message.
@@ -352,9 +353,18 @@ impl Device {
             .borrow_mut()
             .hist
             .record_since(Metric::Connect, self.attempt, now);
-        let tls = match DeviceTls::buffered(sh.tls.clone(), sh.server_name.clone()) {
+        let tls = match sh.campaign.tls_state {
+            TlsState::Buffered => {
+                DeviceTls::buffered(sh.tls.clone(), sh.server_name.clone()).map_err(|_| ())
+            }
+            TlsState::Detached => {
+                DeviceTls::detached(sh.tls.clone(), sh.server_name.clone(), sh.campaign.resume)
+                    .map_err(|_| ())
+            }
+        };
+        let tls = match tls {
             Ok(t) => t,
-            Err(_) => {
+            Err(()) => {
                 l.ctx.error("tls_config");
                 self.phase = Phase::Connecting { fd, deadline };
                 self.close(l);
@@ -817,14 +827,31 @@ mod tests {
             ("DeviceSession", size_of::<DeviceSession>()),
             ("OpenLoopSchedule", size_of::<OpenLoopSchedule>()),
             (
+                "DeviceEvent (the session's event queue keeps 4 at rest)",
+                size_of::<DeviceEvent>(),
+            ),
+            (
                 "rustls::ClientConnection (boxed)",
                 size_of::<rustls::ClientConnection>(),
+            ),
+            (
+                "tls::Detached (boxed)",
+                size_of::<super::super::tls::Detached>(),
+            ),
+            (
+                "detached::DetachedClientTls (in tls::Detached)",
+                size_of::<tether_core::detached::DetachedClientTls>(),
+            ),
+            (
+                "detached::ClientHandshake (boxed, handshake only)",
+                size_of::<tether_core::detached::ClientHandshake>(),
             ),
         ];
         for (name, size) in sizes {
             println!("size_of {name}: {size} B");
         }
         assert!(size_of::<DeviceTls>() <= 16, "the TLS state stays boxed");
+        assert!(size_of::<super::super::tls::Detached>() <= 320);
         assert!(size_of::<Link>() <= 48);
         assert!(size_of::<Phase>() <= 80);
         assert!(size_of::<Device>() <= 768, "{}", size_of::<Device>());

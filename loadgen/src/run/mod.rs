@@ -104,14 +104,6 @@ pub fn run(c: &Campaign, opts: &RunOptions) -> Result<Report, RunError> {
         .into());
     }
     let mut notes = Vec::new();
-    if c.tls_state == TlsState::Detached {
-        notes.push(
-            "tls_state = detached: a spawned server runs --tls-state detached; loadgen's own \
-             devices still keep rustls' buffered ClientConnection (detached client state is not \
-             built yet)"
-                .to_owned(),
-        );
-    }
     if !c.deploy.is_empty() {
         notes.push(format!(
             "{} deploy step(s) parsed but not run: code distribution comes in a later issue",
@@ -198,7 +190,8 @@ fn run_against(
         &ClientTlsOptions {
             pq_kx: false,
             session_tickets: if c.resume { want.max(1) } else { 0 },
-            secret_extraction: false,
+            // The detached device state takes its traffic secrets from rustls.
+            secret_extraction: c.tls_state == TlsState::Detached,
         },
     )
     .map_err(|e| setup(e.to_string()))?;

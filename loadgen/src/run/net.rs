@@ -27,11 +27,17 @@ pub async fn until<T>(deadline: Instant, fut: impl Future<Output = T>) -> Option
 
 /// A TLS failure as an `io::Error` (kind `InvalidData`), keeping rustls' message.
 pub fn tls_err(e: rustls::Error) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, TlsFailure(e))
+    lean_tls_err(e)
+}
+
+/// A failure of the detached TLS state (handshake or record layer) as an `io::Error`,
+/// counted like rustls' own (`<stage>_tls_error`).
+pub fn lean_tls_err(e: impl std::error::Error + Send + Sync + 'static) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, TlsFailure(Box::new(e)))
 }
 
 #[derive(Debug)]
-struct TlsFailure(rustls::Error);
+struct TlsFailure(Box<dyn std::error::Error + Send + Sync>);
 
 impl std::fmt::Display for TlsFailure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

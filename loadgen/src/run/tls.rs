@@ -1,20 +1,29 @@
 //! A simulated device's TLS state behind one small enum, so what a device keeps after its
 //! handshake (campaign key `tls_state`) can change without touching the device state machine.
 //!
-//! Today every device keeps rustls' buffered `ClientConnection` for the connection's life
-//! ([`DeviceTls::Buffered`]). The detached state (traffic keys and sequence numbers only, the
-//! record layer on rustls' AEADs; `core/src/detached/` on the server side) slots in as a second
-//! variant: rustls for the handshake, then `Detached` once [`DeviceTls::is_handshaking`] turns
-//! false. The calls below are shaped for it: input may be decrypted in place in the shard's
-//! buffer, and sealed records are appended to a shard buffer the caller sends.
+//! [`DeviceTls::Buffered`] keeps rustls' buffered `ClientConnection` for the connection's life
+//! (`tls_state = "buffered"`). [`DeviceTls::Detached`] (`"detached"`, the default) runs the
+//! handshake on rustls' unbuffered client (`tether_core::detached::ClientHandshake`), then
+//! keeps only traffic keys and sequence numbers, the record layer on rustls' AEADs — the same
+//! record layer as the server's. Input is decrypted in place in the shard's read buffer and
+//! sealed records are appended to a shard buffer the caller sends; a device keeps a buffer
+//! only for a record a read cut in two, or output the caller has not collected yet.
+//!
+//! Session tickets: the server sends its ticket once it has read our Finished, so it reaches
+//! the detached state, which hands it to rustls' key schedule (the shared ticket pool; storms
+//! reconnect with resumption). Once the ticket is in — at once when the campaign does not
+//! resume — the key schedule (≈ 0.8 KB) is forgotten: the server only sends a KeyUpdate near
+//! the AEAD's limit, which an idle device never reaches; if it did, the device would count a
+//! `read_tls_error` and reconnect.
 
 use std::io::{self, Read as _, Write as _};
 use std::sync::Arc;
 
 use rustls::pki_types::ServerName;
-use rustls::{ClientConfig, ClientConnection};
+use rustls::{ClientConfig, ClientConnection, HandshakeKind};
+use tether_core::detached::{ClientHandshake, DetachedClientTls};
 
-use super::net::tls_err;
+use super::net::{lean_tls_err, tls_err};
 
 /// What one [`DeviceTls::read`] found besides plaintext.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,6 +37,28 @@ pub(super) enum DeviceTls {
     /// rustls' buffered `ClientConnection`, kept for the connection's life (its buffers and
     /// key schedule are what detaching saves).
     Buffered(Box<ClientConnection>),
+    /// The handshake on rustls' unbuffered client, then the detached record state.
+    Detached(Box<Detached>),
+}
+
+/// A device's lean TLS state and the little it must carry between calls.
+pub(super) struct Detached {
+    state: Lean,
+    /// Bytes to send that no `seal` collected yet (handshake flights; usually empty, and then
+    /// without an allocation).
+    pending: Vec<u8>,
+    /// The front of a record a read cut in two (usually empty, without an allocation).
+    partial: Vec<u8>,
+    resumed: bool,
+    /// Keep rustls' key schedule until the server's session ticket came.
+    wait_for_ticket: bool,
+}
+
+enum Lean {
+    Handshaking(Box<ClientHandshake>),
+    Established(DetachedClientTls),
+    /// Only while detaching, or after the handshake failed.
+    Broken,
 }
 
 impl DeviceTls {
@@ -41,10 +72,34 @@ impl DeviceTls {
         )?)))
     }
 
+    /// A new client connection that detaches after its handshake, its ClientHello queued.
+    /// `resumption`: the config keeps session tickets, so hold rustls' key schedule until the
+    /// server's ticket has been handed to it. The config must allow secret extraction.
+    pub fn detached(
+        config: Arc<ClientConfig>,
+        name: ServerName<'static>,
+        resumption: bool,
+    ) -> io::Result<DeviceTls> {
+        let mut hs = ClientHandshake::new(config, name).map_err(lean_tls_err)?;
+        let mut pending = Vec::new();
+        let p = hs
+            .feed(&mut [], &mut pending, |_| {})
+            .map_err(lean_tls_err)?;
+        debug_assert!(!p.complete);
+        Ok(DeviceTls::Detached(Box::new(Detached {
+            state: Lean::Handshaking(Box::new(hs)),
+            pending,
+            partial: Vec::new(),
+            resumed: false,
+            wait_for_ticket: resumption,
+        })))
+    }
+
     /// Whether the finished handshake resumed a session (from a ticket).
     pub fn resumed(&self) -> bool {
         match self {
-            DeviceTls::Buffered(c) => c.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
+            DeviceTls::Buffered(c) => c.handshake_kind() == Some(HandshakeKind::Resumed),
+            DeviceTls::Detached(d) => d.resumed,
         }
     }
 
@@ -52,6 +107,7 @@ impl DeviceTls {
     pub fn is_handshaking(&self) -> bool {
         match self {
             DeviceTls::Buffered(c) => c.is_handshaking(),
+            DeviceTls::Detached(d) => matches!(d.state, Lean::Handshaking(_)),
         }
     }
 
@@ -87,6 +143,7 @@ impl DeviceTls {
                 }
                 Ok(Opened { peer_closed: false })
             }
+            DeviceTls::Detached(d) => d.read(data, on_plain),
         }
     }
 
@@ -103,6 +160,19 @@ impl DeviceTls {
                 }
                 Ok(())
             }
+            DeviceTls::Detached(d) => {
+                if !d.pending.is_empty() {
+                    out.extend_from_slice(&d.pending);
+                    d.pending = Vec::new();
+                }
+                match &mut d.state {
+                    Lean::Established(tls) => tls.encrypt(plain, out).map_err(lean_tls_err),
+                    _ if plain.is_empty() => Ok(()),
+                    _ => Err(io::Error::other(
+                        "application data before the TLS handshake",
+                    )),
+                }
+            }
         }
     }
 
@@ -113,6 +183,78 @@ impl DeviceTls {
                 tls.send_close_notify();
                 self.seal(&[], out)
             }
+            DeviceTls::Detached(d) => match &mut d.state {
+                Lean::Established(tls) => tls.close_notify(out).map_err(lean_tls_err),
+                _ => Err(io::Error::other("no close_notify before the TLS handshake")),
+            },
         }
+    }
+}
+
+impl Detached {
+    /// Opens what `data` holds (after any partial record kept from the last read), keeping
+    /// a record cut at the end for the next call.
+    fn read(&mut self, data: &mut [u8], mut on_plain: impl FnMut(&[u8])) -> io::Result<Opened> {
+        if self.partial.is_empty() {
+            let (consumed, opened) = self.open(data, &mut on_plain)?;
+            if !opened.peer_closed && consumed < data.len() {
+                self.partial = data[consumed..].to_vec();
+            }
+            return Ok(opened);
+        }
+        let mut buf = std::mem::take(&mut self.partial);
+        buf.extend_from_slice(data);
+        let (consumed, opened) = self.open(&mut buf, &mut on_plain)?;
+        if !opened.peer_closed && consumed < buf.len() {
+            buf.drain(..consumed);
+            buf.shrink_to_fit();
+            self.partial = buf;
+        }
+        Ok(opened)
+    }
+
+    /// Runs `buf` through the handshake, then the detached state; returns the bytes consumed.
+    fn open(
+        &mut self,
+        buf: &mut [u8],
+        on_plain: &mut impl FnMut(&[u8]),
+    ) -> io::Result<(usize, Opened)> {
+        let mut pos = 0;
+        if let Lean::Handshaking(hs) = &mut self.state {
+            let p = hs
+                .feed(buf, &mut self.pending, &mut *on_plain)
+                .map_err(lean_tls_err)?;
+            pos = p.consumed;
+            if !p.complete {
+                return Ok((pos, Opened { peer_closed: false }));
+            }
+            self.resumed = hs.handshake_kind() == Some(HandshakeKind::Resumed);
+            let Lean::Handshaking(hs) = std::mem::replace(&mut self.state, Lean::Broken) else {
+                unreachable!("matched above");
+            };
+            let mut tls = hs.detach(&mut self.pending).map_err(lean_tls_err)?;
+            if !self.wait_for_ticket {
+                tls.forget_key_schedule();
+            }
+            self.state = Lean::Established(tls);
+        }
+        let Lean::Established(tls) = &mut self.state else {
+            return Err(io::Error::other("TLS state broken by an earlier error"));
+        };
+        let o = tls
+            .decrypt_in_place(&mut buf[pos..], on_plain)
+            .map_err(lean_tls_err)?;
+        if o.wants_write {
+            tls.poll_transmit(&mut self.pending).map_err(lean_tls_err)?;
+        }
+        if tls.has_key_schedule() && tls.tickets_received() > 0 {
+            tls.forget_key_schedule();
+        }
+        Ok((
+            pos + o.consumed,
+            Opened {
+                peer_closed: o.peer_closed,
+            },
+        ))
     }
 }
