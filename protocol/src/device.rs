@@ -500,6 +500,12 @@ impl DeviceSession {
         }
     }
 
+    /// Events the queue can hold without allocating (0 at rest; for memory tests).
+    #[doc(hidden)]
+    pub fn event_capacity(&self) -> usize {
+        self.events.capacity()
+    }
+
     /// The next event, if any.
     pub fn poll_event(&mut self) -> Option<DeviceEvent> {
         crate::stream::pop_event(&mut self.events)

@@ -519,6 +519,12 @@ impl ServerSession {
         }
     }
 
+    /// Events the queue can hold without allocating (0 at rest; for memory tests).
+    #[doc(hidden)]
+    pub fn event_capacity(&self) -> usize {
+        self.events.capacity()
+    }
+
     /// The next event, if any.
     pub fn poll_event(&mut self) -> Option<ServerEvent> {
         crate::stream::pop_event(&mut self.events)

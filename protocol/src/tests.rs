@@ -611,3 +611,18 @@ fn over_long_short_fields_are_refused_before_writing() {
     assert!(m.encode(&mut b).is_err());
     assert!(b.is_empty());
 }
+
+#[test]
+fn drained_sessions_hold_no_event_storage() {
+    let mut p = Pair::new();
+    p.established();
+    p.device
+        .send(p.now, Bytes::from_static(b"t"), Bytes::from_static(b"x"))
+        .unwrap();
+    p.step();
+    // Both ends were drained by `step`: their event queues hold no allocation at rest.
+    assert!(p.server.poll_event().is_none());
+    assert!(p.device.poll_event().is_none());
+    assert_eq!(p.server.event_capacity(), 0);
+    assert_eq!(p.device.event_capacity(), 0);
+}
