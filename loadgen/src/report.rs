@@ -419,8 +419,12 @@ impl Report {
             let page = host::page_size();
             let per = i
                 .kernel_before
-                .filter(|_| c.connected_now > 0)
-                .map(|b| (after.slab_bytes as f64 - b.slab_bytes as f64) / c.connected_now as f64);
+                // Per connection held when the kernel was sampled (after the ramp), not at the
+                // end of the run, when every device has left.
+                .filter(|_| i.loadgen.connections > 0)
+                .map(|b| {
+                    (after.slab_bytes as f64 - b.slab_bytes as f64) / i.loadgen.connections as f64
+                });
             KernelUsage {
                 tcp_inuse: after.tcp.inuse,
                 tcp_alloc: after.tcp.alloc,
