@@ -5,11 +5,11 @@ use std::sync::Arc;
 use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
 use rustls::pki_types::ServerName;
 use rustls::unbuffered::{ConnectionState, EncodeError, UnbufferedStatus};
-use rustls::{ClientConfig, HandshakeKind, SupportedCipherSuite};
+use rustls::{ClientConfig, HandshakeKind};
 
 use super::error::HandshakeError;
-use super::handshake::{Grow, Progress, append};
-use super::record::{DetachedTls, decrypter, encrypter, key_iv, tx_must_start_at_zero};
+use super::handshake::{Grow, Progress, append, detach_extracted};
+use super::record::DetachedTls;
 
 /// The client side of a detached connection.
 pub type DetachedClientTls = DetachedTls<ClientConnectionData>;
@@ -157,24 +157,7 @@ impl ClientHandshake {
             return Err(HandshakeError::NotComplete);
         }
         let (secrets, kernel) = self.conn.dangerous_into_kernel_connection()?;
-        let suite = match kernel.negotiated_cipher_suite() {
-            SupportedCipherSuite::Tls13(s) => s,
-            other => return Err(HandshakeError::NotTls13(other.suite())),
-        };
-        let (tx_seq, tx) = secrets.tx;
-        let (rx_seq, rx) = secrets.rx;
-        let (tx_key, tx_iv) = key_iv(tx);
-        let (rx_key, rx_iv) = key_iv(rx);
-        let mut tls = DetachedTls::new(
-            suite,
-            encrypter(suite, tx_key, tx_iv, tx_seq),
-            decrypter(suite, rx_key, rx_iv, rx_seq),
-            Some(Box::new(kernel)),
-        );
-        if tx_seq != 0 && tx_must_start_at_zero(suite.common.suite) {
-            tls.rekey_tx(out)?;
-        }
-        Ok(tls)
+        detach_extracted(secrets, kernel, out)
     }
 }
 

@@ -9,7 +9,7 @@ use rustls::unbuffered::{
 use rustls::{HandshakeKind, ServerConfig, SupportedCipherSuite};
 
 use super::error::HandshakeError;
-use super::record::{DetachedTls, decrypter, encrypter, key_iv, tx_must_start_at_zero};
+use super::record::{DetachedTls, Side, decrypter, encrypter, key_iv, tx_must_start_at_zero};
 
 /// What one [`Handshake::feed`] call did.
 #[must_use]
@@ -188,27 +188,39 @@ impl Handshake {
             return Err(HandshakeError::NotComplete);
         }
         let (secrets, kernel) = self.conn.dangerous_into_kernel_connection()?;
-        let suite = match kernel.negotiated_cipher_suite() {
-            SupportedCipherSuite::Tls13(s) => s,
-            other => return Err(HandshakeError::NotTls13(other.suite())),
-        };
-        let (tx_seq, tx) = secrets.tx;
-        let (rx_seq, rx) = secrets.rx;
-        let (tx_key, tx_iv) = key_iv(tx);
-        let (rx_key, rx_iv) = key_iv(rx);
-        let mut tls = DetachedTls::new(
-            suite,
-            encrypter(suite, tx_key, tx_iv, tx_seq),
-            decrypter(suite, rx_key, rx_iv, rx_seq),
-            Some(Box::new(kernel)),
-        );
-        if tx_seq != 0 && tx_must_start_at_zero(suite.common.suite) {
-            // The fresh encrypter's first record is this KeyUpdate, at `tx_seq`: aws-lc
-            // tolerates one such record (it fails from the third), and the next key starts at 0.
-            tls.rekey_tx(out)?;
-        }
-        Ok(tls)
+        detach_extracted(secrets, kernel, out)
     }
+}
+
+/// Builds the detached state from what rustls' `dangerous_into_kernel_connection` handed out,
+/// on either side. For suites whose aws-lc-rs encrypter must start at sequence 0 (AES-GCM; see
+/// the module docs) and a sending sequence past 0 (tickets, half-RTT data), seals a KeyUpdate
+/// into `out` first, so that the detached encrypter starts on a fresh key.
+pub(super) fn detach_extracted<S: Side>(
+    secrets: rustls::ExtractedSecrets,
+    kernel: rustls::kernel::KernelConnection<S>,
+    out: &mut Vec<u8>,
+) -> Result<DetachedTls<S>, HandshakeError> {
+    let suite = match kernel.negotiated_cipher_suite() {
+        SupportedCipherSuite::Tls13(s) => s,
+        other => return Err(HandshakeError::NotTls13(other.suite())),
+    };
+    let (tx_seq, tx) = secrets.tx;
+    let (rx_seq, rx) = secrets.rx;
+    let (tx_key, tx_iv) = key_iv(tx);
+    let (rx_key, rx_iv) = key_iv(rx);
+    let mut tls = DetachedTls::new(
+        suite,
+        encrypter(suite, tx_key, tx_iv, tx_seq),
+        decrypter(suite, rx_key, rx_iv, rx_seq),
+        Some(Box::new(kernel)),
+    );
+    if tx_seq != 0 && tx_must_start_at_zero(suite.common.suite) {
+        // The fresh encrypter's first record is this KeyUpdate, at `tx_seq`: aws-lc
+        // tolerates one such record (it fails from the third), and the next key starts at 0.
+        tls.rekey_tx(out)?;
+    }
+    Ok(tls)
 }
 
 /// `Handshake` is only ever `ServerConnectionData`; a compile-time check that the detached
