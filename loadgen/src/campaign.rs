@@ -58,7 +58,7 @@ pub struct Campaign {
     pub messages: Messages,
     /// Reconnect storms: at `at_s`, drop a share of the connections and measure recovery.
     pub storm: Vec<Storm>,
-    /// Code deploys to a device group (parsed and validated now; distribution comes later).
+    /// Code deploys to a device group, posted to the admin endpoint during the run.
     pub deploy: Vec<Deploy>,
     /// Abort and timeout limits.
     pub limits: Limits,
@@ -140,6 +140,12 @@ impl ServerSpec {
     pub fn device_address(&self) -> Option<SocketAddr> {
         self.address
             .or_else(|| self.spawn.then(|| parse_const(Self::SPAWN_ADDRESS)))
+    }
+
+    /// The admin endpoint address, with the spawn default filled in.
+    pub fn admin_link_address(&self) -> Option<SocketAddr> {
+        self.admin_address
+            .or_else(|| self.spawn.then(|| parse_const(Self::SPAWN_ADMIN_ADDRESS)))
     }
 
     /// The agent link address, with the spawn default filled in.

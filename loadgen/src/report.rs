@@ -61,9 +61,27 @@ pub struct Report {
     /// Reconnect storms: how many connections each dropped and how long recovery took.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub storms: Vec<StormSummary>,
+    /// Code deploys: how many devices installed each and how long the rollout took.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deploys: Vec<DeploySummary>,
     /// How this run differed from its campaign (parts not implemented yet), in words.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
+}
+
+/// One code deploy's outcome.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeploySummary {
+    /// When it was asked for, seconds from the start of the ramp.
+    pub at_s: u64,
+    /// Device group it went to.
+    pub group: String,
+    /// Size of the blob.
+    pub size_bytes: u64,
+    /// Installs counted after the deploy (and before the next one).
+    pub installed: u64,
+    /// From the admin POST until the last install, if every device of the campaign installed.
+    pub converged_ms: Option<f64>,
 }
 
 /// One reconnect storm's outcome.
@@ -383,6 +401,8 @@ pub struct ReportInputs<'a> {
     pub machine: Machine,
     /// Reconnect storms.
     pub storms: Vec<StormSummary>,
+    /// Code deploys.
+    pub deploys: Vec<DeploySummary>,
     /// See [`Report::notes`].
     pub notes: Vec<String>,
     /// See [`MessageCounts::agent_sends_offline`].
@@ -474,6 +494,7 @@ impl Report {
             kernel,
             machine: i.machine,
             storms: i.storms,
+            deploys: i.deploys,
             notes: i.notes,
         }
     }
@@ -576,6 +597,20 @@ impl Report {
                 let _ = write!(t, "  loadgen cpu {us:.1} µs/reconnect");
             }
             let _ = writeln!(t);
+        }
+        for d in &self.deploys {
+            let conv = d.converged_ms.map_or_else(
+                || "not converged".to_owned(),
+                |ms| micros((ms * 1e3) as u64),
+            );
+            let _ = writeln!(
+                t,
+                "deploy at {}s  group {}  {}  installed {}  converged {conv}",
+                d.at_s,
+                d.group,
+                bytes(d.size_bytes),
+                count(d.installed)
+            );
         }
         let _ = writeln!(t);
         let mut mem = |who: &str, rss: u64, per: Option<f64>, per_what: &str| {

@@ -1,5 +1,5 @@
 //! CI smoke: `loadgen run loadgen/campaigns/tiny.toml` end to end — a spawned `tether serve`,
-//! 200 TLS devices, every message direction, a reconnect storm — with zero errors and a
+//! 200 TLS devices, every message direction, a reconnect storm, a code deploy every device installs — with zero errors and a
 //! non-empty histogram for every measured path, in both TLS modes (`tls_state`, which both the
 //! devices and the spawned server run): storms reconnect with resumption in both.
 
@@ -83,10 +83,14 @@ fn tiny_campaign_runs_clean(tls_state: &str) {
         "agent_to_device",
         "device_to_agent",
         "heartbeat",
+        "code_transfer",
     ] {
         let count = v["latency"][m]["count"].as_u64().unwrap_or(0);
         assert!(count > 0, "histogram {m} is empty\n{stdout}");
     }
+    let deploy = &v["deploys"][0];
+    assert_eq!(deploy["installed"], 200, "{stdout}");
+    assert!(deploy["converged_ms"].as_f64().is_some(), "{stdout}");
     let storm = &v["storms"][0];
     assert!(storm["dropped"].as_u64().unwrap_or(0) > 0, "{stdout}");
     assert_eq!(storm["dropped"], storm["reconnected"], "{stdout}");

@@ -59,6 +59,7 @@ fn report() -> Report {
             kernel_version: "6.1.0".into(),
             model_name: "Test CPU".into(),
         },
+        deploys: Vec::new(),
         storms: vec![StormSummary {
             at_s: 5.0,
             dropped: 200,
@@ -138,6 +139,7 @@ fn optional_parts_are_left_out() {
         kernel_before: None,
         kernel_after: None,
         machine: Machine::probe(),
+        deploys: Vec::new(),
         storms: Vec::new(),
         notes: Vec::new(),
         agent_sends_offline: 0,

@@ -19,6 +19,7 @@ use bytes::{Bytes, BytesMut};
 use socket2::{Domain, Protocol, SockAddr, SockRef, Socket, Type};
 use tether_core::ring::{self, Completion, Kind as RingKind, Ring, ring_generation};
 use tether_core::timer::{TimerId, TimerWheel};
+use tether_protocol::code::{CodeReceiver, CodeUpdate, ReceiverConfig};
 use tether_protocol::device::{DeviceConfig, DeviceEvent, DeviceSession};
 use tether_protocol::message::GoodbyeReason;
 use tether_protocol::{AuthError, CloseReason};
@@ -117,6 +118,10 @@ pub(super) struct Device {
     ever_connected: bool,
     /// Whether the current connection's TLS handshake resumed a session.
     resumed: bool,
+    /// Code transfers, created on the first `CodeOffer` (idle devices hold nothing).
+    code: Option<Box<CodeReceiver>>,
+    /// Code versions installed so far (the n-th counts for the campaign's n-th deploy).
+    installs: u8,
 }
 
 /// A stable pseudo-random number in [0, 1) for (device, salt): spreads phases and picks storm
@@ -165,6 +170,8 @@ impl Device {
             established: false,
             ever_connected: false,
             resumed: false,
+            code: None,
+            installs: 0,
         }
     }
 
@@ -730,9 +737,50 @@ impl Device {
                         ctx.error(kind);
                     }
                 }
-                DeviceEvent::Acked { .. }
-                | DeviceEvent::CodeOffer { .. }
-                | DeviceEvent::CodeChunk { .. } => {}
+                DeviceEvent::CodeOffer { .. } | DeviceEvent::CodeChunk { .. } => {
+                    self.code_event(now, &ev, ctx)
+                }
+                DeviceEvent::Acked { .. } => {}
+            }
+        }
+    }
+
+    /// Feeds a code event to the device's receiver (made on the first offer), sends its
+    /// requests and acks, and counts installs.
+    fn code_event(&mut self, now: Instant, ev: &DeviceEvent, ctx: &ShardCtx) {
+        if self.code.is_none() && !matches!(ev, DeviceEvent::CodeOffer { .. }) {
+            return;
+        }
+        let rx = self.code.get_or_insert_with(|| {
+            Box::new(CodeReceiver::new(
+                self.session.code_version(),
+                ReceiverConfig {
+                    keep_blob: false,
+                    ..ReceiverConfig::default()
+                },
+            ))
+        });
+        rx.handle_device_event(now, ev);
+        if rx.flush_into(&mut self.session).is_err() {
+            ctx.error("device_code_send");
+        }
+        while let Some(u) = rx.poll_event() {
+            match u {
+                CodeUpdate::Installed { elapsed, .. } => {
+                    ctx.stats
+                        .borrow_mut()
+                        .hist
+                        .record(Metric::CodeTransfer, elapsed.as_micros() as u64);
+                    let us = ctx.shared.timeline.epoch.micros(now);
+                    let mut all = ctx.code_installed.borrow_mut();
+                    let k = usize::from(self.installs).min(all.len() - 1);
+                    all[k].0 += 1;
+                    all[k].1 = all[k].1.max(us);
+                    self.installs = self.installs.saturating_add(1);
+                }
+                CodeUpdate::Rejected { .. } => ctx.error("device_code_rejected"),
+                CodeUpdate::GaveUp { .. } => ctx.error("device_code_gave_up"),
+                _ => {}
             }
         }
     }

@@ -34,7 +34,8 @@ use tether_core::tls::{ClientTlsOptions, client_config};
 use crate::campaign::{Campaign, CampaignError, TlsState};
 use crate::host::{self, HostLimits, Machine};
 use crate::report::{
-    CpuTrace, KernelSample, ProgressTracker, Report, ReportInputs, RssSample, StormSummary,
+    CpuTrace, DeploySummary, KernelSample, ProgressTracker, Report, ReportInputs, RssSample,
+    StormSummary,
 };
 use crate::stats::Stats;
 use shard::{DeviceIdent, Shared, Snapshot, StormTally, Timeline};
@@ -103,13 +104,7 @@ pub fn run(c: &Campaign, opts: &RunOptions) -> Result<Report, RunError> {
         }
         .into());
     }
-    let mut notes = Vec::new();
-    if !c.deploy.is_empty() {
-        notes.push(format!(
-            "{} deploy step(s) parsed but not run: code distribution comes in a later issue",
-            c.deploy.len()
-        ));
-    }
+    let notes = Vec::new();
 
     let mut server = if c.server.spawn {
         let bin = opts
@@ -162,9 +157,15 @@ fn run_against(
     data_dir: &Path,
     server_pid: Option<u32>,
     plans: &[crate::campaign::WorkerPlan],
-    notes: Vec<String>,
+    mut notes: Vec<String>,
     opts: &RunOptions,
 ) -> Result<Report, RunError> {
+    let admin = c.server.admin_link_address();
+    if !c.deploy.is_empty() && admin.is_none() {
+        return Err(setup(
+            "deploy steps need the server's admin endpoint: set server.admin_address",
+        ));
+    }
     let registry =
         Registry::load(&data_dir.join("devices.csv")).map_err(|e| setup(e.to_string()))?;
     let mut devices: Vec<DeviceIdent> = registry
@@ -272,9 +273,20 @@ fn run_against(
     let hard_end = timeline.end + Duration::from_secs(20);
     let mut next_tick = Instant::now() + Duration::from_secs(1);
     let mut next_sample = Instant::now() + CPU_SAMPLE;
+    // Deploys: when each was posted, and the admin answers coming back from their threads.
+    let mut deployed: Vec<Option<Instant>> = vec![None; c.deploy.len()];
+    let (deploy_tx, deploy_rx) = mpsc::channel::<(usize, String)>();
     loop {
+        let next_deploy = c
+            .deploy
+            .iter()
+            .zip(&deployed)
+            .filter(|(_, at)| at.is_none())
+            .map(|(d, _)| timeline.at(d.at_s as f64))
+            .min();
         let wait = next_tick
             .min(next_sample)
+            .min(next_deploy.unwrap_or(next_tick))
             .saturating_duration_since(Instant::now());
         match rx.recv_timeout(wait) {
             Ok(s) => {
@@ -288,6 +300,37 @@ fn run_against(
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }
         let now = Instant::now();
+        for (k, d) in c.deploy.iter().enumerate() {
+            if deployed[k].is_none()
+                && now >= timeline.at(d.at_s as f64)
+                && !shared.abort.load(Ordering::Relaxed)
+            {
+                let (addr, tx) = (admin.expect("checked above"), deploy_tx.clone());
+                let path = format!("/deploy?group={}", query_escape(&d.group));
+                let blob = blob(d.size_bytes, k as u64);
+                deployed[k] = Some(Instant::now());
+                std::thread::spawn(move || {
+                    let answer = match tether_core::admin::admin_request(addr, "POST", &path, &blob)
+                    {
+                        Ok((status, _)) if (200..300).contains(&status) => return,
+                        Ok((status, body)) => {
+                            format!("HTTP {status}: {}", String::from_utf8_lossy(&body).trim())
+                        }
+                        Err(e) => e.to_string(),
+                    };
+                    let _ = tx.send((k, answer));
+                });
+                if opts.progress {
+                    eprintln!("deploy {k}: {} bytes to group {}", d.size_bytes, d.group);
+                }
+            }
+        }
+        while let Ok((k, answer)) = deploy_rx.try_recv() {
+            notes.push(format!(
+                "deploy {k} (at {} s) failed: {answer}",
+                c.deploy[k].at_s
+            ));
+        }
         if now >= next_sample {
             cpu.sample(server_pid);
             next_sample = now + CPU_SAMPLE;
@@ -365,6 +408,13 @@ fn run_against(
             .unwrap_or(timeline.ramp_end)
             .saturating_duration_since(start)
     };
+    while let Ok((k, answer)) = deploy_rx.try_recv() {
+        notes.push(format!(
+            "deploy {k} (at {} s) failed: {answer}",
+            c.deploy[k].at_s
+        ));
+    }
+    let deploys = deploy_summaries(c, &latest, &timeline, &deployed);
     let resumed = latest.iter().flatten().map(|s| s.resumed).sum();
     let ramp_connects = first.min(c.devices);
     let cpu_ramp = cpu.spent(start, start + ramp_elapsed);
@@ -387,6 +437,7 @@ fn run_against(
         kernel_after,
         machine: Machine::probe(),
         storms,
+        deploys,
         notes,
         agent_sends_offline,
         resumed,
@@ -405,6 +456,67 @@ fn merge(latest: &[Option<Snapshot>]) -> Stats {
         m.add(&s.stats);
     }
     m
+}
+
+/// A pseudo-random code blob of `size` bytes (xorshift; `seed` makes each deploy differ).
+fn blob(size: u64, seed: u64) -> Vec<u8> {
+    let mut x = 0x2545_f491_4f6c_dd1d ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut out = Vec::with_capacity(size as usize + 8);
+    while (out.len() as u64) < size {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(size as usize);
+    out
+}
+
+/// Percent-escapes everything but unreserved characters, for a query value.
+fn query_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Per deploy: installs from the shards (a device's n-th install counts for the n-th deploy),
+/// and the time from the POST to the last install if every device installed.
+fn deploy_summaries(
+    c: &Campaign,
+    latest: &[Option<Snapshot>],
+    timeline: &Timeline,
+    deployed: &[Option<Instant>],
+) -> Vec<DeploySummary> {
+    c.deploy
+        .iter()
+        .enumerate()
+        .map(|(k, d)| {
+            let (mut installed, mut last_us) = (0, 0);
+            for snap in latest.iter().flatten() {
+                if let Some(&(n, us)) = snap.code_installed.get(k) {
+                    installed += n;
+                    last_us = last_us.max(us);
+                }
+            }
+            let converged_ms = deployed[k].filter(|_| installed >= c.devices).map(|at| {
+                let last = timeline.epoch.instant(last_us);
+                last.saturating_duration_since(at).as_secs_f64() * 1e3
+            });
+            DeploySummary {
+                at_s: d.at_s,
+                group: d.group.clone(),
+                size_bytes: d.size_bytes,
+                installed,
+                converged_ms,
+            }
+        })
+        .collect()
 }
 
 /// Per storm: counts from the shards, and CPU from the storm instant to its last reconnect.

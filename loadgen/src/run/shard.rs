@@ -129,6 +129,9 @@ pub struct Snapshot {
     pub last_first_connect_us: u64,
     /// Successful connects whose TLS session was resumed.
     pub resumed: u64,
+    /// Per campaign deploy (a device's n-th install counts for the n-th deploy): installs by
+    /// this shard's devices, and micros after the epoch of the latest of them.
+    pub code_installed: Vec<(u64, u64)>,
     /// Whether the shard has finished.
     pub done: bool,
 }
@@ -187,6 +190,8 @@ pub struct ShardCtx {
     pub first_connects: Cell<(u64, u64)>,
     /// See [`Snapshot::resumed`].
     pub resumed: Cell<u64>,
+    /// See [`Snapshot::code_installed`].
+    pub code_installed: RefCell<Vec<(u64, u64)>>,
     /// Early end.
     pub stop: Stop,
 }
@@ -208,6 +213,7 @@ impl ShardCtx {
             first_connects: self.first_connects.get().0,
             last_first_connect_us: self.first_connects.get().1,
             resumed: self.resumed.get(),
+            code_installed: self.code_installed.borrow().clone(),
             done,
         }
     }
@@ -224,6 +230,7 @@ pub async fn run_shard(shared: Arc<Shared>, index: usize, out: Sender<Snapshot>)
         sends_offline: Cell::new(0),
         first_connects: Cell::new((0, 0)),
         resumed: Cell::new(0),
+        code_installed: RefCell::new(vec![(0, 0); shared.campaign.deploy.len().max(1)]),
         stop: Stop::default(),
     });
     let mut tasks = Vec::new();
