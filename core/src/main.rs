@@ -115,8 +115,11 @@ struct ServeArgs {
     /// Seconds a graceful shutdown may take.
     #[arg(long, default_value_t = 5)]
     shutdown_grace_s: u64,
-    /// Most concurrent code transfers per shard; further devices wait in line (FIFO).
-    #[arg(long, default_value_t = 64)]
+    /// Most concurrent code transfers per shard; further devices wait in line (FIFO). Fewer
+    /// means slower convergence but less message latency during a rollout (measured with
+    /// 10,000 devices and 64 KiB on 2 cores: 8 → 2.65 s, round-trip p99 62 ms; 64 → 2.19 s,
+    /// p99 238 ms).
+    #[arg(long, default_value_t = 8)]
     max_transfers: usize,
     /// Largest code blob a deploy may store, in bytes.
     #[arg(long, default_value_t = tether_core::codestore::DEFAULT_MAX_CODE_SIZE)]

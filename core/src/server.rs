@@ -81,7 +81,7 @@ impl Default for ServeOptions {
             keep_key_schedule: false,
             cert: None,
             shutdown_grace: Duration::from_secs(5),
-            max_transfers: 64,
+            max_transfers: 8,
             max_code_size: crate::codestore::DEFAULT_MAX_CODE_SIZE,
         }
     }
