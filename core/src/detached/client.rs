@@ -4,11 +4,11 @@ use std::sync::Arc;
 
 use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
 use rustls::pki_types::ServerName;
-use rustls::unbuffered::{ConnectionState, EncodeError, UnbufferedStatus};
+use rustls::unbuffered::{ConnectionState, UnbufferedStatus};
 use rustls::{ClientConfig, HandshakeKind};
 
 use super::error::HandshakeError;
-use super::handshake::{Grow, Progress, append, detach_extracted};
+use super::handshake::{Progress, detach_extracted, encode_tls};
 use super::record::DetachedTls;
 
 /// The client side of a detached connection.
@@ -88,11 +88,7 @@ impl ClientHandshake {
             let mut extra = 0;
             let done = match state {
                 ConnectionState::EncodeTlsData(mut enc) => {
-                    append(out, |buf| match enc.encode(buf) {
-                        Ok(n) => Ok(n),
-                        Err(EncodeError::InsufficientSize(e)) => Err(Grow(e)),
-                        Err(EncodeError::AlreadyEncoded) => Ok(0),
-                    });
+                    encode_tls(out, &mut enc);
                     false
                 }
                 ConnectionState::TransmitTlsData(tx) => {
@@ -130,11 +126,7 @@ impl ClientHandshake {
     fn encode_alert(&mut self, out: &mut Vec<u8>) {
         let UnbufferedStatus { state, .. } = self.conn.process_tls_records(&mut []);
         if let Ok(ConnectionState::EncodeTlsData(mut enc)) = state {
-            append(out, |buf| match enc.encode(buf) {
-                Ok(n) => Ok(n),
-                Err(EncodeError::InsufficientSize(e)) => Err(Grow(e)),
-                Err(EncodeError::AlreadyEncoded) => Ok(0),
-            });
+            encode_tls(out, &mut enc);
         }
     }
 

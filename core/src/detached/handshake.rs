@@ -4,7 +4,8 @@ use std::sync::Arc;
 
 use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
 use rustls::unbuffered::{
-    ConnectionState, EncodeError, EncryptError, InsufficientSizeError, UnbufferedStatus,
+    ConnectionState, EncodeError, EncodeTlsData, EncryptError, InsufficientSizeError,
+    UnbufferedStatus,
 };
 use rustls::{HandshakeKind, ServerConfig, SupportedCipherSuite};
 
@@ -100,11 +101,7 @@ impl Handshake {
             let mut extra = 0;
             let done = match state {
                 ConnectionState::EncodeTlsData(mut enc) => {
-                    append(out, |buf| match enc.encode(buf) {
-                        Ok(n) => Ok(n),
-                        Err(EncodeError::InsufficientSize(e)) => Err(Grow(e)),
-                        Err(EncodeError::AlreadyEncoded) => Ok(0),
-                    });
+                    encode_tls(out, &mut enc);
                     false
                 }
                 ConnectionState::TransmitTlsData(mut tx) => {
@@ -156,11 +153,7 @@ impl Handshake {
     fn encode_alert(&mut self, out: &mut Vec<u8>) {
         let UnbufferedStatus { state, .. } = self.conn.process_tls_records(&mut []);
         if let Ok(ConnectionState::EncodeTlsData(mut enc)) = state {
-            append(out, |buf| match enc.encode(buf) {
-                Ok(n) => Ok(n),
-                Err(EncodeError::InsufficientSize(e)) => Err(Grow(e)),
-                Err(EncodeError::AlreadyEncoded) => Ok(0),
-            });
+            encode_tls(out, &mut enc);
         }
     }
 
@@ -233,6 +226,15 @@ const _: fn() = || {
 };
 
 pub(super) struct Grow(pub(super) InsufficientSizeError);
+
+/// Appends the handshake records rustls has ready (either side) to `out`.
+pub(super) fn encode_tls<Data>(out: &mut Vec<u8>, enc: &mut EncodeTlsData<'_, Data>) {
+    append(out, |buf| match enc.encode(buf) {
+        Ok(n) => Ok(n),
+        Err(EncodeError::InsufficientSize(e)) => Err(Grow(e)),
+        Err(EncodeError::AlreadyEncoded) => Ok(0),
+    });
+}
 
 /// Appends what `write` writes into the spare end of `out`, growing it as asked.
 pub(super) fn append(out: &mut Vec<u8>, mut write: impl FnMut(&mut [u8]) -> Result<usize, Grow>) {
