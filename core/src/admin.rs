@@ -424,12 +424,16 @@ pub fn admin_request(
     Ok((status, resp.split_off(head_end + 4)))
 }
 
-/// Fetches `/stats.json` from the admin endpoint at `addr`.
-pub fn fetch_stats(
+/// Sends one request to the admin endpoint at `addr` and decodes a 200 answer's JSON body;
+/// any other status is an error carrying the server's message.
+pub fn admin_json<T: serde::de::DeserializeOwned>(
     addr: impl ToSocketAddrs + std::fmt::Display,
-) -> Result<MetricsSnapshot, AdminError> {
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> Result<T, AdminError> {
     let name = addr.to_string();
-    let (status, body) = admin_request(addr, "GET", "/stats.json", b"")?;
+    let (status, body) = admin_request(addr, method, path, body)?;
     if status != 200 {
         return Err(AdminError::Status {
             addr: name,
@@ -438,6 +442,13 @@ pub fn fetch_stats(
         });
     }
     serde_json::from_slice(&body).map_err(|source| AdminError::Json { addr: name, source })
+}
+
+/// Fetches `/stats.json` from the admin endpoint at `addr`.
+pub fn fetch_stats(
+    addr: impl ToSocketAddrs + std::fmt::Display,
+) -> Result<MetricsSnapshot, AdminError> {
+    admin_json(addr, "GET", "/stats.json", b"")
 }
 
 /// Renders a snapshot as a table: one row per counter, one column per shard, then the total.

@@ -17,7 +17,7 @@ use bytes::Bytes;
 use crossbeam::channel::{Receiver, Sender, bounded};
 use serde::{Deserialize, Serialize};
 
-use crate::admin::{AdminError, AdminRequest, AdminResponse, admin_request};
+use crate::admin::{AdminError, AdminRequest, AdminResponse, admin_json};
 use crate::codestore::{CodeStore, CodeStoreError, Deployed};
 use crate::registry::Registry;
 use crate::shard::GroupRollout;
@@ -259,32 +259,14 @@ pub fn deploy(
     group: &str,
     blob: &[u8],
 ) -> Result<DeployReport, AdminError> {
-    let name = addr.to_string();
-    let (status, body) = admin_request(addr, "POST", &format!("/deploy?group={group}"), blob)?;
-    if status != 200 {
-        return Err(AdminError::Status {
-            addr: name,
-            status,
-            message: String::from_utf8_lossy(&body).trim().to_owned(),
-        });
-    }
-    serde_json::from_slice(&body).map_err(|source| AdminError::Json { addr: name, source })
+    admin_json(addr, "POST", &format!("/deploy?group={group}"), blob)
 }
 
 /// `tether rollout status`: fetches `/rollout.json`.
 pub fn fetch_rollout(
     addr: impl ToSocketAddrs + std::fmt::Display,
 ) -> Result<RolloutStatus, AdminError> {
-    let name = addr.to_string();
-    let (status, body) = admin_request(addr, "GET", "/rollout.json", b"")?;
-    if status != 200 {
-        return Err(AdminError::Status {
-            addr: name,
-            status,
-            message: String::from_utf8_lossy(&body).trim().to_owned(),
-        });
-    }
-    serde_json::from_slice(&body).map_err(|source| AdminError::Json { addr: name, source })
+    admin_json(addr, "GET", "/rollout.json", b"")
 }
 
 #[cfg(test)]
