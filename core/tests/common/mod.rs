@@ -315,14 +315,7 @@ impl Device {
                 }
                 let _ = self.tls.flush();
             }
-            while let Some(e) = self.session.poll_event() {
-                self.code_event(&e);
-                self.events.push(e);
-            }
-            let _ = self.code.flush_into(&mut self.session);
-            while let Some(u) = self.code.poll_event() {
-                self.code_updates.push(u);
-            }
+            self.drain_events();
             let mut out = BytesMut::new();
             if self.session.poll_transmit(&mut out) {
                 if self.tls.write_all(&out).is_err() {
@@ -347,7 +340,21 @@ impl Device {
                 Err(_) => self.closed = true,
             }
         }
+        // What the last read decoded is the device's too (chunks it holds, events it saw).
+        self.drain_events();
         until(&self.events)
+    }
+
+    /// Hands the session's decoded events to the code receiver and the event log.
+    fn drain_events(&mut self) {
+        while let Some(e) = self.session.poll_event() {
+            self.code_event(&e);
+            self.events.push(e);
+        }
+        let _ = self.code.flush_into(&mut self.session);
+        while let Some(u) = self.code.poll_event() {
+            self.code_updates.push(u);
+        }
     }
 
     pub fn established(&mut self) -> bool {
