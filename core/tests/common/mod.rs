@@ -82,7 +82,21 @@ impl Server {
         Self::spawn(dir, extra)
     }
 
+    /// Starts the server on free ports. A port picked free can be taken by a parallel test
+    /// before the server binds it (the server then exits at once): try again with new ports.
     fn spawn(dir: PathBuf, extra: &[&str]) -> Server {
+        let mut last = Vec::new();
+        for _ in 0..3 {
+            match Self::spawn_once(&dir, extra) {
+                Ok(s) => return s,
+                Err(lines) => last = lines,
+            }
+        }
+        panic!("server did not start: {last:?}");
+    }
+
+    fn spawn_once(dir: &std::path::Path, extra: &[&str]) -> Result<Server, Vec<String>> {
+        let dir = dir.to_path_buf();
         let bin = env!("CARGO_BIN_EXE_tether");
         let devices: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let agents: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
@@ -113,11 +127,12 @@ impl Server {
         });
         if rx.recv_timeout(Duration::from_secs(20)).is_err() {
             let _ = child.kill();
-            panic!("server did not start: {:?}", lines.lock().unwrap());
+            let _ = child.wait();
+            return Err(lines.lock().unwrap().clone());
         }
         let registry = Registry::load(&dir.join("devices.csv")).unwrap();
         let tls = client_config(&dir.join("tls/ca.pem"), &ClientTlsOptions::default()).unwrap();
-        Server {
+        Ok(Server {
             child,
             dir,
             devices,
@@ -126,7 +141,7 @@ impl Server {
             registry,
             tls,
             stderr: lines,
-        }
+        })
     }
 
     pub fn device(&self, id: u64) -> Device {
