@@ -339,6 +339,8 @@ pub struct ClientTlsOptions {
     pub session_tickets: usize,
     /// Let rustls hand out traffic secrets (for a detached client record layer).
     pub secret_extraction: bool,
+    /// Keep tickets here instead of a shared [`TicketPool`] (when `session_tickets` > 0).
+    pub session_store: Option<Arc<dyn ClientSessionStore>>,
 }
 
 impl Default for ClientTlsOptions {
@@ -347,6 +349,7 @@ impl Default for ClientTlsOptions {
             pq_kx: false,
             session_tickets: 256,
             secret_extraction: false,
+            session_store: None,
         }
     }
 }
@@ -372,44 +375,27 @@ pub fn client_config(
         })?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    config.resumption = if opts.session_tickets == 0 {
-        Resumption::disabled()
-    } else {
-        Resumption::store(Arc::new(TicketPool::new(opts.session_tickets)))
+    config.resumption = match (opts.session_tickets, &opts.session_store) {
+        (0, _) => Resumption::disabled(),
+        (_, Some(store)) => Resumption::store(store.clone()),
+        (n, None) => Resumption::store(Arc::new(TicketPool::new(n))),
     };
     config.enable_secret_extraction = opts.secret_extraction;
     config.alpn_protocols = vec![ALPN.to_vec()];
     Ok(Arc::new(config))
 }
 
-/// A client session store that keeps up to `per_server` TLS 1.3 tickets per server name and
-/// per *owner*.
+/// A client session store that keeps up to `per_server` TLS 1.3 tickets per server name.
 ///
 /// rustls' own in-memory cache keeps at most 8 tickets per name, and tickets are single-use,
-/// so thousands of simulated devices reconnecting to one name would mostly do full handshakes.
-/// A load generator also must not let device B resume with device A's ticket: a real device
-/// holds only its own, and sharing would turn first connections into resumptions (and, with one
-/// ticket per handshake, leave reconnects without any). So the caller names the device whose
-/// TLS it is driving with [`set_ticket_owner`] (thread-local); tickets are kept per owner, the
-/// newest two each. With no owner set, all connections share one pool per server name.
-/// TLS 1.2 sessions are never stored (TLS 1.3 only).
+/// so many clients of one process reconnecting to one name would mostly do full handshakes.
+/// Every connection of the config shares the pool; a load generator that must keep each
+/// simulated device's ticket its own passes its own store instead
+/// ([`ClientTlsOptions::session_store`]). TLS 1.2 sessions are never stored (TLS 1.3 only).
 #[derive(Debug)]
 pub struct TicketPool {
     per_server: usize,
-    servers: Mutex<HashMap<(ServerName<'static>, Option<u64>), PoolEntry>>,
-}
-
-thread_local! {
-    static TICKET_OWNER: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
-}
-
-/// Names the device whose TLS connection this thread drives next (see [`TicketPool`]).
-pub fn set_ticket_owner(owner: Option<u64>) {
-    TICKET_OWNER.with(|o| o.set(owner));
-}
-
-fn ticket_key(name: ServerName<'static>) -> (ServerName<'static>, Option<u64>) {
-    (name, TICKET_OWNER.with(|o| o.get()))
+    servers: Mutex<HashMap<ServerName<'static>, PoolEntry>>,
 }
 
 #[derive(Debug, Default)]
@@ -427,10 +413,7 @@ impl TicketPool {
         }
     }
 
-    fn with<R>(
-        &self,
-        f: impl FnOnce(&mut HashMap<(ServerName<'static>, Option<u64>), PoolEntry>) -> R,
-    ) -> R {
+    fn with<R>(&self, f: impl FnOnce(&mut HashMap<ServerName<'static>, PoolEntry>) -> R) -> R {
         // A panic while holding this lock cannot leave the map inconsistent; keep going.
         let mut guard = self.servers.lock().unwrap_or_else(|p| p.into_inner());
         f(&mut guard)
@@ -439,12 +422,11 @@ impl TicketPool {
 
 impl ClientSessionStore for TicketPool {
     fn set_kx_hint(&self, server_name: ServerName<'static>, group: NamedGroup) {
-        self.with(|m| m.entry(ticket_key(server_name)).or_default().kx_hint = Some(group));
+        self.with(|m| m.entry(server_name).or_default().kx_hint = Some(group));
     }
 
     fn kx_hint(&self, server_name: &ServerName<'_>) -> Option<NamedGroup> {
-        let key = ticket_key(server_name.to_owned());
-        self.with(|m| m.get(&key).and_then(|e| e.kx_hint))
+        self.with(|m| m.get(server_name).and_then(|e| e.kx_hint))
     }
 
     fn set_tls12_session(&self, _: ServerName<'static>, _: Tls12ClientSessionValue) {}
@@ -460,11 +442,9 @@ impl ClientSessionStore for TicketPool {
         server_name: ServerName<'static>,
         value: Tls13ClientSessionValue,
     ) {
-        let key = ticket_key(server_name);
-        let limit = if key.1.is_some() { 2 } else { self.per_server };
         self.with(|m| {
-            let e = m.entry(key).or_default();
-            if e.tickets.len() >= limit {
+            let e = m.entry(server_name).or_default();
+            if e.tickets.len() >= self.per_server {
                 e.tickets.pop_front();
             }
             e.tickets.push_back(value);
@@ -476,8 +456,7 @@ impl ClientSessionStore for TicketPool {
         server_name: &ServerName<'static>,
     ) -> Option<Tls13ClientSessionValue> {
         // Newest first: the least likely to have expired.
-        let key = ticket_key(server_name.clone());
-        self.with(|m| m.get_mut(&key).and_then(|e| e.tickets.pop_back()))
+        self.with(|m| m.get_mut(server_name).and_then(|e| e.tickets.pop_back()))
     }
 }
 

@@ -161,9 +161,9 @@ pub struct LatencySummary {
 }
 
 impl LatencySummary {
-    /// Summarises a histogram (all zero if it is empty).
-    pub fn of(h: &Histogram<u64>) -> LatencySummary {
-        if h.is_empty() {
+    /// Summarises a histogram (all zero if it is empty or was never made).
+    pub fn of(h: Option<&Histogram<u64>>) -> LatencySummary {
+        let Some(h) = h.filter(|h| !h.is_empty()) else {
             return LatencySummary {
                 count: 0,
                 p50_us: 0,
@@ -172,7 +172,7 @@ impl LatencySummary {
                 max_us: 0,
                 mean_us: 0.0,
             };
-        }
+        };
         LatencySummary {
             count: h.len(),
             p50_us: h.value_at_quantile(0.5),
@@ -709,7 +709,7 @@ impl Progress {
 pub struct ProgressTracker {
     start: Instant,
     target: u64,
-    last: Option<(Instant, u64, u64, Histogram<u64>)>,
+    last: Option<(Instant, u64, u64, Option<Histogram<u64>>)>,
 }
 
 impl ProgressTracker {
@@ -727,27 +727,26 @@ impl ProgressTracker {
         let c = &merged.counters;
         let msgs = c.msgs_sent + c.msgs_recv;
         let rt = merged.hist.get(Metric::RoundTrip);
-        let (since, connects0, msgs0, interval) = match self.last.take() {
-            Some((t, cn, ms, prev)) => {
-                let mut interval = rt.clone();
-                // Cumulative histograms only grow, so this cannot fail; fall back to cumulative.
-                if interval.subtract(&prev).is_err() {
-                    interval = rt.clone();
-                }
-                (t, cn, ms, interval)
+        let (since, connects0, msgs0, prev) = match self.last.take() {
+            Some((t, cn, ms, prev)) => (t, cn, ms, prev),
+            None => (self.start, 0, 0, None),
+        };
+        let mut interval = rt.cloned();
+        if let (Some(i), Some(prev)) = (&mut interval, &prev) {
+            // Cumulative histograms only grow, so this cannot fail; fall back to cumulative.
+            if i.subtract(prev).is_err() {
+                interval = rt.cloned();
             }
-            None => (self.start, 0, 0, rt.clone()),
-        };
+        }
         let dt = now.saturating_duration_since(since);
-        let (p50, p99) = if interval.is_empty() {
-            (None, None)
-        } else {
-            (
-                Some(interval.value_at_quantile(0.5)),
-                Some(interval.value_at_quantile(0.99)),
-            )
+        let (p50, p99) = match interval.filter(|i| !i.is_empty()) {
+            None => (None, None),
+            Some(i) => (
+                Some(i.value_at_quantile(0.5)),
+                Some(i.value_at_quantile(0.99)),
+            ),
         };
-        self.last = Some((now, c.connects, msgs, rt.clone()));
+        self.last = Some((now, c.connects, msgs, rt.cloned()));
         Progress {
             elapsed: now.saturating_duration_since(self.start),
             connected: c.connected_now,

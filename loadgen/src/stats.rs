@@ -77,11 +77,13 @@ impl fmt::Display for Metric {
 }
 
 /// One histogram per [`Metric`]: microseconds, 3 significant digits, fixed range 1 µs … 60 s
-/// (no auto-resize, so recording never allocates). Larger values are clamped to the top and
-/// counted in [`Histograms::clamped`].
-#[derive(Debug, Clone)]
+/// (no auto-resize). Larger values are clamped to the top and counted in
+/// [`Histograms::clamped`]. A metric's histogram (≈ 140 KiB of counts) is made on its first
+/// value, so metrics a campaign never records cost nothing, and neither do their copies in the
+/// once-a-second snapshots.
+#[derive(Debug, Clone, Default)]
 pub struct Histograms {
-    hists: [Histogram<u64>; 8],
+    hists: [Option<Box<Histogram<u64>>>; 8],
     clamped: u64,
 }
 
@@ -93,24 +95,25 @@ impl Histograms {
 
     /// Empty histograms.
     pub fn new() -> Histograms {
-        let make = || {
-            let mut h = Histogram::new_with_bounds(1, Self::HIGHEST_US, Self::SIGFIG)
-                .expect("constant histogram bounds are valid");
-            h.auto(false);
-            h
-        };
-        Histograms {
-            hists: std::array::from_fn(|_| make()),
-            clamped: 0,
-        }
+        Histograms::default()
+    }
+
+    fn make() -> Box<Histogram<u64>> {
+        let mut h = Histogram::new_with_bounds(1, Self::HIGHEST_US, Self::SIGFIG)
+            .expect("constant histogram bounds are valid");
+        h.auto(false);
+        Box::new(h)
     }
 
     /// Records one latency in microseconds; above [`Self::HIGHEST_US`] it is clamped and counted.
+    /// Allocates only for a metric's first value.
     pub fn record(&mut self, metric: Metric, micros: u64) {
         if micros > Self::HIGHEST_US {
             self.clamped += 1;
         }
-        self.hists[metric.index()].saturating_record(micros);
+        self.hists[metric.index()]
+            .get_or_insert_with(Self::make)
+            .saturating_record(micros);
     }
 
     /// Records the time from `scheduled` to `done` (0 if `done` is earlier).
@@ -118,9 +121,9 @@ impl Histograms {
         self.record(metric, micros_between(scheduled, done));
     }
 
-    /// The histogram of one metric.
-    pub fn get(&self, metric: Metric) -> &Histogram<u64> {
-        &self.hists[metric.index()]
+    /// The histogram of one metric; `None` if nothing was recorded for it.
+    pub fn get(&self, metric: Metric) -> Option<&Histogram<u64>> {
+        self.hists[metric.index()].as_deref()
     }
 
     /// Values recorded above the range and clamped to [`Self::HIGHEST_US`].
@@ -128,25 +131,33 @@ impl Histograms {
         self.clamped
     }
 
+    /// A copy holding only `metric`'s histogram (and the clamped count).
+    pub fn only(&self, metric: Metric) -> Histograms {
+        let mut h = Histograms {
+            clamped: self.clamped,
+            ..Histograms::default()
+        };
+        h.hists[metric.index()] = self.hists[metric.index()].clone();
+        h
+    }
+
     /// Adds another shard's histograms into these.
     pub fn add(&mut self, other: &Histograms) {
         for (mine, theirs) in self.hists.iter_mut().zip(&other.hists) {
-            // Same bounds on both sides, so adding cannot fail.
-            mine.add(theirs).expect("histograms share bounds");
+            let Some(theirs) = theirs else { continue };
+            match mine {
+                // Same bounds on both sides, so adding cannot fail.
+                Some(mine) => mine.add(&**theirs).expect("histograms share bounds"),
+                None => *mine = Some(theirs.clone()),
+            }
         }
         self.clamped += other.clamped;
     }
 
     /// Empties every histogram (for interval snapshots).
     pub fn reset(&mut self) {
-        self.hists.iter_mut().for_each(Histogram::reset);
+        self.hists.iter_mut().flatten().for_each(|h| h.reset());
         self.clamped = 0;
-    }
-}
-
-impl Default for Histograms {
-    fn default() -> Self {
-        Histograms::new()
     }
 }
 
@@ -345,22 +356,26 @@ mod tests {
             a.record(Metric::RoundTrip, v);
         }
         a.record(Metric::Connect, 120_000_000); // 2 minutes: clamped
-        let rt = a.get(Metric::RoundTrip);
+        let rt = a.get(Metric::RoundTrip).unwrap();
         assert_eq!(rt.len(), 1000);
         assert!((499..=501).contains(&rt.value_at_quantile(0.5)));
         assert_eq!(a.clamped(), 1);
-        assert!(a.get(Metric::Connect).max() >= Histograms::HIGHEST_US);
-        assert!(!a.get(Metric::Connect).is_auto_resize());
+        assert!(a.get(Metric::Connect).unwrap().max() >= Histograms::HIGHEST_US);
+        assert!(!a.get(Metric::Connect).unwrap().is_auto_resize());
 
         let mut b = Histograms::new();
         b.record(Metric::RoundTrip, 5000);
         b.record(Metric::Heartbeat, 7);
         a.add(&b);
-        assert_eq!(a.get(Metric::RoundTrip).len(), 1001);
-        assert_eq!(a.get(Metric::Heartbeat).len(), 1);
-        assert!(a.get(Metric::RoundTrip).max() >= 4995);
+        assert_eq!(a.get(Metric::RoundTrip).unwrap().len(), 1001);
+        assert_eq!(a.get(Metric::Heartbeat).unwrap().len(), 1);
+        assert!(a.get(Metric::RoundTrip).unwrap().max() >= 4995);
         a.reset();
-        assert_eq!(a.get(Metric::RoundTrip).len(), 0);
+        assert_eq!(a.get(Metric::RoundTrip).unwrap().len(), 0);
+        assert!(a.get(Metric::Hello).is_none(), "never recorded: never made");
+        let only = a.only(Metric::Heartbeat);
+        assert!(only.get(Metric::RoundTrip).is_none());
+        assert_eq!(only.get(Metric::Heartbeat).unwrap().len(), 0);
         assert_eq!(Metric::ALL.map(Metric::name).len(), 8);
     }
 
@@ -411,7 +426,7 @@ mod tests {
         // Latency counts from the scheduled time: the send due at 100 ms, answered at 360 ms.
         let mut h = Histograms::new();
         h.record_since(Metric::RoundTrip, late[0], t0 + ms(360));
-        assert!((259_000..=261_000).contains(&h.get(Metric::RoundTrip).max()));
+        assert!((259_000..=261_000).contains(&h.get(Metric::RoundTrip).unwrap().max()));
     }
 
     #[test]

@@ -16,6 +16,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use rustls::client::Tls13ClientSessionValue;
 use socket2::{Domain, Protocol, SockAddr, SockRef, Socket, Type};
 use tether_core::ring::{self, Completion, Kind as RingKind, Ring, ring_generation};
 use tether_core::timer::{TimerId, TimerWheel};
@@ -122,6 +123,9 @@ pub(super) struct Device {
     code: Option<Box<CodeReceiver>>,
     /// Code versions installed so far (the n-th counts for the campaign's n-th deploy).
     installs: u8,
+    /// The TLS session ticket to resume with (lent to rustls for each step, see
+    /// [`super::tls::DeviceTickets`]).
+    pub ticket: Option<Box<Tls13ClientSessionValue>>,
 }
 
 /// A stable pseudo-random number in [0, 1) for (device, salt): spreads phases and picks storm
@@ -136,11 +140,6 @@ fn unit(index: usize, salt: u64) -> f64 {
 
 impl Device {
     /// Device `index` of the process, waiting for its ramp slot.
-    /// The device's index in the campaign (its stable identity for the run).
-    pub fn index(&self) -> u64 {
-        u64::from(self.index)
-    }
-
     pub fn new(ctx: &ShardCtx, index: usize) -> Device {
         let sh = &ctx.shared;
         let c = &sh.campaign;
@@ -172,6 +171,7 @@ impl Device {
             resumed: false,
             code: None,
             installs: 0,
+            ticket: None,
         }
     }
 

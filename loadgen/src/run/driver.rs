@@ -22,6 +22,7 @@ use tether_core::timer::TimerWheel;
 use super::device::{Device, Lent};
 use super::net::sleep_until;
 use super::shard::ShardCtx;
+use super::tls::DeviceTickets;
 
 /// Wheel tick: sends are measured from their scheduled time, so deadlines must be fine.
 const TICK: Duration = Duration::from_millis(1);
@@ -60,24 +61,46 @@ impl Bell {
     }
 }
 
+/// What a driver keeps whatever the number of its devices: the readiness ring, its doorbell,
+/// the timing wheel and the buffers it lends. Made before the run's plan arrives (see [`super::shard::run_shard`]).
+pub(super) struct Kit {
+    ring: Ring,
+    doorbell: Doorbell,
+    wheel: TimerWheel<u32>,
+    rx: Box<[u8]>,
+    plain: Box<[u8]>,
+    frames: BytesMut,
+    tx: Vec<u8>,
+}
+
+impl Kit {
+    /// Sets up the ring and the buffers; the error says what failed.
+    pub fn new() -> Result<Kit, String> {
+        let ring = Ring::new(4096).map_err(|e| format!("io_uring setup failed: {e}"))?;
+        let doorbell = Doorbell::new(&ring).map_err(|e| format!("eventfd: {e}"))?;
+        Ok(Kit {
+            ring,
+            doorbell,
+            wheel: TimerWheel::with_config(Instant::now(), TICK, SLOTS),
+            rx: vec![0; READ_BUF].into_boxed_slice(),
+            plain: vec![0; READ_BUF].into_boxed_slice(),
+            frames: BytesMut::with_capacity(16 * 1024),
+            tx: Vec::with_capacity(16 * 1024),
+        })
+    }
+}
+
 /// Runs the devices with process indexes `indexes` until each is done (or the shard stops).
-pub(super) async fn run(ctx: Rc<ShardCtx>, indexes: Vec<usize>) {
-    let ring = match Ring::new(4096) {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("loadgen shard {}: io_uring setup failed: {e}", ctx.index);
-            ctx.error("ring_setup");
-            return;
-        }
-    };
-    let doorbell = match Doorbell::new(&ring) {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!("loadgen shard {}: eventfd: {e}", ctx.index);
-            ctx.error("ring_setup");
-            return;
-        }
-    };
+pub(super) async fn run(ctx: Rc<ShardCtx>, indexes: Vec<usize>, kit: Kit) {
+    let Kit {
+        ring,
+        doorbell,
+        wheel,
+        rx,
+        plain,
+        frames,
+        tx,
+    } = kit;
     let bell = Rc::new(Bell::default());
     // Dropped (and so cancelled) when the driver returns.
     let _doorbell = glommio::spawn_local({
@@ -95,12 +118,12 @@ pub(super) async fn run(ctx: Rc<ShardCtx>, indexes: Vec<usize>) {
     let mut d = Driver {
         devices: indexes.iter().map(|&i| Device::new(&ctx, i)).collect(),
         ctx,
-        wheel: TimerWheel::with_config(Instant::now(), TICK, SLOTS),
+        wheel,
         ring,
-        rx: vec![0; READ_BUF].into_boxed_slice(),
-        plain: vec![0; READ_BUF].into_boxed_slice(),
-        frames: BytesMut::with_capacity(16 * 1024),
-        tx: Vec::with_capacity(16 * 1024),
+        rx,
+        plain,
+        frames,
+        tx,
         again: Vec::new(),
         completions: Vec::new(),
         expired: Vec::new(),
@@ -167,9 +190,9 @@ impl Driver {
         };
         let dev = &mut self.devices[slot];
         // TLS tickets are kept per device: a device resumes only its own session.
-        tether_core::tls::set_ticket_owner(Some(dev.index()));
-        f(dev, &mut l);
-        tether_core::tls::set_ticket_owner(None);
+        let mut ticket = dev.ticket.take();
+        DeviceTickets::lend(&mut ticket, || f(dev, &mut l));
+        dev.ticket = ticket;
     }
 
     /// One pass: the stop, ring completions, devices with input left, expired deadlines.

@@ -190,7 +190,9 @@ fn run_against(
         &ca,
         &ClientTlsOptions {
             pq_kx: false,
-            session_tickets: if c.resume { want.max(1) } else { 0 },
+            session_tickets: usize::from(c.resume),
+            // Each device keeps its own ticket (see tls::DeviceTickets).
+            session_store: Some(Arc::new(tls::DeviceTickets::default())),
             // The detached device state takes its traffic secrets from rustls.
             secret_extraction: c.tls_state == TlsState::Detached,
         },
@@ -213,6 +215,39 @@ fn run_against(
         .ok_or_else(|| setup("server.address is not set"))?;
     let shards = c.effective_shards().clamp(1, want.max(1));
     let sources = plans.first().map(|p| p.sources.clone()).unwrap_or_default();
+
+    // The shards start first and make what they keep whatever the number of devices (ring,
+    // buffers, timing wheel), then wait for the plan: memory measured from here on is what the
+    // devices add (the server's "before" is likewise a started, idle server).
+    let (tx, rx) = mpsc::channel::<Snapshot>();
+    let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
+    let cores = host::available_cores();
+    let mut handles = Vec::new();
+    let mut plans_tx = Vec::new();
+    for i in 0..shards {
+        let spawn = |placement| {
+            let (plan_tx, plan_rx) = mpsc::sync_channel::<Arc<Shared>>(1);
+            let (tx, ready_tx) = (tx.clone(), ready_tx.clone());
+            LocalExecutorBuilder::new(placement)
+                .name(&format!("loadgen-{i}"))
+                .io_memory(IO_MEMORY)
+                .spawn(move || shard::run_shard(i, ready_tx, plan_rx, tx))
+                .map(|h| (h, plan_tx))
+        };
+        let (h, plan_tx) = spawn(Placement::Fixed(i % cores))
+            .or_else(|_| spawn(Placement::Unbound))
+            .map_err(|e| setup(format!("cannot start loadgen shard {i}: {e}")))?;
+        handles.push(h);
+        plans_tx.push(plan_tx);
+    }
+    drop((tx, ready_tx));
+    for _ in 0..shards {
+        match ready_rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(setup(e)),
+            Err(_) => return Err(setup("a loadgen shard did not start within 10 s")),
+        }
+    }
 
     let server_before = server_pid.and_then(|p| host::rss_of(p).ok());
     let self_before = host::rss_self().ok();
@@ -243,26 +278,10 @@ fn run_against(
         abort: AtomicBool::new(false),
     });
 
-    let (tx, rx) = mpsc::channel::<Snapshot>();
-    let cores = host::available_cores();
-    let mut handles = Vec::new();
-    for i in 0..shards {
-        let (sh, tx) = (shared.clone(), tx.clone());
-        let builder = |placement| {
-            LocalExecutorBuilder::new(placement)
-                .name(&format!("loadgen-{i}"))
-                .io_memory(IO_MEMORY)
-        };
-        let spawn = |placement| {
-            let (sh, tx) = (sh.clone(), tx.clone());
-            builder(placement).spawn(move || shard::run_shard(sh, i, tx))
-        };
-        let h = spawn(Placement::Fixed(i % cores))
-            .or_else(|_| spawn(Placement::Unbound))
-            .map_err(|e| setup(format!("cannot start loadgen shard {i}: {e}")))?;
-        handles.push(h);
+    for plan_tx in plans_tx {
+        // A shard that is gone already reported why (or its thread's panic is joined below).
+        let _ = plan_tx.send(shared.clone());
     }
-    drop(tx);
 
     // Collect snapshots; bounded by the timeline (plus a grace after which the run is aborted).
     let mut latest: Vec<Option<Snapshot>> = vec![None; shards];

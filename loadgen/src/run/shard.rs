@@ -7,7 +7,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::Sender;
+use std::sync::mpsc::{Receiver, Sender};
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -20,7 +20,7 @@ use super::net::sleep_until;
 use super::stamp::Epoch;
 use super::{agent, driver};
 use crate::campaign::Campaign;
-use crate::stats::Stats;
+use crate::stats::{Metric, Stats};
 
 /// The run's timeline, fixed before any shard starts.
 #[derive(Clone, Copy, Debug)]
@@ -117,7 +117,7 @@ pub struct StormTally {
 pub struct Snapshot {
     /// Which shard.
     pub shard: usize,
-    /// Its statistics so far.
+    /// Its statistics so far (of the histograms, only round trips until `done`).
     pub stats: Stats,
     /// Per storm of the campaign.
     pub storms: Vec<StormTally>,
@@ -204,10 +204,23 @@ impl ShardCtx {
         }
     }
 
+    /// The shard's figures; once a second (`done` false) with only the round-trip histogram,
+    /// which the progress line shows (a full copy of every histogram is ≈ 1 MiB), and all of
+    /// them at the end.
     fn snapshot(&self, done: bool) -> Snapshot {
+        let st = self.stats.borrow();
+        let stats = if done {
+            st.clone()
+        } else {
+            Stats {
+                hist: st.hist.only(Metric::RoundTrip),
+                errors: st.errors.clone(),
+                counters: st.counters,
+            }
+        };
         Snapshot {
             shard: self.index,
-            stats: self.stats.borrow().clone(),
+            stats,
             storms: self.storms.borrow().clone(),
             sends_offline: self.sends_offline.get(),
             first_connects: self.first_connects.get().0,
@@ -219,9 +232,26 @@ impl ShardCtx {
     }
 }
 
-/// Runs shard `index`: its share of devices (index ≡ shard mod shards) and of agents, until the
-/// timeline ends or the run is aborted. Sends a snapshot every second and a final one.
-pub async fn run_shard(shared: Arc<Shared>, index: usize, out: Sender<Snapshot>) {
+/// Runs shard `index`: makes its fixed state and says so on `ready` (or why it could not),
+/// waits for the run's plan on `plan`, then runs its share of devices (index ≡ shard mod shards)
+/// and of agents until the timeline ends or the run is aborted. Sends a snapshot every second
+/// and a final one.
+pub async fn run_shard(
+    index: usize,
+    ready: Sender<Result<(), String>>,
+    plan: Receiver<Arc<Shared>>,
+    out: Sender<Snapshot>,
+) {
+    let kit = match driver::Kit::new() {
+        Ok(k) => k,
+        Err(e) => {
+            let _ = ready.send(Err(format!("loadgen shard {index}: {e}")));
+            return;
+        }
+    };
+    let _ = ready.send(Ok(()));
+    // Blocking is fine: nothing else runs on this executor yet. No plan: the run was called off.
+    let Ok(shared) = plan.recv() else { return };
     let ctx = Rc::new(ShardCtx {
         index,
         storms: RefCell::new(vec![StormTally::default(); shared.campaign.storm.len()]),
@@ -237,7 +267,7 @@ pub async fn run_shard(shared: Arc<Shared>, index: usize, out: Sender<Snapshot>)
     let devices: Vec<usize> = (index..shared.devices.len())
         .step_by(shared.shards)
         .collect();
-    tasks.push(glommio::spawn_local(driver::run(ctx.clone(), devices)));
+    tasks.push(glommio::spawn_local(driver::run(ctx.clone(), devices, kit)));
     let mut slot = 0;
     if shared.agent_server.is_some() && shared.campaign.messages.uses_agents() {
         let agents = shared.campaign.messages.agents as usize;

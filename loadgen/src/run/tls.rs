@@ -10,17 +10,20 @@
 //! only for a record a read cut in two, or output the caller has not collected yet.
 //!
 //! Session tickets: the server sends its ticket once it has read our Finished, so it reaches
-//! the detached state, which hands it to rustls' key schedule (the shared ticket pool; storms
-//! reconnect with resumption). Once the ticket is in — at once when the campaign does not
+//! the detached state, which hands it to rustls' key schedule and so to the device's own ticket slot
+//! ([`DeviceTickets`]; storms reconnect with resumption). Once the ticket is in — at once when the campaign does not
 //! resume — the key schedule (≈ 0.8 KB) is forgotten: the server only sends a KeyUpdate near
 //! the AEAD's limit, which an idle device never reaches; if it did, the device would count a
 //! `read_tls_error` and reconnect.
 
+use std::cell::RefCell;
 use std::io::{self, Read as _, Write as _};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU16, Ordering};
 
+use rustls::client::{ClientSessionStore, Tls12ClientSessionValue, Tls13ClientSessionValue};
 use rustls::pki_types::ServerName;
-use rustls::{ClientConfig, ClientConnection, HandshakeKind};
+use rustls::{ClientConfig, ClientConnection, HandshakeKind, NamedGroup};
 use tether_core::detached::{ClientHandshake, DetachedClientTls};
 
 use super::net::{lean_tls_err, tls_err};
@@ -256,5 +259,64 @@ impl Detached {
                 peer_closed: o.peer_closed,
             },
         ))
+    }
+}
+
+thread_local! {
+    /// The session ticket of the device this thread is stepping (see [`DeviceTickets`]).
+    static LENT_TICKET: RefCell<Option<Box<Tls13ClientSessionValue>>> =
+        const { RefCell::new(None) };
+}
+
+/// Each simulated device's TLS 1.3 session ticket, kept in the device itself.
+///
+/// rustls asks the config's session store for a ticket when a connection starts and hands it
+/// the server's tickets as they come. A device must resume only with its own ticket (a real
+/// device holds only its own; sharing would turn first connections into resumptions), and a
+/// shared map keyed by device costs ≈ 0.7 KB per device more than the ticket itself. So the
+/// shard's driver lends each device's ticket slot to this thread for the device's step
+/// ([`DeviceTickets::lend`]); the store reads and writes only that slot. The server sends one
+/// ticket per handshake; the newest is kept. Outside a step (no slot lent) tickets are dropped.
+#[derive(Debug, Default)]
+pub(super) struct DeviceTickets {
+    /// The server's key-exchange group (every device talks to the same server): an
+    /// `u16::from(NamedGroup)`, 0 for none.
+    kx_hint: AtomicU16,
+}
+
+impl DeviceTickets {
+    /// Runs `f` with `slot` as the ticket rustls sees on this thread.
+    pub fn lend<R>(slot: &mut Option<Box<Tls13ClientSessionValue>>, f: impl FnOnce() -> R) -> R {
+        LENT_TICKET.with(|t| *t.borrow_mut() = slot.take());
+        let r = f();
+        *slot = LENT_TICKET.with(|t| t.borrow_mut().take());
+        r
+    }
+}
+
+impl ClientSessionStore for DeviceTickets {
+    fn set_kx_hint(&self, _: ServerName<'static>, group: NamedGroup) {
+        self.kx_hint.store(u16::from(group), Ordering::Relaxed);
+    }
+
+    fn kx_hint(&self, _: &ServerName<'_>) -> Option<NamedGroup> {
+        let g = self.kx_hint.load(Ordering::Relaxed);
+        (g != 0).then(|| NamedGroup::from(g))
+    }
+
+    fn set_tls12_session(&self, _: ServerName<'static>, _: Tls12ClientSessionValue) {}
+
+    fn tls12_session(&self, _: &ServerName<'_>) -> Option<Tls12ClientSessionValue> {
+        None
+    }
+
+    fn remove_tls12_session(&self, _: &ServerName<'static>) {}
+
+    fn insert_tls13_ticket(&self, _: ServerName<'static>, value: Tls13ClientSessionValue) {
+        LENT_TICKET.with(|t| *t.borrow_mut() = Some(Box::new(value)));
+    }
+
+    fn take_tls13_ticket(&self, _: &ServerName<'static>) -> Option<Tls13ClientSessionValue> {
+        LENT_TICKET.with(|t| t.borrow_mut().take().map(|b| *b))
     }
 }
