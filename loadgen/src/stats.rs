@@ -311,6 +311,12 @@ impl OpenLoopSchedule {
         }
     }
 
+    /// The same timetable with its first `taken` sends already taken.
+    pub fn after(mut self, taken: u64) -> OpenLoopSchedule {
+        self.next = taken;
+        self
+    }
+
     /// When the next send is due, without taking it; `None` if the schedule never sends.
     /// A driver arms its timer for this instant.
     pub fn peek(&self) -> Option<Instant> {

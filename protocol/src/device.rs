@@ -174,6 +174,11 @@ impl DeviceSession {
         self.config.device
     }
 
+    /// The heartbeat interval the server asked for in its last `Welcome` (30 s before one).
+    pub fn heartbeat(&self) -> Duration {
+        self.heartbeat
+    }
+
     /// Whether `Welcome` has arrived on the current connection.
     pub fn is_established(&self) -> bool {
         self.state == State::Established

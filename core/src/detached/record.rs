@@ -27,14 +27,42 @@ const MAX_KEY_UPDATES_IN_A_ROW: u8 = 32;
 /// 64-bit sequence number never wraps (the value rustls uses).
 const SEQ_SOFT_LIMIT: u64 = 0xffff_ffff_ffff_0000;
 
-/// One direction: its AEAD, the next sequence number, and the key material it was made from
-/// (kept to serialise the state; `None` when rustls' public API cannot copy it, see
-/// [`super::MoveError::KeyLength`]).
-pub(super) struct Direction<C: ?Sized> {
+/// One direction: its AEAD, the next sequence number, and what the side keeps of the key
+/// material it was made from ([`Side::Saved`]: a copy to serialise the state on a server,
+/// nothing on a client).
+pub(super) struct Direction<C: ?Sized, K> {
     pub(super) cipher: Box<C>,
     pub(super) seq: u64,
+    pub(super) saved: K,
+}
+
+/// What a direction keeps of its key material besides the AEAD made from it.
+#[doc(hidden)]
+pub trait Saved: Send + Sync + Sized + 'static {
+    /// Keeps what it needs of `key` and `iv`.
+    fn save(key: &AeadKey, iv: &Iv) -> Self;
+}
+
+/// A copy of a direction's key and IV, to serialise the state ([`DetachedTls::to_bytes`]).
+/// `key` is `None` when rustls' public API cannot copy it (see [`super::MoveError::KeyLength`]).
+#[doc(hidden)]
+pub struct KeyCopy {
     pub(super) key: Option<AeadKey>,
     pub(super) iv: Iv,
+}
+
+impl Saved for KeyCopy {
+    fn save(key: &AeadKey, iv: &Iv) -> KeyCopy {
+        KeyCopy {
+            key: copy_key(key),
+            iv: Iv::copy(iv.as_ref()),
+        }
+    }
+}
+
+/// Nothing: a state that never moves between processes.
+impl Saved for () {
+    fn save(_: &AeadKey, _: &Iv) {}
 }
 
 /// Splits rustls' key and IV out of the suite-tagged enum.
@@ -60,35 +88,31 @@ fn copy_key(key: &AeadKey) -> Option<AeadKey> {
     <[u8; 32]>::try_from(key.as_ref()).ok().map(AeadKey::from)
 }
 
-pub(super) fn encrypter(
+pub(super) fn encrypter<K: Saved>(
     suite: &'static Tls13CipherSuite,
     key: AeadKey,
     iv: Iv,
     seq: u64,
-) -> Direction<dyn MessageEncrypter> {
-    let copy = copy_key(&key);
-    let iv_copy = Iv::copy(iv.as_ref());
+) -> Direction<dyn MessageEncrypter, K> {
+    let saved = K::save(&key, &iv);
     Direction {
-        cipher: suite.aead_alg.encrypter(key, iv_copy),
+        cipher: suite.aead_alg.encrypter(key, iv),
         seq,
-        key: copy,
-        iv,
+        saved,
     }
 }
 
-pub(super) fn decrypter(
+pub(super) fn decrypter<K: Saved>(
     suite: &'static Tls13CipherSuite,
     key: AeadKey,
     iv: Iv,
     seq: u64,
-) -> Direction<dyn MessageDecrypter> {
-    let copy = copy_key(&key);
-    let iv_copy = Iv::copy(iv.as_ref());
+) -> Direction<dyn MessageDecrypter, K> {
+    let saved = K::save(&key, &iv);
     Direction {
-        cipher: suite.aead_alg.decrypter(key, iv_copy),
+        cipher: suite.aead_alg.decrypter(key, iv),
         seq,
-        key: copy,
-        iv,
+        saved,
     }
 }
 
@@ -105,6 +129,11 @@ pub(super) fn tx_must_start_at_zero(suite: CipherSuite) -> bool {
 /// `ClientConnectionData` (the type parameter of its `KernelConnection`). The record layer is
 /// the same for both; they differ in which post-handshake messages the peer may send.
 pub trait Side: sealed::Sealed + Sized + Send + Sync + 'static {
+    /// What each direction keeps of its key material: a server's state can be serialised
+    /// (the upgrade hands it to the next process), a client's never moves and keeps nothing.
+    #[doc(hidden)]
+    type Saved: Saved;
+
     /// Handles a post-handshake message other than KeyUpdate, of type `typ` and body `msg`.
     /// Returns true if it was a session ticket.
     #[doc(hidden)]
@@ -122,6 +151,8 @@ mod sealed {
 }
 
 impl Side for ServerConnectionData {
+    type Saved = KeyCopy;
+
     /// A client sends nothing after its Finished but KeyUpdate (no post-handshake auth here).
     fn post_handshake(
         _: Option<&mut KernelConnection<Self>>,
@@ -133,6 +164,8 @@ impl Side for ServerConnectionData {
 }
 
 impl Side for ClientConnectionData {
+    type Saved = ();
+
     /// The server sends NewSessionTickets after the handshake: rustls' key schedule stores
     /// them in the config's session store (resumption keeps working). With no key schedule
     /// left (forgotten, to save memory) a ticket is dropped, as RFC 8446 §4.6.1 allows.
@@ -182,8 +215,8 @@ pub struct Opened {
 /// same process keeps everything, key updates included.
 pub struct DetachedTls<S: Side = ServerConnectionData> {
     pub(super) suite: &'static Tls13CipherSuite,
-    pub(super) tx: Direction<dyn MessageEncrypter>,
-    pub(super) rx: Direction<dyn MessageDecrypter>,
+    pub(super) tx: Direction<dyn MessageEncrypter, S::Saved>,
+    pub(super) rx: Direction<dyn MessageDecrypter, S::Saved>,
     /// rustls' key schedule; `None` once restored from bytes or forgotten.
     pub(super) kernel: Option<Box<KernelConnection<S>>>,
     /// Records sealed under one key before we rekey (or refuse, with no key schedule).
@@ -218,8 +251,8 @@ impl<S: Side> std::fmt::Debug for DetachedTls<S> {
 impl<S: Side> DetachedTls<S> {
     pub(super) fn new(
         suite: &'static Tls13CipherSuite,
-        tx: Direction<dyn MessageEncrypter>,
-        rx: Direction<dyn MessageDecrypter>,
+        tx: Direction<dyn MessageEncrypter, S::Saved>,
+        rx: Direction<dyn MessageDecrypter, S::Saved>,
         kernel: Option<Box<KernelConnection<S>>>,
     ) -> DetachedTls<S> {
         DetachedTls {

@@ -30,7 +30,7 @@ impl DetachedTls {
     /// ([`MoveError::KeyLength`]).
     pub fn to_bytes(&self) -> Result<Zeroizing<Vec<u8>>, MoveError> {
         let suite = self.suite.common.suite;
-        let (Some(tx_key), Some(rx_key)) = (&self.tx.key, &self.rx.key) else {
+        let (Some(tx_key), Some(rx_key)) = (&self.tx.saved.key, &self.rx.saved.key) else {
             return Err(MoveError::KeyLength(suite, self.suite.aead_alg.key_len()));
         };
         if self.tx.seq != 0 && tx_must_start_at_zero(suite) {
@@ -48,8 +48,8 @@ impl DetachedTls {
         );
         b.extend_from_slice(&self.rekey_after.to_be_bytes());
         for (seq, key, iv) in [
-            (self.tx.seq, tx_key, &self.tx.iv),
-            (self.rx.seq, rx_key, &self.rx.iv),
+            (self.tx.seq, tx_key, &self.tx.saved.iv),
+            (self.rx.seq, rx_key, &self.rx.saved.iv),
         ] {
             b.extend_from_slice(&seq.to_be_bytes());
             b.extend_from_slice(key.as_ref());

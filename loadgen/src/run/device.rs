@@ -26,7 +26,7 @@ use tether_protocol::message::GoodbyeReason;
 use tether_protocol::{AuthError, CloseReason};
 
 use super::net::kind_of;
-use super::shard::ShardCtx;
+use super::shard::{ShardCtx, Shared};
 use super::stamp::{self, Kind};
 use super::tls::DeviceTls;
 use crate::campaign::TlsState;
@@ -78,12 +78,8 @@ pub(super) enum Phase {
     Backoff,
     /// TCP connect in flight; a one-shot `POLLOUT` watch says when it is done.
     Connecting { fd: OwnedFd, deadline: Instant },
-    /// TCP up since `connected`, TLS handshake in flight.
-    Handshaking {
-        link: Link,
-        connected: Instant,
-        deadline: Instant,
-    },
+    /// TCP up (at `Device::since`), TLS handshake in flight.
+    Handshaking { link: Link, deadline: Instant },
     /// TLS up: Hello/Welcome, then traffic until the run ends, a storm, or a failure.
     Established { link: Link },
     /// The run is over for this device.
@@ -94,19 +90,19 @@ pub(super) enum Phase {
 pub(super) struct Device {
     phase: Phase,
     session: DeviceSession,
-    /// Device→agent and echo timetables, started at the ramp slot, kept across reconnects.
-    d2a: OpenLoopSchedule,
-    rt: OpenLoopSchedule,
-    /// When the current (or next) connect attempt is scheduled: connect latency counts from it.
-    attempt: Instant,
+    /// Sends taken from the device→agent and echo timetables ([`Device::timetable`]: they
+    /// start at the ramp slot and are kept across reconnects).
+    sent: [u32; 2],
+    /// Where the latency being timed starts, one stage after the other: the connect attempt's
+    /// scheduled time (also when a waiting device connects), then TCP up (until the TLS
+    /// handshake is done), then `Hello` sent (until `Welcome`, if `hello_sent`).
+    since: Instant,
     /// Our own heartbeat (the session's would fire at the same interval; ours is timed).
     next_ping: Option<Instant>,
     pending_ping: Option<(u64, Instant)>,
-    hello_at: Option<Instant>,
     retry_after: Option<Duration>,
     /// The deadline the wheel holds for this device.
     armed: Option<(Instant, TimerId)>,
-    heartbeat: Duration,
     /// Index of this device in the process (identity, phases, storm victims).
     index: u32,
     /// Generation of the current connection, tagging its ring operations.
@@ -116,6 +112,7 @@ pub(super) struct Device {
     /// The storm this device is recovering from.
     recovering: Option<u8>,
     established: bool,
+    hello_sent: bool,
     ever_connected: bool,
     /// Whether the current connection's TLS handshake resumed a session.
     resumed: bool,
@@ -147,26 +144,21 @@ impl Device {
         let ident = &sh.devices[index];
         let mut cfg = DeviceConfig::new(ident.id, ident.key.clone());
         cfg.welcome_timeout = Duration::from_millis(c.limits.connect_timeout_ms);
-        let m = &c.messages;
         Device {
             phase: Phase::Waiting,
             session: DeviceSession::new(cfg, first),
-            // Timetables start at the ramp slot, phase-spread, so the schedule is fixed
-            // regardless of how long connects take.
-            d2a: OpenLoopSchedule::with_phase(m.device_to_agent_per_sec, first, unit(index, 1)),
-            rt: OpenLoopSchedule::with_phase(m.round_trip_per_sec, first, unit(index, 2)),
-            attempt: first,
+            sent: [0; 2],
+            since: first,
             next_ping: None,
             pending_ping: None,
-            hello_at: None,
             retry_after: None,
             armed: None,
-            heartbeat: Duration::from_secs(u64::from(c.heartbeat_s)),
             index: index as u32,
             generation: 0,
             next_storm: 0,
             recovering: None,
             established: false,
+            hello_sent: false,
             ever_connected: false,
             resumed: false,
             code: None,
@@ -200,7 +192,7 @@ impl Device {
                     self.done(l);
                     return;
                 }
-                if now >= self.attempt {
+                if now >= self.since {
                     self.connect(now, l);
                 }
             }
@@ -301,7 +293,7 @@ impl Device {
     fn connect(&mut self, now: Instant, l: &mut Lent<'_>) {
         let sh = &l.ctx.shared;
         let timeout = Duration::from_millis(sh.campaign.limits.connect_timeout_ms);
-        let deadline = self.attempt.max(now) + timeout;
+        let deadline = self.since.max(now) + timeout;
         let source =
             (!sh.sources.is_empty()).then(|| sh.sources[self.index as usize % sh.sources.len()]);
         let socket = (|| {
@@ -359,7 +351,7 @@ impl Device {
             .stats
             .borrow_mut()
             .hist
-            .record_since(Metric::Connect, self.attempt, now);
+            .record_since(Metric::Connect, self.since, now);
         let tls = match sh.campaign.tls_state {
             TlsState::Buffered => {
                 DeviceTls::buffered(sh.tls.clone(), sh.server_name.clone()).map_err(|_| ())
@@ -380,7 +372,8 @@ impl Device {
             }
         };
         self.session.connect(now);
-        self.hello_at = None;
+        self.since = now;
+        self.hello_sent = false;
         self.retry_after = None;
         l.ring
             .watch_read(fd.as_raw_fd(), l.slot as usize, self.generation);
@@ -391,7 +384,6 @@ impl Device {
                 out: Vec::new(),
                 writing: false,
             },
-            connected: now,
             deadline,
         };
     }
@@ -445,15 +437,12 @@ impl Device {
     }
 
     fn handshake_done(&mut self, now: Instant, l: &mut Lent<'_>) {
-        if let Phase::Handshaking {
-            link, connected, ..
-        } = std::mem::replace(&mut self.phase, Phase::Done)
-        {
+        if let Phase::Handshaking { link, .. } = std::mem::replace(&mut self.phase, Phase::Done) {
             l.ctx
                 .stats
                 .borrow_mut()
                 .hist
-                .record_since(Metric::TlsHandshake, connected, now);
+                .record_since(Metric::TlsHandshake, self.since, now);
             self.resumed = link.tls.resumed();
             self.phase = Phase::Established { link };
         }
@@ -513,8 +502,9 @@ impl Device {
         };
         l.frames.clear();
         let any = established && self.session.poll_transmit(l.frames);
-        if any && !self.established && self.hello_at.is_none() {
-            self.hello_at = Some(now);
+        if any && !self.established && !self.hello_sent {
+            self.hello_sent = true;
+            self.since = now;
         }
         l.tx.clear();
         link.tls.seal(l.frames, l.tx)?;
@@ -553,7 +543,7 @@ impl Device {
     }
 
     fn backoff(&mut self, now: Instant, after: Duration) {
-        self.attempt = now + after;
+        self.since = now + after;
         self.phase = Phase::Backoff;
     }
 
@@ -572,13 +562,13 @@ impl Device {
     fn arm(&mut self, l: &mut Lent<'_>) {
         let tl = l.ctx.shared.timeline;
         let want = match &self.phase {
-            Phase::Waiting | Phase::Backoff => Some(self.attempt.min(tl.sends_end)),
+            Phase::Waiting | Phase::Backoff => Some(self.since.min(tl.sends_end)),
             Phase::Connecting { deadline, .. } | Phase::Handshaking { deadline, .. } => {
                 Some((*deadline).min(tl.end))
             }
             Phase::Established { .. } => [
                 self.session.poll_timeout(),
-                self.next_send(tl.sends_end),
+                self.next_send(&l.ctx.shared),
                 self.next_ping,
                 self.storm(l.ctx).map(|s| s.1),
                 Some(tl.end),
@@ -611,11 +601,22 @@ impl Device {
             .map(|(k, s)| (k, sh.timeline.at(s.at_s)))
     }
 
-    fn next_send(&self, end: Instant) -> Option<Instant> {
-        [self.d2a.peek(), self.rt.peek()]
-            .into_iter()
-            .flatten()
-            .filter(|t| *t < end)
+    /// The device's device→agent (`k` = 0) or echo (1) timetable, at the next send not yet
+    /// taken. Timetables start at the ramp slot, phase-spread, so the schedule is fixed
+    /// regardless of how long connects take; only the count taken is kept in the device.
+    fn timetable(&self, sh: &Shared, k: usize) -> OpenLoopSchedule {
+        let m = &sh.campaign.messages;
+        let rate = [m.device_to_agent_per_sec, m.round_trip_per_sec][k];
+        let index = self.index as usize;
+        let first = sh.timeline.ramp_slot(index);
+        OpenLoopSchedule::with_phase(rate, first, unit(index, 1 + k as u64))
+            .after(u64::from(self.sent[k]))
+    }
+
+    fn next_send(&self, sh: &Shared) -> Option<Instant> {
+        (0..2)
+            .filter_map(|k| self.timetable(sh, k).peek())
+            .filter(|t| *t < sh.timeline.sends_end)
             .min()
     }
 
@@ -624,19 +625,17 @@ impl Device {
         let tl = ctx.shared.timeline;
         let len = ctx.shared.campaign.messages.payload_bytes as usize;
         let now_capped = now.min(tl.sends_end);
-        for kind in [Kind::DeviceToAgent, Kind::RoundTripOut] {
+        for (k, kind) in [Kind::DeviceToAgent, Kind::RoundTripOut]
+            .into_iter()
+            .enumerate()
+        {
+            let mut sched = self.timetable(&ctx.shared, k);
             // Bounded by the timetable up to `now` (a few per wake-up unless the shard stalled).
-            loop {
-                let sched = match kind {
-                    Kind::DeviceToAgent => &mut self.d2a,
-                    _ => &mut self.rt,
-                };
-                let Some(at) = sched.due(now_capped) else {
-                    break;
-                };
+            while let Some(at) = sched.due(now_capped) {
                 if at >= tl.sends_end {
                     break;
                 }
+                self.sent[k] = u32::try_from(sched.taken()).unwrap_or(u32::MAX);
                 let payload = stamp::payload(kind, tl.epoch.micros(at), len);
                 match self.session.send(now, Bytes::from_static(TOPIC), payload) {
                     Ok(_) => ctx.stats.borrow_mut().counters.msgs_sent += 1,
@@ -652,7 +651,8 @@ impl Device {
 
     fn ping(&mut self, now: Instant) {
         let Some(due) = self.next_ping else { return };
-        self.next_ping = Some(due.max(now - self.heartbeat) + self.heartbeat);
+        let heartbeat = self.session.heartbeat();
+        self.next_ping = Some(due.max(now - heartbeat) + heartbeat);
         if let Some(id) = self.session.ping(now) {
             self.pending_ping = Some((id, due));
         }
@@ -665,8 +665,8 @@ impl Device {
             match ev {
                 DeviceEvent::Connected { heartbeat, .. } => {
                     let mut st = ctx.stats.borrow_mut();
-                    if let Some(h) = self.hello_at {
-                        st.hist.record_since(Metric::Hello, h, now);
+                    if self.hello_sent {
+                        st.hist.record_since(Metric::Hello, self.since, now);
                     }
                     st.counters.connected();
                     self.established = true;
@@ -680,7 +680,6 @@ impl Device {
                         ctx.first_connects.set((n + 1, last.max(us)));
                     }
                     sh.online[self.index as usize].store(true, Ordering::Relaxed);
-                    self.heartbeat = heartbeat;
                     self.next_ping = Some(now + heartbeat);
                     if let Some(k) = self.recovering.take() {
                         let at = sh.timeline.at(sh.campaign.storm[usize::from(k)].at_s);
@@ -873,7 +872,6 @@ mod tests {
             ("Link", size_of::<Link>()),
             ("DeviceTls", size_of::<DeviceTls>()),
             ("DeviceSession", size_of::<DeviceSession>()),
-            ("OpenLoopSchedule", size_of::<OpenLoopSchedule>()),
             (
                 "DeviceEvent (the session's event queue keeps 4 at rest)",
                 size_of::<DeviceEvent>(),
@@ -899,9 +897,9 @@ mod tests {
             println!("size_of {name}: {size} B");
         }
         assert!(size_of::<DeviceTls>() <= 16, "the TLS state stays boxed");
-        assert!(size_of::<super::super::tls::Detached>() <= 320);
+        assert!(size_of::<super::super::tls::Detached>() <= 144);
         assert!(size_of::<Link>() <= 48);
-        assert!(size_of::<Phase>() <= 80);
-        assert!(size_of::<Device>() <= 768, "{}", size_of::<Device>());
+        assert!(size_of::<Phase>() <= 64);
+        assert!(size_of::<Device>() <= 576, "{}", size_of::<Device>());
     }
 }
