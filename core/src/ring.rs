@@ -98,6 +98,11 @@ impl Ring {
             // Completions for 20k idle sockets can pile up between two drains.
             .setup_cqsize(entries.saturating_mul(8).max(4096))
             .setup_clamp()
+            // Completions wait for the shard's next syscall instead of interrupting it: by
+            // default the kernel kicks a running thread with an inter-processor interrupt
+            // for every socket that becomes ready, and a shard is always about to make a
+            // syscall (recv, send, or parking on its doorbell).
+            .setup_coop_taskrun()
             .build(entries)?;
         // SAFETY: eventfd returns a fresh descriptor or -1.
         let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
