@@ -13,7 +13,6 @@
 //!
 //! States: `ExpectChallenge` → `ExpectWelcome` → `Established` → `Disconnected`.
 
-use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -24,6 +23,7 @@ use crate::error::{CloseReason, PeerMisbehaved, SendError};
 use crate::ids::{CodeVersion, DeviceId, Digest, Seq, SessionId};
 use crate::message::{GoodbyeReason, Hello, Message, PROTOCOL_VERSION, Resume};
 use crate::stream::Stream;
+use crate::thin::{Output, Queue};
 
 /// A device's identity and limits.
 #[derive(Clone, Debug)]
@@ -138,8 +138,8 @@ pub struct DeviceSession {
     config: DeviceConfig,
     state: State,
     decoder: FrameDecoder,
-    tx: BytesMut,
-    events: VecDeque<DeviceEvent>,
+    tx: Output,
+    events: Queue<DeviceEvent>,
     session: Option<SessionId>,
     stream: Stream,
     heartbeat: Duration,
@@ -157,8 +157,8 @@ impl DeviceSession {
             decoder: FrameDecoder::new(config.max_frame),
             config,
             state: State::Disconnected,
-            tx: BytesMut::new(),
-            events: VecDeque::new(),
+            tx: Output::default(),
+            events: Queue::default(),
             session: None,
             stream: Stream::default(),
             heartbeat: Duration::from_secs(30),
@@ -207,7 +207,7 @@ impl DeviceSession {
     /// Starts the protocol on a new connection (TLS is up).
     pub fn connect(&mut self, now: Instant) {
         self.decoder.clear();
-        self.tx = BytesMut::new();
+        self.tx = Output::default();
         self.state = State::ExpectChallenge;
         self.deadline = now + self.config.welcome_timeout;
         self.next_ping = None;
@@ -249,7 +249,7 @@ impl DeviceSession {
                     fw_version: c.fw_version.clone(),
                     resume,
                 })
-                .encode(&mut self.tx);
+                .encode(self.tx.buf());
                 self.state = State::ExpectWelcome;
             }
             (
@@ -277,7 +277,7 @@ impl DeviceSession {
                 }
                 self.heartbeat = Duration::from_secs(heartbeat_s.max(1) as u64);
                 self.state = State::Established;
-                self.stream.resend_all(&mut self.tx);
+                self.stream.resend_all(self.tx.buf());
                 self.arm_resend(now);
                 self.next_ping = Some(now + self.heartbeat);
                 self.deadline = now + self.idle_timeout();
@@ -325,7 +325,7 @@ impl DeviceSession {
     fn on_established(&mut self, now: Instant, m: Message) {
         match m {
             Message::Ping { id } => {
-                let _ = Message::Pong { id }.encode(&mut self.tx);
+                let _ = Message::Pong { id }.encode(self.tx.buf());
             }
             Message::Pong { id } => self.events.push_back(DeviceEvent::Pong { id }),
             Message::Msg {
@@ -343,7 +343,7 @@ impl DeviceSession {
                 // The device application consumes messages synchronously: ack at once
                 // (duplicates are re-acked, in case our earlier ack was lost).
                 self.stream.rx_acked = self.stream.rx_seq;
-                let _ = Message::Ack { seq }.encode(&mut self.tx);
+                let _ = Message::Ack { seq }.encode(self.tx.buf());
             }
             Message::Ack { seq } => {
                 let events = &mut self.events;
@@ -412,7 +412,7 @@ impl DeviceSession {
                 code,
                 message: Bytes::from(reason.to_string()),
             }
-            .encode(&mut self.tx);
+            .encode(self.tx.buf());
         }
         self.close_with(reason);
     }
@@ -430,7 +430,7 @@ impl DeviceSession {
         )?;
         let seq = m.seq;
         if established {
-            m.encode(&mut self.tx);
+            m.encode(self.tx.buf());
             if self.resend_at.is_none() {
                 self.resend_at = Some(now + self.config.resend_after);
             }
@@ -444,7 +444,7 @@ impl DeviceSession {
             return None;
         }
         self.ping_id += 1;
-        let _ = Message::Ping { id: self.ping_id }.encode(&mut self.tx);
+        let _ = Message::Ping { id: self.ping_id }.encode(self.tx.buf());
         self.next_ping = Some(now + self.heartbeat);
         Some(self.ping_id)
     }
@@ -454,7 +454,7 @@ impl DeviceSession {
         if self.state != State::Established {
             return Err(SendError::Closed);
         }
-        m.encode(&mut self.tx).map_err(|_| SendError::TooLarge {
+        m.encode(self.tx.buf()).map_err(|_| SendError::TooLarge {
             limit: self.config.max_frame,
             got: m.frame_len() as u32,
         })
@@ -470,14 +470,14 @@ impl DeviceSession {
             retry_after_ms: 0,
             redirect: Bytes::new(),
         }
-        .encode(&mut self.tx);
+        .encode(self.tx.buf());
         self.close_with(CloseReason::Local(GoodbyeReason::Normal));
     }
 
     /// The transport failed under us (reset, EOF): end the connection without sending.
     pub fn connection_lost(&mut self, reason: CloseReason) {
         if self.state != State::Disconnected {
-            self.tx = BytesMut::new();
+            self.tx = Output::default();
             self.close_with(reason);
         }
     }
@@ -500,7 +500,7 @@ impl DeviceSession {
             self.ping(now);
         }
         if self.resend_at.is_some_and(|t| now >= t) {
-            self.stream.resend_all(&mut self.tx);
+            self.stream.resend_all(self.tx.buf());
             self.arm_resend(now);
         }
     }
@@ -513,13 +513,13 @@ impl DeviceSession {
 
     /// The next event, if any.
     pub fn poll_event(&mut self) -> Option<DeviceEvent> {
-        crate::stream::pop_event(&mut self.events)
+        self.events.pop_front()
     }
 
     /// Appends the bytes to send to `buf`; returns whether there were any.
     #[must_use]
     pub fn poll_transmit(&mut self, buf: &mut BytesMut) -> bool {
-        crate::stream::drain_tx(&mut self.tx, buf)
+        self.tx.drain_into(buf)
     }
 
     /// When [`handle_timeout`](Self::handle_timeout) should next be called.

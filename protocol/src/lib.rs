@@ -23,6 +23,7 @@ pub mod ids;
 pub mod message;
 pub mod server;
 pub mod stream;
+mod thin;
 
 pub use error::{AuthError, CloseReason, DecodeError, PeerMisbehaved, SendError};
 pub use ids::{CodeVersion, DeviceId, Digest, Seq, SessionId};

@@ -26,6 +26,7 @@ use crate::error::{AuthError, CloseReason, PeerMisbehaved, SendError};
 use crate::ids::{CodeVersion, DeviceId, Digest, Seq, SessionId};
 use crate::message::{GoodbyeReason, Hello, Message, PROTOCOL_VERSION, Resume};
 use crate::stream::{Outgoing, Stream};
+use crate::thin::{Output, Queue};
 
 /// Server session limits and timings.
 #[derive(Clone, Debug)]
@@ -165,8 +166,8 @@ impl State {
 pub struct ServerSession {
     state: State,
     decoder: FrameDecoder,
-    tx: BytesMut,
-    events: VecDeque<ServerEvent>,
+    tx: Output,
+    events: Queue<ServerEvent>,
     deadline: Instant,
     idle_timeout: Duration,
     heartbeat_s: u16,
@@ -177,13 +178,13 @@ pub struct ServerSession {
 impl ServerSession {
     /// A session for a freshly accepted connection; `nonce` must be fresh random bytes.
     pub fn new(config: &ServerConfig, nonce: Nonce, now: Instant) -> Self {
-        let mut tx = BytesMut::new();
-        let _ = Message::Challenge { nonce }.encode(&mut tx);
+        let mut tx = Output::default();
+        let _ = Message::Challenge { nonce }.encode(tx.buf());
         ServerSession {
             state: State::ExpectHello { nonce },
             decoder: FrameDecoder::new(config.max_frame),
             tx,
-            events: VecDeque::new(),
+            events: Queue::default(),
             deadline: now + config.hello_timeout,
             idle_timeout: config.idle_timeout,
             heartbeat_s: config.heartbeat.as_secs().clamp(1, u16::MAX as u64) as u16,
@@ -300,7 +301,7 @@ impl ServerSession {
     fn on_established(&mut self, m: Message) {
         match m {
             Message::Ping { id } => {
-                let _ = Message::Pong { id }.encode(&mut self.tx);
+                let _ = Message::Pong { id }.encode(self.tx.buf());
             }
             Message::Pong { .. } => {}
             Message::Msg {
@@ -316,7 +317,7 @@ impl ServerSession {
                     });
                 } else if seq <= self.stream.rx_acked {
                     // A resend of something already acknowledged: the ack was lost.
-                    let _ = Message::Ack { seq }.encode(&mut self.tx);
+                    let _ = Message::Ack { seq }.encode(self.tx.buf());
                 }
             }
             Message::Ack { seq } => {
@@ -366,7 +367,7 @@ impl ServerSession {
                 code,
                 message: Bytes::from(reason.to_string()),
             }
-            .encode(&mut self.tx);
+            .encode(self.tx.buf());
         }
         self.state = State::Closed;
         self.decoder.clear();
@@ -413,8 +414,8 @@ impl ServerSession {
             // Only what was acknowledged: received-but-unacked messages must still be resent.
             rx_seq: self.stream.rx_acked,
         }
-        .encode(&mut self.tx);
-        self.stream.resend_all(&mut self.tx);
+        .encode(self.tx.buf());
+        self.stream.resend_all(self.tx.buf());
         self.state = State::Established { device, session };
         self.deadline = now + self.idle_timeout;
         self.process(now);
@@ -434,7 +435,7 @@ impl ServerSession {
             payload,
         )?;
         let seq = m.seq;
-        m.encode(&mut self.tx);
+        m.encode(self.tx.buf());
         Ok(seq)
     }
 
@@ -444,7 +445,7 @@ impl ServerSession {
             return;
         }
         self.stream.rx_acked = seq;
-        let _ = Message::Ack { seq }.encode(&mut self.tx);
+        let _ = Message::Ack { seq }.encode(self.tx.buf());
     }
 
     /// Queues a raw message (code offers and chunks). Fails if not established.
@@ -452,7 +453,7 @@ impl ServerSession {
         if !matches!(self.state, State::Established { .. }) {
             return Err(SendError::Closed);
         }
-        m.encode(&mut self.tx).map_err(|_| SendError::TooLarge {
+        m.encode(self.tx.buf()).map_err(|_| SendError::TooLarge {
             limit: self.decoder.max_frame(),
             got: m.frame_len() as u32,
         })
@@ -482,7 +483,7 @@ impl ServerSession {
             retry_after_ms,
             redirect: Bytes::new(),
         }
-        .encode(&mut self.tx);
+        .encode(self.tx.buf());
         self.state = State::Closed;
         self.decoder.clear();
         self.events
@@ -503,7 +504,7 @@ impl ServerSession {
     /// Takes the messages the device never acknowledged (to report them undelivered when the
     /// session is gone).
     pub fn take_unacked(&mut self) -> VecDeque<Outgoing> {
-        std::mem::take(&mut self.stream.outbox)
+        self.stream.outbox.take()
     }
 
     /// Applies an expired deadline.
@@ -527,13 +528,13 @@ impl ServerSession {
 
     /// The next event, if any.
     pub fn poll_event(&mut self) -> Option<ServerEvent> {
-        crate::stream::pop_event(&mut self.events)
+        self.events.pop_front()
     }
 
     /// Appends the bytes to send to `buf`; returns whether there were any.
     #[must_use]
     pub fn poll_transmit(&mut self, buf: &mut BytesMut) -> bool {
-        crate::stream::drain_tx(&mut self.tx, buf)
+        self.tx.drain_into(buf)
     }
 
     /// When [`handle_timeout`](Self::handle_timeout) should next be called.

@@ -5,13 +5,12 @@
 //! cumulative `Ack` covers it, and is resent after a reconnect. The receiver drops a seq it has
 //! already delivered (re-acking it), so duplicates are only possible across a lost session.
 
-use std::collections::VecDeque;
-
 use bytes::{Bytes, BytesMut};
 
 use crate::error::{PeerMisbehaved, SendError};
 use crate::ids::Seq;
 use crate::message::Message;
+use crate::thin::Queue;
 
 /// A message waiting for its `Ack`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -42,7 +41,7 @@ impl Outgoing {
 #[derive(Debug, Default)]
 pub struct Stream {
     /// Unacknowledged sent messages, oldest first. Empty (unallocated) at rest.
-    pub(crate) outbox: VecDeque<Outgoing>,
+    pub(crate) outbox: Queue<Outgoing>,
     /// The last seq assigned to a sent message.
     pub(crate) tx_seq: Seq,
     /// The last seq received (and handed up).
@@ -98,9 +97,6 @@ impl Stream {
                 done(m);
             }
         }
-        if self.outbox.is_empty() {
-            self.outbox = VecDeque::new();
-        }
         Ok(())
     }
 
@@ -116,7 +112,7 @@ impl Stream {
 
     /// Re-encodes every unacknowledged message (after a reconnect).
     pub(crate) fn resend_all(&self, dst: &mut BytesMut) {
-        for m in &self.outbox {
+        for m in self.outbox.iter() {
             m.encode(dst);
         }
     }
@@ -125,25 +121,4 @@ impl Stream {
     pub fn unacked(&self) -> usize {
         self.outbox.len()
     }
-}
-
-/// Moves pending output to the caller's buffer and releases ours (no send buffer at rest).
-pub(crate) fn drain_tx(tx: &mut BytesMut, buf: &mut BytesMut) -> bool {
-    if tx.is_empty() {
-        return false;
-    }
-    buf.extend_from_slice(tx);
-    *tx = BytesMut::new();
-    true
-}
-
-/// Pops the next event, releasing the queue once it is empty: a connection at rest holds no
-/// event storage (four events' worth, ≈ 0.3 KB, stayed allocated per idle connection before).
-/// The price is one small allocation per burst of events, not per event.
-pub(crate) fn pop_event<T>(events: &mut VecDeque<T>) -> Option<T> {
-    let e = events.pop_front();
-    if events.is_empty() && events.capacity() > 0 {
-        *events = VecDeque::new();
-    }
-    e
 }

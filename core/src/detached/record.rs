@@ -2,8 +2,8 @@
 
 use rustls::client::ClientConnectionData;
 use rustls::crypto::cipher::{
-    AeadKey, InboundOpaqueMessage, Iv, MessageDecrypter, MessageEncrypter, OutboundChunks,
-    OutboundPlainMessage,
+    AeadKey, InboundOpaqueMessage, Iv, MessageDecrypter, MessageEncrypter, NONCE_LEN,
+    OutboundChunks, OutboundPlainMessage,
 };
 use rustls::kernel::KernelConnection;
 use rustls::server::ServerConnectionData;
@@ -44,18 +44,20 @@ pub trait Saved: Send + Sync + Sized + 'static {
 }
 
 /// A copy of a direction's key and IV, to serialise the state ([`DetachedTls::to_bytes`]).
-/// `key` is `None` when rustls' public API cannot copy it (see [`super::MoveError::KeyLength`]).
+/// `key` is `None` when rustls' public API cannot rebuild it (only 32-byte keys, see
+/// [`super::MoveError::KeyLength`]). Raw arrays: 45 bytes, where rustls' `AeadKey` and `Iv`
+/// types took 64 with their length fields and padding.
 #[doc(hidden)]
 pub struct KeyCopy {
-    pub(super) key: Option<AeadKey>,
-    pub(super) iv: Iv,
+    pub(super) key: Option<[u8; 32]>,
+    pub(super) iv: [u8; NONCE_LEN],
 }
 
 impl Saved for KeyCopy {
     fn save(key: &AeadKey, iv: &Iv) -> KeyCopy {
         KeyCopy {
-            key: copy_key(key),
-            iv: Iv::copy(iv.as_ref()),
+            key: <[u8; 32]>::try_from(key.as_ref()).ok(),
+            iv: <[u8; NONCE_LEN]>::try_from(iv.as_ref()).unwrap_or([0; NONCE_LEN]),
         }
     }
 }
@@ -81,11 +83,6 @@ fn unreachable_suite() -> ! {
     // rustls only hands these three variants out for TLS 1.3; a new one would be a new
     // rustls, caught by the tests before it ships.
     panic!("rustls returned traffic secrets for an AEAD this module does not know")
-}
-
-/// A copy of a key that rustls' public API can rebuild: only 32-byte keys (`From<[u8; 32]>`).
-fn copy_key(key: &AeadKey) -> Option<AeadKey> {
-    <[u8; 32]>::try_from(key.as_ref()).ok().map(AeadKey::from)
 }
 
 pub(super) fn encrypter<K: Saved>(

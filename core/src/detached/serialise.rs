@@ -52,8 +52,8 @@ impl DetachedTls {
             (self.rx.seq, rx_key, &self.rx.saved.iv),
         ] {
             b.extend_from_slice(&seq.to_be_bytes());
-            b.extend_from_slice(key.as_ref());
-            b.extend_from_slice(iv.as_ref());
+            b.extend_from_slice(key);
+            b.extend_from_slice(iv);
         }
         debug_assert_eq!(b.len(), STATE_LEN);
         Ok(b)

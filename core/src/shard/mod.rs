@@ -829,6 +829,7 @@ mod size_tests {
         for (name, n) in sizes {
             println!("size_of {name} = {n} B");
         }
-        assert!(size_of::<super::Conn>() <= 512);
+        assert!(size_of::<super::Conn>() <= 280);
+        assert!(size_of::<crate::detached::DetachedTls>() <= 176);
     }
 }

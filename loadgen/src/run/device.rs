@@ -897,9 +897,9 @@ mod tests {
             println!("size_of {name}: {size} B");
         }
         assert!(size_of::<DeviceTls>() <= 16, "the TLS state stays boxed");
-        assert!(size_of::<super::super::tls::Detached>() <= 144);
+        assert!(size_of::<super::super::tls::Detached>() <= 96);
         assert!(size_of::<Link>() <= 48);
         assert!(size_of::<Phase>() <= 64);
-        assert!(size_of::<Device>() <= 576, "{}", size_of::<Device>());
+        assert!(size_of::<Device>() <= 480, "{}", size_of::<Device>());
     }
 }

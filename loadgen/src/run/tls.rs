@@ -47,14 +47,33 @@ pub(super) enum DeviceTls {
 /// A device's lean TLS state and the little it must carry between calls.
 pub(super) struct Detached {
     state: Lean,
-    /// Bytes to send that no `seal` collected yet (handshake flights; usually empty, and then
-    /// without an allocation).
-    pending: Vec<u8>,
-    /// The front of a record a read cut in two (usually empty, without an allocation).
-    partial: Vec<u8>,
+    /// Bytes in flight through this state, boxed so that a device at rest (both empty) pays
+    /// 8 bytes for them, not 48.
+    spill: Option<Box<Spill>>,
     resumed: bool,
     /// Keep rustls' key schedule until the server's session ticket came.
     wait_for_ticket: bool,
+}
+
+#[derive(Default)]
+struct Spill {
+    /// Bytes to send that no `seal` collected yet (handshake flights, KeyUpdate answers).
+    pending: Vec<u8>,
+    /// The front of a record a read cut in two.
+    partial: Vec<u8>,
+}
+
+impl Detached {
+    /// Releases the spill buffers once both are empty.
+    fn settle(&mut self) {
+        if self
+            .spill
+            .as_ref()
+            .is_some_and(|s| s.pending.is_empty() && s.partial.is_empty())
+        {
+            self.spill = None;
+        }
+    }
 }
 
 enum Lean {
@@ -91,8 +110,10 @@ impl DeviceTls {
         debug_assert!(!p.complete);
         Ok(DeviceTls::Detached(Box::new(Detached {
             state: Lean::Handshaking(Box::new(hs)),
-            pending,
-            partial: Vec::new(),
+            spill: Some(Box::new(Spill {
+                pending,
+                partial: Vec::new(),
+            })),
             resumed: false,
             wait_for_ticket: resumption,
         })))
@@ -164,10 +185,11 @@ impl DeviceTls {
                 Ok(())
             }
             DeviceTls::Detached(d) => {
-                if !d.pending.is_empty() {
-                    out.extend_from_slice(&d.pending);
-                    d.pending = Vec::new();
+                if let Some(s) = d.spill.as_mut() {
+                    out.extend_from_slice(&s.pending);
+                    s.pending = Vec::new();
                 }
+                d.settle();
                 match &mut d.state {
                     Lean::Established(tls) => tls.encrypt(plain, out).map_err(lean_tls_err),
                     _ if plain.is_empty() => Ok(()),
@@ -197,21 +219,36 @@ impl DeviceTls {
 impl Detached {
     /// Opens what `data` holds (after any partial record kept from the last read), keeping
     /// a record cut at the end for the next call.
-    fn read(&mut self, data: &mut [u8], mut on_plain: impl FnMut(&[u8])) -> io::Result<Opened> {
-        if self.partial.is_empty() {
+    fn read(&mut self, data: &mut [u8], on_plain: impl FnMut(&[u8])) -> io::Result<Opened> {
+        let r = self.read_spilled(data, on_plain);
+        self.settle();
+        r
+    }
+
+    fn read_spilled(
+        &mut self,
+        data: &mut [u8],
+        mut on_plain: impl FnMut(&[u8]),
+    ) -> io::Result<Opened> {
+        let partial = self
+            .spill
+            .as_mut()
+            .map(|s| std::mem::take(&mut s.partial))
+            .unwrap_or_default();
+        if partial.is_empty() {
             let (consumed, opened) = self.open(data, &mut on_plain)?;
             if !opened.peer_closed && consumed < data.len() {
-                self.partial = data[consumed..].to_vec();
+                self.spill.get_or_insert_with(Box::default).partial = data[consumed..].to_vec();
             }
             return Ok(opened);
         }
-        let mut buf = std::mem::take(&mut self.partial);
+        let mut buf = partial;
         buf.extend_from_slice(data);
         let (consumed, opened) = self.open(&mut buf, &mut on_plain)?;
         if !opened.peer_closed && consumed < buf.len() {
             buf.drain(..consumed);
             buf.shrink_to_fit();
-            self.partial = buf;
+            self.spill.get_or_insert_with(Box::default).partial = buf;
         }
         Ok(opened)
     }
@@ -225,7 +262,11 @@ impl Detached {
         let mut pos = 0;
         if let Lean::Handshaking(hs) = &mut self.state {
             let p = hs
-                .feed(buf, &mut self.pending, &mut *on_plain)
+                .feed(
+                    buf,
+                    &mut self.spill.get_or_insert_with(Box::default).pending,
+                    &mut *on_plain,
+                )
                 .map_err(lean_tls_err)?;
             pos = p.consumed;
             if !p.complete {
@@ -235,7 +276,8 @@ impl Detached {
             let Lean::Handshaking(hs) = std::mem::replace(&mut self.state, Lean::Broken) else {
                 unreachable!("matched above");
             };
-            let mut tls = hs.detach(&mut self.pending).map_err(lean_tls_err)?;
+            let pending = &mut self.spill.get_or_insert_with(Box::default).pending;
+            let mut tls = hs.detach(pending).map_err(lean_tls_err)?;
             if !self.wait_for_ticket {
                 tls.forget_key_schedule();
             }
@@ -248,7 +290,8 @@ impl Detached {
             .decrypt_in_place(&mut buf[pos..], on_plain)
             .map_err(lean_tls_err)?;
         if o.wants_write {
-            tls.poll_transmit(&mut self.pending).map_err(lean_tls_err)?;
+            let pending = &mut self.spill.get_or_insert_with(Box::default).pending;
+            tls.poll_transmit(pending).map_err(lean_tls_err)?;
         }
         if tls.has_key_schedule() && tls.tickets_received() > 0 {
             tls.forget_key_schedule();
