@@ -99,8 +99,11 @@ pub(super) struct Device {
     since: Instant,
     /// Our own heartbeat (the session's would fire at the same interval; ours is timed).
     next_ping: Option<Instant>,
-    pending_ping: Option<(u64, Instant)>,
-    retry_after: Option<Duration>,
+    /// The ping in flight (its id's low 32 bits: ids count up from 1 per connection) and
+    /// when it was due.
+    pending_ping: Option<(u32, Instant)>,
+    /// What the server's Goodbye asked for, in milliseconds (at least 10); 0: nothing.
+    retry_after_ms: u32,
     /// The deadline the wheel holds for this device.
     armed: Option<(Instant, TimerId)>,
     /// Index of this device in the process (identity, phases, storm victims).
@@ -151,7 +154,7 @@ impl Device {
             since: first,
             next_ping: None,
             pending_ping: None,
-            retry_after: None,
+            retry_after_ms: 0,
             armed: None,
             index: index as u32,
             generation: 0,
@@ -374,7 +377,7 @@ impl Device {
         self.session.connect(now);
         self.since = now;
         self.hello_sent = false;
-        self.retry_after = None;
+        self.retry_after_ms = 0;
         l.ring
             .watch_read(fd.as_raw_fd(), l.slot as usize, self.generation);
         self.phase = Phase::Handshaking {
@@ -453,7 +456,7 @@ impl Device {
     fn eof(&mut self, now: Instant, stage: &str, l: &mut Lent<'_>) {
         if self.session.is_disconnected() {
             self.close(l);
-            let after = self.retry_after.take().unwrap_or(RETRY_AFTER);
+            let after = self.retry_after();
             self.backoff(now, after);
         } else {
             self.fail(now, &format!("{stage}_eof"), l);
@@ -485,7 +488,7 @@ impl Device {
             {
                 // The session closed (server goodbye, error, timeout): the reason is counted.
                 self.close(l);
-                let after = self.retry_after.take().unwrap_or(RETRY_AFTER);
+                let after = self.retry_after();
                 self.backoff(now, after);
             }
         }
@@ -540,6 +543,14 @@ impl Device {
         l.ring.unwatch(l.slot as usize, self.generation, writing);
         // The descriptor closes when the phase is replaced.
         self.phase = Phase::Backoff;
+    }
+
+    /// The wait the server's Goodbye asked for (taken), or the default.
+    fn retry_after(&mut self) -> Duration {
+        match std::mem::take(&mut self.retry_after_ms) {
+            0 => RETRY_AFTER,
+            ms => Duration::from_millis(u64::from(ms)),
+        }
     }
 
     fn backoff(&mut self, now: Instant, after: Duration) {
@@ -654,7 +665,7 @@ impl Device {
         let heartbeat = self.session.heartbeat();
         self.next_ping = Some(due.max(now - heartbeat) + heartbeat);
         if let Some(id) = self.session.ping(now) {
-            self.pending_ping = Some((id, due));
+            self.pending_ping = Some((id as u32, due));
         }
     }
 
@@ -713,7 +724,7 @@ impl Device {
                     }
                 }
                 DeviceEvent::Pong { id } => {
-                    if let Some((_, at)) = self.pending_ping.filter(|p| p.0 == id) {
+                    if let Some((_, at)) = self.pending_ping.filter(|p| p.0 == id as u32) {
                         self.pending_ping = None;
                         ctx.stats
                             .borrow_mut()
@@ -722,7 +733,8 @@ impl Device {
                     }
                 }
                 DeviceEvent::Goodbye { retry_after, .. } => {
-                    self.retry_after = Some(retry_after.max(Duration::from_millis(10)));
+                    let ms = retry_after.max(Duration::from_millis(10)).as_millis();
+                    self.retry_after_ms = u32::try_from(ms).unwrap_or(u32::MAX);
                 }
                 DeviceEvent::Closed(reason) => {
                     if self.established {
@@ -900,6 +912,6 @@ mod tests {
         assert!(size_of::<super::super::tls::Detached>() <= 96);
         assert!(size_of::<Link>() <= 48);
         assert!(size_of::<Phase>() <= 64);
-        assert!(size_of::<Device>() <= 480, "{}", size_of::<Device>());
+        assert!(size_of::<Device>() <= 472, "{}", size_of::<Device>());
     }
 }
