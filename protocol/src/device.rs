@@ -135,14 +135,15 @@ enum State {
 /// The device end of a session. See the module doc for the call order.
 #[derive(Debug)]
 pub struct DeviceSession {
-    config: DeviceConfig,
+    config: Settings,
     state: State,
     decoder: FrameDecoder,
     tx: Output,
     events: Queue<DeviceEvent>,
     session: Option<SessionId>,
     stream: Stream,
-    heartbeat: Duration,
+    /// The server's heartbeat interval in seconds (from `Welcome`).
+    heartbeat_s: u16,
     /// Handshake deadline, or idle deadline once established.
     deadline: Instant,
     next_ping: Option<Instant>,
@@ -150,18 +151,52 @@ pub struct DeviceSession {
     ping_id: u64,
 }
 
+/// What a session keeps of its [`DeviceConfig`]: the same, with durations in milliseconds (a
+/// session is per device, so its size is a per-device budget).
+#[derive(Debug)]
+struct Settings {
+    device: DeviceId,
+    key: DeviceKey,
+    code_version: CodeVersion,
+    fw_version: Bytes,
+    max_frame: u32,
+    outbox_limit: u32,
+    resend_after_ms: u32,
+    welcome_timeout_ms: u32,
+}
+
+impl From<DeviceConfig> for Settings {
+    fn from(c: DeviceConfig) -> Settings {
+        let millis = |d: Duration| u32::try_from(d.as_millis()).unwrap_or(u32::MAX);
+        Settings {
+            device: c.device,
+            key: c.key,
+            code_version: c.code_version,
+            fw_version: c.fw_version,
+            max_frame: c.max_frame,
+            outbox_limit: c.outbox_limit,
+            resend_after_ms: millis(c.resend_after),
+            welcome_timeout_ms: millis(c.welcome_timeout),
+        }
+    }
+}
+
+fn ms(millis: u32) -> Duration {
+    Duration::from_millis(u64::from(millis))
+}
+
 impl DeviceSession {
     /// A disconnected device.
     pub fn new(config: DeviceConfig, now: Instant) -> Self {
         DeviceSession {
             decoder: FrameDecoder::new(config.max_frame),
-            config,
+            config: Settings::from(config),
             state: State::Disconnected,
             tx: Output::default(),
             events: Queue::default(),
             session: None,
             stream: Stream::default(),
-            heartbeat: Duration::from_secs(30),
+            heartbeat_s: 30,
             deadline: now,
             next_ping: None,
             resend_at: None,
@@ -176,7 +211,7 @@ impl DeviceSession {
 
     /// The heartbeat interval the server asked for in its last `Welcome` (30 s before one).
     pub fn heartbeat(&self) -> Duration {
-        self.heartbeat
+        Duration::from_secs(u64::from(self.heartbeat_s))
     }
 
     /// Whether `Welcome` has arrived on the current connection.
@@ -209,7 +244,7 @@ impl DeviceSession {
         self.decoder.clear();
         self.tx = Output::default();
         self.state = State::ExpectChallenge;
-        self.deadline = now + self.config.welcome_timeout;
+        self.deadline = now + ms(self.config.welcome_timeout_ms);
         self.next_ping = None;
         self.resend_at = None;
     }
@@ -275,16 +310,16 @@ impl DeviceSession {
                         events.push_back(DeviceEvent::Acked { seq: m.seq })
                     });
                 }
-                self.heartbeat = Duration::from_secs(heartbeat_s.max(1) as u64);
+                self.heartbeat_s = heartbeat_s.max(1);
                 self.state = State::Established;
                 self.stream.resend_all(self.tx.buf());
                 self.arm_resend(now);
-                self.next_ping = Some(now + self.heartbeat);
+                self.next_ping = Some(now + self.heartbeat());
                 self.deadline = now + self.idle_timeout();
                 self.events.push_back(DeviceEvent::Connected {
                     session,
                     resumed,
-                    heartbeat: self.heartbeat,
+                    heartbeat: self.heartbeat(),
                 });
             }
             (State::Established, m) => {
@@ -315,11 +350,11 @@ impl DeviceSession {
     }
 
     fn idle_timeout(&self) -> Duration {
-        self.heartbeat * 5 / 2
+        self.heartbeat() * 5 / 2
     }
 
     fn arm_resend(&mut self, now: Instant) {
-        self.resend_at = (self.stream.unacked() > 0).then(|| now + self.config.resend_after);
+        self.resend_at = (self.stream.unacked() > 0).then(|| now + ms(self.config.resend_after_ms));
     }
 
     fn on_established(&mut self, now: Instant, m: Message) {
@@ -432,7 +467,7 @@ impl DeviceSession {
         if established {
             m.encode(self.tx.buf());
             if self.resend_at.is_none() {
-                self.resend_at = Some(now + self.config.resend_after);
+                self.resend_at = Some(now + ms(self.config.resend_after_ms));
             }
         }
         Ok(seq)
@@ -445,7 +480,7 @@ impl DeviceSession {
         }
         self.ping_id += 1;
         let _ = Message::Ping { id: self.ping_id }.encode(self.tx.buf());
-        self.next_ping = Some(now + self.heartbeat);
+        self.next_ping = Some(now + self.heartbeat());
         Some(self.ping_id)
     }
 

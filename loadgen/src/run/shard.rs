@@ -249,6 +249,14 @@ pub async fn run_shard(
             return;
         }
     };
+    // Every run with devices records these; the rest are made on their first value.
+    let mut stats = Stats::default();
+    stats.hist.make_now(&[
+        Metric::Connect,
+        Metric::TlsHandshake,
+        Metric::Hello,
+        Metric::Heartbeat,
+    ]);
     let _ = ready.send(Ok(()));
     // Blocking is fine: nothing else runs on this executor yet. No plan: the run was called off.
     let Ok(shared) = plan.recv() else { return };
@@ -256,7 +264,7 @@ pub async fn run_shard(
         index,
         storms: RefCell::new(vec![StormTally::default(); shared.campaign.storm.len()]),
         shared: shared.clone(),
-        stats: RefCell::new(Stats::default()),
+        stats: RefCell::new(stats),
         sends_offline: Cell::new(0),
         first_connects: Cell::new((0, 0)),
         resumed: Cell::new(0),
