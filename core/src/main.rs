@@ -100,7 +100,7 @@ struct ServeArgs {
     accept_rate: u32,
     /// How TLS state is kept after the handshake: `buffered` (rustls' ServerConnection) or
     /// `detached` (traffic keys and sequence numbers only).
-    #[arg(long, value_enum, default_value_t = TlsState::Buffered)]
+    #[arg(long, value_enum, default_value_t = TlsState::Detached)]
     tls_state: TlsState,
     /// Detached mode: keep rustls' key schedule (≈ 0.8 KB per connection) so devices may send
     /// TLS KeyUpdate; without it a KeyUpdate closes the connection (the device resumes).
