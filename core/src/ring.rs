@@ -267,6 +267,24 @@ pub fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
     }
 }
 
+/// Fails with `AddrInUse` if something already listens on `addr`. Every shard binds its own
+/// `SO_REUSEPORT` listener, and so would a second `tether serve` on the same port: without this
+/// check it would start silently and take part of the devices. The probe binds without
+/// `SO_REUSEPORT` (with `SO_REUSEADDR`, so connections of an earlier run still in TIME_WAIT do
+/// not count) and is dropped at once. Port 0 (any free port) is not checked.
+pub fn ensure_no_listener(addr: std::net::SocketAddr) -> io::Result<()> {
+    if addr.port() == 0 {
+        return Ok(());
+    }
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    s.set_reuse_address(true)?;
+    s.bind(&addr.into())
+}
+
 /// A non-blocking, `SO_REUSEPORT`, `TCP_NODELAY` listener with a deep backlog.
 pub fn listener(addr: std::net::SocketAddr, backlog: i32) -> io::Result<OwnedFd> {
     let domain = if addr.is_ipv6() {
@@ -288,6 +306,21 @@ pub fn listener(addr: std::net::SocketAddr, backlog: i32) -> io::Result<OwnedFd>
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_port_with_a_listener_is_refused() {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = probe.local_addr().unwrap();
+        drop(probe);
+        super::ensure_no_listener(addr).expect("nothing listens yet");
+        let l = super::listener(addr, 16).unwrap();
+        let e = super::ensure_no_listener(addr).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse);
+        drop(l);
+        super::ensure_no_listener(addr).expect("free again");
+        let any = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+        super::ensure_no_listener(any).expect("port 0 is never checked");
+    }
+
     use super::*;
 
     #[test]

@@ -226,7 +226,12 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
             .map_err(setup("signal thread"))?;
     }
 
-    // Bound before the shards start, so a taken port fails fast.
+    // Checked and bound before the shards start, so a taken port fails fast.
+    crate::ring::ensure_no_listener(opts.listen).map_err(setup(&format!(
+        "cannot listen on {} (devices): another process listens there (a second `tether \
+         serve` would share the port and take part of the devices)",
+        opts.listen
+    )))?;
     let admin = std::net::TcpListener::bind(opts.admin_listen).map_err(setup(&format!(
         "cannot listen on {} (admin)",
         opts.admin_listen
