@@ -333,13 +333,13 @@ pub fn server_config(
 pub struct ClientTlsOptions {
     /// Offer X25519MLKEM768 first, as the server may.
     pub pq_kx: bool,
-    /// How many session tickets to keep per server name (0 disables resumption). Every
-    /// simulated device of a load generator talks to the same name, so this is the size of the
-    /// shared ticket pool: about one per device that should resume.
+    /// How many session tickets the shared [`TicketPool`] keeps per server name; 0 disables
+    /// resumption (also with a `session_store`).
     pub session_tickets: usize,
     /// Let rustls hand out traffic secrets (for a detached client record layer).
     pub secret_extraction: bool,
-    /// Keep tickets here instead of a shared [`TicketPool`] (when `session_tickets` > 0).
+    /// Keep tickets here instead of a shared [`TicketPool`] (when `session_tickets` > 0): a
+    /// load generator keeps each simulated device's own ticket this way.
     pub session_store: Option<Arc<dyn ClientSessionStore>>,
 }
 
