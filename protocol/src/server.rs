@@ -549,4 +549,13 @@ impl ServerSession {
     pub fn unacked(&self) -> usize {
         self.stream.unacked()
     }
+
+    /// When the device was last heard from (any frame, or its authentication), once
+    /// established.
+    pub fn last_heard(&self) -> Option<Instant> {
+        match self.state {
+            State::Established { .. } => self.deadline.checked_sub(self.idle_timeout),
+            _ => None,
+        }
+    }
 }

@@ -501,11 +501,18 @@ fn goodbye_revoked_means_do_not_reconnect() {
     p.established();
     p.server.close(GoodbyeReason::Revoked, 0);
     p.step();
-    assert!(p.device_events.contains(&DeviceEvent::Closed(
-        CloseReason::PeerGoodbye(GoodbyeReason::Revoked)
-    )));
+    assert!(
+        p.device_events
+            .contains(&DeviceEvent::Closed(CloseReason::PeerGoodbye(
+                GoodbyeReason::Revoked
+            )))
+    );
     assert!(p.device.is_revoked() && p.device.is_disconnected());
-    assert_eq!(p.device.poll_timeout(), None, "a revoked device has no deadline");
+    assert_eq!(
+        p.device.poll_timeout(),
+        None,
+        "a revoked device has no deadline"
+    );
     // A driver that reconnects anyway gets the reason again and sends nothing.
     p.device_events.clear();
     p.device.connect(p.now);
@@ -534,7 +541,10 @@ fn other_goodbyes_leave_the_device_free_to_reconnect() {
     p.step();
     assert!(p.device.is_disconnected() && !p.device.is_revoked());
     p.device.connect(p.now);
-    assert!(!p.device.is_disconnected(), "connect starts a new handshake");
+    assert!(
+        !p.device.is_disconnected(),
+        "connect starts a new handshake"
+    );
 }
 
 #[test]

@@ -8,6 +8,7 @@
 
 mod agent;
 mod conn;
+mod devices;
 pub mod mesh;
 mod rollout;
 mod run;
@@ -27,10 +28,11 @@ use tether_protocol::auth::Nonce;
 use tether_protocol::message::{GoodbyeReason, SendStatus};
 use tether_protocol::server::{ServerEvent, ServerSession};
 use tether_protocol::{AuthError, CloseReason, DecodeError, DeviceId, Message, PeerMisbehaved};
-use tether_protocol::{SendError, SessionId};
+use tether_protocol::{CodeVersion, SendError, SessionId};
 
 use crate::detached::Handshake;
 use crate::metrics::{ErrorKind, ShardMetrics};
+use crate::registry::LiveRegistry;
 use crate::ring::{Completion, Kind, Ring, ring_generation};
 use crate::server::{ServerCtx, TlsState};
 use crate::timer::TimerWheel;
@@ -57,6 +59,11 @@ pub(crate) struct Shard {
     conns: Slab<Conn>,
     /// Devices whose session lives here (home shard) → their slot.
     devices: HashMap<DeviceId, usize>,
+    /// The registry of the devices whose home this shard is: the file loaded at start (shared)
+    /// and the changes since (from the registrar, [`devices`]).
+    registry: LiveRegistry,
+    /// Home devices whose session ended: when, and the code they ran (for `devices show`).
+    offline: HashMap<DeviceId, devices::Seen>,
     wheel: TimerWheel<(usize, u32)>,
     metrics: ShardMetrics,
     /// Which connected devices need new code, and their transfers.
@@ -102,7 +109,8 @@ impl Shard {
         listener: OwnedFd,
     ) -> Self {
         let bucket = run::TokenBucket::new(ctx.accept_rate_per_shard);
-        let rollout = Shard::new_rollout(&ctx);
+        let mut registry = LiveRegistry::new(ctx.registry.clone());
+        let rollout = Shard::new_rollout(&ctx, &mut registry);
         // Headroom over the shard's share: the device hash never splits a fleet exactly, and
         // connections still in their handshake count too.
         let capacity = ctx.max_connections_per_shard + ctx.max_connections_per_shard / 8 + 64;
@@ -117,6 +125,8 @@ impl Shard {
             // measured at 19k). Only the pages actually used count in RSS.
             conns: Slab::with_capacity(capacity),
             devices: HashMap::with_capacity(capacity),
+            registry,
+            offline: HashMap::new(),
             wheel,
             metrics: ShardMetrics::default(),
             rollout,
@@ -198,6 +208,7 @@ impl Shard {
             closing: false,
             registered: false,
             writing: false,
+            code_version: CodeVersion(0),
         });
         self.metrics.connections_open += 1;
         if !tls_done {
@@ -554,8 +565,7 @@ impl Shard {
     }
 
     fn authenticate(&mut self, idx: usize, device: DeviceId, now: Instant) {
-        let ctx = self.ctx.clone();
-        let entry = ctx.registry.get(device);
+        let entry = self.registry.get(device).cloned();
         // One session per device: a newer connection replaces the older one and inherits its
         // unacknowledged messages.
         let mut carried = None;
@@ -586,7 +596,7 @@ impl Shard {
         self.next_session += 1;
         let session = SessionId(self.next_session);
         let conn = &mut self.conns[idx];
-        let key = entry.map(|e| &e.key);
+        let key = entry.as_ref().map(|e| &e.key);
         let running = conn.session.pending_code_version().unwrap_or_default();
         if conn
             .session
@@ -594,7 +604,9 @@ impl Shard {
             .is_ok()
         {
             conn.registered = true;
+            conn.code_version = running;
             self.devices.insert(device, idx);
+            self.offline.remove(&device);
             self.presence(device, true);
             self.code_connected(idx, device, running);
         }
@@ -602,25 +614,42 @@ impl Shard {
 
     /// Forgets a connection's device registration (presence offline, undelivered sends).
     fn unregister(&mut self, idx: usize) {
+        self.unregister_with(idx, SendStatus::Offline);
+    }
+
+    /// [`unregister`](Self::unregister), answering the agent sends the device did not
+    /// acknowledge with `status`; returns how many there were.
+    fn unregister_with(&mut self, idx: usize, status: SendStatus) -> u64 {
         let conn = &mut self.conns[idx];
         if !conn.registered {
-            return;
+            return 0;
         }
         conn.registered = false;
         let device = conn.session.device();
+        let code_version = conn.code_version;
         let unacked = conn.session.take_unacked();
         if let Some(device) = device {
             if self.devices.get(&device) == Some(&idx) {
                 self.devices.remove(&device);
                 self.code_disconnected(device);
+                self.offline.insert(
+                    device,
+                    devices::Seen {
+                        code_version,
+                        ended_ms: now_ms(),
+                    },
+                );
             }
             self.presence(device, false);
         }
+        let mut answered = 0;
         for m in unacked {
             if let Some((agent, tag)) = self.pending_sends.remove(&m.tag) {
-                self.send_result(agent, tag, SendStatus::Offline);
+                self.send_result(agent, tag, status);
+                answered += 1;
             }
         }
+        answered
     }
 
     /// Drops a connection.
@@ -734,7 +763,7 @@ impl Shard {
         payload: Bytes,
     ) {
         let Some(&idx) = self.devices.get(&device) else {
-            let status = if self.ctx.registry.get(device).is_some() {
+            let status = if self.registry.get(device).is_some() {
                 SendStatus::Offline
             } else {
                 SendStatus::UnknownDevice
