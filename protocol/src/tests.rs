@@ -536,6 +536,29 @@ fn goodbye_revoked_means_do_not_reconnect() {
 }
 
 #[test]
+fn a_closed_session_still_names_its_device() {
+    // The driver releases the device (presence, its slot in the device table) when it handles
+    // the close, whichever side ended the session.
+    let mut p = Pair::new();
+    p.established();
+    p.device.close();
+    p.step();
+    assert!(p.server.is_closed());
+    assert_eq!(p.server.device(), Some(DeviceId(42)));
+    assert_eq!(p.server.session_id(), None);
+    let mut p = Pair::new();
+    p.established();
+    p.server.close(GoodbyeReason::Shutdown, 0);
+    assert_eq!(p.server.device(), Some(DeviceId(42)));
+    // Never established: no device.
+    let mut p = Pair::new();
+    p.registry_key = None;
+    p.step();
+    assert!(p.server.is_closed());
+    assert_eq!(p.server.device(), None);
+}
+
+#[test]
 fn other_goodbyes_leave_the_device_free_to_reconnect() {
     let mut p = Pair::new();
     p.established();
