@@ -102,10 +102,14 @@ impl FileLock {
             .truncate(false)
             .mode(SECRET_MODE)
             .open(path)?;
-        match file.try_lock() {
-            Ok(()) => Ok(Some(FileLock { _file: file })),
-            Err(fs::TryLockError::WouldBlock) => Ok(None),
-            Err(fs::TryLockError::Error(e)) => Err(e),
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock on a descriptor we own and keep open for the lock's life.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(Some(FileLock { _file: file }));
+        }
+        match io::Error::last_os_error() {
+            e if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            e => Err(e),
         }
     }
 }
