@@ -23,7 +23,8 @@ struct Cli {
 enum Command {
     /// Run the server (embedded defaults: loopback ports 7400/7401/7402, ./tether-data).
     Serve(ServeArgs),
-    /// Manage the device registry.
+    /// Manage the device registry: add and revoke devices on a running server (no restart),
+    /// list and show them.
     Devices {
         #[command(subcommand)]
         command: DevicesCommand,
@@ -149,10 +150,41 @@ struct ServeArgs {
     max_code_size: u64,
 }
 
+/// Where a registry command goes (the running server's admin port; with no server answering
+/// there, the data directory's files), and how it prints.
+#[derive(clap::Args)]
+struct Target {
+    /// Admin address of the running server.
+    #[arg(long, default_value = "127.0.0.1:7402")]
+    admin: String,
+    /// Data directory (its registry file is read, or edited, when no server answers at
+    /// --admin and none holds the directory).
+    #[arg(long, default_value = "tether-data")]
+    data_dir: PathBuf,
+    /// Print JSON instead.
+    #[arg(long)]
+    json: bool,
+}
+
+fn device_id(s: &str) -> Result<u64, String> {
+    tether_core::registry::parse_device_id(s).map(|d| d.0)
+}
+
+fn group_name(s: &str) -> Result<String, String> {
+    if tether_core::registry::valid_group_name(s) {
+        Ok(s.to_owned())
+    } else {
+        Err(format!(
+            "bad group name {s:?}: use 1 to 32 of A-Z a-z 0-9 _ -"
+        ))
+    }
+}
+
 #[derive(Subcommand)]
 enum DevicesCommand {
-    /// Provision N devices into DATA_DIR/devices.csv (replacing it); keys derive from the
-    /// server secret, so re-running keeps existing devices' keys.
+    /// Provision N devices into DATA_DIR/devices.csv (replacing it; mode 0600); keys derive
+    /// from the server secret, so re-running keeps existing devices' keys. Refused while a
+    /// server runs on DATA_DIR (use `add` then).
     Gen {
         /// How many devices.
         #[arg(long)]
@@ -167,6 +199,137 @@ enum DevicesCommand {
         #[arg(long, default_value = "tether-data")]
         data_dir: PathBuf,
     },
+    /// Register a device with a fresh random key and print the key (shown only this once).
+    /// A running server takes it at once (it may connect when this returns); with no server
+    /// running, the registry file is edited directly. An id already registered is refused.
+    Add {
+        /// Device id (decimal).
+        #[arg(value_parser = device_id)]
+        id: u64,
+        /// Its group (1 to 32 of A-Z a-z 0-9 _ -).
+        #[arg(long, value_parser = group_name)]
+        group: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Revoke a device: its live session is closed with Goodbye{revoked} (within a second),
+    /// its unacknowledged agent sends are answered `unknown device`, and further connects are
+    /// refused.
+    Revoke {
+        /// Device id (decimal).
+        #[arg(value_parser = device_id)]
+        id: u64,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Every registered device: id, group, online.
+    List {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// One device: group, online, shard, code version, last seen.
+    Show {
+        /// Device id (decimal).
+        #[arg(value_parser = device_id)]
+        id: u64,
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+/// Asks the server at `t.admin`; if nothing listens there, does `offline` on the data
+/// directory instead (saying so on stderr).
+fn via_server<T>(
+    t: &Target,
+    online: impl FnOnce(&str) -> Result<T, tether_core::admin::AdminError>,
+    offline: impl FnOnce(&std::path::Path) -> Result<T, String>,
+) -> Result<T, String> {
+    match online(&t.admin) {
+        Ok(v) => Ok(v),
+        Err(e) if tether_core::devices::no_server(&e) => {
+            eprintln!(
+                "tether: no server answers at {}; using {}",
+                t.admin,
+                t.data_dir.display()
+            );
+            offline(&t.data_dir)
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn print_json<T: serde::Serialize>(v: &T) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+fn devices_command(c: DevicesCommand) -> Result<(), String> {
+    use tether_core::devices as d;
+    let json = match &c {
+        DevicesCommand::Gen { .. } => false,
+        DevicesCommand::Add { target, .. }
+        | DevicesCommand::Revoke { target, .. }
+        | DevicesCommand::List { target }
+        | DevicesCommand::Show { target, .. } => target.json,
+    };
+    match c {
+        DevicesCommand::Gen {
+            count,
+            groups,
+            first_id,
+            data_dir,
+        } => std::fs::create_dir_all(&data_dir)
+            .map_err(|e| format!("cannot create {}: {e}", data_dir.display()))
+            .and_then(|_| d::generate_offline(&data_dir, count, &groups, first_id))
+            .map(|path| eprintln!("tether: {count} devices written to {}", path.display())),
+        DevicesCommand::Add { id, group, target } => via_server(
+            &target,
+            |a| d::add(a, id, &group),
+            |dir| {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+                d::add_offline(dir, id, &group)
+            },
+        )
+        .map(|r| {
+            if json {
+                print_json(&r)
+            } else {
+                print!("{}", r.text())
+            }
+        }),
+        DevicesCommand::Revoke { id, target } => via_server(
+            &target,
+            |a| d::revoke(a, id),
+            |dir| d::revoke_offline(dir, id),
+        )
+        .map(|r| {
+            if json {
+                print_json(&r)
+            } else {
+                print!("{}", r.text())
+            }
+        }),
+        DevicesCommand::List { target } => via_server(&target, |a| d::list(a), d::list_offline)
+            .map(|r| {
+                if json {
+                    print_json(&r)
+                } else {
+                    print!("{}", r.table())
+                }
+            }),
+        DevicesCommand::Show { id, target } => {
+            via_server(&target, |a| d::show(a, id), |dir| d::show_offline(dir, id)).map(|r| {
+                if json {
+                    print_json(&r)
+                } else {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |t| t.as_millis() as u64);
+                    print!("{}", r.text(now))
+                }
+            })
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -196,21 +359,7 @@ fn main() -> ExitCode {
             max_code_size: a.max_code_size,
         })
         .map_err(|e| e.to_string()),
-        Command::Devices {
-            command:
-                DevicesCommand::Gen {
-                    count,
-                    groups,
-                    first_id,
-                    data_dir,
-                },
-        } => std::fs::create_dir_all(&data_dir)
-            .map_err(|e| format!("cannot create {}: {e}", data_dir.display()))
-            .and_then(|_| {
-                tether_core::registry::Registry::generate(&data_dir, count, &groups, first_id)
-                    .map_err(|e| e.to_string())
-            })
-            .map(|path| eprintln!("tether: {count} devices written to {}", path.display())),
+        Command::Devices { command } => devices_command(command),
         Command::Deploy { group, .. } if !tether_core::registry::valid_group_name(&group) => Err(
             format!("bad group name {group:?}: use 1 to 32 of A-Z a-z 0-9 _ -"),
         ),

@@ -1,5 +1,7 @@
 //! `tether serve`: loads the data directory, builds the shared read-only context, starts one
 //! pinned glommio executor per shard, the admin endpoint and the signal watcher, and waits.
+//! It holds the data directory's lock ([`SERVE_LOCK`]) while it runs: it is the only writer of
+//! the device registry then.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -13,9 +15,11 @@ use tether_protocol::server::ServerConfig;
 
 use crate::admin::{AdminOptions, AdminResponse, metrics_routes, serve_admin_with};
 use crate::codestore::{CodeStore, Deployed};
-use crate::deploy::{DeployRequest, RolloutStatus, code_routes, group_sizes, spawn_deployer};
+use crate::deploy::{DeployRequest, RolloutStatus, code_routes, spawn_deployer};
+use crate::devices::{Registrar, RegistryMsg, device_routes};
+use crate::fsutil::FileLock;
 use crate::metrics::{MetricsSnapshot, ShardMetrics};
-use crate::registry::{AgentToken, FILE_NAME, Registry};
+use crate::registry::{AgentToken, FILE_NAME, LiveRegistry, Registry, SERVE_LOCK};
 use crate::shard::run_shard;
 use crate::shard::{Budget, GroupRollout, GuardConfig};
 use crate::tls::{DevPki, TlsOptions, server_config};
@@ -107,13 +111,15 @@ impl Default for ServeOptions {
 }
 
 /// Read-only state every shard shares (no locks: nothing in it changes after start, except
-/// the shutdown flag). Code deployed at run time reaches shards as messages, not through here.
+/// the shutdown flag). Code deployed and devices added or revoked at run time reach shards as
+/// messages, not through here.
 pub(crate) struct ServerCtx {
     pub tls: Arc<rustls::ServerConfig>,
     pub tls_state: TlsState,
     pub keep_key_schedule: bool,
     pub session: ServerConfig,
-    pub registry: Registry,
+    /// The registry file as loaded at start; each shard wraps it in its own `LiveRegistry`.
+    pub registry: Arc<Registry>,
     pub agent_token: AgentToken,
     pub listen: SocketAddr,
     pub agent_listen: SocketAddr,
@@ -138,6 +144,8 @@ pub(crate) struct ShardHandle {
     pub stats: crossbeam::channel::Receiver<crossbeam::channel::Sender<ShardMetrics>>,
     pub rollout: crossbeam::channel::Receiver<crossbeam::channel::Sender<Vec<GroupRollout>>>,
     pub deploys: crossbeam::channel::Receiver<Deployed>,
+    /// Registry changes and queries for this shard's home devices.
+    pub registry: crossbeam::channel::Receiver<RegistryMsg>,
 }
 
 /// A start-up failure, said plainly.
@@ -157,6 +165,16 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     // Before any thread starts (the deployer's too), so only the signal thread takes them.
     block_signals();
     std::fs::create_dir_all(&opts.data_dir).map_err(setup("cannot create the data directory"))?;
+    let lock_path = opts.data_dir.join(SERVE_LOCK);
+    let _lock = FileLock::try_lock(&lock_path)
+        .map_err(setup(&format!("cannot lock {}", lock_path.display())))?
+        .ok_or_else(|| {
+            ServeError::Setup(format!(
+                "another tether server runs on {} (it holds {})",
+                opts.data_dir.display(),
+                lock_path.display()
+            ))
+        })?;
     let (cert, key) = match &opts.cert {
         Some((c, k)) => (c.clone(), k.clone()),
         None => {
@@ -181,7 +199,7 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         },
     )
     .map_err(setup("TLS"))?;
-    let registry = load_registry(&opts.data_dir)?;
+    let registry = Arc::new(load_registry(&opts.data_dir)?);
     let agent_token = AgentToken::ensure(&opts.data_dir).map_err(setup("agent token"))?;
     let store = CodeStore::open(&opts.data_dir, opts.max_code_size).map_err(setup("code store"))?;
     let code_at_start = load_code(&store);
@@ -203,7 +221,14 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     let (deploy_txs, deploy_rxs): (Vec<_>, Vec<_>) = (0..nshards)
         .map(|_| crossbeam::channel::bounded(16))
         .unzip();
-    let deployer = spawn_deployer(store, group_sizes(&registry), deploy_txs)
+    // So do registry changes, from the registrar in the admin thread.
+    let (registry_txs, registry_rxs): (Vec<_>, Vec<_>) = (0..nshards)
+        .map(|_| crossbeam::channel::bounded(64))
+        .unzip();
+    let (sizes_tx, sizes_rx) = crossbeam::channel::bounded(4096);
+    let registrar = Registrar::new(registry.clone(), &opts.data_dir, registry_txs, sizes_tx);
+    let group_sizes = LiveRegistry::new(registry.clone()).group_sizes();
+    let deployer = spawn_deployer(store, group_sizes, sizes_rx, deploy_txs)
         .map_err(setup("deployer thread"))?;
     let ctx = Arc::new(ServerCtx {
         tls,
@@ -264,7 +289,7 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     let mut rollout_txs = Vec::new();
     let mut executors = Vec::new();
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    for (id, deploys) in deploy_rxs.into_iter().enumerate() {
+    for (id, (deploys, registry)) in deploy_rxs.into_iter().zip(registry_rxs).enumerate() {
         let (stats_tx, stats_rx) = crossbeam::channel::bounded(4);
         stats_txs.push(stats_tx);
         let (rollout_tx, rollout_rx) = crossbeam::channel::bounded(4);
@@ -275,6 +300,7 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
             stats: stats_rx,
             rollout: rollout_rx,
             deploys,
+            registry,
         };
         let ctx = ctx.clone();
         let mesh = mesh.clone();
@@ -309,9 +335,12 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
             .max(opts.max_code_size as usize + 1),
         ..AdminOptions::default()
     };
+    // The admin thread serves one request at a time: the registrar needs no lock.
+    let registrar = std::cell::RefCell::new(registrar);
     serve_admin_with(admin, admin_opts, move |req| {
         metrics_routes(req, || collect(&stats_txs))
             .or_else(|| code_routes(req, &deployer, || collect_rollout(&rollout_txs)))
+            .or_else(|| device_routes(req, &mut registrar.borrow_mut()))
             .unwrap_or_else(|| AdminResponse::not_found(req))
     })
     .map_err(setup("admin endpoint"))?;
@@ -359,7 +388,7 @@ fn load_registry(data_dir: &Path) -> Result<Registry, ServeError> {
     let path = data_dir.join(FILE_NAME);
     if !path.exists() {
         eprintln!(
-            "tether: no device registry at {}: every device will be refused; provision with `tether devices gen --count N`",
+            "tether: no device registry at {}: every device will be refused; provision with `tether devices gen --count N` (before starting) or `tether devices add ID --group G`",
             path.display()
         );
         return Ok(Registry::default());

@@ -162,7 +162,10 @@ enum State {
         device: DeviceId,
         session: SessionId,
     },
-    Closed,
+    /// Ended; `device` if it was established (so its driver can still release the device).
+    Closed {
+        device: Option<DeviceId>,
+    },
 }
 
 impl State {
@@ -171,7 +174,7 @@ impl State {
             State::ExpectHello { .. } => "expecting Hello",
             State::Authenticating { .. } => "authenticating",
             State::Established { .. } => "established",
-            State::Closed => "closed",
+            State::Closed { .. } => "closed",
         }
     }
 }
@@ -208,12 +211,23 @@ impl ServerSession {
         }
     }
 
-    /// The authenticated device, once established.
+    /// The authenticated device: once established, and still after that session closed (so
+    /// its driver can release what it holds for the device when handling the close).
     pub fn device(&self) -> Option<DeviceId> {
         match self.state {
-            State::Established { device, .. } => Some(device),
+            State::Established { device, .. }
+            | State::Closed {
+                device: Some(device),
+            } => Some(device),
             _ => None,
         }
+    }
+
+    /// Ends the session's state machine, keeping the device if it was established.
+    fn set_closed(&mut self) {
+        self.state = State::Closed {
+            device: self.device(),
+        };
     }
 
     /// The session id, once established.
@@ -226,7 +240,7 @@ impl ServerSession {
 
     /// Whether the session has ended.
     pub fn is_closed(&self) -> bool {
-        matches!(self.state, State::Closed)
+        matches!(self.state, State::Closed { .. })
     }
 
     /// The device whose `Hello` waits for [`authenticate`](Self::authenticate).
@@ -279,7 +293,7 @@ impl ServerSession {
             self.on_established(m);
             return;
         }
-        let state = std::mem::replace(&mut self.state, State::Closed);
+        let state = std::mem::replace(&mut self.state, State::Closed { device: None });
         match (state, m) {
             (State::ExpectHello { nonce }, Message::Hello(hello)) => {
                 if hello.version != PROTOCOL_VERSION {
@@ -356,12 +370,12 @@ impl ServerSession {
                 .events
                 .push_back(ServerEvent::Code(CodeEvent::Done { version, ok })),
             Message::Goodbye { reason, .. } => {
-                self.state = State::Closed;
+                self.set_closed();
                 self.events
                     .push_back(ServerEvent::Closed(CloseReason::PeerGoodbye(reason)));
             }
             Message::Error { code, .. } => {
-                self.state = State::Closed;
+                self.set_closed();
                 self.events
                     .push_back(ServerEvent::Closed(CloseReason::PeerError(code)));
             }
@@ -384,7 +398,7 @@ impl ServerSession {
             }
             .encode(self.tx.buf());
         }
-        self.state = State::Closed;
+        self.set_closed();
         self.decoder.clear();
         self.events.push_back(ServerEvent::Closed(reason));
     }
@@ -538,7 +552,7 @@ impl ServerSession {
             redirect: Bytes::new(),
         }
         .encode(self.tx.buf());
-        self.state = State::Closed;
+        self.set_closed();
         self.decoder.clear();
         self.events
             .push_back(ServerEvent::Closed(CloseReason::Local(reason)));
@@ -570,7 +584,7 @@ impl ServerSession {
             State::ExpectHello { .. } => self.fail(CloseReason::HandshakeTimeout),
             State::Established { .. } => self.fail(CloseReason::IdleTimeout),
             // The driver owns the authentication step's latency; no deadline there.
-            State::Authenticating { .. } | State::Closed => {}
+            State::Authenticating { .. } | State::Closed { .. } => {}
         }
     }
 
@@ -602,5 +616,14 @@ impl ServerSession {
     /// Messages sent to the device and not yet acknowledged.
     pub fn unacked(&self) -> usize {
         self.stream.unacked()
+    }
+
+    /// When the device was last heard from (any frame, or its authentication), once
+    /// established.
+    pub fn last_heard(&self) -> Option<Instant> {
+        match self.state {
+            State::Established { .. } => self.deadline.checked_sub(self.idle_timeout),
+            _ => None,
+        }
     }
 }

@@ -498,6 +498,81 @@ fn goodbye_from_server_tells_the_device_when_to_return() {
 }
 
 #[test]
+fn goodbye_revoked_means_do_not_reconnect() {
+    let mut p = Pair::new();
+    p.established();
+    p.server.close(GoodbyeReason::Revoked, 0);
+    p.step();
+    assert!(
+        p.device_events
+            .contains(&DeviceEvent::Closed(CloseReason::PeerGoodbye(
+                GoodbyeReason::Revoked
+            )))
+    );
+    assert!(p.device.is_revoked() && p.device.is_disconnected());
+    assert_eq!(
+        p.device.poll_timeout(),
+        None,
+        "a revoked device has no deadline"
+    );
+    // A driver that reconnects anyway gets the reason again and sends nothing.
+    p.device_events.clear();
+    p.device.connect(p.now);
+    assert!(p.device.is_revoked());
+    assert_eq!(
+        p.device.poll_event(),
+        Some(DeviceEvent::Closed(CloseReason::PeerGoodbye(
+            GoodbyeReason::Revoked
+        )))
+    );
+    let mut out = BytesMut::new();
+    p.device.handle_bytes(p.now, &[0, 0, 0, 1, 1]);
+    assert!(!p.device.poll_transmit(&mut out) && out.is_empty());
+    assert_eq!(
+        p.device
+            .send(p.now, Bytes::from_static(b"t"), Bytes::from_static(b"x")),
+        Err(crate::error::SendError::Closed)
+    );
+}
+
+#[test]
+fn a_closed_session_still_names_its_device() {
+    // The driver releases the device (presence, its slot in the device table) when it handles
+    // the close, whichever side ended the session.
+    let mut p = Pair::new();
+    p.established();
+    p.device.close();
+    p.step();
+    assert!(p.server.is_closed());
+    assert_eq!(p.server.device(), Some(DeviceId(42)));
+    assert_eq!(p.server.session_id(), None);
+    let mut p = Pair::new();
+    p.established();
+    p.server.close(GoodbyeReason::Shutdown, 0);
+    assert_eq!(p.server.device(), Some(DeviceId(42)));
+    // Never established: no device.
+    let mut p = Pair::new();
+    p.registry_key = None;
+    p.step();
+    assert!(p.server.is_closed());
+    assert_eq!(p.server.device(), None);
+}
+
+#[test]
+fn other_goodbyes_leave_the_device_free_to_reconnect() {
+    let mut p = Pair::new();
+    p.established();
+    p.server.close(GoodbyeReason::Shutdown, 10);
+    p.step();
+    assert!(p.device.is_disconnected() && !p.device.is_revoked());
+    p.device.connect(p.now);
+    assert!(
+        !p.device.is_disconnected(),
+        "connect starts a new handshake"
+    );
+}
+
+#[test]
 fn ack_of_unsent_seq_is_misbehaviour() {
     let mut p = Pair::new();
     p.established();

@@ -8,6 +8,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::Instant;
 
 use bytes::BytesMut;
+use tether_protocol::CodeVersion;
 use tether_protocol::server::ServerSession;
 
 use super::tlsconn::{OpenCx, TlsConn, TlsEnd};
@@ -49,6 +50,9 @@ pub(crate) struct Conn {
     pub registered: bool,
     /// A write-readiness watch is armed on the ring.
     pub writing: bool,
+    /// The code version the device runs (its `Hello`'s, or what it installed since), for
+    /// `tether devices show`.
+    pub code_version: CodeVersion,
 }
 
 /// Most reads one step takes before giving other connections a turn.

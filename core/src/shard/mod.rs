@@ -8,6 +8,7 @@
 
 mod agent;
 mod conn;
+mod devices;
 mod guard;
 pub mod mesh;
 mod rollout;
@@ -28,10 +29,11 @@ use tether_protocol::auth::Nonce;
 use tether_protocol::message::{GoodbyeReason, SendStatus};
 use tether_protocol::server::{ServerEvent, ServerSession};
 use tether_protocol::{AuthError, CloseReason, DecodeError, DeviceId, Message, PeerMisbehaved};
-use tether_protocol::{SendError, SessionId};
+use tether_protocol::{CodeVersion, SendError, SessionId};
 
 use crate::detached::Handshake;
 use crate::metrics::{ErrorKind, ShardMetrics};
+use crate::registry::LiveRegistry;
 use crate::ring::{Completion, Kind, Ring, ring_generation};
 use crate::server::{ServerCtx, TlsState};
 use crate::timer::TimerWheel;
@@ -60,6 +62,11 @@ pub(crate) struct Shard {
     conns: Slab<Conn>,
     /// Devices whose session lives here (home shard) → their slot.
     devices: HashMap<DeviceId, usize>,
+    /// The registry of the devices whose home this shard is: the file loaded at start (shared)
+    /// and the changes since (from the registrar, [`devices`]).
+    registry: LiveRegistry,
+    /// Home devices whose session ended: when, and the code they ran (for `devices show`).
+    offline: HashMap<DeviceId, devices::Seen>,
     wheel: TimerWheel<(usize, u32)>,
     metrics: ShardMetrics,
     /// Which connected devices need new code, and their transfers.
@@ -108,7 +115,8 @@ impl Shard {
         listener: OwnedFd,
     ) -> Self {
         let bucket = run::TokenBucket::new(ctx.accept_rate_per_shard);
-        let rollout = Shard::new_rollout(&ctx);
+        let mut registry = LiveRegistry::new(ctx.registry.clone());
+        let rollout = Shard::new_rollout(&ctx, &mut registry);
         // Headroom over the shard's share: the device hash never splits a fleet exactly, and
         // connections still in their handshake count too.
         let capacity = ctx.max_connections_per_shard + ctx.max_connections_per_shard / 8 + 64;
@@ -124,6 +132,8 @@ impl Shard {
             // measured at 19k). Only the pages actually used count in RSS.
             conns: Slab::with_capacity(capacity),
             devices: HashMap::with_capacity(capacity),
+            registry,
+            offline: HashMap::new(),
             wheel,
             metrics: ShardMetrics::default(),
             rollout,
@@ -257,6 +267,7 @@ impl Shard {
             closing: false,
             registered: false,
             writing: false,
+            code_version: CodeVersion(0),
         });
         self.metrics.connections_open += 1;
         wake::notify(idx);
@@ -639,9 +650,8 @@ impl Shard {
     /// messages both ways, the agent sends awaiting the device's ack, the session id); the
     /// device stays online for agents throughout, so a replacement sends them no presence.
     fn authenticate(&mut self, idx: usize, device: DeviceId, now: Instant) {
-        let ctx = self.ctx.clone();
-        let entry = ctx.registry.get(device);
-        let verified = match self.conns[idx].session.verify(entry.map(|e| &e.key)) {
+        let key = self.registry.get(device).map(|e| &e.key);
+        let verified = match self.conns[idx].session.verify(key) {
             Ok(v) => v,
             Err(e) => {
                 self.conns[idx].session.reject(e);
@@ -701,7 +711,9 @@ impl Shard {
         conn.session
             .establish(now, verified, session, now_ms(), carried);
         conn.registered = true;
+        conn.code_version = running;
         self.devices.insert(device, idx);
+        self.offline.remove(&device);
         if old.is_none() {
             self.presence(device, true);
         }
@@ -710,25 +722,42 @@ impl Shard {
 
     /// Forgets a connection's device registration (presence offline, undelivered sends).
     fn unregister(&mut self, idx: usize) {
+        self.unregister_with(idx, SendStatus::Offline);
+    }
+
+    /// [`unregister`](Self::unregister), answering the agent sends the device did not
+    /// acknowledge with `status`; returns how many there were.
+    fn unregister_with(&mut self, idx: usize, status: SendStatus) -> u64 {
         let conn = &mut self.conns[idx];
         if !conn.registered {
-            return;
+            return 0;
         }
         conn.registered = false;
         let device = conn.session.device();
+        let code_version = conn.code_version;
         let unacked = conn.session.take_unacked();
         if let Some(device) = device {
             if self.devices.get(&device) == Some(&idx) {
                 self.devices.remove(&device);
                 self.code_disconnected(device);
+                self.offline.insert(
+                    device,
+                    devices::Seen {
+                        code_version,
+                        ended_ms: now_ms(),
+                    },
+                );
             }
             self.presence(device, false);
         }
+        let mut answered = 0;
         for m in unacked {
             if let Some((agent, tag)) = self.pending_sends.remove(&m.tag) {
-                self.send_result(agent, tag, SendStatus::Offline);
+                self.send_result(agent, tag, status);
+                answered += 1;
             }
         }
+        answered
     }
 
     /// Drops a connection.
@@ -840,7 +869,7 @@ impl Shard {
         payload: Bytes,
     ) {
         let Some(&idx) = self.devices.get(&device) else {
-            let status = if self.ctx.registry.get(device).is_some() {
+            let status = if self.registry.get(device).is_some() {
                 SendStatus::Offline
             } else {
                 SendStatus::UnknownDevice

@@ -105,10 +105,12 @@ async fn serve_shard(
         }
     });
 
-    // The timer task: expire deadlines, answer stats requests, watch for shutdown.
+    // The timer task: expire deadlines, apply deploys and registry changes, answer stats,
+    // rollout and registry requests, watch for shutdown.
     let stats = handle.stats.clone();
     let deploys = handle.deploys.clone();
     let rollout = handle.rollout.clone();
+    let registry = handle.registry.clone();
     let timer = glommio::spawn_local({
         let shard = shard.clone();
         let ctx = ctx.clone();
@@ -123,6 +125,9 @@ async fn serve_shard(
                 s.tick(now, &mut expired);
                 while let Ok(d) = deploys.try_recv() {
                     s.on_deployed(&d);
+                }
+                while let Ok(m) = registry.try_recv() {
+                    s.on_registry(m);
                 }
                 if !stats.is_empty() {
                     s.fill_code_metrics();
