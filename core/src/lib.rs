@@ -23,6 +23,7 @@ pub mod fsutil;
 pub mod limits;
 pub mod metrics;
 pub mod registry;
+pub mod reload;
 pub mod ring;
 pub mod server;
 pub mod shard;

@@ -54,6 +54,8 @@ pub(crate) struct Shard {
     id: usize,
     nshards: usize,
     ctx: std::sync::Arc<ServerCtx>,
+    /// The TLS config new connections get (replaced by a reload, in the timer tick).
+    pub(crate) tls: std::sync::Arc<rustls::ServerConfig>,
     conns: Slab<Conn>,
     /// Devices whose session lives here (home shard) → their slot.
     devices: HashMap<DeviceId, usize>,
@@ -111,6 +113,7 @@ impl Shard {
         Shard {
             id,
             nshards,
+            tls: ctx.tls.clone(),
             ctx,
             // Sized for the shard's share up front: the tables never grow by doubling, which
             // would leave the outgrown copies in the allocator (≈ 0.6 KB per connection
@@ -148,10 +151,10 @@ impl Shard {
     fn accept(&mut self, fd: OwnedFd) {
         self.metrics.connections_accepted += 1;
         let tls = match self.ctx.tls_state {
-            TlsState::Buffered => rustls::ServerConnection::new(self.ctx.tls.clone())
+            TlsState::Buffered => rustls::ServerConnection::new(self.tls.clone())
                 .map(|c| TlsConn::Buffered(Box::new(c)))
                 .ok(),
-            TlsState::Detached => Handshake::new(self.ctx.tls.clone())
+            TlsState::Detached => Handshake::new(self.tls.clone())
                 .map(|h| TlsConn::Handshaking(Box::new(h)))
                 .ok(),
         };

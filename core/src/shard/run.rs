@@ -105,10 +105,12 @@ async fn serve_shard(
         }
     });
 
-    // The timer task: expire deadlines, answer stats requests, watch for shutdown.
+    // The timer task: expire deadlines, answer stats requests, take deploys and reloaded TLS
+    // configs, watch for shutdown.
     let stats = handle.stats.clone();
     let deploys = handle.deploys.clone();
     let rollout = handle.rollout.clone();
+    let tls = handle.tls.clone();
     let timer = glommio::spawn_local({
         let shard = shard.clone();
         let ctx = ctx.clone();
@@ -132,6 +134,11 @@ async fn serve_shard(
                 }
                 while let Ok(reply) = rollout.try_recv() {
                     let _ = reply.send(s.rollout_status());
+                }
+                while let Ok(swap) = tls.try_recv() {
+                    // Handshakes accepted from now on use it; open connections keep theirs.
+                    s.tls = swap.config;
+                    let _ = swap.applied.send(());
                 }
                 if shutdown_at.is_none() && ctx.shutdown.load(Ordering::Relaxed) {
                     // Stop accepting, say goodbye to everyone, then wait for the flush.
