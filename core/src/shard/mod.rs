@@ -556,51 +556,65 @@ impl Shard {
         }
     }
 
+    /// Answers a connection's `Hello` on the device's home shard.
+    ///
+    /// The proof is checked first, and nothing else is touched until it verifies: a stranger
+    /// naming a live device's id gets the same `Error` as an unknown device and a closed
+    /// connection, and the live session never notices. A verified connection replaces an
+    /// older session of the same device and inherits everything it held (unacknowledged
+    /// messages both ways, the agent sends awaiting the device's ack, the session id); the
+    /// device stays online for agents throughout, so a replacement sends them no presence.
     fn authenticate(&mut self, idx: usize, device: DeviceId, now: Instant) {
         let ctx = self.ctx.clone();
         let entry = ctx.registry.get(device);
-        // One session per device: a newer connection replaces the older one and inherits its
-        // unacknowledged messages.
-        let mut carried = None;
-        if let Some(&old) = self.devices.get(&device) {
-            if old != idx && self.conns.contains(old) && entry.is_some() {
-                let c = &mut self.conns[old];
-                carried = c.session.take_carried();
-                c.registered = false;
-                self.devices.remove(&device);
-                self.metrics.sessions_replaced += 1;
-                self.code_disconnected(device);
-                wake::notify(old);
+        let verified = match self.conns[idx].session.verify(entry.map(|e| &e.key)) {
+            Ok(v) => v,
+            Err(e) => {
+                self.conns[idx].session.reject(e);
+                return;
             }
-        }
+        };
         if self.shutting_down {
             self.conns[idx]
                 .session
                 .close(GoodbyeReason::Shutdown, retry_spread());
             return;
         }
-        if self.ctx.max_connections_per_shard <= self.devices.len() {
+        let old = self
+            .devices
+            .get(&device)
+            .copied()
+            .filter(|&old| old != idx && self.conns.contains(old));
+        if old.is_none() && self.ctx.max_connections_per_shard <= self.devices.len() {
             self.metrics.shed += 1;
             self.conns[idx]
                 .session
                 .close(GoodbyeReason::Overloaded, retry_spread());
             return;
         }
+        // One session per device: the verified newcomer replaces the older one.
+        let mut carried = None;
+        if let Some(old) = old {
+            let c = &mut self.conns[old];
+            carried = c.session.take_carried();
+            c.registered = false;
+            self.devices.remove(&device);
+            self.metrics.sessions_replaced += 1;
+            self.code_disconnected(device);
+            wake::notify(old);
+        }
         self.next_session += 1;
         let session = SessionId(self.next_session);
         let conn = &mut self.conns[idx];
-        let key = entry.map(|e| &e.key);
         let running = conn.session.pending_code_version().unwrap_or_default();
-        if conn
-            .session
-            .authenticate(now, key, session, now_ms(), carried)
-            .is_ok()
-        {
-            conn.registered = true;
-            self.devices.insert(device, idx);
+        conn.session
+            .establish(now, verified, session, now_ms(), carried);
+        conn.registered = true;
+        self.devices.insert(device, idx);
+        if old.is_none() {
             self.presence(device, true);
-            self.code_connected(idx, device, running);
         }
+        self.code_connected(idx, device, running);
     }
 
     /// Forgets a connection's device registration (presence offline, undelivered sends).

@@ -267,6 +267,24 @@ impl Device {
         self.events.clear();
     }
 
+    /// Connects again on a new socket **without closing the old one** (as a device does whose
+    /// old connection died silently, e.g. behind a NAT), keeping the session. The old stream is
+    /// returned so the caller keeps it open until the server closes it.
+    pub fn reconnect_abandoning(
+        &mut self,
+        server: &Server,
+    ) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+        let old = std::mem::replace(&mut self.tls, open_tls(server));
+        self.session
+            .connection_lost(tether_protocol::CloseReason::Local(
+                tether_protocol::message::GoodbyeReason::Normal,
+            ));
+        self.session.connect(Instant::now());
+        self.closed = false;
+        self.events.clear();
+        old
+    }
+
     /// Feeds one session event to the code receiver (corrupting a chunk if asked).
     fn code_event(&mut self, e: &DeviceEvent) {
         let now = Instant::now();
