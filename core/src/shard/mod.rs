@@ -37,7 +37,7 @@ use crate::timer::TimerWheel;
 use agent::AgentOut;
 use conn::{Conn, IoOutcome};
 use mesh::{AgentId, Moved, ShardMsg, agent_shard, home_shard};
-use tlsconn::TlsConn;
+use tlsconn::{CertDevice, TlsConn};
 
 pub use rollout::GroupRollout;
 pub(crate) use run::run_shard;
@@ -173,7 +173,7 @@ impl Shard {
             self.metrics.error(ErrorKind::Tls);
             return;
         }
-        self.insert(fd, tls, session, out, false);
+        self.insert(fd, tls, session, out, false, CertDevice::default());
     }
 
     fn insert(
@@ -183,6 +183,7 @@ impl Shard {
         session: ServerSession,
         out: Vec<u8>,
         tls_done: bool,
+        cert: CertDevice,
     ) -> usize {
         let entry = self.conns.vacant_entry();
         let idx = entry.key();
@@ -195,6 +196,7 @@ impl Shard {
             session,
             out,
             partial: Vec::new(),
+            cert,
             generation,
             armed: None,
             tls_done,
@@ -542,6 +544,7 @@ impl Shard {
                 session: conn.session,
                 out: conn.out,
                 tls_done: conn.tls_done,
+                cert: conn.cert,
             })),
         );
     }
@@ -549,7 +552,7 @@ impl Shard {
     fn adopt(&mut self, m: Moved, now: Instant) {
         self.metrics.sessions_moved_in += 1;
         let device = m.session.pending_device();
-        let idx = self.insert(m.fd, m.tls, m.session, m.out, m.tls_done);
+        let idx = self.insert(m.fd, m.tls, m.session, m.out, m.tls_done, m.cert);
         if let Some(device) = device {
             self.authenticate(idx, device, now);
             self.after_input(idx, now);
@@ -567,7 +570,10 @@ impl Shard {
     fn authenticate(&mut self, idx: usize, device: DeviceId, now: Instant) {
         let ctx = self.ctx.clone();
         let entry = ctx.registry.get(device);
-        let verified = match self.conns[idx].session.verify(entry.map(|e| &e.key)) {
+        // A verified client certificate vouches instead of the proof (`--device-ca`).
+        let conn = &self.conns[idx];
+        let credential = entry.map(|e| conn.cert.credential(&e.key));
+        let verified = match conn.session.verify_credential(credential) {
             Ok(v) => v,
             Err(e) => {
                 self.conns[idx].session.reject(e);
