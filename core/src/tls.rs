@@ -866,6 +866,212 @@ mod tests {
         assert!(e.to_string().starts_with("no certificate found in "), "{e}");
     }
 
+    /// A DER `Name` content from (OID, string tag, value) attributes, one per RDN set.
+    fn name(attrs: &[(&[u8], u8, &[u8])]) -> Vec<u8> {
+        fn tlv(tag: u8, content: &[u8]) -> Vec<u8> {
+            let mut v = vec![tag, content.len() as u8];
+            v.extend_from_slice(content);
+            v
+        }
+        let mut out = Vec::new();
+        for (oid, tag, value) in attrs {
+            let mut attr = tlv(0x06, oid);
+            attr.extend(tlv(*tag, value));
+            out.extend(tlv(0x31, &tlv(0x30, &attr)));
+        }
+        out
+    }
+
+    const CN: &[u8] = &[0x55, 0x04, 0x03];
+    const O: &[u8] = &[0x55, 0x04, 0x0a];
+
+    #[test]
+    fn common_name_parsing_takes_exactly_one_and_refuses_junk() {
+        let good = name(&[(O, 0x0c, b"fleet"), (CN, 0x0c, b"42")]);
+        assert_eq!(one_common_name(&good), Some(&b"42"[..]));
+        let printable = name(&[(CN, 0x13, b"7")]);
+        assert_eq!(one_common_name(&printable), Some(&b"7"[..]));
+        for (why, bad) in [
+            ("two CNs", name(&[(CN, 0x0c, b"1"), (CN, 0x0c, b"2")])),
+            ("no CN", name(&[(O, 0x0c, b"fleet")])),
+            ("BMPString CN", name(&[(CN, 0x1e, b"\0\x34")])),
+            ("empty", Vec::new()),
+        ] {
+            assert_eq!(one_common_name(&bad), None, "{why}");
+        }
+        // Every truncation of a good name, and a few hostile lengths, fail cleanly.
+        for n in 0..good.len() {
+            assert_eq!(one_common_name(&good[..n]), None, "cut at {n}");
+        }
+        for bad in [
+            &[0x31, 0x84, 0xff, 0xff, 0xff, 0xff][..],
+            &[0x31, 0x81, 0x05, 0, 0, 0, 0, 0],
+            &[0x31, 0x82, 0x00, 0x05, 0, 0, 0, 0, 0],
+            &[0x31, 0x80],
+            &[0x30, 0x00],
+        ] {
+            assert_eq!(one_common_name(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn device_ids_are_plain_decimal() {
+        for (text, want) in [
+            (&b"42"[..], Some(42)),
+            (b"0", Some(0)),
+            (b"18446744073709551613", Some(u64::MAX - 2)),
+        ] {
+            assert_eq!(parse_device_id(text), want.map(DeviceId), "{text:?}");
+        }
+        for text in [
+            &b""[..],
+            b"042",
+            b"+42",
+            b"-1",
+            b" 42",
+            b"42 ",
+            b"4x2",
+            b"18446744073709551614",
+            b"18446744073709551616",
+            b"000000000000000000001",
+        ] {
+            assert_eq!(parse_device_id(text), None, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn device_ca_issues_certificates_naming_the_device_and_never_overwrites() {
+        let dir = TestDir::new("tls-devca");
+        let ca_dir = dir.path().join("ca");
+        let ca = DeviceCa::ensure(&ca_dir).unwrap();
+        assert!(ca.created);
+        assert!(!DeviceCa::ensure(&ca_dir).unwrap().created);
+        let cert = ca.issue(DeviceId(42), &dir.path().join("out")).unwrap();
+        for key in [&ca.key, &cert.key] {
+            let mode = fs::metadata(key).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{}", key.display());
+        }
+        let der = load_certs(&cert.cert, "device certificate").unwrap();
+        assert_eq!(cert_device_id(&der[0]), Some(DeviceId(42)));
+        let e = ca.issue(DeviceId(42), &dir.path().join("out")).unwrap_err();
+        assert!(
+            e.to_string().ends_with("exists already; not overwritten"),
+            "{e}"
+        );
+
+        // A CA this module did not make (here: the dev CA's certificate with the device CA's
+        // key) issues nothing rather than certificates that do not chain.
+        let pki = DevPki::ensure(dir.path()).unwrap();
+        let foreign = DeviceCa {
+            cert: pki.ca_cert.clone(),
+            ..ca.clone()
+        };
+        let e = foreign.issue(DeviceId(7), dir.path()).unwrap_err();
+        assert!(e.to_string().contains("ca.pem"), "{e}");
+        assert!(!dir.path().join("device-7.pem").exists());
+
+        let e = DeviceCa::open(&dir.path().join("none")).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("cannot read device CA certificate"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_device_certificate_reaches_the_server_only_with_a_device_ca() {
+        let dir = TestDir::new("tls-devcert");
+        let pki = DevPki::ensure(dir.path()).unwrap();
+        let ca = DeviceCa::ensure(&dir.path().join("devca")).unwrap();
+        let dev = ca.issue(DeviceId(9), dir.path()).unwrap();
+        let client = client_config_with_cert(
+            &pki.ca_cert,
+            &dev.cert,
+            &dev.key,
+            &ClientTlsOptions::default(),
+        )
+        .unwrap();
+        let plain_client = client_config(&pki.ca_cert, &ClientTlsOptions::default()).unwrap();
+        let with_ca = TlsOptions {
+            device_ca: Some(ca.cert.clone()),
+            ..TlsOptions::default()
+        };
+        let server = server_config(&pki.server_cert, &pki.server_key, &with_ca).unwrap();
+        let (_, s) = connect(&client, &server);
+        let chain = s.peer_certificates().expect("the device's certificate");
+        assert_eq!(cert_device_id(&chain[0]), Some(DeviceId(9)));
+        // Optional by default: a device without a certificate still connects.
+        let (_, s) = connect(&plain_client, &server);
+        assert!(s.peer_certificates().is_none());
+        // Without a device CA the server asks for none.
+        let server = server_config(&pki.server_cert, &pki.server_key, &TlsOptions::default());
+        let (_, s) = connect(&client, &server.unwrap());
+        assert!(s.peer_certificates().is_none());
+    }
+
+    #[test]
+    fn required_device_certificates_refuse_devices_without_one() {
+        let dir = TestDir::new("tls-devreq");
+        let pki = DevPki::ensure(dir.path()).unwrap();
+        let ca = DeviceCa::ensure(&dir.path().join("devca")).unwrap();
+        let opts = TlsOptions {
+            device_ca: Some(ca.cert.clone()),
+            require_device_cert: true,
+            ..TlsOptions::default()
+        };
+        let server = server_config(&pki.server_cert, &pki.server_key, &opts).unwrap();
+        let client = client_config(&pki.ca_cert, &ClientTlsOptions::default()).unwrap();
+        let name = ServerName::try_from("localhost").unwrap();
+        let mut c = ClientConnection::new(client, name).unwrap();
+        let mut s = ServerConnection::new(server).unwrap();
+        let mut failed = false;
+        for _ in 0..10 {
+            let mut buf = Vec::new();
+            while c.wants_write() {
+                c.write_tls(&mut buf).unwrap();
+            }
+            if buf.is_empty() {
+                break;
+            }
+            s.read_tls(&mut &buf[..]).unwrap();
+            if s.process_new_packets().is_err() {
+                failed = true;
+                break;
+            }
+            buf.clear();
+            while s.wants_write() {
+                s.write_tls(&mut buf).unwrap();
+            }
+            c.read_tls(&mut &buf[..]).unwrap();
+            let _ = c.process_new_packets();
+        }
+        assert!(
+            failed,
+            "the server must refuse a device without a certificate"
+        );
+    }
+
+    #[test]
+    fn a_key_that_does_not_match_the_certificate_is_named() {
+        let dir = TestDir::new("tls-mismatch");
+        let pki = DevPki::ensure(dir.path()).unwrap();
+        let e = server_config(&pki.server_cert, &pki.ca_key, &TlsOptions::default()).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("server.pem") && msg.contains("ca.key"),
+            "{msg}"
+        );
+        assert!(msg.contains("match"), "{msg}");
+        let bad = dir.path().join("devca.pem");
+        fs::write(&bad, "-----BEGIN CERTIFICATE-----\nnot base64!\n").unwrap();
+        let opts = TlsOptions {
+            device_ca: Some(bad),
+            ..TlsOptions::default()
+        };
+        let e = server_config(&pki.server_cert, &pki.server_key, &opts).unwrap_err();
+        assert!(e.to_string().contains("devca.pem"), "{e}");
+    }
+
     #[test]
     fn pq_option_puts_mlkem_first() {
         let dir = TestDir::new("tls-pq");
