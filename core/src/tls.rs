@@ -77,6 +77,8 @@ pub enum TlsError {
     },
     #[error("{} exists already; not overwritten", path.display())]
     Exists { path: PathBuf },
+    #[error("device id {0} cannot be named in a certificate (the two largest ids are reserved)")]
+    ReservedDeviceId(u64),
     #[error("{context}: {source}")]
     Config {
         context: String,
@@ -273,6 +275,9 @@ impl DeviceCa {
     /// either, and checks that the new certificate verifies against this CA's certificate (so
     /// a CA made elsewhere is refused rather than issuing certificates that do not chain).
     pub fn issue(&self, device: DeviceId, out_dir: &Path) -> Result<DeviceCert, TlsError> {
+        if parse_device_id(device.0.to_string().as_bytes()) != Some(device) {
+            return Err(TlsError::ReservedDeviceId(device.0));
+        }
         let out = DeviceCert {
             cert: out_dir.join(format!("device-{}.pem", device.0)),
             key: out_dir.join(format!("device-{}.key", device.0)),
@@ -961,6 +966,9 @@ mod tests {
 
         // A CA this module did not make (here: the dev CA's certificate with the device CA's
         // key) issues nothing rather than certificates that do not chain.
+        let e = ca.issue(DeviceId(u64::MAX), dir.path()).unwrap_err();
+        assert!(e.to_string().contains("reserved"), "{e}");
+
         let pki = DevPki::ensure(dir.path()).unwrap();
         let foreign = DeviceCa {
             cert: pki.ca_cert.clone(),

@@ -275,3 +275,37 @@ fn seal_buffered(c: &mut ServerConnection, plain: &[u8], out: &mut Vec<u8>) -> R
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testdir::TestDir;
+    use crate::tls::{DevPki, DeviceCa, load_certs};
+    use tether_protocol::auth::DeviceKey;
+
+    fn named(c: CertDevice) -> Option<Option<DeviceId>> {
+        match c.credential(&DeviceKey([0; 32])) {
+            Credential::Key(_) => None,
+            Credential::Certificate(d) => Some(d),
+        }
+    }
+
+    #[test]
+    fn cert_device_packs_none_a_device_or_no_device() {
+        let dir = TestDir::new("certdevice");
+        let ca = DeviceCa::ensure(&dir.path().join("ca")).unwrap();
+        for id in [0, 42, u64::MAX - 2] {
+            let issued = ca.issue(DeviceId(id), dir.path()).unwrap();
+            let chain = load_certs(&issued.cert, "device certificate").unwrap();
+            let c = CertDevice::from_chain(Some(&chain));
+            assert_eq!(named(c), Some(Some(DeviceId(id))));
+        }
+        assert_eq!(named(CertDevice::from_chain(None)), None);
+        assert_eq!(named(CertDevice::from_chain(Some(&[]))), None);
+        // A verified certificate that names no device (CN=localhost) vouches for none.
+        let pki = DevPki::ensure(dir.path()).unwrap();
+        let chain = load_certs(&pki.server_cert, "certificate").unwrap();
+        assert_eq!(named(CertDevice::from_chain(Some(&chain))), Some(None));
+        assert_eq!(std::mem::size_of::<CertDevice>(), 8);
+    }
+}
