@@ -23,7 +23,7 @@ struct Cli {
 enum Command {
     /// Run the server (embedded defaults: loopback ports 7400/7401/7402, ./tether-data).
     Serve(ServeArgs),
-    /// Manage the device registry.
+    /// Manage the device registry and device certificates.
     Devices {
         #[command(subcommand)]
         command: DevicesCommand,

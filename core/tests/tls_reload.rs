@@ -171,6 +171,9 @@ fn a_reload_to_a_new_ca_keeps_live_sessions_buffered() {
     reload_to_a_new_ca("buffered");
 }
 
+/// Breaks a file the server reads.
+type Breaker<'a> = Box<dyn Fn() + 'a>;
+
 fn broken_files_are_refused(mode: &str) {
     let s = start(mode);
     let mut live = device_trusting(&s.server, 3, trusting(&s.old));
@@ -184,8 +187,8 @@ fn broken_files_are_refused(mode: &str) {
     let cert = s.cert.display().to_string();
     let key = s.key.display().to_string();
 
-    // (what to break, what the answer and the log line must say)
-    let cases: [(&str, Box<dyn Fn()>, Vec<String>); 4] = [
+    // (what to break, how, what the answer and the log line must say)
+    let cases: [(&str, Breaker, Vec<String>); 4] = [
         (
             "bad PEM",
             Box::new(|| {

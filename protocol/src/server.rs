@@ -8,8 +8,11 @@
 //!    then [`poll_transmit`](ServerSession::poll_transmit) (write the bytes out), then re-arm
 //!    the timer from [`poll_timeout`](ServerSession::poll_timeout).
 //! 4. On [`ServerEvent::Hello`], look the device up and call
-//!    [`authenticate`](ServerSession::authenticate); until then further input is buffered
-//!    undecoded (so the connection can move to the device's home shard in between).
+//!    [`authenticate`](ServerSession::authenticate) (or [`verify`](ServerSession::verify) /
+//!    [`verify_credential`](ServerSession::verify_credential) — the latter also for a device
+//!    whose TLS client certificate names it — then `establish` or `reject`); until then
+//!    further input is buffered undecoded (so the connection can move to the device's home
+//!    shard in between).
 //! 5. When [`is_closed`](ServerSession::is_closed) and nothing is left to transmit, close the
 //!    socket.
 //!
