@@ -150,25 +150,24 @@ impl Server {
         })
     }
 
-    pub fn device(&self, id: u64) -> Device {
+    /// Device `id`'s config with its real key.
+    pub fn config(&self, id: u64) -> DeviceConfig {
         let key = self
             .registry
             .get(DeviceId(id))
             .expect("provisioned")
             .key
             .clone();
-        Device::connect(self, DeviceConfig::new(DeviceId(id), key))
+        DeviceConfig::new(DeviceId(id), key)
+    }
+
+    pub fn device(&self, id: u64) -> Device {
+        Device::connect(self, self.config(id))
     }
 
     /// A device running `code_version`.
     pub fn device_at(&self, id: u64, code_version: CodeVersion) -> Device {
-        let key = self
-            .registry
-            .get(DeviceId(id))
-            .expect("provisioned")
-            .key
-            .clone();
-        let mut cfg = DeviceConfig::new(DeviceId(id), key);
+        let mut cfg = self.config(id);
         cfg.code_version = code_version;
         Device::connect(self, cfg)
     }
@@ -286,11 +285,25 @@ pub struct Device {
     client: Arc<rustls::ClientConfig>,
 }
 
+/// A TCP connection to `to` from the loopback address `source` (any port).
+pub fn tcp_from(to: SocketAddr, source: std::net::Ipv4Addr) -> TcpStream {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.bind(&SocketAddr::from((source, 0)).into()).unwrap();
+    s.connect(&to.into()).unwrap();
+    s.into()
+}
+
 fn open_tls(
     devices: SocketAddr,
     tls: &Arc<rustls::ClientConfig>,
 ) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
-    let sock = TcpStream::connect(devices).unwrap();
+    open_tls_on(TcpStream::connect(devices).unwrap(), tls)
+}
+
+fn open_tls_on(
+    sock: TcpStream,
+    tls: &Arc<rustls::ClientConfig>,
+) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
     sock.set_read_timeout(Some(Duration::from_millis(50)))
         .unwrap();
     let conn = rustls::ClientConnection::new(tls.clone(), "localhost".try_into().unwrap()).unwrap();
@@ -302,17 +315,28 @@ impl Device {
         Self::connect_with(server, cfg, server.tls.clone())
     }
 
+    /// Connects with `client` as its TLS config (another CA, a client certificate).
     pub fn connect_with(
         server: &Server,
         cfg: DeviceConfig,
         client: Arc<rustls::ClientConfig>,
     ) -> Device {
+        let sock = TcpStream::connect(server.devices).unwrap();
+        Self::connect_on(cfg, sock, client)
+    }
+
+    /// Connects from the loopback address `source`.
+    pub fn connect_from(server: &Server, cfg: DeviceConfig, source: std::net::Ipv4Addr) -> Device {
+        Self::connect_on(cfg, tcp_from(server.devices, source), server.tls.clone())
+    }
+
+    fn connect_on(cfg: DeviceConfig, sock: TcpStream, client: Arc<rustls::ClientConfig>) -> Device {
         let now = Instant::now();
         let code = CodeReceiver::new(cfg.code_version, ReceiverConfig::default());
         let mut session = DeviceSession::new(cfg, now);
         session.connect(now);
         Device {
-            tls: open_tls(server.devices, &client),
+            tls: open_tls_on(sock, &client),
             client,
             session,
             events: vec![],
