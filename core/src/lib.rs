@@ -7,7 +7,8 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 //!
 //! This library holds the server's building blocks; the `tether` binary wires them together.
-//! Building blocks so far: [`tls`] (dev PKI and rustls configs), [`registry`] (devices, server
+//! Building blocks so far: [`tls`] (dev PKI, device CA and certificates, rustls configs),
+//! [`reload`] (certificate reload on SIGHUP or `POST /reload`), [`registry`] (devices, server
 //! secret, agent token), [`devices`] (the live registry's admin routes and `tether devices`
 //! clients), [`timer`] (per-shard timing wheel), [`metrics`] (per-shard counters
 //! and their Prometheus/JSON views), [`admin`] (HTTP admin endpoint and `tether stats` client),
@@ -25,6 +26,7 @@ pub mod fsutil;
 pub mod limits;
 pub mod metrics;
 pub mod registry;
+pub mod reload;
 pub mod ring;
 pub mod server;
 pub mod shard;

@@ -22,9 +22,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the server (embedded defaults: loopback ports 7400/7401/7402, ./tether-data).
-    Serve(ServeArgs),
-    /// Manage the device registry: add and revoke devices on a running server (no restart),
-    /// list and show them.
+    Serve(Box<ServeArgs>),
+    /// Manage the device registry (add and revoke devices on a running server, no restart; list
+    /// and show them) and device certificates.
     Devices {
         #[command(subcommand)]
         command: DevicesCommand,
@@ -45,6 +45,14 @@ enum Command {
     Rollout {
         #[command(subcommand)]
         command: RolloutCommand,
+    },
+    /// Reload the TLS certificate, key and device CA of a running server (through the admin
+    /// port; SIGHUP does the same). New connections use the new files, open ones are kept; a
+    /// file that does not load is refused and the server keeps its previous configuration.
+    Reload {
+        /// Admin address of the server.
+        #[arg(long, default_value = "127.0.0.1:7402")]
+        admin: String,
     },
     /// Print a running server's counters as a table (from its admin port).
     Stats {
@@ -136,6 +144,16 @@ struct ServeArgs {
     /// Private key (PEM); with --cert.
     #[arg(long, requires = "cert")]
     key: Option<PathBuf>,
+    /// Device CA (PEM, e.g. from `tether devices ca`): devices may present a client
+    /// certificate from it, and one whose certificate's common name is its device id (`CN=42`)
+    /// is authenticated without the proof (its Hello must still name that id). Devices without
+    /// a certificate keep using the proof. Reloaded with the certificate (SIGHUP, `tether
+    /// reload`).
+    #[arg(long)]
+    device_ca: Option<PathBuf>,
+    /// With --device-ca: refuse the TLS handshake of a device without a valid certificate.
+    #[arg(long, requires = "device_ca")]
+    require_device_cert: bool,
     /// Seconds a graceful shutdown may take.
     #[arg(long, default_value_t = 5)]
     shutdown_grace_s: u64,
@@ -182,6 +200,25 @@ fn group_name(s: &str) -> Result<String, String> {
 
 #[derive(Subcommand)]
 enum DevicesCommand {
+    /// Create a device CA in CA_DIR (ca.pem, and ca.key with mode 0600), or say where the one
+    /// made earlier is. Give ca.pem to `tether serve --device-ca`; keep ca.key off the server.
+    Ca {
+        /// Directory of the device CA (created with mode 0700).
+        #[arg(long)]
+        ca_dir: PathBuf,
+    },
+    /// Issue a device client certificate for device ID from the device CA in CA_DIR:
+    /// OUT/device-ID.pem and OUT/device-ID.key (mode 0600), CN=ID. Never overwrites.
+    Cert {
+        /// Device id.
+        id: u64,
+        /// Directory of the device CA (`tether devices ca`).
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// Where to write the certificate and key (default: CA_DIR).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Provision N devices into DATA_DIR/devices.csv (replacing it; mode 0600); keys derive
     /// from the server secret, so re-running keeps existing devices' keys. Refused while a
     /// server runs on DATA_DIR (use `add` then).
@@ -265,13 +302,41 @@ fn print_json<T: serde::Serialize>(v: &T) {
 fn devices_command(c: DevicesCommand) -> Result<(), String> {
     use tether_core::devices as d;
     let json = match &c {
-        DevicesCommand::Gen { .. } => false,
+        DevicesCommand::Gen { .. } | DevicesCommand::Ca { .. } | DevicesCommand::Cert { .. } => {
+            false
+        }
         DevicesCommand::Add { target, .. }
         | DevicesCommand::Revoke { target, .. }
         | DevicesCommand::List { target }
         | DevicesCommand::Show { target, .. } => target.json,
     };
     match c {
+        DevicesCommand::Ca { ca_dir } => tether_core::tls::DeviceCa::ensure(&ca_dir)
+            .map_err(|e| e.to_string())
+            .map(|ca| {
+                let made = if ca.created { "created" } else { "exists" };
+                eprintln!(
+                    "tether: device CA {made}: {} (key {}); serve with --device-ca {}",
+                    ca.cert.display(),
+                    ca.key.display(),
+                    ca.cert.display()
+                )
+            }),
+        DevicesCommand::Cert { id, ca_dir, out } => tether_core::tls::DeviceCa::open(&ca_dir)
+            .and_then(|ca| {
+                ca.issue(
+                    tether_protocol::DeviceId(id),
+                    out.as_deref().unwrap_or(&ca_dir),
+                )
+            })
+            .map_err(|e| e.to_string())
+            .map(|c| {
+                eprintln!(
+                    "tether: device {id}: certificate {}, key {}",
+                    c.cert.display(),
+                    c.key.display()
+                )
+            }),
         DevicesCommand::Gen {
             count,
             groups,
@@ -354,12 +419,17 @@ fn main() -> ExitCode {
             tls_state: a.tls_state,
             keep_key_schedule: a.tls_key_updates,
             cert: a.cert.zip(a.key),
+            device_ca: a.device_ca,
+            require_device_cert: a.require_device_cert,
             shutdown_grace: Duration::from_secs(a.shutdown_grace_s),
             max_transfers: a.max_transfers,
             max_code_size: a.max_code_size,
         })
         .map_err(|e| e.to_string()),
         Command::Devices { command } => devices_command(command),
+        Command::Reload { admin } => tether_core::reload::reload(admin.as_str())
+            .map_err(|e| e.to_string())
+            .map(|r| println!("reloaded: {}", r.summary())),
         Command::Deploy { group, .. } if !tether_core::registry::valid_group_name(&group) => Err(
             format!("bad group name {group:?}: use 1 to 32 of A-Z a-z 0-9 _ -"),
         ),

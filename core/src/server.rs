@@ -2,11 +2,12 @@
 //! pinned glommio executor per shard, the admin endpoint and the signal watcher, and waits.
 //! It holds the data directory's lock ([`SERVE_LOCK`]) while it runs: it is the only writer of
 //! the device registry then.
+//! SIGHUP (like `POST /reload`) reloads the TLS certificates, see [`crate::reload`].
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use glommio::channels::channel_mesh::MeshBuilder;
@@ -20,9 +21,10 @@ use crate::devices::{Registrar, RegistryMsg, device_routes};
 use crate::fsutil::FileLock;
 use crate::metrics::{MetricsSnapshot, ShardMetrics};
 use crate::registry::{AgentToken, FILE_NAME, LiveRegistry, Registry, SERVE_LOCK};
+use crate::reload::{Reloader, TlsSwap, reload_logged, reload_routes};
 use crate::shard::run_shard;
 use crate::shard::{Budget, GroupRollout, GuardConfig};
-use crate::tls::{DevPki, TlsOptions, server_config};
+use crate::tls::{DevPki, TlsOptions};
 
 /// How TLS state is kept after the handshake.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -74,6 +76,11 @@ pub struct ServeOptions {
     pub keep_key_schedule: bool,
     /// Certificate chain and key (PEM); both or neither.
     pub cert: Option<(PathBuf, PathBuf)>,
+    /// Ask devices for a client certificate from this CA (PEM); a verified one authenticates
+    /// the device it names without a proof.
+    pub device_ca: Option<PathBuf>,
+    /// With `device_ca`: refuse devices without a valid certificate.
+    pub require_device_cert: bool,
     /// How long a graceful shutdown may take.
     pub shutdown_grace: Duration,
     /// Most concurrent code transfers per shard; more devices wait in line.
@@ -103,6 +110,8 @@ impl Default for ServeOptions {
             tls_state: TlsState::Detached,
             keep_key_schedule: false,
             cert: None,
+            device_ca: None,
+            require_device_cert: false,
             shutdown_grace: Duration::from_secs(5),
             max_transfers: 8,
             max_code_size: crate::codestore::DEFAULT_MAX_CODE_SIZE,
@@ -111,9 +120,10 @@ impl Default for ServeOptions {
 }
 
 /// Read-only state every shard shares (no locks: nothing in it changes after start, except
-/// the shutdown flag). Code deployed and devices added or revoked at run time reach shards as
-/// messages, not through here.
+/// the shutdown flag). Code deployed, devices added or revoked and TLS reloaded at run time
+/// reach shards as messages, not through here.
 pub(crate) struct ServerCtx {
+    /// The TLS config at start; each shard keeps its own current one (reloads replace it).
     pub tls: Arc<rustls::ServerConfig>,
     pub tls_state: TlsState,
     pub keep_key_schedule: bool,
@@ -146,6 +156,8 @@ pub(crate) struct ShardHandle {
     pub deploys: crossbeam::channel::Receiver<Deployed>,
     /// Registry changes and queries for this shard's home devices.
     pub registry: crossbeam::channel::Receiver<RegistryMsg>,
+    /// Reloaded TLS configs.
+    pub tls: crossbeam::channel::Receiver<TlsSwap>,
 }
 
 /// A start-up failure, said plainly.
@@ -160,7 +172,7 @@ fn setup<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> ServeError + '_ 
     move |e| ServeError::Setup(format!("{what}: {e}"))
 }
 
-/// Runs the server until SIGTERM/SIGINT, then shuts down gracefully.
+/// Runs the server until SIGTERM/SIGINT, then shuts down gracefully; SIGHUP reloads TLS.
 pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     // Before any thread starts (the deployer's too), so only the signal thread takes them.
     block_signals();
@@ -190,11 +202,13 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
             (pki.server_cert, pki.server_key)
         }
     };
-    let tls = server_config(
-        &cert,
-        &key,
-        &TlsOptions {
+    let (mut reloader, tls) = Reloader::new(
+        cert,
+        key,
+        TlsOptions {
             secret_extraction: opts.tls_state == TlsState::Detached,
+            device_ca: opts.device_ca.clone(),
+            require_device_cert: opts.require_device_cert,
             ..TlsOptions::default()
         },
     )
@@ -221,6 +235,11 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     let (deploy_txs, deploy_rxs): (Vec<_>, Vec<_>) = (0..nshards)
         .map(|_| crossbeam::channel::bounded(16))
         .unzip();
+    // Reloaded TLS configs too (built off the shards, by the signal or admin thread).
+    let (tls_txs, tls_rxs): (Vec<_>, Vec<_>) =
+        (0..nshards).map(|_| crossbeam::channel::bounded(4)).unzip();
+    reloader.set_shards(tls_txs);
+    let reloader = Arc::new(Mutex::new(reloader));
     // So do registry changes, from the registrar in the admin thread.
     let (registry_txs, registry_rxs): (Vec<_>, Vec<_>) = (0..nshards)
         .map(|_| crossbeam::channel::bounded(64))
@@ -256,10 +275,18 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
 
     {
         let ctx = ctx.clone();
+        let reloader = reloader.clone();
         std::thread::Builder::new()
             .name("tether-signals".into())
             .spawn(move || {
-                let sig = wait_signal();
+                let sig = loop {
+                    match wait_signal() {
+                        libc::SIGHUP => {
+                            let _ = reload_logged(&reloader, "SIGHUP");
+                        }
+                        sig => break sig,
+                    }
+                };
                 eprintln!(
                     "tether: signal {sig}: shutting down (goodbye to every device, then exit)"
                 );
@@ -289,7 +316,12 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     let mut rollout_txs = Vec::new();
     let mut executors = Vec::new();
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    for (id, (deploys, registry)) in deploy_rxs.into_iter().zip(registry_rxs).enumerate() {
+    for (id, ((deploys, registry), tls)) in deploy_rxs
+        .into_iter()
+        .zip(registry_rxs)
+        .zip(tls_rxs)
+        .enumerate()
+    {
         let (stats_tx, stats_rx) = crossbeam::channel::bounded(4);
         stats_txs.push(stats_tx);
         let (rollout_tx, rollout_rx) = crossbeam::channel::bounded(4);
@@ -301,6 +333,7 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
             rollout: rollout_rx,
             deploys,
             registry,
+            tls,
         };
         let ctx = ctx.clone();
         let mesh = mesh.clone();
@@ -341,6 +374,7 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         metrics_routes(req, || collect(&stats_txs))
             .or_else(|| code_routes(req, &deployer, || collect_rollout(&rollout_txs)))
             .or_else(|| device_routes(req, &mut registrar.borrow_mut()))
+            .or_else(|| reload_routes(req, &reloader))
             .unwrap_or_else(|| AdminResponse::not_found(req))
     })
     .map_err(setup("admin endpoint"))?;
@@ -452,26 +486,33 @@ fn collect(
     snap
 }
 
-/// Blocks SIGINT and SIGTERM in this thread and every thread it starts after, so only the
-/// signal thread receives them.
-fn block_signals() {
-    // SAFETY: plain libc calls on a local, initialised signal set.
+/// The signals the signal thread waits for: SIGINT and SIGTERM stop, SIGHUP reloads TLS.
+fn signal_set() -> libc::sigset_t {
+    // SAFETY: plain libc calls on a local signal set, initialised by sigemptyset.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGHUP);
+        set
+    }
+}
+
+/// Blocks SIGINT, SIGTERM and SIGHUP in this thread and every thread it starts after, so only
+/// the signal thread receives them.
+fn block_signals() {
+    let set = signal_set();
+    // SAFETY: a libc call on an initialised signal set.
+    unsafe {
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
     }
 }
 
 fn wait_signal() -> i32 {
-    // SAFETY: as above; sigwait only writes the signal number into `sig`.
+    let set = signal_set();
+    // SAFETY: sigwait reads the initialised set and only writes the signal number into `sig`.
     unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
         let mut sig = 0;
         libc::sigwait(&set, &mut sig);
         sig

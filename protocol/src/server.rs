@@ -8,8 +8,11 @@
 //!    then [`poll_transmit`](ServerSession::poll_transmit) (write the bytes out), then re-arm
 //!    the timer from [`poll_timeout`](ServerSession::poll_timeout).
 //! 4. On [`ServerEvent::Hello`], look the device up and call
-//!    [`authenticate`](ServerSession::authenticate); until then further input is buffered
-//!    undecoded (so the connection can move to the device's home shard in between).
+//!    [`authenticate`](ServerSession::authenticate) (or [`verify`](ServerSession::verify) /
+//!    [`verify_credential`](ServerSession::verify_credential) — the latter also for a device
+//!    whose TLS client certificate names it — then `establish` or `reject`); until then
+//!    further input is buffered undecoded (so the connection can move to the device's home
+//!    shard in between).
 //! 5. When [`is_closed`](ServerSession::is_closed) and nothing is left to transmit, close the
 //!    socket.
 //!
@@ -147,6 +150,17 @@ impl Verified {
     pub fn device(&self) -> DeviceId {
         self.device
     }
+}
+
+/// What vouches for a pending `Hello`, for [`ServerSession::verify_credential`].
+#[derive(Clone, Copy, Debug)]
+pub enum Credential<'a> {
+    /// The `Hello`'s proof, checked against the device's key.
+    Key(&'a DeviceKey),
+    /// The TLS layer verified a client certificate naming this device (`None`: it names no
+    /// device). No proof is checked; a `Hello` naming another device is refused as a bad
+    /// proof is.
+    Certificate(Option<DeviceId>),
 }
 
 #[derive(Debug)]
@@ -410,10 +424,27 @@ impl ServerSession {
     /// costs the same HMAC as a known one (against a fixed dummy key), so the answer's timing
     /// does not tell which device ids exist.
     pub fn verify(&self, key: Option<&DeviceKey>) -> Result<Verified, AuthError> {
+        self.verify_credential(key.map(Credential::Key))
+    }
+
+    /// [`verify`](Self::verify) with the device's credential: its key, or the device its
+    /// verified client certificate names; `None` if the registry does not know the device.
+    pub fn verify_credential(
+        &self,
+        credential: Option<Credential<'_>>,
+    ) -> Result<Verified, AuthError> {
         let State::Authenticating { nonce, hello } = &self.state else {
             return Err(AuthError::NoHelloPending);
         };
         let device = hello.device;
+        let key = match credential {
+            Some(Credential::Certificate(named)) if named == Some(device) => {
+                return Ok(Verified { device });
+            }
+            Some(Credential::Certificate(_)) => return Err(AuthError::BadProof),
+            Some(Credential::Key(key)) => Some(key),
+            None => None,
+        };
         const DUMMY: DeviceKey = DeviceKey([0x5a; 32]);
         let good = auth::verify(
             key.unwrap_or(&DUMMY),

@@ -774,3 +774,48 @@ fn verify_changes_nothing_until_established() {
     );
     assert_eq!(s.device(), Some(DeviceId(42)));
 }
+
+#[test]
+fn a_certificate_for_the_hello_device_verifies_without_the_proof() {
+    use crate::server::Credential;
+    // The Hello's proof is made with a wrong key: only the certificate vouches for it.
+    let wrong = derive_device_key(b"another secret", DeviceId(42));
+    let mut s = awaiting_hello(&wrong);
+    let v = s
+        .verify_credential(Some(Credential::Certificate(Some(DeviceId(42)))))
+        .unwrap();
+    assert_eq!(v.device(), DeviceId(42));
+    s.establish(Instant::now(), v, SessionId(3), 0, None);
+    assert_eq!(s.device(), Some(DeviceId(42)));
+}
+
+#[test]
+fn a_certificate_for_another_device_is_refused_like_a_bad_proof() {
+    use crate::server::Credential;
+    let right = derive_device_key(SECRET, DeviceId(42));
+    let mut answers = Vec::new();
+    let credentials = [
+        Credential::Key(&right),
+        Credential::Certificate(Some(DeviceId(43))),
+        Credential::Certificate(None),
+    ];
+    for (i, credential) in credentials.into_iter().enumerate() {
+        // A bad proof for the key case; the certificate cases carry a good proof, which must
+        // not help them.
+        let hello_key = if i == 0 {
+            derive_device_key(b"another secret", DeviceId(42))
+        } else {
+            right.clone()
+        };
+        let mut s = awaiting_hello(&hello_key);
+        let e = s.verify_credential(Some(credential)).unwrap_err();
+        assert_eq!(e, AuthError::BadProof, "{credential:?}");
+        assert!(s.awaiting_auth(), "a failed verify changes nothing");
+        s.reject(e);
+        let mut out = BytesMut::new();
+        assert!(s.poll_transmit(&mut out));
+        answers.push(out);
+    }
+    assert_eq!(answers[0], answers[1]);
+    assert_eq!(answers[0], answers[2]);
+}

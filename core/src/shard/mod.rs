@@ -41,7 +41,7 @@ use agent::AgentOut;
 use conn::{Conn, IoOutcome};
 use guard::{Guard, Refusal};
 use mesh::{AgentId, Moved, ShardMsg, agent_shard, home_shard};
-use tlsconn::TlsConn;
+use tlsconn::{CertDevice, TlsConn};
 
 pub use guard::{Budget, GuardConfig};
 pub use rollout::GroupRollout;
@@ -59,6 +59,8 @@ pub(crate) struct Shard {
     id: usize,
     nshards: usize,
     ctx: std::sync::Arc<ServerCtx>,
+    /// The TLS config new connections get (replaced by a reload, in the timer tick).
+    pub(crate) tls: std::sync::Arc<rustls::ServerConfig>,
     conns: Slab<Conn>,
     /// Devices whose session lives here (home shard) → their slot.
     devices: HashMap<DeviceId, usize>,
@@ -126,6 +128,7 @@ impl Shard {
         Shard {
             id,
             nshards,
+            tls: ctx.tls.clone(),
             ctx,
             // Sized for the shard's share up front: the tables never grow by doubling, which
             // would leave the outgrown copies in the allocator (≈ 0.6 KB per connection
@@ -195,10 +198,10 @@ impl Shard {
             }
         };
         let tls = match self.ctx.tls_state {
-            TlsState::Buffered => rustls::ServerConnection::new(self.ctx.tls.clone())
+            TlsState::Buffered => rustls::ServerConnection::new(self.tls.clone())
                 .map(|c| TlsConn::Buffered(Box::new(c)))
                 .ok(),
-            TlsState::Detached => Handshake::new(self.ctx.tls.clone())
+            TlsState::Detached => Handshake::new(self.tls.clone())
                 .map(|h| TlsConn::Handshaking(Box::new(h)))
                 .ok(),
         };
@@ -219,7 +222,7 @@ impl Shard {
             release(&mut self.guard);
             return;
         }
-        let idx = self.insert(fd, tls, session, out, false);
+        let idx = self.insert(fd, tls, session, out, false, CertDevice::default());
         let generation = self.conns[idx].generation;
         match (reserved, source) {
             (true, Some(ip)) => self.guard.track_reserved(idx, generation, ip, at),
@@ -249,6 +252,7 @@ impl Shard {
         session: ServerSession,
         out: Vec<u8>,
         tls_done: bool,
+        cert: CertDevice,
     ) -> usize {
         let entry = self.conns.vacant_entry();
         let idx = entry.key();
@@ -261,6 +265,7 @@ impl Shard {
             session,
             out,
             partial: Vec::new(),
+            cert,
             generation,
             armed: None,
             tls_done,
@@ -627,6 +632,7 @@ impl Shard {
                 session: conn.session,
                 out: conn.out,
                 tls_done: conn.tls_done,
+                cert: conn.cert,
             })),
         );
     }
@@ -634,7 +640,7 @@ impl Shard {
     fn adopt(&mut self, m: Moved, now: Instant) {
         self.metrics.sessions_moved_in += 1;
         let device = m.session.pending_device();
-        let idx = self.insert(m.fd, m.tls, m.session, m.out, m.tls_done);
+        let idx = self.insert(m.fd, m.tls, m.session, m.out, m.tls_done, m.cert);
         if let Some(device) = device {
             self.authenticate(idx, device, now);
             self.after_input(idx, now);
@@ -650,8 +656,13 @@ impl Shard {
     /// messages both ways, the agent sends awaiting the device's ack, the session id); the
     /// device stays online for agents throughout, so a replacement sends them no presence.
     fn authenticate(&mut self, idx: usize, device: DeviceId, now: Instant) {
-        let key = self.registry.get(device).map(|e| &e.key);
-        let verified = match self.conns[idx].session.verify(key) {
+        // A verified client certificate vouches instead of the proof (`--device-ca`).
+        let conn = &self.conns[idx];
+        let credential = self
+            .registry
+            .get(device)
+            .map(|e| conn.cert.credential(&e.key));
+        let verified = match conn.session.verify_credential(credential) {
             Ok(v) => v,
             Err(e) => {
                 self.conns[idx].session.reject(e);
