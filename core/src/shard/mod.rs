@@ -784,8 +784,12 @@ impl Shard {
 
     fn remove_quietly(&mut self, idx: usize) -> Conn {
         let conn = self.conns.remove(idx);
-        // A pending poll would keep the socket open after close (DESIGN.md, pitfalls).
+        // A pending poll would keep the socket open after close. The removal goes to the
+        // kernel now, before the descriptor is closed or handed to another shard (which may
+        // close it at once): queued, it left the socket open until this ring's next submit,
+        // and a watch queued but not yet submitted would arm on a closed descriptor number.
         self.ring.unwatch(idx, conn.generation, conn.writing);
+        self.submit();
         if let Some((_, id)) = conn.armed {
             self.wheel.cancel(id);
         }
