@@ -8,7 +8,7 @@
 //!
 //! This library holds the server's building blocks; the `tether` binary wires them together.
 //! Building blocks so far: [`tls`] (dev PKI and rustls configs), [`registry`] (devices, server
-//! secret, agent token), [`timer`] (per-shard timing wheel), [`metrics`] (per-shard counters
+//! secret, agent and admin tokens), [`timer`] (per-shard timing wheel), [`metrics`] (per-shard counters
 //! and their Prometheus/JSON views), [`admin`] (HTTP admin endpoint and `tether stats` client),
 //! [`codestore`] (code blobs and the current version per device group), [`detached`] (lean,
 //! movable TLS record state after a rustls handshake), [`limits`] (open-file limit), [`ring`]

@@ -28,17 +28,16 @@ enum Command {
         #[command(subcommand)]
         command: DevicesCommand,
     },
-    /// Deploy a code blob to a device group (through the admin port): it becomes the group's
-    /// next version and rolls out to its connected devices.
+    /// Deploy a code blob to a device group (through the admin port, with the admin token):
+    /// it becomes the group's next version and rolls out to its connected devices.
     Deploy {
         /// Device group.
         #[arg(long)]
         group: String,
         /// The code blob.
         file: PathBuf,
-        /// Admin address of the server.
-        #[arg(long, default_value = "127.0.0.1:7402")]
-        admin: String,
+        #[command(flatten)]
+        admin: AdminArgs,
     },
     /// Code rollout.
     Rollout {
@@ -47,22 +46,37 @@ enum Command {
     },
     /// Print a running server's counters as a table (from its admin port).
     Stats {
-        /// Admin address of the server.
-        #[arg(long, default_value = "127.0.0.1:7402")]
-        admin: String,
+        #[command(flatten)]
+        admin: AdminArgs,
         /// Print the raw JSON instead.
         #[arg(long)]
         json: bool,
     },
 }
 
+/// How the admin commands reach a server.
+#[derive(clap::Args)]
+struct AdminArgs {
+    /// Admin address of the server.
+    #[arg(long, default_value = "127.0.0.1:7402")]
+    admin: String,
+    /// The server's data directory: the admin token is read from its admin.token.
+    #[arg(long, default_value = "tether-data")]
+    data_dir: PathBuf,
+}
+
+impl AdminArgs {
+    fn token(&self) -> Result<String, String> {
+        tether_core::admin::read_admin_token(&self.data_dir).map_err(|e| e.to_string())
+    }
+}
+
 #[derive(Subcommand)]
 enum RolloutCommand {
     /// Per group: version, and connected devices current / pending / in flight / failed.
     Status {
-        /// Admin address of the server.
-        #[arg(long, default_value = "127.0.0.1:7402")]
-        admin: String,
+        #[command(flatten)]
+        admin: AdminArgs,
         /// Print the raw JSON instead.
         #[arg(long)]
         json: bool,
@@ -80,9 +94,15 @@ struct ServeArgs {
     /// Agent link port (plain TCP with a token: keep it on loopback or a private network).
     #[arg(long, default_value = "127.0.0.1:7401")]
     agent_listen: SocketAddr,
-    /// Admin port (Prometheus /metrics, /stats.json).
+    /// Admin port (Prometheus /metrics, /stats.json, POST /deploy). Requests that change state
+    /// need `Authorization: Bearer TOKEN` with the token in DATA_DIR/admin.token. Plain HTTP:
+    /// keep it on loopback or a private network.
     #[arg(long, default_value = "127.0.0.1:7402")]
     admin_listen: SocketAddr,
+    /// Require the admin token for reads (GET /metrics, /stats.json, /rollout.json) too. On by
+    /// default when --admin-listen is not on loopback; `--admin-auth-reads=false` turns it off.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", require_equals = true)]
+    admin_auth_reads: Option<bool>,
     /// Shards (one pinned executor each); 0 = one per available core.
     #[arg(long, default_value_t = 0)]
     shards: usize,
@@ -154,6 +174,7 @@ fn main() -> ExitCode {
             listen: a.listen,
             agent_listen: a.agent_listen,
             admin_listen: a.admin_listen,
+            admin_auth_reads: a.admin_auth_reads,
             shards: a.shards,
             heartbeat: Duration::from_secs(a.heartbeat_s),
             max_connections: a.max_connections,
@@ -188,14 +209,19 @@ fn main() -> ExitCode {
         Command::Deploy { group, file, admin } => std::fs::read(&file)
             .map_err(|e| format!("cannot read {}: {e}", file.display()))
             .and_then(|blob| {
-                tether_core::deploy::deploy(admin.as_str(), &group, &blob)
+                let token = admin.token()?;
+                tether_core::deploy::deploy(admin.admin.as_str(), Some(&token), &group, &blob)
                     .map_err(|e| e.to_string())
             })
             .map(|r| println!("{}", r.summary())),
         Command::Rollout {
             command: RolloutCommand::Status { admin, json },
-        } => tether_core::deploy::fetch_rollout(admin.as_str())
-            .map_err(|e| e.to_string())
+        } => admin
+            .token()
+            .and_then(|token| {
+                tether_core::deploy::fetch_rollout(admin.admin.as_str(), Some(&token))
+                    .map_err(|e| e.to_string())
+            })
             .map(|s| {
                 if json {
                     println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
@@ -203,8 +229,12 @@ fn main() -> ExitCode {
                     print!("{}", s.table());
                 }
             }),
-        Command::Stats { admin, json } => tether_core::admin::fetch_stats(admin.as_str())
-            .map_err(|e| e.to_string())
+        Command::Stats { admin, json } => admin
+            .token()
+            .and_then(|token| {
+                tether_core::admin::fetch_stats(admin.admin.as_str(), Some(&token))
+                    .map_err(|e| e.to_string())
+            })
             .map(|s| {
                 if json {
                     println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());

@@ -11,11 +11,11 @@ use glommio::channels::channel_mesh::MeshBuilder;
 use glommio::{LocalExecutorBuilder, Placement};
 use tether_protocol::server::ServerConfig;
 
-use crate::admin::{AdminOptions, AdminResponse, metrics_routes, serve_admin_with};
+use crate::admin::{AdminAuth, AdminOptions, AdminResponse, metrics_routes, serve_admin_with};
 use crate::codestore::{CodeStore, Deployed};
 use crate::deploy::{DeployRequest, RolloutStatus, code_routes, group_sizes, spawn_deployer};
 use crate::metrics::{MetricsSnapshot, ShardMetrics};
-use crate::registry::{AgentToken, FILE_NAME, Registry};
+use crate::registry::{FILE_NAME, Registry, Token};
 use crate::shard::GroupRollout;
 use crate::shard::run_shard;
 use crate::tls::{DevPki, TlsOptions, server_config};
@@ -41,6 +41,9 @@ pub struct ServeOptions {
     pub agent_listen: SocketAddr,
     /// Admin (metrics) port.
     pub admin_listen: SocketAddr,
+    /// Require the admin token for reads (`GET /metrics`, …) too; `None`: only when the admin
+    /// listener is not on loopback. Requests that change state always need it.
+    pub admin_auth_reads: Option<bool>,
     /// Number of shards (executors); 0 = one per available core.
     pub shards: usize,
     /// Heartbeat interval told to devices.
@@ -72,6 +75,7 @@ impl Default for ServeOptions {
             listen: "127.0.0.1:7400".parse().expect("literal"),
             agent_listen: "127.0.0.1:7401".parse().expect("literal"),
             admin_listen: "127.0.0.1:7402".parse().expect("literal"),
+            admin_auth_reads: None,
             shards: 0,
             heartbeat: Duration::from_secs(30),
             max_connections: 19_000,
@@ -95,7 +99,7 @@ pub(crate) struct ServerCtx {
     pub keep_key_schedule: bool,
     pub session: ServerConfig,
     pub registry: Registry,
-    pub agent_token: AgentToken,
+    pub agent_token: Token,
     pub listen: SocketAddr,
     pub agent_listen: SocketAddr,
     pub max_connections_per_shard: usize,
@@ -162,7 +166,8 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     )
     .map_err(setup("TLS"))?;
     let registry = load_registry(&opts.data_dir)?;
-    let agent_token = AgentToken::ensure(&opts.data_dir).map_err(setup("agent token"))?;
+    let agent_token = Token::agent(&opts.data_dir).map_err(setup("agent token"))?;
+    let admin_token = Token::admin(&opts.data_dir).map_err(setup("admin token"))?;
     let store = CodeStore::open(&opts.data_dir, opts.max_code_size).map_err(setup("code store"))?;
     let code_at_start = load_code(&store);
 
@@ -286,6 +291,12 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         max_body: AdminOptions::default()
             .max_body
             .max(opts.max_code_size as usize + 1),
+        auth: Some(AdminAuth {
+            token: admin_token,
+            reads: opts
+                .admin_auth_reads
+                .unwrap_or(!opts.admin_listen.ip().is_loopback()),
+        }),
         ..AdminOptions::default()
     };
     serve_admin_with(admin, admin_opts, move |req| {

@@ -30,6 +30,8 @@ pub struct Server {
     pub devices: SocketAddr,
     pub agents: SocketAddr,
     pub admin: SocketAddr,
+    /// The admin token (`admin.token`'s hex).
+    pub admin_token: String,
     pub registry: Registry,
     pub tls: Arc<rustls::ClientConfig>,
     pub stderr: Arc<std::sync::Mutex<Vec<String>>>,
@@ -132,12 +134,14 @@ impl Server {
         }
         let registry = Registry::load(&dir.join("devices.csv")).unwrap();
         let tls = client_config(&dir.join("tls/ca.pem"), &ClientTlsOptions::default()).unwrap();
+        let admin_token = tether_core::admin::read_admin_token(&dir).unwrap();
         Ok(Server {
             child,
             dir,
             devices,
             agents,
             admin,
+            admin_token,
             registry,
             tls,
             stderr: lines,
@@ -168,15 +172,15 @@ impl Server {
     }
 
     pub fn rollout(&self) -> tether_core::deploy::RolloutStatus {
-        tether_core::deploy::fetch_rollout(self.admin).unwrap()
+        tether_core::deploy::fetch_rollout(self.admin, Some(&self.admin_token)).unwrap()
     }
 
     pub fn deploy(&self, group: &str, blob: &[u8]) -> tether_core::deploy::DeployReport {
-        tether_core::deploy::deploy(self.admin, group, blob).unwrap()
+        tether_core::deploy::deploy(self.admin, Some(&self.admin_token), group, blob).unwrap()
     }
 
     pub fn stats(&self) -> tether_core::metrics::MetricsSnapshot {
-        tether_core::admin::fetch_stats(self.admin).unwrap()
+        tether_core::admin::fetch_stats(self.admin, Some(&self.admin_token)).unwrap()
     }
 
     /// SIGTERM, then wait up to `bound` for the exit.
