@@ -404,8 +404,8 @@ impl Token {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fsutil::mode_of;
     use crate::testdir::TestDir;
-    use std::os::unix::fs::PermissionsExt;
 
     fn parse(text: &str) -> Result<Registry, RegistryError> {
         Registry::parse(text.as_bytes(), Path::new("devices.csv"))
@@ -428,11 +428,7 @@ mod tests {
         assert!(reg.get(DeviceId(99)).is_none());
         assert!(reg.get(DeviceId(10_100)).is_none());
         for file in ["secret", FILE_NAME] {
-            let mode = std::fs::metadata(dir.path().join(file))
-                .unwrap()
-                .permissions()
-                .mode();
-            assert_eq!(mode & 0o777, 0o600, "{file}");
+            assert_eq!(mode_of(&dir.path().join(file)).unwrap(), 0o600, "{file}");
         }
     }
 
@@ -529,11 +525,7 @@ mod tests {
         assert!(!admin.verify(agent.to_hex().as_bytes()));
         assert_eq!(Token::admin(dir.path()).unwrap().to_hex(), admin.to_hex());
         for file in [AGENT_TOKEN_FILE, ADMIN_TOKEN_FILE] {
-            let mode = std::fs::metadata(dir.path().join(file))
-                .unwrap()
-                .permissions()
-                .mode();
-            assert_eq!(mode & 0o777, 0o600, "{file}");
+            assert_eq!(mode_of(&dir.path().join(file)).unwrap(), 0o600, "{file}");
         }
     }
 

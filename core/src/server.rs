@@ -14,8 +14,9 @@ use tether_protocol::server::ServerConfig;
 use crate::admin::{AdminAuth, AdminOptions, AdminResponse, metrics_routes, serve_admin_with};
 use crate::codestore::{CodeStore, Deployed};
 use crate::deploy::{DeployRequest, RolloutStatus, code_routes, group_sizes, spawn_deployer};
+use crate::fsutil::loose_secret_warning;
 use crate::metrics::{MetricsSnapshot, ShardMetrics};
-use crate::registry::{FILE_NAME, Registry, Token};
+use crate::registry::{ADMIN_TOKEN_FILE, AGENT_TOKEN_FILE, FILE_NAME, Registry, Token};
 use crate::shard::GroupRollout;
 use crate::shard::run_shard;
 use crate::tls::{DevPki, TlsOptions, server_config};
@@ -170,6 +171,9 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     let admin_token = Token::admin(&opts.data_dir).map_err(setup("admin token"))?;
     let store = CodeStore::open(&opts.data_dir, opts.max_code_size).map_err(setup("code store"))?;
     let code_at_start = load_code(&store);
+    for w in startup_warnings(&opts) {
+        eprintln!("tether: warning: {w}");
+    }
 
     let (soft, _hard) = crate::limits::raise_nofile().map_err(setup("open-file limit"))?;
     crate::limits::check_capacity(
@@ -333,6 +337,79 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     }
 }
 
+/// The files of the data directory that hold secrets (relative paths), and what each holds;
+/// all are written 0600.
+pub const SECRET_FILES: [(&str, &str); 6] = [
+    (FILE_NAME, "device keys"),
+    (
+        "secret",
+        "the server secret (every device key derives from it)",
+    ),
+    (AGENT_TOKEN_FILE, "the agent token"),
+    (ADMIN_TOKEN_FILE, "the admin token"),
+    ("tls/ca.key", "the dev CA's private key"),
+    ("tls/server.key", "the server's private key"),
+];
+
+/// Files of the data directory (and the `--key` given) that hold secrets, with what each holds:
+/// [`SECRET_FILES`], then any other `*.key` or `*.token` in the data directory or its `tls/`.
+fn secret_files(opts: &ServeOptions) -> Vec<(PathBuf, String)> {
+    let dir = &opts.data_dir;
+    let mut files: Vec<(PathBuf, String)> = SECRET_FILES
+        .iter()
+        .map(|(name, what)| (dir.join(name), *what))
+        .chain(
+            opts.cert
+                .iter()
+                .map(|(_, key)| (key.clone(), "the TLS private key")),
+        )
+        .map(|(p, what)| (p, what.to_owned()))
+        .collect();
+    for sub in [dir.clone(), dir.join("tls")] {
+        let Ok(entries) = std::fs::read_dir(&sub) else {
+            continue;
+        };
+        for path in entries.flatten().map(|e| e.path()) {
+            let what = match path.extension().and_then(|e| e.to_str()) {
+                Some("key") => "a private key",
+                Some("token") => "a token",
+                _ => continue,
+            };
+            if !files.iter().any(|(p, _)| *p == path) {
+                files.push((path, what.to_owned()));
+            }
+        }
+    }
+    files
+}
+
+/// What `tether serve` warns about at start, one line each: a secret's file that group or
+/// others may read, the dev CA serving devices off loopback, a plain-HTTP admin port off
+/// loopback.
+pub fn startup_warnings(opts: &ServeOptions) -> Vec<String> {
+    let mut out: Vec<String> = secret_files(opts)
+        .iter()
+        .filter_map(|(path, what)| loose_secret_warning(path, what))
+        .collect();
+    if opts.cert.is_none() && !opts.listen.ip().is_loopback() {
+        out.push(format!(
+            "devices on {} (not loopback) get a certificate from the dev CA in {}: it is made \
+             on this host and its key lies beside it; for devices elsewhere use --cert/--key \
+             with a certificate from your own CA",
+            opts.listen,
+            opts.data_dir.join("tls").display()
+        ));
+    }
+    if !opts.admin_listen.ip().is_loopback() {
+        out.push(format!(
+            "the admin port {} is not on loopback and speaks plain HTTP: the admin token \
+             crosses the network in clear; keep it on loopback or a private network",
+            opts.admin_listen
+        ));
+    }
+    out
+}
+
 fn load_registry(data_dir: &Path) -> Result<Registry, ServeError> {
     let path = data_dir.join(FILE_NAME);
     if !path.exists() {
@@ -424,5 +501,88 @@ fn wait_signal() -> i32 {
         let mut sig = 0;
         libc::sigwait(&set, &mut sig);
         sig
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testdir::TestDir;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn opts(dir: &TestDir) -> ServeOptions {
+        ServeOptions {
+            data_dir: dir.path().to_owned(),
+            ..ServeOptions::default()
+        }
+    }
+
+    #[test]
+    fn every_secret_in_the_data_dir_is_checked() {
+        let dir = TestDir::new("serve-secrets");
+        Registry::generate(dir.path(), 3, &[], 1).unwrap();
+        Token::agent(dir.path()).unwrap();
+        Token::admin(dir.path()).unwrap();
+        DevPki::ensure(dir.path()).unwrap();
+        std::fs::write(dir.path().join("tls/extra.key"), b"k").unwrap();
+        let o = opts(&dir);
+        let files: Vec<PathBuf> = secret_files(&o).into_iter().map(|(p, _)| p).collect();
+        for name in SECRET_FILES
+            .map(|(name, _)| name)
+            .iter()
+            .chain(&["tls/extra.key"])
+        {
+            assert!(files.contains(&dir.path().join(name)), "{name} not checked");
+        }
+        // As written, each is the owner's alone: no warning.
+        std::fs::set_permissions(
+            dir.path().join("tls/extra.key"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
+        assert_eq!(startup_warnings(&o), Vec::<String>::new());
+        for name in ["devices.csv", "tls/server.key", "tls/extra.key"] {
+            let path = dir.path().join(name);
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+            let w = startup_warnings(&o);
+            assert_eq!(w.len(), 1, "{w:?}");
+            assert!(
+                w[0].starts_with(&format!(
+                    "{} is readable by group or others (mode 0644)",
+                    path.display()
+                )),
+                "{w:?}"
+            );
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
+    }
+
+    #[test]
+    fn dev_ca_off_loopback_and_an_open_admin_port_are_warned_about() {
+        let dir = TestDir::new("serve-devca");
+        let mut o = opts(&dir);
+        assert!(startup_warnings(&o).is_empty());
+        o.listen = "0.0.0.0:7400".parse().unwrap();
+        let w = startup_warnings(&o);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].starts_with(
+                "devices on 0.0.0.0:7400 (not loopback) get a certificate from the dev CA"
+            ),
+            "{w:?}"
+        );
+        assert!(w[0].contains("--cert/--key"), "{w:?}");
+        o.cert = Some((dir.path().join("c.pem"), dir.path().join("k.pem")));
+        assert!(
+            startup_warnings(&o).is_empty(),
+            "a real certificate: no warning"
+        );
+        o.admin_listen = "0.0.0.0:7402".parse().unwrap();
+        let w = startup_warnings(&o);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].starts_with("the admin port 0.0.0.0:7402 is not on loopback"),
+            "{w:?}"
+        );
     }
 }
