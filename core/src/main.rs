@@ -91,9 +91,20 @@ struct ServeArgs {
     /// Device port. Use 0.0.0.0:7400 to accept devices from other hosts.
     #[arg(long, default_value = "127.0.0.1:7400")]
     listen: SocketAddr,
-    /// Agent link port (plain TCP with a token: keep it on loopback or a private network).
+    /// Agent link port. Plain TCP with a token by default, so it must be on loopback; off
+    /// loopback it needs --agent-tls.
     #[arg(long, default_value = "127.0.0.1:7401")]
     agent_listen: SocketAddr,
+    /// Speak TLS 1.3 on the agent port (ALPN tether-agent/1), with the devices' certificate
+    /// (--cert/--key, or the dev certificate) unless --agent-cert/--agent-key.
+    #[arg(long)]
+    agent_tls: bool,
+    /// Certificate chain (PEM) for the TLS agent port; with --agent-key and --agent-tls.
+    #[arg(long, requires_all = ["agent_key", "agent_tls"])]
+    agent_cert: Option<PathBuf>,
+    /// Private key (PEM) for the TLS agent port; with --agent-cert.
+    #[arg(long, requires = "agent_cert")]
+    agent_key: Option<PathBuf>,
     /// Admin port (Prometheus /metrics, /stats.json, POST /deploy). Requests that change state
     /// need `Authorization: Bearer TOKEN` with the token in DATA_DIR/admin.token. Plain HTTP:
     /// keep it on loopback or a private network.
@@ -173,6 +184,8 @@ fn main() -> ExitCode {
             data_dir: a.data_dir,
             listen: a.listen,
             agent_listen: a.agent_listen,
+            agent_tls: a.agent_tls,
+            agent_cert: a.agent_cert.zip(a.agent_key),
             admin_listen: a.admin_listen,
             admin_auth_reads: a.admin_auth_reads,
             shards: a.shards,

@@ -40,6 +40,11 @@ pub struct ServeOptions {
     pub listen: SocketAddr,
     /// Agent link port.
     pub agent_listen: SocketAddr,
+    /// Speak TLS 1.3 on the agent port (required when it is not on loopback).
+    pub agent_tls: bool,
+    /// Certificate chain and key (PEM) for the agent port; default: the devices' (`cert`, or
+    /// the dev certificate).
+    pub agent_cert: Option<(PathBuf, PathBuf)>,
     /// Admin (metrics) port.
     pub admin_listen: SocketAddr,
     /// Require the admin token for reads (`GET /metrics`, …) too; `None`: only when the admin
@@ -75,6 +80,8 @@ impl Default for ServeOptions {
             data_dir: PathBuf::from("tether-data"),
             listen: "127.0.0.1:7400".parse().expect("literal"),
             agent_listen: "127.0.0.1:7401".parse().expect("literal"),
+            agent_tls: false,
+            agent_cert: None,
             admin_listen: "127.0.0.1:7402".parse().expect("literal"),
             admin_auth_reads: None,
             shards: 0,
@@ -101,6 +108,8 @@ pub(crate) struct ServerCtx {
     pub session: ServerConfig,
     pub registry: Registry,
     pub agent_token: Token,
+    /// The agent port's TLS config (`--agent-tls`); `None`: plain TCP.
+    pub agent_tls: Option<Arc<rustls::ServerConfig>>,
     pub listen: SocketAddr,
     pub agent_listen: SocketAddr,
     pub max_connections_per_shard: usize,
@@ -141,6 +150,7 @@ fn setup<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> ServeError + '_ 
 pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     // Before any thread starts (the deployer's too), so only the signal thread takes them.
     block_signals();
+    check_agent_link(&opts)?;
     std::fs::create_dir_all(&opts.data_dir).map_err(setup("cannot create the data directory"))?;
     let (cert, key) = match &opts.cert {
         Some((c, k)) => (c.clone(), k.clone()),
@@ -166,6 +176,15 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         },
     )
     .map_err(setup("TLS"))?;
+    let agent_tls = if opts.agent_tls {
+        let (c, k) = match &opts.agent_cert {
+            Some((c, k)) => (c, k),
+            None => (&cert, &key),
+        };
+        Some(crate::tls::agent_server_config(c, k).map_err(setup("agent TLS"))?)
+    } else {
+        None
+    };
     let registry = load_registry(&opts.data_dir)?;
     let agent_token = Token::agent(&opts.data_dir).map_err(setup("agent token"))?;
     let admin_token = Token::admin(&opts.data_dir).map_err(setup("admin token"))?;
@@ -205,6 +224,7 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         },
         registry,
         agent_token,
+        agent_tls,
         listen: opts.listen,
         agent_listen: opts.agent_listen,
         max_connections_per_shard: (opts.max_connections as usize).div_ceil(nshards),
@@ -311,10 +331,11 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     .map_err(setup("admin endpoint"))?;
 
     eprintln!(
-        "tether: listening for devices on {} ({nshards} shards, {} devices registered, open-file limit {soft}); agents on {}; admin on {}",
+        "tether: listening for devices on {} ({nshards} shards, {} devices registered, open-file limit {soft}); agents on {} ({}); admin on {}",
         opts.listen,
         ctx.registry.len(),
         opts.agent_listen,
+        if opts.agent_tls { "TLS" } else { "plain TCP" },
         opts.admin_listen
     );
     // Each shard reports when its shutdown is complete. The process exits then, without
@@ -335,6 +356,25 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     } else {
         Err(ServeError::Setup(failed.join("; ")))
     }
+}
+
+/// Refuses a plain-TCP agent link off loopback: the agent token and every device message would
+/// cross the network in clear.
+pub fn check_agent_link(opts: &ServeOptions) -> Result<(), ServeError> {
+    if opts.agent_cert.is_some() && !opts.agent_tls {
+        return Err(ServeError::Setup(
+            "--agent-cert/--agent-key are for a TLS agent port: add --agent-tls".into(),
+        ));
+    }
+    if !opts.agent_tls && !opts.agent_listen.ip().is_loopback() {
+        return Err(ServeError::Setup(format!(
+            "the agent port {} is not on loopback but speaks plain TCP: the agent token and \
+             every device message would cross the network in clear; add --agent-tls, or \
+             listen on 127.0.0.1",
+            opts.agent_listen
+        )));
+    }
+    Ok(())
 }
 
 /// The files of the data directory that hold secrets (relative paths), and what each holds;
@@ -361,7 +401,12 @@ fn secret_files(opts: &ServeOptions) -> Vec<(PathBuf, String)> {
         .chain(
             opts.cert
                 .iter()
-                .map(|(_, key)| (key.clone(), "the TLS private key")),
+                .map(|(_, k)| (k.clone(), "the TLS private key")),
+        )
+        .chain(
+            opts.agent_cert
+                .iter()
+                .map(|(_, k)| (k.clone(), "the agent port's key")),
         )
         .map(|(p, what)| (p, what.to_owned()))
         .collect();
@@ -555,6 +600,27 @@ mod tests {
             );
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         }
+    }
+
+    #[test]
+    fn a_plain_agent_port_off_loopback_is_refused() {
+        let dir = TestDir::new("serve-agent-link");
+        let mut o = opts(&dir);
+        assert!(check_agent_link(&o).is_ok());
+        o.agent_listen = "0.0.0.0:7401".parse().unwrap();
+        let e = check_agent_link(&o).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "the agent port 0.0.0.0:7401 is not on loopback but speaks plain TCP: the agent \
+             token and every device message would cross the network in clear; add --agent-tls, \
+             or listen on 127.0.0.1"
+        );
+        o.agent_tls = true;
+        assert!(check_agent_link(&o).is_ok());
+        o.agent_tls = false;
+        o.agent_listen = "127.0.0.1:7401".parse().unwrap();
+        o.agent_cert = Some((dir.path().join("a.pem"), dir.path().join("a.key")));
+        assert!(check_agent_link(&o).is_err());
     }
 
     #[test]

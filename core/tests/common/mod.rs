@@ -1,5 +1,6 @@
 //! Test harness: a `tether serve` child process on free loopback ports, a blocking TLS device
-//! client driving the protocol crate's device session, and a plain-TCP agent client.
+//! client driving the protocol crate's device session, and an agent client over plain TCP or
+//! TLS (rustls' own client).
 #![allow(dead_code)] // reason: each test file uses a different part of the harness
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -32,6 +33,8 @@ pub struct Server {
     pub admin: SocketAddr,
     /// The admin token (`admin.token`'s hex).
     pub admin_token: String,
+    /// Started with `--agent-tls`: [`Agent::attach`] speaks TLS.
+    pub agent_tls: bool,
     pub registry: Registry,
     pub tls: Arc<rustls::ClientConfig>,
     pub stderr: Arc<std::sync::Mutex<Vec<String>>>,
@@ -121,10 +124,12 @@ impl Server {
         let keep = lines.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("listening") {
+                let listening = line.contains("listening");
+                // Kept before the start is reported, so a test sees the `listening` line.
+                keep.lock().unwrap().push(line);
+                if listening {
                     let _ = tx.send(());
                 }
-                keep.lock().unwrap().push(line);
             }
         });
         if rx.recv_timeout(Duration::from_secs(20)).is_err() {
@@ -142,6 +147,7 @@ impl Server {
             agents,
             admin,
             admin_token,
+            agent_tls: extra.contains(&"--agent-tls"),
             registry,
             tls,
             stderr: lines,
@@ -393,10 +399,31 @@ impl Device {
     }
 }
 
-/// A blocking agent over the plain-TCP agent link.
+/// A byte stream an agent speaks over: a socket, or rustls' client over one.
+pub trait Link: Read + Write + Send {}
+impl<T: Read + Write + Send> Link for T {}
+
+/// A blocking agent over the agent link (TLS when the server has `--agent-tls`).
 pub struct Agent {
-    pub sock: TcpStream,
+    link: Box<dyn Link>,
     dec: FrameDecoder,
+}
+
+/// The TLS handshake towards a `--agent-tls` port, done before the first frame (with a
+/// 5 s read timeout, so a slow server is not taken for a broken one).
+pub fn agent_tls_stream(
+    server: &Server,
+) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+    let mut sock = TcpStream::connect(server.agents).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let config = tether_core::tls::agent_client_config(&server.dir.join("tls/ca.pem")).unwrap();
+    let mut conn = rustls::ClientConnection::new(config, "localhost".try_into().unwrap()).unwrap();
+    while conn.is_handshaking() {
+        conn.complete_io(&mut sock).unwrap();
+    }
+    sock.set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    rustls::StreamOwned::new(conn, sock)
 }
 
 impl Agent {
@@ -406,11 +433,16 @@ impl Agent {
     }
 
     pub fn attach_with(server: &Server, token: &[u8]) -> Agent {
-        let sock = TcpStream::connect(server.agents).unwrap();
-        sock.set_read_timeout(Some(Duration::from_millis(50)))
-            .unwrap();
+        let link: Box<dyn Link> = if server.agent_tls {
+            Box::new(agent_tls_stream(server))
+        } else {
+            let sock = TcpStream::connect(server.agents).unwrap();
+            sock.set_read_timeout(Some(Duration::from_millis(50)))
+                .unwrap();
+            Box::new(sock)
+        };
         let mut a = Agent {
-            sock,
+            link,
             dec: FrameDecoder::new(DEFAULT_AGENT_MAX_FRAME),
         };
         a.send(&Message::AgentHello {
@@ -424,7 +456,8 @@ impl Agent {
     pub fn send(&mut self, m: &Message) {
         let mut b = BytesMut::new();
         m.encode(&mut b).unwrap();
-        self.sock.write_all(&b).unwrap();
+        self.link.write_all(&b).unwrap();
+        self.link.flush().unwrap();
     }
 
     /// The next frame within `d`, if any.
@@ -438,7 +471,7 @@ impl Agent {
             if Instant::now() >= end {
                 return None;
             }
-            match self.sock.read(&mut buf) {
+            match self.link.read(&mut buf) {
                 Ok(0) => return None,
                 Ok(n) => self.dec.push(&buf[..n]),
                 Err(_) => {}

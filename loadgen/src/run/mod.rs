@@ -206,6 +206,11 @@ fn run_against(
     )
     .map_err(|e| setup(e.to_string()))?;
     let uses_agents = c.messages.uses_agents();
+    let agent_tls = if uses_agents && c.server.agent_tls {
+        Some(tether_core::tls::agent_client_config(&ca).map_err(|e| setup(e.to_string()))?)
+    } else {
+        None
+    };
     let agent_token = if uses_agents {
         let p = data_dir.join("agent.token");
         std::fs::read_to_string(&p)
@@ -277,6 +282,7 @@ fn run_against(
             None
         },
         agent_token,
+        agent_tls,
         tls,
         server_name: ServerName::try_from("localhost")
             .map_err(|e| setup(e.to_string()))?
