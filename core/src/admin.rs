@@ -1,18 +1,35 @@
-//! The admin endpoint: minimal HTTP/1.1 on a plain std thread, off the data path (`/metrics`
+//! The admin endpoint: minimal HTTP/1.1 on plain std threads, off the data path (`/metrics`
 //! for Prometheus, `/stats.json` for `tether stats`, POST bodies for commands such as deploy),
-//! and the client side used by `tether stats`.
+//! and the client side used by `tether stats`, `tether deploy` and loadgen.
 //!
-//! One connection at a time, one request per connection (`Connection: close`). Every read has
-//! a deadline, so a slow or silent client holds the endpoint for at most [`AdminOptions::deadline`].
+//! **Concurrency**: one accept thread and a thread per connection, at most
+//! [`AdminOptions::max_connections`] at once (past that a connection gets `503` at once). A
+//! thread per connection rather than a pool: admin requests are few and their handlers block
+//! (a deploy waits for the deployer's fsyncs, `/metrics` for every shard's tick), so a pool
+//! would need as many threads as the cap anyway, plus a queue in front of it; threads made on
+//! demand cost nothing while the endpoint is idle. One request per connection
+//! (`Connection: close`); every read has a deadline, so a slow or silent client holds its
+//! thread for at most [`AdminOptions::deadline`] plus its handler's time, and never the others.
+//!
+//! **Authentication** ([`AdminAuth`]), a layer in front of every route, so a route added later
+//! is covered without doing anything: a request whose method is not `GET` or `HEAD` must carry
+//! `Authorization: Bearer TOKEN` with the admin token (compared in constant time), and with
+//! [`AdminAuth::reads`] so must every request; otherwise `401` with a one-line reason, decided
+//! from the request head alone (an unauthenticated body is never buffered).
 
 use std::fmt::Write as _;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::fsutil::from_hex;
 use crate::metrics::{ErrorKind, MetricsSnapshot};
+use crate::registry::{ADMIN_TOKEN_FILE, Token};
 
 /// Longest request head (request line and headers).
 const MAX_HEAD: usize = 16 * 1024;
@@ -92,7 +109,16 @@ pub fn metrics_routes(
     }
 }
 
-/// Limits of the admin server.
+/// Who may use the admin endpoint (see the module docs).
+#[derive(Debug, Clone)]
+pub struct AdminAuth {
+    /// The admin token (`DATA_DIR/admin.token`).
+    pub token: Token,
+    /// Require the token for reads (`GET`, `HEAD`) too, not only for requests that change state.
+    pub reads: bool,
+}
+
+/// Limits and authentication of the admin server.
 #[derive(Debug, Clone)]
 pub struct AdminOptions {
     /// Largest POST body accepted (larger gets 413).
@@ -101,6 +127,11 @@ pub struct AdminOptions {
     pub read_timeout: Duration,
     /// Time allowed for a whole request, however it trickles in.
     pub deadline: Duration,
+    /// Most connections served at once; past it a connection gets `503` at once.
+    pub max_connections: usize,
+    /// The token check; `None` serves everyone (tests of routes only: `tether serve` always
+    /// sets it).
+    pub auth: Option<AdminAuth>,
 }
 
 impl Default for AdminOptions {
@@ -109,34 +140,91 @@ impl Default for AdminOptions {
             max_body: 64 * 1024 * 1024,
             read_timeout: Duration::from_secs(5),
             deadline: Duration::from_secs(10),
+            max_connections: 16,
+            auth: None,
         }
     }
 }
 
-/// Serves the admin endpoint on its own thread with default [`AdminOptions`].
+/// Serves the admin endpoint with default [`AdminOptions`] (no token check).
 pub fn serve_admin(
     listener: TcpListener,
-    handler: impl Fn(&AdminRequest) -> AdminResponse + Send + 'static,
+    handler: impl Fn(&AdminRequest) -> AdminResponse + Send + Sync + 'static,
 ) -> io::Result<JoinHandle<()>> {
     serve_admin_with(listener, AdminOptions::default(), handler)
 }
 
-/// Serves the admin endpoint on a thread named `tether-admin`. A panicking handler answers 500
-/// and the endpoint keeps serving.
+/// Serves the admin endpoint: an accept thread named `tether-admin` and a `tether-admin-conn`
+/// thread per connection, at most [`AdminOptions::max_connections`] at once. A panicking
+/// handler answers 500 and the endpoint keeps serving.
 pub fn serve_admin_with(
     listener: TcpListener,
     opts: AdminOptions,
-    handler: impl Fn(&AdminRequest) -> AdminResponse + Send + 'static,
+    handler: impl Fn(&AdminRequest) -> AdminResponse + Send + Sync + 'static,
 ) -> io::Result<JoinHandle<()>> {
+    let handler = Arc::new(handler);
+    let opts = Arc::new(opts);
+    let active = Arc::new(AtomicUsize::new(0));
     std::thread::Builder::new()
         .name("tether-admin".into())
         .spawn(move || {
             for conn in listener.incoming() {
-                // Accept errors (EMFILE, a reset before accept) are transient for us.
-                let Ok(stream) = conn else { continue };
-                let _ = serve_one(stream, &opts, &handler);
+                let stream = match conn {
+                    Ok(s) => s,
+                    // Transient for us (EMFILE, a reset before accept); do not spin on it.
+                    Err(_) => {
+                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
+                    }
+                };
+                if active.load(Ordering::Relaxed) >= opts.max_connections {
+                    refuse_busy(stream, opts.max_connections);
+                    continue;
+                }
+                let slot = Slot::take(&active);
+                let (opts, handler) = (opts.clone(), handler.clone());
+                // If the thread cannot start, the closure (stream and slot) is dropped: the
+                // connection closes and the slot is given back.
+                let _ = std::thread::Builder::new()
+                    .name("tether-admin-conn".into())
+                    .spawn(move || {
+                        let _slot = slot;
+                        let _ = serve_one(stream, &opts, &*handler);
+                    });
             }
         })
+}
+
+/// One connection's place under [`AdminOptions::max_connections`], given back on drop.
+struct Slot(Arc<AtomicUsize>);
+
+impl Slot {
+    fn take(active: &Arc<AtomicUsize>) -> Slot {
+        active.fetch_add(1, Ordering::Relaxed);
+        Slot(active.clone())
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Answers `503` without reading the request and closes, from the accept thread: the write is
+/// non-blocking (the answer fits any socket buffer), so a client that reads nothing cannot
+/// hold the accept thread.
+fn refuse_busy(mut stream: TcpStream, cap: usize) {
+    if stream.set_nonblocking(true).is_ok() {
+        let _ = write_response(
+            &mut stream,
+            &AdminResponse::text(
+                503,
+                format!("the admin endpoint is busy ({cap} requests in flight); try again\n"),
+            ),
+        );
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+    }
 }
 
 fn serve_one(
@@ -248,12 +336,17 @@ fn read_request(stream: &mut TcpStream, opts: &AdminOptions) -> Result<AdminRequ
         return Err(bad(format!("bad request target {target:?}")));
     }
     let mut content_length = 0usize;
+    let mut authorization = None;
     for line in lines {
         let Some((name, value)) = line.split_once(':') else {
             return Err(bad(format!("bad header line {line:?}")));
         };
         let value = value.trim();
-        if name.eq_ignore_ascii_case("content-length") {
+        if name.eq_ignore_ascii_case("authorization") {
+            if authorization.replace(value).is_some() {
+                return Err(bad("more than one Authorization header"));
+            }
+        } else if name.eq_ignore_ascii_case("content-length") {
             content_length = value
                 .parse()
                 .map_err(|_| bad(format!("bad Content-Length {value:?}")))?;
@@ -263,6 +356,9 @@ fn read_request(stream: &mut TcpStream, opts: &AdminOptions) -> Result<AdminRequ
                 "chunked bodies are not supported; send Content-Length".into(),
             ));
         }
+    }
+    if let Some(auth) = &opts.auth {
+        check_auth(auth, method, authorization)?;
     }
     if content_length > opts.max_body {
         return Err(RequestError::Reject(
@@ -302,10 +398,37 @@ fn read_request(stream: &mut TcpStream, opts: &AdminOptions) -> Result<AdminRequ
     })
 }
 
+/// The token layer: decided on the request head, before any body is read.
+fn check_auth(auth: &AdminAuth, method: &str, header: Option<&str>) -> Result<(), RequestError> {
+    if !auth.reads && matches!(method, "GET" | "HEAD") {
+        return Ok(());
+    }
+    let refuse = |why: String| Err(RequestError::Reject(401, why));
+    let Some(value) = header else {
+        return refuse(format!(
+            "{method} needs the admin token: send `Authorization: Bearer TOKEN` with the token \
+             from {ADMIN_TOKEN_FILE} in the server's data directory"
+        ));
+    };
+    match value.split_once(' ') {
+        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => {
+            if auth.token.verify(token.trim().as_bytes()) {
+                Ok(())
+            } else {
+                refuse(format!(
+                    "admin token rejected (compare with {ADMIN_TOKEN_FILE})"
+                ))
+            }
+        }
+        _ => refuse("the Authorization header must be `Bearer TOKEN`".into()),
+    }
+}
+
 fn reason(status: u16) -> &'static str {
     match status {
         200 => "OK",
         400 => "Bad Request",
+        401 => "Unauthorized",
         404 => "Not Found",
         405 => "Method Not Allowed",
         408 => "Request Timeout",
@@ -320,8 +443,13 @@ fn reason(status: u16) -> &'static str {
 }
 
 fn write_response(stream: &mut TcpStream, r: &AdminResponse) -> io::Result<()> {
+    let challenge = if r.status == 401 {
+        "WWW-Authenticate: Bearer realm=\"tether admin\"\r\n"
+    } else {
+        ""
+    };
     let head = format!(
-        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\n{challenge}Connection: close\r\n\r\n",
         r.status,
         reason(r.status),
         r.content_type,
@@ -355,11 +483,35 @@ pub enum AdminError {
         addr: String,
         source: serde_json::Error,
     },
+    #[error(
+        "cannot use the admin token {}: {reason} (`tether serve` makes it in its data \
+         directory: pass that directory with --data-dir)",
+        path.display()
+    )]
+    Token { path: PathBuf, reason: String },
+}
+
+/// Reads the admin token that a server keeps in `data_dir/admin.token`, for the client calls;
+/// the error names the file when it is missing, unreadable or not a token.
+pub fn read_admin_token(data_dir: &Path) -> Result<String, AdminError> {
+    let path = data_dir.join(ADMIN_TOKEN_FILE);
+    let err = |reason: String| AdminError::Token {
+        path: path.clone(),
+        reason,
+    };
+    let text = std::fs::read_to_string(&path).map_err(|e| err(e.to_string()))?;
+    let token = text.trim();
+    if from_hex::<32>(token.as_bytes()).is_none() {
+        return Err(err("expected 64 hex digits".into()));
+    }
+    Ok(token.to_owned())
 }
 
 /// Sends one request to the admin endpoint and returns the status and body of the answer.
+/// `token` (the admin token's hex, see [`read_admin_token`]) goes in `Authorization: Bearer`.
 pub fn admin_request(
     addr: impl ToSocketAddrs + std::fmt::Display,
+    token: Option<&str>,
     method: &str,
     path: &str,
     body: &[u8],
@@ -394,8 +546,19 @@ pub fn admin_request(
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .map_err(io_err)?;
+    // A token with a line break would add headers of its own: refuse it rather than send it.
+    let auth = match token {
+        Some(t) if t.bytes().any(|b| b.is_ascii_control()) => {
+            return Err(AdminError::BadResponse {
+                addr: name,
+                reason: "the admin token has control characters; not sent".into(),
+            });
+        }
+        Some(t) => format!("Authorization: Bearer {t}\r\n"),
+        None => String::new(),
+    };
     let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {name}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "{method} {path} HTTP/1.1\r\nHost: {name}\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
     stream.write_all(head.as_bytes()).map_err(io_err)?;
@@ -429,12 +592,13 @@ pub fn admin_request(
 /// any other status is an error carrying the server's message.
 pub fn admin_json<T: serde::de::DeserializeOwned>(
     addr: impl ToSocketAddrs + std::fmt::Display,
+    token: Option<&str>,
     method: &str,
     path: &str,
     body: &[u8],
 ) -> Result<T, AdminError> {
     let name = addr.to_string();
-    let (status, body) = admin_request(addr, method, path, body)?;
+    let (status, body) = admin_request(addr, token, method, path, body)?;
     if status != 200 {
         return Err(AdminError::Status {
             addr: name,
@@ -448,8 +612,9 @@ pub fn admin_json<T: serde::de::DeserializeOwned>(
 /// Fetches `/stats.json` from the admin endpoint at `addr`.
 pub fn fetch_stats(
     addr: impl ToSocketAddrs + std::fmt::Display,
+    token: Option<&str>,
 ) -> Result<MetricsSnapshot, AdminError> {
-    admin_json(addr, "GET", "/stats.json", b"")
+    admin_json(addr, token, "GET", "/stats.json", b"")
 }
 
 /// Renders a snapshot as a table: one row per counter, one column per shard, then the total.
@@ -542,8 +707,8 @@ mod tests {
     #[test]
     fn fetch_stats_returns_the_served_snapshot() {
         let addr = start(AdminOptions::default());
-        assert_eq!(fetch_stats(addr).unwrap(), snapshot());
-        let (status, body) = admin_request(addr, "GET", "/metrics", b"").unwrap();
+        assert_eq!(fetch_stats(addr, None).unwrap(), snapshot());
+        let (status, body) = admin_request(addr, None, "GET", "/metrics", b"").unwrap();
         assert_eq!(status, 200);
         let text = String::from_utf8(body).unwrap();
         assert!(
@@ -560,23 +725,43 @@ mod tests {
         };
         let addr = start(opts);
         assert_eq!(
-            admin_request(addr, "POST", "/echo", b"hello").unwrap(),
+            admin_request(addr, None, "POST", "/echo", b"hello").unwrap(),
             (200, b"hello".to_vec())
         );
-        let (status, body) = admin_request(addr, "POST", "/echo", b"far too long a body").unwrap();
+        let (status, body) =
+            admin_request(addr, None, "POST", "/echo", b"far too long a body").unwrap();
         assert_eq!(status, 413);
         assert!(String::from_utf8_lossy(&body).contains("over the limit of 10 bytes"));
-        assert_eq!(admin_request(addr, "GET", "/nope", b"").unwrap().0, 404);
-        assert_eq!(admin_request(addr, "POST", "/metrics", b"").unwrap().0, 405);
-        assert_eq!(admin_request(addr, "GET", "/panic", b"").unwrap().0, 500);
+        assert_eq!(
+            admin_request(addr, None, "GET", "/nope", b"").unwrap().0,
+            404
+        );
+        assert_eq!(
+            admin_request(addr, None, "POST", "/metrics", b"")
+                .unwrap()
+                .0,
+            405
+        );
+        assert_eq!(
+            admin_request(addr, None, "GET", "/panic", b"").unwrap().0,
+            500
+        );
         // Still serving after a panic.
-        assert!(fetch_stats(addr).is_ok());
+        assert!(fetch_stats(addr, None).is_ok());
     }
 
     fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
         let mut s = TcpStream::connect(addr).unwrap();
         s.write_all(bytes).unwrap();
         s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    }
+
+    /// Everything the server sends on `s` until it closes (within 5 s).
+    fn answer(s: &mut TcpStream) -> String {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).unwrap();
         out
@@ -612,7 +797,171 @@ mod tests {
         let mut out = String::new();
         s.read_to_string(&mut out).unwrap();
         assert!(out.starts_with("HTTP/1.1 408 "), "{out}");
-        assert!(fetch_stats(addr).is_ok());
+        assert!(fetch_stats(addr, None).is_ok());
+    }
+
+    /// A server whose token check is on, its token's hex, and the directory holding it.
+    fn start_with_token(reads: bool) -> (SocketAddr, String, crate::testdir::TestDir) {
+        let dir = crate::testdir::TestDir::new("admin-auth");
+        let token = Token::admin(dir.path()).unwrap();
+        let hex = token.to_hex();
+        let addr = start(AdminOptions {
+            auth: Some(AdminAuth { token, reads }),
+            ..AdminOptions::default()
+        });
+        (addr, hex, dir)
+    }
+
+    #[test]
+    fn changes_need_the_admin_token_and_reads_stay_open_on_request() {
+        let (addr, token, dir) = start_with_token(false);
+        let (status, body) = admin_request(addr, None, "POST", "/echo", b"hi").unwrap();
+        let body = String::from_utf8(body).unwrap();
+        assert_eq!(status, 401, "{body}");
+        assert!(
+            body.starts_with("POST needs the admin token: send `Authorization: Bearer TOKEN`"),
+            "{body}"
+        );
+        assert_eq!(body.trim_end().lines().count(), 1, "one line: {body}");
+        let wrong = "0".repeat(64);
+        let (status, body) = admin_request(addr, Some(&wrong), "POST", "/echo", b"hi").unwrap();
+        assert_eq!(status, 401);
+        assert!(String::from_utf8_lossy(&body).starts_with("admin token rejected"));
+        assert_eq!(
+            admin_request(addr, Some("not hex"), "POST", "/echo", b"hi")
+                .unwrap()
+                .0,
+            401
+        );
+        // Every method that is not a read, on any route (also ones that do not exist).
+        for (method, path) in [("PUT", "/echo"), ("DELETE", "/metrics"), ("POST", "/nope")] {
+            assert_eq!(
+                admin_request(addr, None, method, path, b"").unwrap().0,
+                401,
+                "{method} {path}"
+            );
+        }
+        assert_eq!(
+            admin_request(addr, Some(&token), "POST", "/echo", b"hi").unwrap(),
+            (200, b"hi".to_vec())
+        );
+        // The scheme is case-insensitive; the token read from the file works the same.
+        let r = raw(
+            addr,
+            format!("POST /echo HTTP/1.1\r\nauthorization: bearer {token}\r\nContent-Length: 2\r\n\r\nok")
+                .as_bytes(),
+        );
+        assert!(r.starts_with("HTTP/1.1 200 ") && r.ends_with("ok"), "{r}");
+        let from_file = read_admin_token(dir.path()).unwrap();
+        assert_eq!(from_file, token);
+        // Reads are open without the flag.
+        assert_eq!(
+            admin_request(addr, None, "GET", "/metrics", b"").unwrap().0,
+            200
+        );
+        assert!(fetch_stats(addr, None).is_ok());
+    }
+
+    #[test]
+    fn auth_reads_closes_get_too() {
+        let (addr, token, _dir) = start_with_token(true);
+        let (status, body) = admin_request(addr, None, "GET", "/metrics", b"").unwrap();
+        assert_eq!(status, 401);
+        assert!(String::from_utf8_lossy(&body).starts_with("GET needs the admin token"));
+        let r = raw(addr, b"GET /metrics HTTP/1.1\r\n\r\n");
+        assert!(
+            r.contains("\r\nWWW-Authenticate: Bearer realm=\"tether admin\"\r\n"),
+            "{r}"
+        );
+        assert_eq!(
+            admin_request(addr, Some(&token), "GET", "/metrics", b"")
+                .unwrap()
+                .0,
+            200
+        );
+        assert_eq!(fetch_stats(addr, Some(&token)).unwrap(), snapshot());
+    }
+
+    #[test]
+    fn an_unauthenticated_body_is_refused_before_it_is_read() {
+        let (addr, _token, _dir) = start_with_token(false);
+        // Announces 1 MiB but sends none of it: the 401 comes from the head alone.
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.write_all(b"POST /echo HTTP/1.1\r\nContent-Length: 1048576\r\n\r\n")
+            .unwrap();
+        let out = answer(&mut s);
+        assert!(out.starts_with("HTTP/1.1 401 "), "{out}");
+    }
+
+    #[test]
+    fn read_admin_token_names_the_file() {
+        let dir = crate::testdir::TestDir::new("admin-token-file");
+        let e = read_admin_token(dir.path()).unwrap_err().to_string();
+        let want = format!(
+            "cannot use the admin token {}",
+            dir.path().join("admin.token").display()
+        );
+        assert!(e.starts_with(&want), "{e}");
+        assert!(e.contains("--data-dir"), "{e}");
+        std::fs::write(dir.path().join("admin.token"), "nope\n").unwrap();
+        let e = read_admin_token(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("expected 64 hex digits"), "{e}");
+    }
+
+    #[test]
+    fn a_stalled_upload_does_not_stall_metrics() {
+        let addr = start(AdminOptions::default());
+        // Half a body, then silence: its thread waits for the rest.
+        let mut stalled = TcpStream::connect(addr).unwrap();
+        stalled
+            .write_all(b"POST /echo HTTP/1.1\r\nContent-Length: 1000\r\n\r\nhalf of it")
+            .unwrap();
+        let mut slow_head = TcpStream::connect(addr).unwrap();
+        slow_head.write_all(b"GET /metr").unwrap();
+        // Answered while both are open (the read deadline is 10 s; the client waits up to 10 s
+        // too, so a serialised endpoint would fail here with a timeout, not pass late).
+        let (status, _) = admin_request(addr, None, "GET", "/metrics", b"").unwrap();
+        assert_eq!(status, 200);
+        assert_eq!(fetch_stats(addr, None).unwrap(), snapshot());
+        // The stalled upload completes normally afterwards.
+        stalled.write_all(&[b'x'; 990]).unwrap();
+        let out = answer(&mut stalled);
+        assert!(out.starts_with("HTTP/1.1 200 "), "{out}");
+        assert!(out.ends_with(&format!("half of it{}", "x".repeat(990))));
+    }
+
+    #[test]
+    fn connections_past_the_cap_get_503_at_once() {
+        let addr = start(AdminOptions {
+            max_connections: 2,
+            ..AdminOptions::default()
+        });
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.write_all(b"GET /metr").unwrap();
+            held.push(s);
+        }
+        // The accept thread counts a connection before it takes the next one, so the third is
+        // over the cap.
+        let mut third = TcpStream::connect(addr).unwrap();
+        let out = answer(&mut third);
+        assert!(out.starts_with("HTTP/1.1 503 "), "{out}");
+        assert!(
+            out.contains("the admin endpoint is busy (2 requests in flight)"),
+            "{out}"
+        );
+        // Once the held connections end, their slots are free again.
+        drop(held);
+        let end = Instant::now() + Duration::from_secs(5);
+        let ok = loop {
+            match admin_request(addr, None, "GET", "/metrics", b"") {
+                Ok((200, _)) => break true,
+                _ if Instant::now() < end => std::thread::sleep(Duration::from_millis(20)),
+                _ => break false,
+            }
+        };
+        assert!(ok, "slots were not given back");
     }
 
     #[test]
@@ -620,7 +969,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         drop(listener);
-        let e = fetch_stats(addr).unwrap_err().to_string();
+        let e = fetch_stats(addr, None).unwrap_err().to_string();
         assert!(
             e.starts_with(&format!("cannot connect to the admin endpoint at {addr}")),
             "{e}"

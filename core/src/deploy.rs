@@ -242,20 +242,22 @@ fn admin_deploy(req: &AdminRequest, deployer: &Sender<DeployRequest>) -> AdminRe
     }
 }
 
-/// `tether deploy`: posts `blob` to the admin endpoint at `addr`.
+/// `tether deploy`: posts `blob` to the admin endpoint at `addr` with the admin `token`.
 pub fn deploy(
     addr: impl ToSocketAddrs + std::fmt::Display,
+    token: Option<&str>,
     group: &str,
     blob: &[u8],
 ) -> Result<DeployReport, AdminError> {
-    admin_json(addr, "POST", &format!("/deploy?group={group}"), blob)
+    admin_json(addr, token, "POST", &format!("/deploy?group={group}"), blob)
 }
 
 /// `tether rollout status`: fetches `/rollout.json`.
 pub fn fetch_rollout(
     addr: impl ToSocketAddrs + std::fmt::Display,
+    token: Option<&str>,
 ) -> Result<RolloutStatus, AdminError> {
-    admin_json(addr, "GET", "/rollout.json", b"")
+    admin_json(addr, token, "GET", "/rollout.json", b"")
 }
 
 #[cfg(test)]

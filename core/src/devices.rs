@@ -325,6 +325,7 @@ pub(crate) fn device_routes(req: &AdminRequest, reg: &mut Registrar) -> Option<A
 /// `tether devices add`: registers device `id` in `group` through the admin endpoint.
 pub fn add(
     addr: impl ToSocketAddrs + std::fmt::Display,
+    token: Option<&str>,
     id: u64,
     group: &str,
 ) -> Result<AddReport, AdminError> {
@@ -333,28 +334,33 @@ pub fn add(
         group: group.to_owned(),
     })
     .unwrap_or_default();
-    admin_json(addr, "POST", "/devices", &body)
+    admin_json(addr, token, "POST", "/devices", &body)
 }
 
 /// `tether devices revoke`: revokes device `id` through the admin endpoint.
 pub fn revoke(
     addr: impl ToSocketAddrs + std::fmt::Display,
+    token: Option<&str>,
     id: u64,
 ) -> Result<RevokeReport, AdminError> {
-    admin_json(addr, "POST", &format!("/devices/{id}/revoke"), b"")
+    admin_json(addr, token, "POST", &format!("/devices/{id}/revoke"), b"")
 }
 
 /// `tether devices list`: every device, from the admin endpoint.
-pub fn list(addr: impl ToSocketAddrs + std::fmt::Display) -> Result<DeviceList, AdminError> {
-    admin_json(addr, "GET", "/devices", b"")
+pub fn list(
+    addr: impl ToSocketAddrs + std::fmt::Display,
+    token: Option<&str>,
+) -> Result<DeviceList, AdminError> {
+    admin_json(addr, token, "GET", "/devices", b"")
 }
 
 /// `tether devices show`: one device, from the admin endpoint.
 pub fn show(
     addr: impl ToSocketAddrs + std::fmt::Display,
+    token: Option<&str>,
     id: u64,
 ) -> Result<DeviceInfo, AdminError> {
-    admin_json(addr, "GET", &format!("/devices/{id}"), b"")
+    admin_json(addr, token, "GET", &format!("/devices/{id}"), b"")
 }
 
 /// Whether an admin call failed because nothing listens at the address (no server runs there),

@@ -1,9 +1,10 @@
-//! Small file helpers for the data directory: atomic writes with a chosen mode, and random
-//! secrets created once (0600) and read back on every later run.
+//! Small file helpers for the data directory: atomic writes with a chosen mode, random secrets
+//! created once (0600) and read back on every later run, and the check that a secret's file is
+//! still the owner's alone.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -11,7 +12,7 @@ use rand::RngCore;
 
 /// Mode for files holding secrets: owner read/write only.
 pub const SECRET_MODE: u32 = 0o600;
-/// Mode for files anyone on the host may read (certificates, the device list).
+/// Mode for files anyone on the host may read (certificates, code blobs).
 pub const PUBLIC_MODE: u32 = 0o644;
 
 /// Writes `bytes` to `path` atomically: a temporary file beside it is written, fsynced and
@@ -180,19 +181,39 @@ fn hex_digit(c: u8) -> Option<u8> {
 }
 
 /// Compares two byte strings in time that depends only on their lengths, so a token check
-/// does not leak how many leading bytes matched.
+/// does not leak how many leading bytes matched (`subtle`'s comparison, which keeps the
+/// optimiser from turning it into an early exit).
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
-    std::hint::black_box(diff) == 0
+    use subtle::ConstantTimeEq;
+    a.len() == b.len() && bool::from(a.ct_eq(b))
+}
+
+/// The permission bits of `path` (`0o600`, …), following symlinks.
+pub fn mode_of(path: &Path) -> io::Result<u32> {
+    Ok(fs::metadata(path)?.permissions().mode() & 0o7777)
+}
+
+/// A warning, naming the file, when `path` exists and group or others may read (or write) it;
+/// `holds` says what is in it. `None` when it is the owner's alone or does not exist.
+pub fn loose_secret_warning(path: &Path, holds: &str) -> Option<String> {
+    let mode = mode_of(path).ok()?;
+    let how = if mode & 0o044 != 0 {
+        "readable"
+    } else if mode & 0o022 != 0 {
+        "writable"
+    } else {
+        return None;
+    };
+    Some(format!(
+        "{} is {how} by group or others (mode {mode:04o}) and holds {holds}: chmod 600 {}",
+        path.display(),
+        path.display()
+    ))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn a_file_lock_is_exclusive_until_dropped() {
@@ -229,14 +250,42 @@ mod tests {
     }
 
     #[test]
+    fn loose_secrets_are_named_with_their_mode() {
+        let dir = crate::testdir::TestDir::new("fsutil-loose");
+        let p = dir.path().join("agent.token");
+        assert_eq!(
+            loose_secret_warning(&p, "the agent token"),
+            None,
+            "missing file"
+        );
+        write_atomic(&p, b"x", SECRET_MODE).unwrap();
+        assert_eq!(loose_secret_warning(&p, "the agent token"), None);
+        for (mode, how) in [
+            (0o644, "readable"),
+            (0o640, "readable"),
+            (0o620, "writable"),
+        ] {
+            fs::set_permissions(&p, fs::Permissions::from_mode(mode)).unwrap();
+            let w = loose_secret_warning(&p, "the agent token").unwrap();
+            let shown = p.display();
+            assert_eq!(
+                w,
+                format!(
+                    "{shown} is {how} by group or others (mode {mode:04o}) and holds the agent \
+                     token: chmod 600 {shown}"
+                )
+            );
+        }
+    }
+
+    #[test]
     fn write_atomic_sets_mode_and_replaces() {
         let dir = crate::testdir::TestDir::new("fsutil");
         let p = dir.path().join("f");
         write_atomic(&p, b"one", SECRET_MODE).unwrap();
         write_atomic(&p, b"two", SECRET_MODE).unwrap();
         assert_eq!(fs::read(&p).unwrap(), b"two");
-        let mode = fs::metadata(&p).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o600);
+        assert_eq!(mode_of(&p).unwrap(), 0o600);
         assert_eq!(
             fs::read_dir(dir.path()).unwrap().count(),
             1,

@@ -9,7 +9,7 @@
 //! This library holds the server's building blocks; the `tether` binary wires them together.
 //! Building blocks so far: [`tls`] (dev PKI, device CA and certificates, rustls configs),
 //! [`reload`] (certificate reload on SIGHUP or `POST /reload`), [`registry`] (devices, server
-//! secret, agent token), [`devices`] (the live registry's admin routes and `tether devices`
+//! secret, agent and admin tokens), [`devices`] (the live registry's admin routes and `tether devices`
 //! clients), [`timer`] (per-shard timing wheel), [`metrics`] (per-shard counters
 //! and their Prometheus/JSON views), [`admin`] (HTTP admin endpoint and `tether stats` client),
 //! [`codestore`] (code blobs and the current version per device group), [`detached`] (lean,

@@ -29,17 +29,16 @@ enum Command {
         #[command(subcommand)]
         command: DevicesCommand,
     },
-    /// Deploy a code blob to a device group (through the admin port): it becomes the group's
-    /// next version and rolls out to its connected devices.
+    /// Deploy a code blob to a device group (through the admin port, with the admin token):
+    /// it becomes the group's next version and rolls out to its connected devices.
     Deploy {
         /// Device group.
         #[arg(long)]
         group: String,
         /// The code blob.
         file: PathBuf,
-        /// Admin address of the server.
-        #[arg(long, default_value = "127.0.0.1:7402")]
-        admin: String,
+        #[command(flatten)]
+        admin: AdminArgs,
     },
     /// Code rollout.
     Rollout {
@@ -50,28 +49,42 @@ enum Command {
     /// port; SIGHUP does the same). New connections use the new files, open ones are kept; a
     /// file that does not load is refused and the server keeps its previous configuration.
     Reload {
-        /// Admin address of the server.
-        #[arg(long, default_value = "127.0.0.1:7402")]
-        admin: String,
+        #[command(flatten)]
+        admin: AdminArgs,
     },
     /// Print a running server's counters as a table (from its admin port).
     Stats {
-        /// Admin address of the server.
-        #[arg(long, default_value = "127.0.0.1:7402")]
-        admin: String,
+        #[command(flatten)]
+        admin: AdminArgs,
         /// Print the raw JSON instead.
         #[arg(long)]
         json: bool,
     },
 }
 
+/// How the admin commands reach a server.
+#[derive(clap::Args)]
+struct AdminArgs {
+    /// Admin address of the server.
+    #[arg(long, default_value = "127.0.0.1:7402")]
+    admin: String,
+    /// The server's data directory: the admin token is read from its admin.token.
+    #[arg(long, default_value = "tether-data")]
+    data_dir: PathBuf,
+}
+
+impl AdminArgs {
+    fn token(&self) -> Result<String, String> {
+        tether_core::admin::read_admin_token(&self.data_dir).map_err(|e| e.to_string())
+    }
+}
+
 #[derive(Subcommand)]
 enum RolloutCommand {
     /// Per group: version, and connected devices current / pending / in flight / failed.
     Status {
-        /// Admin address of the server.
-        #[arg(long, default_value = "127.0.0.1:7402")]
-        admin: String,
+        #[command(flatten)]
+        admin: AdminArgs,
         /// Print the raw JSON instead.
         #[arg(long)]
         json: bool,
@@ -86,12 +99,29 @@ struct ServeArgs {
     /// Device port. Use 0.0.0.0:7400 to accept devices from other hosts.
     #[arg(long, default_value = "127.0.0.1:7400")]
     listen: SocketAddr,
-    /// Agent link port (plain TCP with a token: keep it on loopback or a private network).
+    /// Agent link port. Plain TCP with a token by default, so it must be on loopback; off
+    /// loopback it needs --agent-tls.
     #[arg(long, default_value = "127.0.0.1:7401")]
     agent_listen: SocketAddr,
-    /// Admin port (Prometheus /metrics, /stats.json).
+    /// Speak TLS 1.3 on the agent port (ALPN tether-agent/1), with the devices' certificate
+    /// (--cert/--key, or the dev certificate) unless --agent-cert/--agent-key.
+    #[arg(long)]
+    agent_tls: bool,
+    /// Certificate chain (PEM) for the TLS agent port; with --agent-key and --agent-tls.
+    #[arg(long, requires_all = ["agent_key", "agent_tls"])]
+    agent_cert: Option<PathBuf>,
+    /// Private key (PEM) for the TLS agent port; with --agent-cert.
+    #[arg(long, requires = "agent_cert")]
+    agent_key: Option<PathBuf>,
+    /// Admin port (Prometheus /metrics, /stats.json, POST /deploy). Requests that change state
+    /// need `Authorization: Bearer TOKEN` with the token in DATA_DIR/admin.token. Plain HTTP:
+    /// keep it on loopback or a private network.
     #[arg(long, default_value = "127.0.0.1:7402")]
     admin_listen: SocketAddr,
+    /// Require the admin token for reads (GET /metrics, /stats.json, /rollout.json) too. On by
+    /// default when --admin-listen is not on loopback; `--admin-auth-reads=false` turns it off.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", require_equals = true)]
+    admin_auth_reads: Option<bool>,
     /// Shards (one pinned executor each); 0 = one per available core.
     #[arg(long, default_value_t = 0)]
     shards: usize,
@@ -276,12 +306,16 @@ enum DevicesCommand {
 
 /// Asks the server at `t.admin`; if nothing listens there, does `offline` on the data
 /// directory instead (saying so on stderr).
+/// Runs `online` against the server at `--admin` (with the admin token from `--data-dir` when
+/// it can be read: a server refuses a change without it, and says so), or `offline` on the
+/// data directory when no server answers there.
 fn via_server<T>(
     t: &Target,
-    online: impl FnOnce(&str) -> Result<T, tether_core::admin::AdminError>,
+    online: impl FnOnce(&str, Option<&str>) -> Result<T, tether_core::admin::AdminError>,
     offline: impl FnOnce(&std::path::Path) -> Result<T, String>,
 ) -> Result<T, String> {
-    match online(&t.admin) {
+    let token = tether_core::admin::read_admin_token(&t.data_dir).ok();
+    match online(&t.admin, token.as_deref()) {
         Ok(v) => Ok(v),
         Err(e) if tether_core::devices::no_server(&e) => {
             eprintln!(
@@ -348,7 +382,7 @@ fn devices_command(c: DevicesCommand) -> Result<(), String> {
             .map(|path| eprintln!("tether: {count} devices written to {}", path.display())),
         DevicesCommand::Add { id, group, target } => via_server(
             &target,
-            |a| d::add(a, id, &group),
+            |a, t| d::add(a, t, id, &group),
             |dir| {
                 std::fs::create_dir_all(dir)
                     .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
@@ -364,7 +398,7 @@ fn devices_command(c: DevicesCommand) -> Result<(), String> {
         }),
         DevicesCommand::Revoke { id, target } => via_server(
             &target,
-            |a| d::revoke(a, id),
+            |a, t| d::revoke(a, t, id),
             |dir| d::revoke_offline(dir, id),
         )
         .map(|r| {
@@ -374,26 +408,30 @@ fn devices_command(c: DevicesCommand) -> Result<(), String> {
                 print!("{}", r.text())
             }
         }),
-        DevicesCommand::List { target } => via_server(&target, |a| d::list(a), d::list_offline)
-            .map(|r| {
+        DevicesCommand::List { target } => {
+            via_server(&target, |a, t| d::list(a, t), d::list_offline).map(|r| {
                 if json {
                     print_json(&r)
                 } else {
                     print!("{}", r.table())
                 }
-            }),
-        DevicesCommand::Show { id, target } => {
-            via_server(&target, |a| d::show(a, id), |dir| d::show_offline(dir, id)).map(|r| {
-                if json {
-                    print_json(&r)
-                } else {
-                    let now = std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map_or(0, |t| t.as_millis() as u64);
-                    print!("{}", r.text(now))
-                }
             })
         }
+        DevicesCommand::Show { id, target } => via_server(
+            &target,
+            |a, t| d::show(a, t, id),
+            |dir| d::show_offline(dir, id),
+        )
+        .map(|r| {
+            if json {
+                print_json(&r)
+            } else {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |t| t.as_millis() as u64);
+                print!("{}", r.text(now))
+            }
+        }),
     }
 }
 
@@ -404,7 +442,10 @@ fn main() -> ExitCode {
             data_dir: a.data_dir,
             listen: a.listen,
             agent_listen: a.agent_listen,
+            agent_tls: a.agent_tls,
+            agent_cert: a.agent_cert.zip(a.agent_key),
             admin_listen: a.admin_listen,
+            admin_auth_reads: a.admin_auth_reads,
             shards: a.shards,
             heartbeat: Duration::from_secs(a.heartbeat_s),
             max_connections: a.max_connections,
@@ -427,8 +468,12 @@ fn main() -> ExitCode {
         })
         .map_err(|e| e.to_string()),
         Command::Devices { command } => devices_command(command),
-        Command::Reload { admin } => tether_core::reload::reload(admin.as_str())
-            .map_err(|e| e.to_string())
+        Command::Reload { admin } => admin
+            .token()
+            .and_then(|t| {
+                tether_core::reload::reload(admin.admin.as_str(), Some(&t))
+                    .map_err(|e| e.to_string())
+            })
             .map(|r| println!("reloaded: {}", r.summary())),
         Command::Deploy { group, .. } if !tether_core::registry::valid_group_name(&group) => Err(
             format!("bad group name {group:?}: use 1 to 32 of A-Z a-z 0-9 _ -"),
@@ -436,14 +481,19 @@ fn main() -> ExitCode {
         Command::Deploy { group, file, admin } => std::fs::read(&file)
             .map_err(|e| format!("cannot read {}: {e}", file.display()))
             .and_then(|blob| {
-                tether_core::deploy::deploy(admin.as_str(), &group, &blob)
+                let token = admin.token()?;
+                tether_core::deploy::deploy(admin.admin.as_str(), Some(&token), &group, &blob)
                     .map_err(|e| e.to_string())
             })
             .map(|r| println!("{}", r.summary())),
         Command::Rollout {
             command: RolloutCommand::Status { admin, json },
-        } => tether_core::deploy::fetch_rollout(admin.as_str())
-            .map_err(|e| e.to_string())
+        } => admin
+            .token()
+            .and_then(|token| {
+                tether_core::deploy::fetch_rollout(admin.admin.as_str(), Some(&token))
+                    .map_err(|e| e.to_string())
+            })
             .map(|s| {
                 if json {
                     println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
@@ -451,8 +501,12 @@ fn main() -> ExitCode {
                     print!("{}", s.table());
                 }
             }),
-        Command::Stats { admin, json } => tether_core::admin::fetch_stats(admin.as_str())
-            .map_err(|e| e.to_string())
+        Command::Stats { admin, json } => admin
+            .token()
+            .and_then(|token| {
+                tether_core::admin::fetch_stats(admin.admin.as_str(), Some(&token))
+                    .map_err(|e| e.to_string())
+            })
             .map(|s| {
                 if json {
                     println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());

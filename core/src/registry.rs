@@ -1,5 +1,5 @@
 //! The device registry (`data_dir/devices.csv`: which devices exist, their group and key), the
-//! server secret their keys derive from, and the agent token that admits agents.
+//! server secret their keys derive from, and the tokens that admit agents and admin requests.
 //!
 //! File format, one device per line after a header:
 //!
@@ -278,6 +278,7 @@ impl Registry {
         }
         let secret = ServerSecret::ensure(data_dir)?;
         let path = data_dir.join(FILE_NAME);
+        // Owner only: the file holds every device's key.
         write_atomic_with(&path, SECRET_MODE, |w| {
             writeln!(w, "{HEADER}")?;
             for (i, id) in (first_id..).take(count as usize).enumerate() {
@@ -543,23 +544,35 @@ impl ServerSecret {
     }
 }
 
-/// The token agents present to attach (`data_dir/agent.token`: 64 hex digits, mode 0600).
+/// A client token: 32 random bytes kept as 64 hex digits in a file of the data directory (mode
+/// 0600), created on first use. [`Token::agent`] (`agent.token`) admits agents;
+/// [`Token::admin`] (`admin.token`) admits admin requests that change state.
 #[derive(Clone)]
-pub struct AgentToken([u8; 32]);
+pub struct Token([u8; 32]);
 
-impl fmt::Debug for AgentToken {
+/// The agent token's file in the data directory.
+pub const AGENT_TOKEN_FILE: &str = "agent.token";
+/// The admin token's file in the data directory.
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+
+impl fmt::Debug for Token {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("AgentToken(..)")
+        f.write_str("Token(..)")
     }
 }
 
-impl AgentToken {
-    /// Reads the token, creating it on first use.
-    pub fn ensure(data_dir: &Path) -> Result<AgentToken, RegistryError> {
-        load_secret_file(&data_dir.join("agent.token"), "agent token", true).map(AgentToken)
+impl Token {
+    /// Reads `data_dir/agent.token`, creating it on first use.
+    pub fn agent(data_dir: &Path) -> Result<Token, RegistryError> {
+        load_secret_file(&data_dir.join(AGENT_TOKEN_FILE), "agent token", true).map(Token)
     }
 
-    /// The token as agents send it: 64 lowercase hex digits (the file's content).
+    /// Reads `data_dir/admin.token`, creating it on first use.
+    pub fn admin(data_dir: &Path) -> Result<Token, RegistryError> {
+        load_secret_file(&data_dir.join(ADMIN_TOKEN_FILE), "admin token", true).map(Token)
+    }
+
+    /// The token as clients send it: 64 lowercase hex digits (the file's content).
     pub fn to_hex(&self) -> String {
         to_hex(&self.0)
     }
@@ -576,8 +589,8 @@ impl AgentToken {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fsutil::mode_of;
     use crate::testdir::TestDir;
-    use std::os::unix::fs::PermissionsExt;
 
     fn parse(text: &str) -> Result<Registry, RegistryError> {
         Registry::parse(text.as_bytes(), Path::new("devices.csv"))
@@ -599,11 +612,9 @@ mod tests {
         assert_eq!(reg.group_id("lamps"), Some(GroupId(0)));
         assert!(reg.get(DeviceId(99)).is_none());
         assert!(reg.get(DeviceId(10_100)).is_none());
-        let mode = std::fs::metadata(dir.path().join("secret"))
-            .unwrap()
-            .permissions()
-            .mode();
-        assert_eq!(mode & 0o777, 0o600);
+        for file in ["secret", FILE_NAME] {
+            assert_eq!(mode_of(&dir.path().join(file)).unwrap(), 0o600, "{file}");
+        }
     }
 
     #[test]
@@ -726,8 +737,7 @@ mod tests {
         live.write(&path).unwrap();
         let again = LiveRegistry::new(Arc::new(Registry::load(&path).unwrap()));
         assert_eq!(entries(&again), entries(&live));
-        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
-        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(mode_of(&path).unwrap() & 0o777, 0o600);
         let text = std::fs::read_to_string(&path).unwrap();
         let ids: Vec<&str> = text.lines().skip(1).map(|l| &l[..1]).collect();
         assert_eq!(ids, ["1", "2", "3"], "sorted by id");
@@ -762,8 +772,8 @@ mod tests {
     #[test]
     fn agent_token_is_stable_and_verifies_in_either_case() {
         let dir = TestDir::new("reg-token");
-        let a = AgentToken::ensure(dir.path()).unwrap();
-        let b = AgentToken::ensure(dir.path()).unwrap();
+        let a = Token::agent(dir.path()).unwrap();
+        let b = Token::agent(dir.path()).unwrap();
         assert_eq!(a.to_hex(), b.to_hex());
         assert!(a.verify(a.to_hex().as_bytes()));
         assert!(a.verify(a.to_hex().to_uppercase().as_bytes()));
@@ -773,6 +783,19 @@ mod tests {
         assert!(!a.verify(b""));
         let file = std::fs::read_to_string(dir.path().join("agent.token")).unwrap();
         assert_eq!(file.trim(), a.to_hex());
+    }
+
+    #[test]
+    fn admin_token_is_its_own_owner_only_file() {
+        let dir = TestDir::new("reg-admin-token");
+        let agent = Token::agent(dir.path()).unwrap();
+        let admin = Token::admin(dir.path()).unwrap();
+        assert_ne!(admin.to_hex(), agent.to_hex());
+        assert!(!admin.verify(agent.to_hex().as_bytes()));
+        assert_eq!(Token::admin(dir.path()).unwrap().to_hex(), admin.to_hex());
+        for file in [AGENT_TOKEN_FILE, ADMIN_TOKEN_FILE] {
+            assert_eq!(mode_of(&dir.path().join(file)).unwrap(), 0o600, "{file}");
+        }
     }
 
     #[test]

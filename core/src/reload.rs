@@ -234,6 +234,9 @@ pub(crate) fn reload_routes(
 }
 
 /// `tether reload`: asks the server at `addr` to reload its certificates.
-pub fn reload(addr: impl ToSocketAddrs + std::fmt::Display) -> Result<ReloadReport, AdminError> {
-    admin_json(addr, "POST", "/reload", b"")
+pub fn reload(
+    addr: impl ToSocketAddrs + std::fmt::Display,
+    token: Option<&str>,
+) -> Result<ReloadReport, AdminError> {
+    admin_json(addr, token, "POST", "/reload", b"")
 }

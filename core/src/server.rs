@@ -14,13 +14,15 @@ use glommio::channels::channel_mesh::MeshBuilder;
 use glommio::{LocalExecutorBuilder, Placement};
 use tether_protocol::server::ServerConfig;
 
-use crate::admin::{AdminOptions, AdminResponse, metrics_routes, serve_admin_with};
+use crate::admin::{AdminAuth, AdminOptions, AdminResponse, metrics_routes, serve_admin_with};
 use crate::codestore::{CodeStore, Deployed};
 use crate::deploy::{DeployRequest, RolloutStatus, code_routes, spawn_deployer};
 use crate::devices::{Registrar, RegistryMsg, device_routes};
-use crate::fsutil::FileLock;
+use crate::fsutil::{FileLock, loose_secret_warning};
 use crate::metrics::{MetricsSnapshot, ShardMetrics};
-use crate::registry::{AgentToken, FILE_NAME, LiveRegistry, Registry, SERVE_LOCK};
+use crate::registry::{
+    ADMIN_TOKEN_FILE, AGENT_TOKEN_FILE, FILE_NAME, LiveRegistry, Registry, SERVE_LOCK, Token,
+};
 use crate::reload::{Reloader, TlsSwap, reload_logged, reload_routes};
 use crate::shard::run_shard;
 use crate::shard::{Budget, GroupRollout, GuardConfig};
@@ -45,8 +47,16 @@ pub struct ServeOptions {
     pub listen: SocketAddr,
     /// Agent link port.
     pub agent_listen: SocketAddr,
+    /// Speak TLS 1.3 on the agent port (required when it is not on loopback).
+    pub agent_tls: bool,
+    /// Certificate chain and key (PEM) for the agent port; default: the devices' (`cert`, or
+    /// the dev certificate).
+    pub agent_cert: Option<(PathBuf, PathBuf)>,
     /// Admin (metrics) port.
     pub admin_listen: SocketAddr,
+    /// Require the admin token for reads (`GET /metrics`, …) too; `None`: only when the admin
+    /// listener is not on loopback. Requests that change state always need it.
+    pub admin_auth_reads: Option<bool>,
     /// Number of shards (executors); 0 = one per available core.
     pub shards: usize,
     /// Heartbeat interval told to devices.
@@ -95,7 +105,10 @@ impl Default for ServeOptions {
             data_dir: PathBuf::from("tether-data"),
             listen: "127.0.0.1:7400".parse().expect("literal"),
             agent_listen: "127.0.0.1:7401".parse().expect("literal"),
+            agent_tls: false,
+            agent_cert: None,
             admin_listen: "127.0.0.1:7402".parse().expect("literal"),
+            admin_auth_reads: None,
             shards: 0,
             heartbeat: Duration::from_secs(30),
             max_connections: 19_000,
@@ -130,7 +143,9 @@ pub(crate) struct ServerCtx {
     pub session: ServerConfig,
     /// The registry file as loaded at start; each shard wraps it in its own `LiveRegistry`.
     pub registry: Arc<Registry>,
-    pub agent_token: AgentToken,
+    pub agent_token: Token,
+    /// The agent port's TLS config (`--agent-tls`); `None`: plain TCP.
+    pub agent_tls: Option<Arc<rustls::ServerConfig>>,
     pub listen: SocketAddr,
     pub agent_listen: SocketAddr,
     pub max_connections_per_shard: usize,
@@ -176,6 +191,7 @@ fn setup<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> ServeError + '_ 
 pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     // Before any thread starts (the deployer's too), so only the signal thread takes them.
     block_signals();
+    check_agent_link(&opts)?;
     std::fs::create_dir_all(&opts.data_dir).map_err(setup("cannot create the data directory"))?;
     let lock_path = opts.data_dir.join(SERVE_LOCK);
     let _lock = FileLock::try_lock(&lock_path)
@@ -203,8 +219,8 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         }
     };
     let (mut reloader, tls) = Reloader::new(
-        cert,
-        key,
+        cert.clone(),
+        key.clone(),
         TlsOptions {
             secret_extraction: opts.tls_state == TlsState::Detached,
             device_ca: opts.device_ca.clone(),
@@ -213,10 +229,23 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         },
     )
     .map_err(setup("TLS"))?;
+    let agent_tls = if opts.agent_tls {
+        let (c, k) = match &opts.agent_cert {
+            Some((c, k)) => (c, k),
+            None => (&cert, &key),
+        };
+        Some(crate::tls::agent_server_config(c, k).map_err(setup("agent TLS"))?)
+    } else {
+        None
+    };
     let registry = Arc::new(load_registry(&opts.data_dir)?);
-    let agent_token = AgentToken::ensure(&opts.data_dir).map_err(setup("agent token"))?;
+    let agent_token = Token::agent(&opts.data_dir).map_err(setup("agent token"))?;
+    let admin_token = Token::admin(&opts.data_dir).map_err(setup("admin token"))?;
     let store = CodeStore::open(&opts.data_dir, opts.max_code_size).map_err(setup("code store"))?;
     let code_at_start = load_code(&store);
+    for w in startup_warnings(&opts) {
+        eprintln!("tether: warning: {w}");
+    }
 
     let (soft, _hard) = crate::limits::raise_nofile().map_err(setup("open-file limit"))?;
     crate::limits::check_capacity(
@@ -261,6 +290,7 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         },
         registry,
         agent_token,
+        agent_tls,
         listen: opts.listen,
         agent_listen: opts.agent_listen,
         max_connections_per_shard: (opts.max_connections as usize).div_ceil(nshards),
@@ -366,24 +396,37 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         max_body: AdminOptions::default()
             .max_body
             .max(opts.max_code_size as usize + 1),
+        auth: Some(AdminAuth {
+            token: admin_token,
+            reads: opts
+                .admin_auth_reads
+                .unwrap_or(!opts.admin_listen.ip().is_loopback()),
+        }),
         ..AdminOptions::default()
     };
-    // The admin thread serves one request at a time: the registrar needs no lock.
-    let registrar = std::cell::RefCell::new(registrar);
+    // Admin requests run on threads of their own; the registrar (one writer of the registry
+    // file) takes them one at a time. No shard ever waits on this lock.
+    let registrar = Mutex::new(registrar);
     serve_admin_with(admin, admin_opts, move |req| {
         metrics_routes(req, || collect(&stats_txs))
             .or_else(|| code_routes(req, &deployer, || collect_rollout(&rollout_txs)))
-            .or_else(|| device_routes(req, &mut registrar.borrow_mut()))
+            .or_else(|| {
+                device_routes(
+                    req,
+                    &mut registrar.lock().unwrap_or_else(|p| p.into_inner()),
+                )
+            })
             .or_else(|| reload_routes(req, &reloader))
             .unwrap_or_else(|| AdminResponse::not_found(req))
     })
     .map_err(setup("admin endpoint"))?;
 
     eprintln!(
-        "tether: listening for devices on {} ({nshards} shards, {} devices registered, open-file limit {soft}); agents on {}; admin on {}",
+        "tether: listening for devices on {} ({nshards} shards, {} devices registered, open-file limit {soft}); agents on {} ({}); admin on {}",
         opts.listen,
         ctx.registry.len(),
         opts.agent_listen,
+        if opts.agent_tls { "TLS" } else { "plain TCP" },
         opts.admin_listen
     );
     // Each shard reports when its shutdown is complete. The process exits then, without
@@ -404,6 +447,103 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     } else {
         Err(ServeError::Setup(failed.join("; ")))
     }
+}
+
+/// Refuses a plain-TCP agent link off loopback: the agent token and every device message would
+/// cross the network in clear.
+pub fn check_agent_link(opts: &ServeOptions) -> Result<(), ServeError> {
+    if opts.agent_cert.is_some() && !opts.agent_tls {
+        return Err(ServeError::Setup(
+            "--agent-cert/--agent-key are for a TLS agent port: add --agent-tls".into(),
+        ));
+    }
+    if !opts.agent_tls && !opts.agent_listen.ip().is_loopback() {
+        return Err(ServeError::Setup(format!(
+            "the agent port {} is not on loopback but speaks plain TCP: the agent token and \
+             every device message would cross the network in clear; add --agent-tls, or \
+             listen on 127.0.0.1",
+            opts.agent_listen
+        )));
+    }
+    Ok(())
+}
+
+/// The files of the data directory that hold secrets (relative paths), and what each holds;
+/// all are written 0600.
+pub const SECRET_FILES: [(&str, &str); 6] = [
+    (FILE_NAME, "device keys"),
+    (
+        "secret",
+        "the server secret (every device key derives from it)",
+    ),
+    (AGENT_TOKEN_FILE, "the agent token"),
+    (ADMIN_TOKEN_FILE, "the admin token"),
+    ("tls/ca.key", "the dev CA's private key"),
+    ("tls/server.key", "the server's private key"),
+];
+
+/// Files of the data directory (and the `--key` given) that hold secrets, with what each holds:
+/// [`SECRET_FILES`], then any other `*.key` or `*.token` in the data directory or its `tls/`.
+fn secret_files(opts: &ServeOptions) -> Vec<(PathBuf, String)> {
+    let dir = &opts.data_dir;
+    let mut files: Vec<(PathBuf, String)> = SECRET_FILES
+        .iter()
+        .map(|(name, what)| (dir.join(name), *what))
+        .chain(
+            opts.cert
+                .iter()
+                .map(|(_, k)| (k.clone(), "the TLS private key")),
+        )
+        .chain(
+            opts.agent_cert
+                .iter()
+                .map(|(_, k)| (k.clone(), "the agent port's key")),
+        )
+        .map(|(p, what)| (p, what.to_owned()))
+        .collect();
+    for sub in [dir.clone(), dir.join("tls")] {
+        let Ok(entries) = std::fs::read_dir(&sub) else {
+            continue;
+        };
+        for path in entries.flatten().map(|e| e.path()) {
+            let what = match path.extension().and_then(|e| e.to_str()) {
+                Some("key") => "a private key",
+                Some("token") => "a token",
+                _ => continue,
+            };
+            if !files.iter().any(|(p, _)| *p == path) {
+                files.push((path, what.to_owned()));
+            }
+        }
+    }
+    files
+}
+
+/// What `tether serve` warns about at start, one line each: a secret's file that group or
+/// others may read, the dev CA serving devices off loopback, a plain-HTTP admin port off
+/// loopback.
+pub fn startup_warnings(opts: &ServeOptions) -> Vec<String> {
+    let mut out: Vec<String> = secret_files(opts)
+        .iter()
+        .filter_map(|(path, what)| loose_secret_warning(path, what))
+        .collect();
+    if opts.cert.is_none() && !opts.listen.ip().is_loopback() {
+        out.push(format!(
+            "devices on {} (not loopback) get a certificate from the dev CA in {}: it is made \
+             on this host and its key lies beside it; for devices elsewhere use --cert/--key \
+             with a certificate from your own CA",
+            opts.listen,
+            opts.data_dir.join("tls").display()
+        ));
+    }
+    if !opts.admin_listen.ip().is_loopback() {
+        out.push(format!(
+            "the admin port {} is not on loopback and speaks plain HTTP: the admin token \
+             crosses the network in clear; keep it on loopback or a private network",
+            opts.admin_listen
+        ));
+    }
+    out
 }
 
 fn guard_config(opts: &ServeOptions) -> GuardConfig {
@@ -516,5 +656,109 @@ fn wait_signal() -> i32 {
         let mut sig = 0;
         libc::sigwait(&set, &mut sig);
         sig
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testdir::TestDir;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn opts(dir: &TestDir) -> ServeOptions {
+        ServeOptions {
+            data_dir: dir.path().to_owned(),
+            ..ServeOptions::default()
+        }
+    }
+
+    #[test]
+    fn every_secret_in_the_data_dir_is_checked() {
+        let dir = TestDir::new("serve-secrets");
+        Registry::generate(dir.path(), 3, &[], 1).unwrap();
+        Token::agent(dir.path()).unwrap();
+        Token::admin(dir.path()).unwrap();
+        DevPki::ensure(dir.path()).unwrap();
+        std::fs::write(dir.path().join("tls/extra.key"), b"k").unwrap();
+        let o = opts(&dir);
+        let files: Vec<PathBuf> = secret_files(&o).into_iter().map(|(p, _)| p).collect();
+        for name in SECRET_FILES
+            .map(|(name, _)| name)
+            .iter()
+            .chain(&["tls/extra.key"])
+        {
+            assert!(files.contains(&dir.path().join(name)), "{name} not checked");
+        }
+        // As written, each is the owner's alone: no warning.
+        std::fs::set_permissions(
+            dir.path().join("tls/extra.key"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
+        assert_eq!(startup_warnings(&o), Vec::<String>::new());
+        for name in ["devices.csv", "tls/server.key", "tls/extra.key"] {
+            let path = dir.path().join(name);
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+            let w = startup_warnings(&o);
+            assert_eq!(w.len(), 1, "{w:?}");
+            assert!(
+                w[0].starts_with(&format!(
+                    "{} is readable by group or others (mode 0644)",
+                    path.display()
+                )),
+                "{w:?}"
+            );
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_plain_agent_port_off_loopback_is_refused() {
+        let dir = TestDir::new("serve-agent-link");
+        let mut o = opts(&dir);
+        assert!(check_agent_link(&o).is_ok());
+        o.agent_listen = "0.0.0.0:7401".parse().unwrap();
+        let e = check_agent_link(&o).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "the agent port 0.0.0.0:7401 is not on loopback but speaks plain TCP: the agent \
+             token and every device message would cross the network in clear; add --agent-tls, \
+             or listen on 127.0.0.1"
+        );
+        o.agent_tls = true;
+        assert!(check_agent_link(&o).is_ok());
+        o.agent_tls = false;
+        o.agent_listen = "127.0.0.1:7401".parse().unwrap();
+        o.agent_cert = Some((dir.path().join("a.pem"), dir.path().join("a.key")));
+        assert!(check_agent_link(&o).is_err());
+    }
+
+    #[test]
+    fn dev_ca_off_loopback_and_an_open_admin_port_are_warned_about() {
+        let dir = TestDir::new("serve-devca");
+        let mut o = opts(&dir);
+        assert!(startup_warnings(&o).is_empty());
+        o.listen = "0.0.0.0:7400".parse().unwrap();
+        let w = startup_warnings(&o);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].starts_with(
+                "devices on 0.0.0.0:7400 (not loopback) get a certificate from the dev CA"
+            ),
+            "{w:?}"
+        );
+        assert!(w[0].contains("--cert/--key"), "{w:?}");
+        o.cert = Some((dir.path().join("c.pem"), dir.path().join("k.pem")));
+        assert!(
+            startup_warnings(&o).is_empty(),
+            "a real certificate: no warning"
+        );
+        o.admin_listen = "0.0.0.0:7402".parse().unwrap();
+        let w = startup_warnings(&o);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].starts_with("the admin port 0.0.0.0:7402 is not on loopback"),
+            "{w:?}"
+        );
     }
 }

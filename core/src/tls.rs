@@ -1,6 +1,6 @@
 //! TLS setup: a development PKI made on first run, a device CA that issues device client
 //! certificates, and the rustls server and client configs (aws-lc-rs, TLS 1.3 only, ALPN
-//! `tether/1`) that the server, tests and loadgen share.
+//! `tether/1`; `tether-agent/1` on a TLS agent link) that the server, tests and loadgen share.
 //!
 //! A device certificate names its device in its subject's common name: the device id in
 //! decimal (`CN=42`), see [`cert_device_id`].
@@ -32,8 +32,11 @@ use tether_protocol::DeviceId;
 
 use crate::fsutil::{PUBLIC_MODE, SECRET_MODE, write_atomic};
 
-/// The ALPN protocol name of the device and agent protocol.
+/// The ALPN protocol name of the device protocol.
 pub const ALPN: &[u8] = b"tether/1";
+/// The ALPN protocol name of the agent link over TLS (`--agent-tls`): another protocol than
+/// the devices', so a device client offering `tether/1` is refused in the handshake there.
+pub const AGENT_ALPN: &[u8] = b"tether-agent/1";
 
 /// Why TLS setup failed; every message names the file and what was wrong with it.
 #[derive(Debug, thiserror::Error)]
@@ -582,6 +585,30 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
+/// The agent link's server config (`--agent-tls`): [`server_config`]'s TLS 1.3 and suites with
+/// ALPN `tether-agent/1`, and no half-RTT data (the agent speaks first).
+pub fn agent_server_config(
+    cert_chain_pem: &Path,
+    key_pem: &Path,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let mut config = Arc::unwrap_or_clone(server_config(
+        cert_chain_pem,
+        key_pem,
+        &TlsOptions::default(),
+    )?);
+    config.send_half_rtt_data = false;
+    config.alpn_protocols = vec![AGENT_ALPN.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// An agent's client config for a TLS agent link: [`client_config`] trusting `ca_pem`, with
+/// ALPN `tether-agent/1`.
+pub fn agent_client_config(ca_pem: &Path) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let mut config = Arc::unwrap_or_clone(client_config(ca_pem, &ClientTlsOptions::default())?);
+    config.alpn_protocols = vec![AGENT_ALPN.to_vec()];
+    Ok(Arc::new(config))
+}
+
 /// Client TLS options.
 #[derive(Debug, Clone)]
 pub struct ClientTlsOptions {
@@ -1078,6 +1105,29 @@ mod tests {
         };
         let e = server_config(&pki.server_cert, &pki.server_key, &opts).unwrap_err();
         assert!(e.to_string().contains("devca.pem"), "{e}");
+    }
+
+    #[test]
+    fn agent_configs_speak_their_own_alpn() {
+        let dir = TestDir::new("tls-agent");
+        let pki = DevPki::ensure(dir.path()).unwrap();
+        let server = agent_server_config(&pki.server_cert, &pki.server_key).unwrap();
+        let client = agent_client_config(&pki.ca_cert).unwrap();
+        let (c, s) = connect(&client, &server);
+        assert_eq!(c.alpn_protocol(), Some(AGENT_ALPN));
+        assert_eq!(s.alpn_protocol(), Some(AGENT_ALPN));
+        assert_eq!(c.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_3));
+
+        // A device client (ALPN tether/1) is refused by the agent port's config.
+        let device = client_config(&pki.ca_cert, &ClientTlsOptions::default()).unwrap();
+        let mut c =
+            ClientConnection::new(device, ServerName::try_from("localhost").unwrap()).unwrap();
+        let mut s = ServerConnection::new(server).unwrap();
+        let mut hello = Vec::new();
+        c.write_tls(&mut hello).unwrap();
+        s.read_tls(&mut &hello[..]).unwrap();
+        let e = s.process_new_packets().unwrap_err();
+        assert_eq!(e, rustls::Error::NoApplicationProtocol);
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! Messages both ways between a device and an agent, end to end acknowledged, plus presence
-//! and the agent token check.
+//! Messages both ways between a device and an agent (plain TCP and TLS agent link), end to
+//! end acknowledged, plus presence and the agent token check.
 
 mod common;
 
@@ -15,7 +15,17 @@ const T: Duration = Duration::from_secs(5);
 
 #[test]
 fn messages_flow_both_ways_through_an_agent() {
-    let s = Server::start(20, &[]);
+    messages_flow_both_ways(&[]);
+}
+
+/// The same over the agent link's TLS (`--agent-tls`; the harness's agent is rustls' client).
+#[test]
+fn messages_flow_both_ways_through_a_tls_agent() {
+    messages_flow_both_ways(&["--agent-tls"]);
+}
+
+fn messages_flow_both_ways(extra: &[&str]) {
+    let s = Server::start(20, extra);
     let mut agent = Agent::attach(&s);
     assert!(matches!(agent.recv(T), Some(Message::AgentWelcome { .. })));
     let mut d = s.device(7);

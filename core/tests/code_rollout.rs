@@ -145,7 +145,7 @@ fn corrupt_transfer_is_rejected_and_retried() {
 fn bad_deploys_get_clear_errors() {
     let s = Server::start(2, &["--max-code-size", "1000"]);
     let err = |group: &str, blob: &[u8]| {
-        tether_core::deploy::deploy(s.admin, group, blob)
+        tether_core::deploy::deploy(s.admin, Some(&s.admin_token), group, blob)
             .unwrap_err()
             .to_string()
     };

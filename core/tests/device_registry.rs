@@ -89,21 +89,21 @@ fn added_device_connects_and_revoked_device_is_closed_and_refused() {
     let s = Server::start(4, &["--shards", "2"]);
     let mut agent = attached_agent(&s);
     let id = 1000;
-    let r = devices::add(s.admin, id, "lamps").unwrap();
+    let r = devices::add(s.admin, Some(&s.admin_token), id, "lamps").unwrap();
     assert_eq!((r.id, r.group.as_str()), (id, "lamps"));
     assert_eq!(r.shard, Some(home_shard(DeviceId(id), 2)));
     let mut d = connect(&s, id, key(&r), 4);
     assert!(d.established(), "{:?}", d.events);
 
     // show and list see it online, on its home shard, running the version its Hello named.
-    let info = devices::show(s.admin, id).unwrap();
+    let info = devices::show(s.admin, Some(&s.admin_token), id).unwrap();
     assert_eq!(info.group, "lamps");
     assert_eq!(info.online, Some(true));
     assert_eq!(info.shard, Some(home_shard(DeviceId(id), 2)));
     assert_eq!(info.code_version, Some(4));
     let seen = info.last_seen_ms.expect("an online device was heard from");
     assert!(now_ms().abs_diff(seen) < 10_000, "last seen {seen}");
-    let list = devices::list(s.admin).unwrap();
+    let list = devices::list(s.admin, Some(&s.admin_token)).unwrap();
     assert_eq!(list.devices.len(), 5);
     let row = list.devices.iter().find(|d| d.id == id).unwrap();
     assert_eq!((row.group.as_str(), row.online), ("lamps", Some(true)));
@@ -118,7 +118,7 @@ fn added_device_connects_and_revoked_device_is_closed_and_refused() {
     send(&mut agent, id, 9);
     std::thread::sleep(Duration::from_millis(200));
     let start = Instant::now();
-    let rv = devices::revoke(s.admin, id).unwrap();
+    let rv = devices::revoke(s.admin, Some(&s.admin_token), id).unwrap();
     assert!(rv.was_online);
     assert_eq!(rv.undelivered, 1);
     assert!(
@@ -141,9 +141,12 @@ fn added_device_connects_and_revoked_device_is_closed_and_refused() {
     // A new connect with the (still correct) key is refused like an unknown device's.
     let mut again = connect(&s, id, key(&r), 4);
     assert!(refused(&mut again), "{:?}", again.events);
-    assert_eq!(status(devices::show(s.admin, id).unwrap_err()).0, 404);
     assert_eq!(
-        status(devices::revoke(s.admin, id).unwrap_err()),
+        status(devices::show(s.admin, Some(&s.admin_token), id).unwrap_err()).0,
+        404
+    );
+    assert_eq!(
+        status(devices::revoke(s.admin, Some(&s.admin_token), id).unwrap_err()),
         (404, "unknown device 1000".into())
     );
     // A send to it now is answered unknown device too.
@@ -176,7 +179,7 @@ fn a_provisioned_device_revoked_is_refused_and_offline_details_stay() {
     );
     send(&mut agent, 2, 5);
     assert_eq!(send_result(&mut agent, 5), Some(SendStatus::Offline));
-    let list = devices::list(s.admin).unwrap();
+    let list = devices::list(s.admin, Some(&s.admin_token)).unwrap();
     assert!(
         list.devices.iter().all(|d| d.online == Some(false)),
         "{list:?}"
@@ -184,7 +187,7 @@ fn a_provisioned_device_revoked_is_refused_and_offline_details_stay() {
     // Offline now: show keeps when the session ended and the code it ran.
     let end = Instant::now() + T;
     let info: DeviceInfo = loop {
-        let i = devices::show(s.admin, 2).unwrap();
+        let i = devices::show(s.admin, Some(&s.admin_token), 2).unwrap();
         if i.online == Some(false) || Instant::now() > end {
             break i;
         }
@@ -194,15 +197,15 @@ fn a_provisioned_device_revoked_is_refused_and_offline_details_stay() {
     assert_eq!(info.code_version, Some(0));
     assert!(now_ms().abs_diff(info.last_seen_ms.unwrap()) < 10_000);
     // Never connected: nothing known but the group.
-    let never = devices::show(s.admin, 3).unwrap();
+    let never = devices::show(s.admin, Some(&s.admin_token), 3).unwrap();
     assert_eq!((never.code_version, never.last_seen_ms), (None, None));
 
-    let rv = devices::revoke(s.admin, 2).unwrap();
+    let rv = devices::revoke(s.admin, Some(&s.admin_token), 2).unwrap();
     assert!(!rv.was_online);
     let key = s.registry.get(DeviceId(2)).unwrap().key.clone();
     let mut again = connect(&s, 2, key, 0);
     assert!(refused(&mut again), "{:?}", again.events);
-    let ids: Vec<u64> = devices::list(s.admin)
+    let ids: Vec<u64> = devices::list(s.admin, Some(&s.admin_token))
         .unwrap()
         .devices
         .iter()
@@ -214,18 +217,18 @@ fn a_provisioned_device_revoked_is_refused_and_offline_details_stay() {
 #[test]
 fn the_written_registry_reloads_identically_after_a_restart() {
     let s = Server::start(6, &["--shards", "2"]);
-    let added = devices::add(s.admin, 50, "meters").unwrap();
-    devices::add(s.admin, 51, "lamps").unwrap();
-    devices::revoke(s.admin, 51).unwrap();
-    devices::revoke(s.admin, 3).unwrap();
-    let before = devices::list(s.admin).unwrap();
+    let added = devices::add(s.admin, Some(&s.admin_token), 50, "meters").unwrap();
+    devices::add(s.admin, Some(&s.admin_token), 51, "lamps").unwrap();
+    devices::revoke(s.admin, Some(&s.admin_token), 51).unwrap();
+    devices::revoke(s.admin, Some(&s.admin_token), 3).unwrap();
+    let before = devices::list(s.admin, Some(&s.admin_token)).unwrap();
     let path = s.dir.join("devices.csv");
     let mode =
         std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&path).unwrap().permissions());
     assert_eq!(mode & 0o777, 0o600, "the registry holds keys");
 
     let s = s.restart(&["--shards", "2"]);
-    let after = devices::list(s.admin).unwrap();
+    let after = devices::list(s.admin, Some(&s.admin_token)).unwrap();
     assert_eq!(after, before);
     assert_eq!(after.devices.len(), 6);
     // Keys survive: the added device connects with the key `add` printed, and the revoked
@@ -242,36 +245,48 @@ fn a_group_created_by_add_follows_deploys() {
     // A deploy to a group with no device yet, then a device added to it: it gets the code.
     let r = s.deploy("fresh", b"code for a group that has no device yet");
     assert_eq!((r.version, r.devices), (1, 0));
-    let added = devices::add(s.admin, 70, "fresh").unwrap();
+    let added = devices::add(s.admin, Some(&s.admin_token), 70, "fresh").unwrap();
     let mut d = connect(&s, 70, key(&added), 0);
     assert!(d.established(), "{:?}", d.events);
     assert!(d.until_running(CodeVersion(1), T), "{:?}", d.code_updates);
     // The group sizes in deploy reports follow adds and revokes.
-    devices::add(s.admin, 71, "fresh").unwrap();
+    devices::add(s.admin, Some(&s.admin_token), 71, "fresh").unwrap();
     assert_eq!(s.deploy("fresh", b"v2").devices, 2);
-    devices::revoke(s.admin, 71).unwrap();
+    devices::revoke(s.admin, Some(&s.admin_token), 71).unwrap();
     assert_eq!(s.deploy("fresh", b"v3").devices, 1);
     // show reports the version it installed, not the one it connected with.
     assert!(d.until_running(CodeVersion(3), T), "{:?}", d.code_updates);
     let end = Instant::now() + T;
-    while devices::show(s.admin, 70).unwrap().code_version != Some(3) && Instant::now() < end {
+    while devices::show(s.admin, Some(&s.admin_token), 70)
+        .unwrap()
+        .code_version
+        != Some(3)
+        && Instant::now() < end
+    {
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(devices::show(s.admin, 70).unwrap().code_version, Some(3));
+    assert_eq!(
+        devices::show(s.admin, Some(&s.admin_token), 70)
+            .unwrap()
+            .code_version,
+        Some(3)
+    );
 }
 
 #[test]
 fn bad_input_gets_clear_errors() {
     let s = Server::start(2, &[]);
-    let (st, msg) = status(devices::add(s.admin, 1, "lamps").unwrap_err());
+    let (st, msg) = status(devices::add(s.admin, Some(&s.admin_token), 1, "lamps").unwrap_err());
     assert_eq!(
         (st, msg.as_str()),
         (409, "device 1 is already registered (group default)")
     );
-    let (st, msg) = status(devices::add(s.admin, 9, "no spaces").unwrap_err());
+    let (st, msg) =
+        status(devices::add(s.admin, Some(&s.admin_token), 9, "no spaces").unwrap_err());
     assert_eq!(st, 400);
     assert!(msg.starts_with("bad group name \"no spaces\""), "{msg}");
-    let (st, msg) = status(devices::add(s.admin, 9, &"g".repeat(33)).unwrap_err());
+    let (st, msg) =
+        status(devices::add(s.admin, Some(&s.admin_token), 9, &"g".repeat(33)).unwrap_err());
     assert!(st == 400 && msg.starts_with("bad group name"), "{msg}");
     for (method, path, body, want_status, want) in [
         ("POST", "/devices", &b"{not json"[..], 400, "bad body"),
@@ -297,13 +312,19 @@ fn bad_input_gets_clear_errors() {
         ("DELETE", "/devices", b"", 405, "answers GET and POST"),
         ("POST", "/devices/1/rename", b"", 404, "no such endpoint"),
     ] {
-        let (got, text) = admin_request(s.admin, method, path, body).unwrap();
+        let (got, text) = admin_request(s.admin, Some(&s.admin_token), method, path, body).unwrap();
         let text = String::from_utf8_lossy(&text);
         assert_eq!(got, want_status, "{method} {path}: {text}");
         assert!(text.contains(want), "{method} {path}: {text:?}");
     }
     // Nothing of that changed the registry.
-    assert_eq!(devices::list(s.admin).unwrap().devices.len(), 2);
+    assert_eq!(
+        devices::list(s.admin, Some(&s.admin_token))
+            .unwrap()
+            .devices
+            .len(),
+        2
+    );
 }
 
 fn tether(args: &[&str]) -> Output {

@@ -145,7 +145,10 @@ fn reload_to_a_new_ca(mode: &str) {
     assert_eq!(report.shards, 2);
     assert_eq!(report.cert, s.cert.display().to_string());
     assert!(!report.new_ticket_key, "no device CA: the ticket key stays");
-    assert_eq!(s.server.log_lines("TLS reloaded (POST /reload)").len(), 1);
+    assert_eq!(
+        s.server.wait_log("TLS reloaded (POST /reload)", 1, T).len(),
+        1
+    );
 
     // New connections present the new certificate: the new CA verifies it, the old does not.
     s.server.tls_handshake(trusting(&s.new)).unwrap();
@@ -313,11 +316,12 @@ fn sighup_reloads_the_dev_certificate_like_post_reload() {
 fn reload_answers_only_post() {
     let server = Server::start(1, &["--shards", "1"]);
     let (status, body) =
-        tether_core::admin::admin_request(server.admin, "GET", "/reload", b"").unwrap();
+        tether_core::admin::admin_request(server.admin, None, "GET", "/reload", b"").unwrap();
     assert_eq!(status, 405, "{}", String::from_utf8_lossy(&body));
     // `tether reload` is the same request.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_tether"))
         .args(["reload", "--admin", &server.admin.to_string()])
+        .args(["--data-dir", server.dir.to_str().unwrap()])
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");

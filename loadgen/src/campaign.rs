@@ -114,6 +114,9 @@ pub struct ServerSpec {
     /// Admin/metrics endpoint (spawn default 127.0.0.1:7402).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub admin_address: Option<SocketAddr>,
+    /// The agent link speaks TLS (a spawned server gets `--agent-tls`; the simulated agents
+    /// connect over TLS, trusting the data directory's `tls/ca.pem`). Default: plain TCP.
+    pub agent_tls: bool,
     /// Data directory of a spawned server (default: a fresh temporary directory). Spawn only.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data_dir: Option<PathBuf>,

@@ -36,17 +36,19 @@ fn free_port() -> u16 {
         .expect("an ephemeral port")
 }
 
+/// Detached device TLS, and the agent link over TLS (`server.agent_tls`).
 #[test]
 fn tiny_campaign_runs_clean_detached() {
-    tiny_campaign_runs_clean("detached");
+    tiny_campaign_runs_clean("detached", true);
 }
 
+/// Buffered device TLS, and the agent link over plain TCP (the default).
 #[test]
 fn tiny_campaign_runs_clean_buffered() {
-    tiny_campaign_runs_clean("buffered");
+    tiny_campaign_runs_clean("buffered", false);
 }
 
-fn tiny_campaign_runs_clean(tls_state: &str) {
+fn tiny_campaign_runs_clean(tls_state: &str, agent_tls: bool) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let report = std::env::temp_dir().join(format!(
         "loadgen-tiny-{tls_state}-{}.json",
@@ -60,6 +62,7 @@ fn tiny_campaign_runs_clean(tls_state: &str) {
         .args(["--set", &addr("agent_address")])
         .args(["--set", &addr("admin_address")])
         .args(["--set", &format!("tls_state={tls_state}")])
+        .args(["--set", &format!("server.agent_tls={agent_tls}")])
         .arg("--tether-bin")
         .arg(tether_bin())
         .arg("--report")
@@ -75,6 +78,7 @@ fn tiny_campaign_runs_clean(tls_state: &str) {
     let v: serde_json::Value = serde_json::from_str(&text).expect("report is JSON");
     assert_eq!(v["errors_total"], 0, "{stdout}");
     assert_eq!(v["connections"]["peak"], 200, "{stdout}");
+    assert_eq!(v["campaign"]["server"]["agent_tls"], agent_tls, "{stdout}");
     for m in [
         "connect",
         "tls_handshake",

@@ -1,6 +1,8 @@
-//! The agent link: cloud-side agents attach over plain TCP (loopback by default) with the
-//! token from the data directory, then send to devices and receive every device message and
-//! presence change. Agents are few, so each gets a task (unlike devices).
+//! The agent link: cloud-side agents attach over plain TCP (loopback only) or, with
+//! `--agent-tls`, TLS 1.3 (ALPN `tether-agent/1`), with the token from the data directory
+//! (checked in constant time), then send to devices and receive every device message and
+//! presence change. Agents are few, so each gets a task (unlike devices), and a second task
+//! writes its outbound queue; the TLS handshake and the `AgentHello` each have 5 s.
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -8,7 +10,7 @@ use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use glommio::net::TcpStream;
 use tether_protocol::codec::{DEFAULT_AGENT_MAX_FRAME, FrameDecoder};
 use tether_protocol::message::ErrorCode;
@@ -23,6 +25,9 @@ use crate::metrics::ErrorKind;
 /// Most bytes queued towards one agent; past it, frames are dropped (and counted). Dropped
 /// `Deliver`s stay unacknowledged at the device, which resends them.
 const AGENT_QUEUE_LIMIT: usize = 8 * 1024 * 1024;
+
+/// Time for the TLS handshake, and then again for the `AgentHello`.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The outbound queue of one attached agent.
 pub(crate) struct AgentOut {
@@ -79,7 +84,7 @@ impl AgentOut {
 }
 
 async fn read_frame(
-    stream: &mut TcpStream,
+    stream: &mut (impl AsyncRead + Unpin),
     dec: &mut FrameDecoder,
     buf: &mut [u8],
 ) -> Result<Option<Message>, String> {
@@ -97,23 +102,45 @@ async fn read_frame(
     }
 }
 
-async fn send_error(stream: &mut TcpStream, code: ErrorCode, text: String) {
+async fn send_error(stream: &mut (impl AsyncWrite + Unpin), code: ErrorCode, text: String) {
     let mut b = BytesMut::new();
     let _ = Message::Error {
         code,
         message: Bytes::from(text),
     }
     .encode(&mut b);
-    let _ = stream.write_all(&b).await;
+    if stream.write_all(&b).await.is_ok() {
+        let _ = stream.flush().await;
+    }
 }
 
-/// Serves one agent connection until it leaves.
-pub(crate) async fn serve_agent(shard: Rc<RefCell<Shard>>, mut stream: TcpStream) {
+/// Serves one agent connection until it leaves: over TLS when the server has an agent TLS
+/// config, else plain TCP. A failed or slow TLS handshake is counted as a TLS error and the
+/// connection closed (rustls sends its alert first).
+pub(crate) async fn serve_agent(shard: Rc<RefCell<Shard>>, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
+    let tls = shard.borrow().ctx.agent_tls.clone();
+    let Some(config) = tls else {
+        return serve_link(shard, stream).await;
+    };
+    let acceptor = futures_rustls::TlsAcceptor::from(config);
+    let accepted =
+        glommio::timer::timeout(HELLO_TIMEOUT, async { Ok(acceptor.accept(stream).await) }).await;
+    match accepted {
+        Ok(Ok(tls)) => serve_link(shard, tls).await,
+        Ok(Err(_)) | Err(_) => shard.borrow_mut().metrics.error(ErrorKind::Tls),
+    }
+}
+
+/// The agent protocol over an established stream (plain or TLS).
+async fn serve_link<S>(shard: Rc<RefCell<Shard>>, mut stream: S)
+where
+    S: AsyncRead + AsyncWrite + Unpin + 'static,
+{
     let mut dec = FrameDecoder::new(DEFAULT_AGENT_MAX_FRAME);
     let mut buf = vec![0u8; 64 * 1024];
     // AgentHello within 5 s, with the right token.
-    let hello = glommio::timer::timeout(Duration::from_secs(5), async {
+    let hello = glommio::timer::timeout(HELLO_TIMEOUT, async {
         Ok(read_frame(&mut stream, &mut dec, &mut buf).await)
     })
     .await;
@@ -178,23 +205,22 @@ pub(crate) async fn serve_agent(shard: Rc<RefCell<Shard>>, mut stream: TcpStream
         agent,
         server_time_ms: now_ms(),
     });
-    // The writer drains the queue; the reader handles frames until the agent leaves.
-    let writer_stream = match stream.as_raw_fd_dup() {
-        Some(s) => s,
-        None => return,
-    };
+    // The writer drains the queue; the reader handles frames until the agent leaves. Each half
+    // holds the stream only while it is polled (one thread: the two never contend).
+    let (mut reader, mut w) = futures_lite::io::split(stream);
     let writer_out = out.clone();
     let writer = glommio::spawn_local(async move {
-        let mut w = writer_stream;
         while let Some(batch) = writer_out.next_batch().await {
-            if w.write_all(&batch).await.is_err() {
-                break;
+            if w.write_all(&batch).await.is_err() || w.flush().await.is_err() {
+                return;
             }
         }
+        // The agent is leaving: TLS close_notify, then the TCP FIN.
+        let _ = w.close().await;
     })
     .detach();
     loop {
-        match read_frame(&mut stream, &mut dec, &mut buf).await {
+        match read_frame(&mut reader, &mut dec, &mut buf).await {
             Ok(Some(Message::Deploy { group, blob })) => {
                 shard.borrow_mut().metrics.msgs_in += 1;
                 agent_deploy(&shard, out.clone(), group, blob);
@@ -282,20 +308,6 @@ async fn submit_deploy(
                 glommio::timer::sleep(Duration::from_millis(5)).await
             }
         }
-    }
-}
-
-/// A second handle on the same socket, so reading and writing can run in two tasks.
-trait DupStream {
-    fn as_raw_fd_dup(&self) -> Option<TcpStream>;
-}
-
-impl DupStream for TcpStream {
-    fn as_raw_fd_dup(&self) -> Option<TcpStream> {
-        use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
-        let fd = super::dup(self.as_raw_fd())?;
-        // SAFETY: the duplicate descriptor is ours alone.
-        Some(unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) })
     }
 }
 

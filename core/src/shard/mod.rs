@@ -960,13 +960,6 @@ fn peer_ip(fd: &OwnedFd) -> Option<std::net::IpAddr> {
         .map(|a| a.ip())
 }
 
-fn dup(fd: i32) -> Option<OwnedFd> {
-    // SAFETY: dup on a descriptor we hold open; the result, if valid, is ours alone.
-    let new = unsafe { libc::dup(fd) };
-    // SAFETY: `new` is a fresh descriptor owned by nobody else.
-    (new >= 0).then(|| unsafe { OwnedFd::from_raw_fd(new) })
-}
-
 pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

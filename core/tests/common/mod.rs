@@ -1,5 +1,6 @@
 //! Test harness: a `tether serve` child process on free loopback ports, a blocking TLS device
-//! client driving the protocol crate's device session, and a plain-TCP agent client.
+//! client driving the protocol crate's device session, and an agent client over plain TCP or
+//! TLS (rustls' own client).
 #![allow(dead_code)] // reason: each test file uses a different part of the harness
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -30,6 +31,10 @@ pub struct Server {
     pub devices: SocketAddr,
     pub agents: SocketAddr,
     pub admin: SocketAddr,
+    /// The admin token (`admin.token`'s hex).
+    pub admin_token: String,
+    /// Started with `--agent-tls`: [`Agent::attach`] speaks TLS.
+    pub agent_tls: bool,
     pub registry: Registry,
     pub tls: Arc<rustls::ClientConfig>,
     pub stderr: Arc<std::sync::Mutex<Vec<String>>>,
@@ -119,10 +124,12 @@ impl Server {
         let keep = lines.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("listening") {
+                let listening = line.contains("listening");
+                // Kept before the start is reported, so a test sees the `listening` line.
+                keep.lock().unwrap().push(line);
+                if listening {
                     let _ = tx.send(());
                 }
-                keep.lock().unwrap().push(line);
             }
         });
         if rx.recv_timeout(Duration::from_secs(20)).is_err() {
@@ -138,12 +145,15 @@ impl Server {
             tether_core::tls::DevPki::ensure(&dir).unwrap();
         }
         let tls = client_config(&ca, &ClientTlsOptions::default()).unwrap();
+        let admin_token = tether_core::admin::read_admin_token(&dir).unwrap();
         Ok(Server {
             child,
             dir,
             devices,
             agents,
             admin,
+            admin_token,
+            agent_tls: extra.contains(&"--agent-tls"),
             registry,
             tls,
             stderr: lines,
@@ -173,15 +183,15 @@ impl Server {
     }
 
     pub fn rollout(&self) -> tether_core::deploy::RolloutStatus {
-        tether_core::deploy::fetch_rollout(self.admin).unwrap()
+        tether_core::deploy::fetch_rollout(self.admin, Some(&self.admin_token)).unwrap()
     }
 
     pub fn deploy(&self, group: &str, blob: &[u8]) -> tether_core::deploy::DeployReport {
-        tether_core::deploy::deploy(self.admin, group, blob).unwrap()
+        tether_core::deploy::deploy(self.admin, Some(&self.admin_token), group, blob).unwrap()
     }
 
     pub fn stats(&self) -> tether_core::metrics::MetricsSnapshot {
-        tether_core::admin::fetch_stats(self.admin).unwrap()
+        tether_core::admin::fetch_stats(self.admin, Some(&self.admin_token)).unwrap()
     }
 
     /// A device whose TLS uses `tls` (another CA, a client certificate) instead of the
@@ -192,8 +202,14 @@ impl Server {
 
     /// `POST /reload` on the admin port: the status and the body.
     pub fn reload(&self) -> (u16, String) {
-        let (status, body) =
-            tether_core::admin::admin_request(self.admin, "POST", "/reload", b"").unwrap();
+        let (status, body) = tether_core::admin::admin_request(
+            self.admin,
+            Some(&self.admin_token),
+            "POST",
+            "/reload",
+            b"",
+        )
+        .unwrap();
         (status, String::from_utf8_lossy(&body).into_owned())
     }
 
@@ -503,10 +519,31 @@ impl Device {
     }
 }
 
-/// A blocking agent over the plain-TCP agent link.
+/// A byte stream an agent speaks over: a socket, or rustls' client over one.
+pub trait Link: Read + Write + Send {}
+impl<T: Read + Write + Send> Link for T {}
+
+/// A blocking agent over the agent link (TLS when the server has `--agent-tls`).
 pub struct Agent {
-    pub sock: TcpStream,
+    link: Box<dyn Link>,
     dec: FrameDecoder,
+}
+
+/// The TLS handshake towards a `--agent-tls` port, done before the first frame (with a
+/// 5 s read timeout, so a slow server is not taken for a broken one).
+pub fn agent_tls_stream(
+    server: &Server,
+) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+    let mut sock = TcpStream::connect(server.agents).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let config = tether_core::tls::agent_client_config(&server.dir.join("tls/ca.pem")).unwrap();
+    let mut conn = rustls::ClientConnection::new(config, "localhost".try_into().unwrap()).unwrap();
+    while conn.is_handshaking() {
+        conn.complete_io(&mut sock).unwrap();
+    }
+    sock.set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    rustls::StreamOwned::new(conn, sock)
 }
 
 impl Agent {
@@ -516,11 +553,16 @@ impl Agent {
     }
 
     pub fn attach_with(server: &Server, token: &[u8]) -> Agent {
-        let sock = TcpStream::connect(server.agents).unwrap();
-        sock.set_read_timeout(Some(Duration::from_millis(50)))
-            .unwrap();
+        let link: Box<dyn Link> = if server.agent_tls {
+            Box::new(agent_tls_stream(server))
+        } else {
+            let sock = TcpStream::connect(server.agents).unwrap();
+            sock.set_read_timeout(Some(Duration::from_millis(50)))
+                .unwrap();
+            Box::new(sock)
+        };
         let mut a = Agent {
-            sock,
+            link,
             dec: FrameDecoder::new(DEFAULT_AGENT_MAX_FRAME),
         };
         a.send(&Message::AgentHello {
@@ -534,7 +576,8 @@ impl Agent {
     pub fn send(&mut self, m: &Message) {
         let mut b = BytesMut::new();
         m.encode(&mut b).unwrap();
-        self.sock.write_all(&b).unwrap();
+        self.link.write_all(&b).unwrap();
+        self.link.flush().unwrap();
     }
 
     /// The next frame within `d`, if any.
@@ -548,7 +591,7 @@ impl Agent {
             if Instant::now() >= end {
                 return None;
             }
-            match self.sock.read(&mut buf) {
+            match self.link.read(&mut buf) {
                 Ok(0) => return None,
                 Ok(n) => self.dec.push(&buf[..n]),
                 Err(_) => {}

@@ -1,6 +1,7 @@
-//! A simulated agent on the agent link (plain TCP, the protocol's frame codec): delivers
-//! device→agent latencies, echoes round trips back to their device, and sends agent→device
-//! messages on an open-loop timetable over its share of the devices.
+//! A simulated agent on the agent link (plain TCP, or TLS with `server.agent_tls`; the
+//! protocol's frame codec): delivers device→agent latencies, echoes round trips back to their
+//! device, and sends agent→device messages on an open-loop timetable over its share of the
+//! devices.
 
 use std::io;
 use std::rc::Rc;
@@ -9,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures_lite::future;
-use futures_lite::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use futures_lite::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use glommio::net::TcpStream;
 use tether_protocol::codec::{DEFAULT_AGENT_MAX_FRAME, FrameDecoder};
 use tether_protocol::message::SendStatus;
@@ -31,11 +32,8 @@ enum Wake {
 pub async fn run(ctx: Rc<ShardCtx>, slot: usize, agent: usize) {
     let sh = ctx.shared.clone();
     let Some(addr) = sh.agent_server else { return };
-    let tl = sh.timeline;
-    let m = &sh.campaign.messages;
-    let agents = m.agents.max(1) as usize;
     let deadline = Instant::now() + Duration::from_secs(10);
-    let mut stream = match until(deadline, TcpStream::connect(addr)).await {
+    let stream = match until(deadline, TcpStream::connect(addr)).await {
         Some(Ok(s)) => s,
         Some(Err(e)) => {
             ctx.error(&kind_of(&io::Error::from(e), "agent_connect"));
@@ -47,6 +45,26 @@ pub async fn run(ctx: Rc<ShardCtx>, slot: usize, agent: usize) {
         }
     };
     let _ = stream.set_nodelay(true);
+    let Some(config) = sh.agent_tls.clone() else {
+        return link(ctx, slot, agent, stream, deadline).await;
+    };
+    let connector = futures_rustls::TlsConnector::from(config);
+    match until(deadline, connector.connect(sh.server_name.clone(), stream)).await {
+        Some(Ok(tls)) => link(ctx, slot, agent, tls, deadline).await,
+        Some(Err(e)) => ctx.error(&kind_of(&e, "agent_tls")),
+        None => ctx.error("agent_tls_timeout"),
+    }
+}
+
+/// The agent protocol over a connected stream (plain or TLS), until the end of the run.
+async fn link<S>(ctx: Rc<ShardCtx>, slot: usize, agent: usize, mut stream: S, deadline: Instant)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let sh = ctx.shared.clone();
+    let tl = sh.timeline;
+    let m = &sh.campaign.messages;
+    let agents = m.agents.max(1) as usize;
     let mut out = BytesMut::new();
     let _ = Message::AgentHello {
         version: PROTOCOL_VERSION,
@@ -56,11 +74,10 @@ pub async fn run(ctx: Rc<ShardCtx>, slot: usize, agent: usize) {
     .encode(&mut out);
     let mut decoder = FrameDecoder::new(DEFAULT_AGENT_MAX_FRAME);
     let mut buf = vec![0u8; 64 * 1024];
-    if let Err(e) = stream.write_all(&out).await {
+    if let Err(e) = write_out(&mut stream, &mut out).await {
         ctx.error(&kind_of(&e, "agent_write"));
         return;
     }
-    out.clear();
     // Wait for AgentWelcome (bounded by the deadline).
     let welcomed = until(deadline, async {
         loop {
@@ -96,11 +113,10 @@ pub async fn run(ctx: Rc<ShardCtx>, slot: usize, agent: usize) {
     // Bounded: the loop ends at `tl.end`, on stop, or when the link fails.
     loop {
         if !out.is_empty() {
-            if let Err(e) = stream.write_all(&out).await {
+            if let Err(e) = write_out(&mut stream, &mut out).await {
                 ctx.error(&kind_of(&e, "agent_write"));
                 return;
             }
-            out.clear();
         }
         let wake_at = a2d
             .peek()
@@ -166,6 +182,15 @@ pub async fn run(ctx: Rc<ShardCtx>, slot: usize, agent: usize) {
             Wake::Stop => return,
         }
     }
+}
+
+/// Writes and flushes what `out` holds (a TLS stream sends its records on flush), then empties
+/// it.
+async fn write_out(stream: &mut (impl AsyncWrite + Unpin), out: &mut BytesMut) -> io::Result<()> {
+    stream.write_all(out).await?;
+    stream.flush().await?;
+    out.clear();
+    Ok(())
 }
 
 fn on_message(ctx: &ShardCtx, msg: Message, now: Instant, out: &mut BytesMut, tag: &mut u64) {

@@ -55,7 +55,8 @@ pub const CPU_SAMPLE: Duration = Duration::from_millis(100);
 pub struct RunOptions {
     /// The `tether` binary for `server.spawn` (default: next to loadgen's executable).
     pub tether_bin: Option<PathBuf>,
-    /// Data directory of an already-running server (devices.csv, tls/ca.pem, agent.token).
+    /// Data directory of an already-running server (devices.csv, tls/ca.pem, agent.token, and
+    /// admin.token for deploy steps).
     pub data_dir: Option<PathBuf>,
     /// Print the once-a-second progress line to stderr.
     pub progress: bool,
@@ -166,6 +167,12 @@ fn run_against(
             "deploy steps need the server's admin endpoint: set server.admin_address",
         ));
     }
+    // Deploys change state: the admin endpoint wants its token.
+    let admin_token = if c.deploy.is_empty() {
+        None
+    } else {
+        Some(tether_core::admin::read_admin_token(data_dir).map_err(|e| setup(e.to_string()))?)
+    };
     let registry =
         Registry::load(&data_dir.join("devices.csv")).map_err(|e| setup(e.to_string()))?;
     let mut devices: Vec<DeviceIdent> = registry
@@ -199,6 +206,11 @@ fn run_against(
     )
     .map_err(|e| setup(e.to_string()))?;
     let uses_agents = c.messages.uses_agents();
+    let agent_tls = if uses_agents && c.server.agent_tls {
+        Some(tether_core::tls::agent_client_config(&ca).map_err(|e| setup(e.to_string()))?)
+    } else {
+        None
+    };
     let agent_token = if uses_agents {
         let p = data_dir.join("agent.token");
         std::fs::read_to_string(&p)
@@ -270,6 +282,7 @@ fn run_against(
             None
         },
         agent_token,
+        agent_tls,
         tls,
         server_name: ServerName::try_from("localhost")
             .map_err(|e| setup(e.to_string()))?
@@ -325,12 +338,18 @@ fn run_against(
                 && !shared.abort.load(Ordering::Relaxed)
             {
                 let (addr, tx) = (admin.expect("checked above"), deploy_tx.clone());
+                let token = admin_token.clone();
                 let path = format!("/deploy?group={}", query_escape(&d.group));
                 let blob = blob(d.size_bytes, k as u64);
                 deployed[k] = Some(Instant::now());
                 std::thread::spawn(move || {
-                    let answer = match tether_core::admin::admin_request(addr, "POST", &path, &blob)
-                    {
+                    let answer = match tether_core::admin::admin_request(
+                        addr,
+                        token.as_deref(),
+                        "POST",
+                        &path,
+                        &blob,
+                    ) {
                         Ok((status, _)) if (200..300).contains(&status) => return,
                         Ok((status, body)) => {
                             format!("HTTP {status}: {}", String::from_utf8_lossy(&body).trim())

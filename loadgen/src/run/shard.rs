@@ -89,6 +89,8 @@ pub struct Shared {
     pub agent_server: Option<SocketAddr>,
     /// The agent token (trimmed file content).
     pub agent_token: Vec<u8>,
+    /// The agent link's TLS client config (`server.agent_tls`); `None`: plain TCP.
+    pub agent_tls: Option<Arc<rustls::ClientConfig>>,
     /// TLS client config shared by all devices (its ticket pool makes resumption work).
     pub tls: Arc<rustls::ClientConfig>,
     /// TLS server name.

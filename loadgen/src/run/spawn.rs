@@ -124,6 +124,9 @@ impl ServerProcess {
         if let Some(n) = s.shards {
             cmd.arg("--shards").arg(n.to_string());
         }
+        if s.agent_tls {
+            cmd.arg("--agent-tls");
+        }
         cmd.args(&s.extra_args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
