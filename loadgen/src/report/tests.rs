@@ -80,6 +80,7 @@ fn report() -> Report {
             server_s: Some(0.125),
             loadgen_s: Some(0.0625),
         },
+        attacks: Vec::new(),
         ramp_connects: 1000,
     })
 }
@@ -146,6 +147,7 @@ fn optional_parts_are_left_out() {
         resumed: 0,
         cpu_total: CpuSpent::default(),
         cpu_ramp: CpuSpent::default(),
+        attacks: Vec::new(),
         ramp_connects: 0,
     });
     let v: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();

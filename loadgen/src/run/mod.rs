@@ -12,6 +12,7 @@
 //! the exact instants the shards reported (see [`crate::report`]).
 
 mod agent;
+mod attack;
 mod device;
 mod driver;
 mod net;
@@ -198,6 +199,18 @@ fn run_against(
         },
     )
     .map_err(|e| setup(e.to_string()))?;
+    // Attackers keep no tickets and extract no secrets.
+    let attack_tls = if c.attack.is_empty() {
+        None
+    } else {
+        let opts = ClientTlsOptions {
+            pq_kx: false,
+            session_tickets: 0,
+            session_store: None,
+            secret_extraction: false,
+        };
+        Some(client_config(&ca, &opts).map_err(|e| setup(e.to_string()))?)
+    };
     let uses_agents = c.messages.uses_agents();
     let agent_token = if uses_agents {
         let p = data_dir.join("agent.token");
@@ -257,6 +270,19 @@ fn run_against(
     cpu.sample(server_pid);
     let start = Instant::now() + Duration::from_millis(300);
     let timeline = Timeline::new(c, start, DRAIN);
+    let windows = c.windows();
+    let attack_spans = c
+        .attack
+        .iter()
+        .map(|a| {
+            let w = windows.iter().position(|l| l == a.window_label()).unwrap_or(0);
+            (
+                timeline.at(a.start_s),
+                timeline.at(a.start_s + a.duration_s),
+                w,
+            )
+        })
+        .collect();
     let shared = Arc::new(Shared {
         campaign: c.clone(),
         timeline,
@@ -274,6 +300,8 @@ fn run_against(
         server_name: ServerName::try_from("localhost")
             .map_err(|e| setup(e.to_string()))?
             .to_owned(),
+        attack_tls,
+        attack_spans,
         shards,
         abort: AtomicBool::new(false),
     });
@@ -434,6 +462,12 @@ fn run_against(
         ));
     }
     let deploys = deploy_summaries(c, &latest, &timeline, &deployed);
+    let mut attacks = vec![crate::stats::AttackTally::default(); c.attack.len()];
+    for snap in latest.iter().flatten() {
+        for (mine, theirs) in attacks.iter_mut().zip(&snap.attacks) {
+            mine.add(theirs);
+        }
+    }
     let resumed = latest.iter().flatten().map(|s| s.resumed).sum();
     let ramp_connects = first.min(c.devices);
     let cpu_ramp = cpu.spent(start, start + ramp_elapsed);
@@ -463,6 +497,7 @@ fn run_against(
         cpu_total: cpu.total(),
         cpu_ramp,
         ramp_connects,
+        attacks,
     }))
 }
 
