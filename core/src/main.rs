@@ -92,9 +92,32 @@ struct ServeArgs {
     /// Most device sessions this process holds (must fit the open-file limit).
     #[arg(long, default_value_t = 19_000)]
     max_connections: u64,
-    /// Most TLS handshakes in flight per shard; more wait in the kernel's backlog.
-    #[arg(long, default_value_t = 256)]
+    /// Most connections per shard between accept and a `Hello` (TLS handshake included). When
+    /// full, the oldest one in flight longer than --shed-handshakes-after-ms is closed to make
+    /// room; if none is that old, newcomers wait in the kernel's backlog.
+    #[arg(long, default_value_t = 1024)]
     max_handshakes: usize,
+    /// Of those, most from one source IP address (per shard); more are closed at accept.
+    #[arg(long, default_value_t = 64)]
+    max_handshakes_per_source: u32,
+    /// How long a connection must have been in flight before it may be shed for a newcomer.
+    #[arg(long, default_value_t = 250)]
+    shed_handshakes_after_ms: u64,
+    /// Deadline from accept to `Hello` (TLS handshake included), in milliseconds.
+    #[arg(long, default_value_t = 5_000)]
+    handshake_timeout_ms: u64,
+    /// Failed proofs per minute a source address may make (per shard) before its new
+    /// connections are closed at accept until the budget refills.
+    #[arg(long, default_value_t = 10)]
+    auth_failures_per_source: u32,
+    /// Failed proofs per minute for one device id before an alarm is counted and logged. The
+    /// device's own verified connections are never refused because of them.
+    #[arg(long, default_value_t = 10)]
+    auth_failures_per_device: u32,
+    /// Times per minute a device may replace its own live session; past that a newcomer gets
+    /// `Goodbye{flapping}` with a doubling retry_after (1 s to 64 s) and the live one stays.
+    #[arg(long, default_value_t = 4)]
+    replacements_per_device: u32,
     /// Accepted connections per second for the process (0 = unlimited).
     #[arg(long, default_value_t = 0)]
     accept_rate: u32,
@@ -158,6 +181,12 @@ fn main() -> ExitCode {
             heartbeat: Duration::from_secs(a.heartbeat_s),
             max_connections: a.max_connections,
             max_handshakes: a.max_handshakes,
+            max_handshakes_per_source: a.max_handshakes_per_source,
+            shed_handshakes_after: Duration::from_millis(a.shed_handshakes_after_ms),
+            handshake_timeout: Duration::from_millis(a.handshake_timeout_ms),
+            auth_failures_per_source: a.auth_failures_per_source,
+            auth_failures_per_device: a.auth_failures_per_device,
+            replacements_per_device: a.replacements_per_device,
             accept_rate: a.accept_rate,
             tls_state: a.tls_state,
             keep_key_schedule: a.tls_key_updates,

@@ -129,6 +129,22 @@ counters! {
     handshake_failures: Counter,
     /// Devices that failed authentication.
     auth_failures: Counter,
+    /// Connections between accept and `Hello` now (strangers in flight).
+    handshakes_in_flight: Gauge,
+    /// Accepted connections waiting for their address's turn (it had its share in flight).
+    handshakes_waiting: Gauge,
+    /// Strangers shed (oldest stalled first) to make room for newcomers.
+    handshakes_shed: Counter,
+    /// Connections closed at accept: their address had its share in flight and a full queue.
+    refused_source_busy: Counter,
+    /// Connections closed at accept: their address failed too many proofs lately.
+    refused_source_failures: Counter,
+    /// Device ids whose failed-proof budget ran dry (their verified connections still pass).
+    device_auth_alarms: Counter,
+    /// Verified reconnects told to wait because the device kept replacing its own session.
+    flaps_damped: Counter,
+    /// Addresses or ids not tracked by the admission guard because its table was full.
+    guard_untracked: Gauge,
     /// Messages received from devices and agents.
     msgs_in: Counter,
     /// Messages sent to devices and agents.

@@ -16,8 +16,8 @@ use crate::codestore::{CodeStore, Deployed};
 use crate::deploy::{DeployRequest, RolloutStatus, code_routes, group_sizes, spawn_deployer};
 use crate::metrics::{MetricsSnapshot, ShardMetrics};
 use crate::registry::{AgentToken, FILE_NAME, Registry};
-use crate::shard::GroupRollout;
 use crate::shard::run_shard;
+use crate::shard::{Budget, GroupRollout, GuardConfig};
 use crate::tls::{DevPki, TlsOptions, server_config};
 
 /// How TLS state is kept after the handshake.
@@ -47,8 +47,21 @@ pub struct ServeOptions {
     pub heartbeat: Duration,
     /// Most device sessions the process holds.
     pub max_connections: u64,
-    /// Most TLS handshakes in flight per shard.
+    /// Most connections between accept and `Hello` per shard (TLS handshake included).
     pub max_handshakes: usize,
+    /// Of those, from one source address (per shard).
+    pub max_handshakes_per_source: u32,
+    /// A connection in flight this long may be shed for a newcomer when the table is full.
+    pub shed_handshakes_after: Duration,
+    /// Deadline from accept to `Hello` (TLS handshake included).
+    pub handshake_timeout: Duration,
+    /// Failed proofs a source address may make per minute (per shard) before its new
+    /// connections are closed at accept.
+    pub auth_failures_per_source: u32,
+    /// Failed proofs per device id per minute before an alarm is raised (never a lock-out).
+    pub auth_failures_per_device: u32,
+    /// Times per minute a device may replace its own live session before it is damped.
+    pub replacements_per_device: u32,
     /// Accepted connections per second per shard (0 = unlimited).
     pub accept_rate: u32,
     /// TLS state mode.
@@ -75,7 +88,13 @@ impl Default for ServeOptions {
             shards: 0,
             heartbeat: Duration::from_secs(30),
             max_connections: 19_000,
-            max_handshakes: 256,
+            max_handshakes: 1024,
+            max_handshakes_per_source: 64,
+            shed_handshakes_after: Duration::from_millis(250),
+            handshake_timeout: Duration::from_secs(5),
+            auth_failures_per_source: 10,
+            auth_failures_per_device: 10,
+            replacements_per_device: 4,
             accept_rate: 0,
             tls_state: TlsState::Detached,
             keep_key_schedule: false,
@@ -99,7 +118,8 @@ pub(crate) struct ServerCtx {
     pub listen: SocketAddr,
     pub agent_listen: SocketAddr,
     pub max_connections_per_shard: usize,
-    pub max_handshakes_per_shard: usize,
+    /// What strangers may cost a shard (per shard).
+    pub guard: GuardConfig,
     pub accept_rate_per_shard: u32,
     pub shutdown: AtomicBool,
     pub shutdown_grace: Duration,
@@ -192,6 +212,7 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         session: ServerConfig {
             heartbeat,
             idle_timeout: heartbeat * 5 / 2,
+            hello_timeout: opts.handshake_timeout.max(Duration::from_millis(100)),
             ..ServerConfig::default()
         },
         registry,
@@ -199,7 +220,7 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         listen: opts.listen,
         agent_listen: opts.agent_listen,
         max_connections_per_shard: (opts.max_connections as usize).div_ceil(nshards),
-        max_handshakes_per_shard: opts.max_handshakes.max(1),
+        guard: guard_config(&opts),
         accept_rate_per_shard: opts.accept_rate.div_ceil(nshards as u32),
         shutdown: AtomicBool::new(false),
         shutdown_grace: opts.shutdown_grace,
@@ -319,6 +340,18 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         Ok(())
     } else {
         Err(ServeError::Setup(failed.join("; ")))
+    }
+}
+
+fn guard_config(opts: &ServeOptions) -> GuardConfig {
+    let minute = Duration::from_secs(60);
+    GuardConfig {
+        max_handshakes: opts.max_handshakes.max(1),
+        per_source: opts.max_handshakes_per_source.max(1),
+        shed_after: opts.shed_handshakes_after,
+        source_failures: Budget::per(opts.auth_failures_per_source.max(1), minute),
+        device_failures: Budget::per(opts.auth_failures_per_device.max(1), minute),
+        flaps: Budget::per(opts.replacements_per_device.max(1), minute),
     }
 }
 

@@ -28,7 +28,7 @@ fn bad_proof_is_refused_and_counted() {
     let mut d = Device::connect(&s, DeviceConfig::new(DeviceId(3), wrong));
     let refused = d.pump_until(Duration::from_secs(5), |ev| {
         ev.contains(&DeviceEvent::Closed(CloseReason::PeerError(
-            ErrorCode::BadProof,
+            ErrorCode::AuthFailed,
         )))
     });
     assert!(refused, "events: {:?}", d.events);
@@ -49,7 +49,7 @@ fn unknown_device_is_refused() {
     let mut d = Device::connect(&s, DeviceConfig::new(DeviceId(999), key));
     assert!(d.pump_until(Duration::from_secs(5), |ev| {
         ev.contains(&DeviceEvent::Closed(CloseReason::PeerError(
-            ErrorCode::UnknownDevice,
+            ErrorCode::AuthFailed,
         )))
     }));
 }

@@ -132,11 +132,21 @@ impl CloseReason {
                 C::UnsupportedVersion
             }
             CloseReason::PeerMisbehaved(_) => C::ProtocolViolation,
-            CloseReason::Auth(AuthError::UnknownDevice) => C::UnknownDevice,
-            CloseReason::Auth(AuthError::BadProof) => C::BadProof,
+            // One answer for every authentication failure: a stranger must not learn which
+            // device ids exist (the server counts the reasons apart).
+            CloseReason::Auth(_) => C::AuthFailed,
             CloseReason::HandshakeTimeout | CloseReason::IdleTimeout => C::Timeout,
             _ => return None,
         })
+    }
+
+    /// The text sent with [`wire_code`](Self::wire_code): the reason, except that every
+    /// authentication failure reads the same.
+    pub fn wire_message(&self) -> String {
+        match self {
+            CloseReason::Auth(_) => "authentication failed".to_owned(),
+            other => other.to_string(),
+        }
     }
 }
 

@@ -130,6 +130,9 @@ wire_enum! {
         Redirect = 4 => "redirected",
         /// The server is being upgraded.
         Upgrade = 5 => "server upgrading",
+        /// The device keeps replacing its own session (two devices with one identity, or a
+        /// reconnect loop): its established session stays; retry after `retry_after_ms`.
+        Flapping = 7 => "reconnecting too often",
     }
 }
 
@@ -144,9 +147,10 @@ wire_enum! {
         UnsupportedVersion = 3 => "unsupported protocol version",
         /// A message out of order.
         ProtocolViolation = 4 => "protocol violation",
-        /// Unknown device id.
+        /// Unknown device id (no longer sent: servers answer every failed `Hello` with
+        /// [`AuthFailed`](Self::AuthFailed)).
         UnknownDevice = 5 => "unknown device",
-        /// Proof did not verify.
+        /// Proof did not verify (no longer sent, see [`AuthFailed`](Self::AuthFailed)).
         BadProof = 6 => "bad proof",
         /// Handshake or idle timeout.
         Timeout = 7 => "timeout",
@@ -158,6 +162,9 @@ wire_enum! {
         QueueFull = 10 => "queue full",
         /// A request was invalid (e.g. an empty deploy).
         InvalidRequest = 11 => "invalid request",
+        /// The `Hello` did not authenticate: unknown device, bad proof or revoked — the same
+        /// answer for all, so the wire does not tell which device ids exist.
+        AuthFailed = 12 => "authentication failed",
     }
 }
 

@@ -134,6 +134,21 @@ impl Carried {
     }
 }
 
+/// Proof that a session's pending `Hello` verified (from [`ServerSession::verify`]); the
+/// only way to [`establish`](ServerSession::establish) a session.
+#[derive(Debug)]
+#[must_use]
+pub struct Verified {
+    device: DeviceId,
+}
+
+impl Verified {
+    /// The device the proof was for.
+    pub fn device(&self) -> DeviceId {
+        self.device
+    }
+}
+
 #[derive(Debug)]
 enum State {
     ExpectHello {
@@ -365,7 +380,7 @@ impl ServerSession {
         if let Some(code) = reason.wire_code() {
             let _ = Message::Error {
                 code,
-                message: Bytes::from(reason.to_string()),
+                message: Bytes::from(reason.wire_message()),
             }
             .encode(self.tx.buf());
         }
@@ -374,34 +389,44 @@ impl ServerSession {
         self.events.push_back(ServerEvent::Closed(reason));
     }
 
-    /// Answers the pending `Hello`. `key` is the device's key, or `None` if the registry does
-    /// not know it. On success the session is established, `Welcome` is queued and any
-    /// `carried` stream (from a replaced session of the same device) is resumed: its
-    /// unacknowledged messages are resent. On failure an `Error` is queued and the session
-    /// closes.
-    pub fn authenticate(
-        &mut self,
-        now: Instant,
-        key: Option<&DeviceKey>,
-        session: SessionId,
-        server_time_ms: u64,
-        carried: Option<Carried>,
-    ) -> Result<DeviceId, AuthError> {
+    /// Checks the pending `Hello`'s proof against `key` (the device's key, or `None` if the
+    /// registry does not know the device) **without changing anything**: the driver decides
+    /// what a verified connection may displace (an older session of the same device) only after
+    /// this succeeds, and hands the result to [`establish`](Self::establish). An unknown device
+    /// costs the same HMAC as a known one (against a fixed dummy key), so the answer's timing
+    /// does not tell which device ids exist.
+    pub fn verify(&self, key: Option<&DeviceKey>) -> Result<Verified, AuthError> {
         let State::Authenticating { nonce, hello } = &self.state else {
             return Err(AuthError::NoHelloPending);
         };
         let device = hello.device;
-        let ok = key.ok_or(AuthError::UnknownDevice).and_then(|k| {
-            if auth::verify(k, nonce, device, hello.version, &hello.proof) {
-                Ok(())
-            } else {
-                Err(AuthError::BadProof)
-            }
-        });
-        if let Err(e) = ok {
-            self.fail(e.into());
-            return Err(e);
+        const DUMMY: DeviceKey = DeviceKey([0x5a; 32]);
+        let good = auth::verify(
+            key.unwrap_or(&DUMMY),
+            nonce,
+            device,
+            hello.version,
+            &hello.proof,
+        );
+        match (key, good) {
+            (Some(_), true) => Ok(Verified { device }),
+            (Some(_), false) => Err(AuthError::BadProof),
+            (None, _) => Err(AuthError::UnknownDevice),
         }
+    }
+
+    /// Establishes the session whose `Hello` was [`verify`](Self::verify)'d: queues `Welcome`
+    /// and resumes any `carried` stream (from a replaced session of the same device), whose
+    /// unacknowledged messages are resent.
+    pub fn establish(
+        &mut self,
+        now: Instant,
+        verified: Verified,
+        session: SessionId,
+        server_time_ms: u64,
+        carried: Option<Carried>,
+    ) -> DeviceId {
+        let device = verified.device;
         let (session, stream) = match carried {
             Some(c) => (c.session, c.stream),
             None => (session, Stream::default()),
@@ -419,7 +444,36 @@ impl ServerSession {
         self.state = State::Established { device, session };
         self.deadline = now + self.idle_timeout;
         self.process(now);
-        Ok(device)
+        device
+    }
+
+    /// Refuses the pending `Hello`: queues the `Error` frame (the same one whatever `e` is, see
+    /// [`CloseReason::wire_code`]) and closes.
+    pub fn reject(&mut self, e: AuthError) {
+        if self.is_closed() {
+            return;
+        }
+        self.fail(e.into());
+    }
+
+    /// [`verify`](Self::verify), then [`establish`](Self::establish) or
+    /// [`reject`](Self::reject): for drivers with nothing to decide in between.
+    pub fn authenticate(
+        &mut self,
+        now: Instant,
+        key: Option<&DeviceKey>,
+        session: SessionId,
+        server_time_ms: u64,
+        carried: Option<Carried>,
+    ) -> Result<DeviceId, AuthError> {
+        match self.verify(key) {
+            Ok(v) => Ok(self.establish(now, v, session, server_time_ms, carried)),
+            Err(AuthError::NoHelloPending) => Err(AuthError::NoHelloPending),
+            Err(e) => {
+                self.reject(e);
+                Err(e)
+            }
+        }
     }
 
     /// Queues a message to the device. `tag` comes back in [`ServerEvent::Delivered`].

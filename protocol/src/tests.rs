@@ -6,9 +6,11 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 
 use crate::auth::{DeviceKey, Nonce, derive_device_key};
+use crate::codec::FrameDecoder;
 use crate::device::{DeviceConfig, DeviceEvent, DeviceSession};
 use crate::error::{AuthError, CloseReason, DecodeError, PeerMisbehaved};
-use crate::ids::{DeviceId, Seq, SessionId};
+use crate::ids::{CodeVersion, DeviceId, Seq, SessionId};
+use crate::message::PROTOCOL_VERSION;
 use crate::message::{ErrorCode, GoodbyeReason, Message, MessageType};
 use crate::server::{ServerConfig, ServerEvent, ServerSession};
 
@@ -195,7 +197,7 @@ fn bad_proof_closes_with_error_frame() {
     assert!(
         p.device_events
             .contains(&DeviceEvent::Closed(CloseReason::PeerError(
-                ErrorCode::BadProof
+                ErrorCode::AuthFailed
             )))
     );
 }
@@ -208,7 +210,7 @@ fn unknown_device_is_rejected() {
     assert!(
         p.device_events
             .contains(&DeviceEvent::Closed(CloseReason::PeerError(
-                ErrorCode::UnknownDevice
+                ErrorCode::AuthFailed
             )))
     );
 }
@@ -625,4 +627,75 @@ fn drained_sessions_hold_no_event_storage() {
     assert!(p.device.poll_event().is_none());
     assert_eq!(p.server.event_capacity(), 0);
     assert_eq!(p.device.event_capacity(), 0);
+}
+
+/// A server session with a `Hello` for device 42 (proof from `key`) waiting to authenticate.
+fn awaiting_hello(key: &DeviceKey) -> ServerSession {
+    let now = Instant::now();
+    let nonce = Nonce([9; 32]);
+    let mut s = ServerSession::new(&ServerConfig::default(), nonce, now);
+    let mut out = BytesMut::new();
+    let _ = s.poll_transmit(&mut out); // the Challenge
+    let mut b = BytesMut::new();
+    Message::Hello(crate::message::Hello {
+        version: PROTOCOL_VERSION,
+        device: DeviceId(42),
+        code_version: CodeVersion(0),
+        fw_version: Bytes::new(),
+        proof: crate::auth::prove(key, &nonce, DeviceId(42), PROTOCOL_VERSION),
+        resume: None,
+    })
+    .encode(&mut b)
+    .unwrap();
+    s.handle_bytes(now, &b);
+    assert!(s.awaiting_auth());
+    s
+}
+
+#[test]
+fn unknown_device_and_bad_proof_are_the_same_bytes_on_the_wire() {
+    let right = derive_device_key(SECRET, DeviceId(42));
+    let wrong = derive_device_key(b"another secret", DeviceId(42));
+    let mut answers = Vec::new();
+    for registry in [Some(&right), None] {
+        let mut s = awaiting_hello(&wrong);
+        let e = s.verify(registry).unwrap_err();
+        s.reject(e);
+        let mut out = BytesMut::new();
+        assert!(s.poll_transmit(&mut out));
+        answers.push(out);
+    }
+    assert_eq!(answers[0], answers[1]);
+    let mut frame = FrameDecoder::new(1 << 16);
+    frame.push(&answers[0]);
+    let m = Message::decode(frame.next_frame().unwrap().unwrap()).unwrap();
+    assert_eq!(
+        m,
+        Message::Error {
+            code: ErrorCode::AuthFailed,
+            message: Bytes::from_static(b"authentication failed")
+        }
+    );
+}
+
+#[test]
+fn verify_changes_nothing_until_established() {
+    let key = derive_device_key(SECRET, DeviceId(42));
+    let mut s = awaiting_hello(&key);
+    assert!(matches!(
+        s.verify(Some(&derive_device_key(b"x", DeviceId(42)))),
+        Err(AuthError::BadProof)
+    ));
+    assert!(
+        s.awaiting_auth(),
+        "a failed verify leaves the session waiting"
+    );
+    let v = s.verify(Some(&key)).unwrap();
+    assert_eq!(v.device(), DeviceId(42));
+    assert!(s.awaiting_auth());
+    assert_eq!(
+        s.establish(Instant::now(), v, SessionId(3), 0, None),
+        DeviceId(42)
+    );
+    assert_eq!(s.device(), Some(DeviceId(42)));
 }

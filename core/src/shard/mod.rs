@@ -8,6 +8,7 @@
 
 mod agent;
 mod conn;
+mod guard;
 pub mod mesh;
 mod rollout;
 mod run;
@@ -36,9 +37,11 @@ use crate::server::{ServerCtx, TlsState};
 use crate::timer::TimerWheel;
 use agent::AgentOut;
 use conn::{Conn, IoOutcome};
+use guard::{Guard, Refusal};
 use mesh::{AgentId, Moved, ShardMsg, agent_shard, home_shard};
 use tlsconn::TlsConn;
 
+pub use guard::{Budget, GuardConfig};
 pub use rollout::GroupRollout;
 pub(crate) use run::run_shard;
 
@@ -74,7 +77,10 @@ pub(crate) struct Shard {
     /// Cross-shard messages received, to handle in the driver.
     inbox: VecDeque<ShardMsg>,
     senders: Option<Rc<Senders<ShardMsg>>>,
-    handshaking: usize,
+    /// Strangers: connections between accept and `Hello`, and the per-source budgets.
+    guard: Guard,
+    /// When the last guard log line was written (they are rate-limited).
+    guard_logged: Option<Instant>,
     shutting_down: bool,
     // Shard-local buffers, lent per operation.
     read_buf: Box<[u8]>,
@@ -106,6 +112,7 @@ impl Shard {
         // Headroom over the shard's share: the device hash never splits a fleet exactly, and
         // connections still in their handshake count too.
         let capacity = ctx.max_connections_per_shard + ctx.max_connections_per_shard / 8 + 64;
+        let guard = Guard::new(ctx.guard.clone(), Instant::now());
         let mut wheel = TimerWheel::new(Instant::now());
         wheel.reserve(capacity);
         Shard {
@@ -129,7 +136,8 @@ impl Shard {
             next_session: (id as u64) << 48 | now_ms() << 8,
             inbox: VecDeque::new(),
             senders: None,
-            handshaking: 0,
+            guard,
+            guard_logged: None,
             shutting_down: false,
             read_buf: vec![0; READ_BUF].into_boxed_slice(),
             plain_buf: vec![0; READ_BUF].into_boxed_slice(),
@@ -145,8 +153,37 @@ impl Shard {
     }
 
     /// Takes a freshly accepted connection.
-    fn accept(&mut self, fd: OwnedFd) {
+    fn accept(&mut self, fd: OwnedFd, now: Instant) {
         self.metrics.connections_accepted += 1;
+        let source = peer_ip(&fd);
+        match (self.guard.check(source, now), source) {
+            (Ok(()), _) => self.start(fd, source, now, false),
+            (Err(Refusal::SourceBusy), Some(ip)) => {
+                // Its address has its share in flight: it waits for its turn.
+                if self.guard.wait(fd, ip, now).is_err() {
+                    self.metrics.refused_source_busy += 1;
+                }
+            }
+            (Err(Refusal::SourceBusy), None) => self.metrics.refused_source_busy += 1,
+            // Dropping `fd` closes it.
+            (Err(Refusal::SourceFailures), _) => self.metrics.refused_source_failures += 1,
+        }
+    }
+
+    /// Starts the TLS handshake and the session of an admitted connection (accepted at `at`;
+    /// `reserved`: its address's slot was reserved by the guard when it left the queue).
+    fn start(
+        &mut self,
+        fd: OwnedFd,
+        source: Option<std::net::IpAddr>,
+        at: Instant,
+        reserved: bool,
+    ) {
+        let release = |g: &mut Guard| {
+            if let (true, Some(ip)) = (reserved, source) {
+                g.release(ip);
+            }
+        };
         let tls = match self.ctx.tls_state {
             TlsState::Buffered => rustls::ServerConnection::new(self.ctx.tls.clone())
                 .map(|c| TlsConn::Buffered(Box::new(c)))
@@ -157,20 +194,42 @@ impl Shard {
         };
         let Some(mut tls) = tls else {
             self.metrics.error(ErrorKind::Tls);
+            release(&mut self.guard);
             return;
         };
         let mut nonce = [0u8; 32];
         crate::fsutil::random_bytes(&mut nonce);
-        let now = Instant::now();
-        let mut session = ServerSession::new(&self.ctx.session, Nonce(nonce), now);
+        // The Hello deadline runs from accept, time spent waiting included.
+        let mut session = ServerSession::new(&self.ctx.session, Nonce(nonce), at);
         // The Challenge goes out as half-RTT data, in the server's first flight.
         let mut out = Vec::new();
         self.scratch.clear();
         if session.poll_transmit(&mut self.scratch) && tls.seal(&self.scratch, &mut out).is_err() {
             self.metrics.error(ErrorKind::Tls);
+            release(&mut self.guard);
             return;
         }
-        self.insert(fd, tls, session, out, false);
+        let idx = self.insert(fd, tls, session, out, false);
+        let generation = self.conns[idx].generation;
+        match (reserved, source) {
+            (true, Some(ip)) => self.guard.track_reserved(idx, generation, ip, at),
+            _ => self.guard.track(idx, generation, source, at),
+        }
+    }
+
+    /// Starts the waiting connections whose address got a free slot, while the shard has room.
+    fn start_waiting(&mut self, now: Instant) {
+        while self.guard.has_room() {
+            let Some((fd, ip, at)) = self.guard.pop_ready() else {
+                return;
+            };
+            if now.saturating_duration_since(at) >= self.ctx.session.hello_timeout {
+                self.metrics.error(ErrorKind::Timeout);
+                self.guard.release(ip);
+                continue;
+            }
+            self.start(fd, Some(ip), at, true);
+        }
     }
 
     fn insert(
@@ -200,9 +259,6 @@ impl Shard {
             writing: false,
         });
         self.metrics.connections_open += 1;
-        if !tls_done {
-            self.handshaking += 1;
-        }
         wake::notify(idx);
         idx
     }
@@ -234,7 +290,7 @@ impl Shard {
                     if c.result >= 0 {
                         // SAFETY: the kernel handed us this new descriptor; nobody else owns it.
                         let fd = unsafe { OwnedFd::from_raw_fd(c.result) };
-                        self.accept(fd);
+                        self.accept(fd, Instant::now());
                     } else if c.result != -libc::ECANCELED {
                         self.metrics.error(ErrorKind::Io);
                     }
@@ -249,10 +305,23 @@ impl Shard {
         self.admit(Instant::now());
     }
 
-    /// Admission control: accept while fewer than the limit of handshakes are in flight and
-    /// the accept rate allows; otherwise leave connections in the kernel's backlog.
+    /// Admission control: accept while fewer than the limit of strangers are in flight (after
+    /// shedding the oldest stalled ones, see [`guard`]) and the accept rate allows; otherwise
+    /// leave connections in the kernel's backlog.
     fn admit(&mut self, now: Instant) {
-        let room = self.handshaking < self.ctx.max_handshakes_per_shard && !self.shutting_down;
+        self.start_waiting(now);
+        while let Some((idx, generation)) = self.guard.shed_candidate(now) {
+            if self
+                .conns
+                .get(idx)
+                .is_some_and(|c| c.generation == generation)
+            {
+                self.metrics.handshakes_shed += 1;
+                self.remove(idx);
+            }
+        }
+        self.start_waiting(now);
+        let room = self.guard.has_room() && !self.shutting_down;
         match (&self.listener, self.accepting, room) {
             (Some(l), false, true) if self.bucket.ready(now) => {
                 self.ring.accept(l.as_raw_fd(), 0);
@@ -286,6 +355,7 @@ impl Shard {
                 self.handle_msg(m, now);
             }
             if idle {
+                self.start_waiting(now);
                 self.submit();
                 return;
             }
@@ -320,7 +390,6 @@ impl Shard {
 
     fn drive_inner(&mut self, idx: usize, now: Instant) {
         let conn = &mut self.conns[idx];
-        let was_handshaking = !conn.tls_done;
         let outcome = conn.read_step(
             now,
             &mut self.read_buf,
@@ -328,9 +397,6 @@ impl Shard {
             self.ctx.keep_key_schedule,
             &mut self.metrics,
         );
-        if was_handshaking && conn.tls_done {
-            self.handshaking -= 1;
-        }
         match outcome {
             IoOutcome::Dead(kind) => {
                 if let Some(k) = kind {
@@ -419,6 +485,15 @@ impl Shard {
     /// Expires deadlines (called by the timer task).
     pub(crate) fn tick(&mut self, now: Instant, expired: &mut Vec<(usize, u32)>) {
         self.admit(now);
+        self.guard.sweep(now);
+        if let Some(deadline) = now.checked_sub(self.ctx.session.hello_timeout) {
+            for _ in 0..self.guard.expire_waiting(deadline) {
+                self.metrics.error(ErrorKind::Timeout);
+            }
+        }
+        self.metrics.handshakes_in_flight = self.guard.in_flight() as u64;
+        self.metrics.handshakes_waiting = self.guard.queued() as u64;
+        self.metrics.guard_untracked = self.guard.untracked;
         expired.clear();
         self.wheel.expire(now, expired);
         for &(idx, generation) in expired.iter() {
@@ -442,6 +517,8 @@ impl Shard {
     fn on_event(&mut self, idx: usize, e: ServerEvent, now: Instant) -> bool {
         match e {
             ServerEvent::Hello { device, .. } => {
+                // No longer a stranger in flight here: its proof is checked next.
+                self.guard.done(idx, self.conns[idx].generation);
                 let home = home_shard(device, self.nshards);
                 if home != self.id {
                     self.move_to(idx, home);
@@ -553,51 +630,82 @@ impl Shard {
         }
     }
 
+    /// Answers a connection's `Hello` on the device's home shard.
+    ///
+    /// The proof is checked first, and nothing else is touched until it verifies: a stranger
+    /// naming a live device's id gets the same `Error` as an unknown device and a closed
+    /// connection, and the live session never notices. A verified connection replaces an
+    /// older session of the same device and inherits everything it held (unacknowledged
+    /// messages both ways, the agent sends awaiting the device's ack, the session id); the
+    /// device stays online for agents throughout, so a replacement sends them no presence.
     fn authenticate(&mut self, idx: usize, device: DeviceId, now: Instant) {
         let ctx = self.ctx.clone();
         let entry = ctx.registry.get(device);
-        // One session per device: a newer connection replaces the older one and inherits its
-        // unacknowledged messages.
-        let mut carried = None;
-        if let Some(&old) = self.devices.get(&device) {
-            if old != idx && self.conns.contains(old) && entry.is_some() {
-                let c = &mut self.conns[old];
-                carried = c.session.take_carried();
-                c.registered = false;
-                self.devices.remove(&device);
-                self.metrics.sessions_replaced += 1;
-                self.code_disconnected(device);
-                wake::notify(old);
+        let verified = match self.conns[idx].session.verify(entry.map(|e| &e.key)) {
+            Ok(v) => v,
+            Err(e) => {
+                self.conns[idx].session.reject(e);
+                let source = peer_ip(&self.conns[idx].fd);
+                if self.guard.auth_failed(source, device, now) {
+                    self.metrics.device_auth_alarms += 1;
+                    self.guard_log(now, || {
+                        format!("device {}: failed proofs past its budget (its own verified connections are still accepted)", device.0)
+                    });
+                }
+                return;
             }
-        }
+        };
         if self.shutting_down {
             self.conns[idx]
                 .session
                 .close(GoodbyeReason::Shutdown, retry_spread());
             return;
         }
-        if self.ctx.max_connections_per_shard <= self.devices.len() {
+        let old = self
+            .devices
+            .get(&device)
+            .copied()
+            .filter(|&old| old != idx && self.conns.contains(old));
+        if old.is_none() && self.ctx.max_connections_per_shard <= self.devices.len() {
             self.metrics.shed += 1;
             self.conns[idx]
                 .session
                 .close(GoodbyeReason::Overloaded, retry_spread());
             return;
         }
+        if old.is_some() {
+            if let Err(retry_after) = self.guard.replacing(device, now) {
+                // Flapping: the established session stays; the newcomer waits.
+                self.metrics.flaps_damped += 1;
+                self.conns[idx]
+                    .session
+                    .close(GoodbyeReason::Flapping, retry_after);
+                return;
+            }
+        }
+        // One session per device: the verified newcomer replaces the older one.
+        let mut carried = None;
+        if let Some(old) = old {
+            let c = &mut self.conns[old];
+            carried = c.session.take_carried();
+            c.registered = false;
+            self.devices.remove(&device);
+            self.metrics.sessions_replaced += 1;
+            self.code_disconnected(device);
+            wake::notify(old);
+        }
         self.next_session += 1;
         let session = SessionId(self.next_session);
         let conn = &mut self.conns[idx];
-        let key = entry.map(|e| &e.key);
         let running = conn.session.pending_code_version().unwrap_or_default();
-        if conn
-            .session
-            .authenticate(now, key, session, now_ms(), carried)
-            .is_ok()
-        {
-            conn.registered = true;
-            self.devices.insert(device, idx);
+        conn.session
+            .establish(now, verified, session, now_ms(), carried);
+        conn.registered = true;
+        self.devices.insert(device, idx);
+        if old.is_none() {
             self.presence(device, true);
-            self.code_connected(idx, device, running);
         }
+        self.code_connected(idx, device, running);
     }
 
     /// Forgets a connection's device registration (presence offline, undelivered sends).
@@ -641,9 +749,7 @@ impl Shard {
         if let Some((_, id)) = conn.armed {
             self.wheel.cancel(id);
         }
-        if !conn.tls_done {
-            self.handshaking -= 1;
-        }
+        self.guard.done(idx, conn.generation);
         self.metrics.connections_open -= 1;
         conn
     }
@@ -785,6 +891,29 @@ impl Shard {
     pub(crate) fn is_empty(&self) -> bool {
         self.conns.is_empty()
     }
+}
+
+impl Shard {
+    /// One guard line on stderr at most every 10 s per shard; the rest are counted only.
+    fn guard_log(&mut self, now: Instant, line: impl FnOnce() -> String) {
+        if self
+            .guard_logged
+            .is_some_and(|t| now.saturating_duration_since(t) < std::time::Duration::from_secs(10))
+        {
+            return;
+        }
+        self.guard_logged = Some(now);
+        eprintln!("tether: shard {}: {}", self.id, line());
+    }
+}
+
+/// The IP address a socket is connected from (`None` if the kernel cannot say).
+fn peer_ip(fd: &OwnedFd) -> Option<std::net::IpAddr> {
+    socket2::SockRef::from(fd)
+        .peer_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .map(|a| a.ip())
 }
 
 fn dup(fd: i32) -> Option<OwnedFd> {

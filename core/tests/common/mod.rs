@@ -144,25 +144,24 @@ impl Server {
         })
     }
 
-    pub fn device(&self, id: u64) -> Device {
+    /// Device `id`'s config with its real key.
+    pub fn config(&self, id: u64) -> DeviceConfig {
         let key = self
             .registry
             .get(DeviceId(id))
             .expect("provisioned")
             .key
             .clone();
-        Device::connect(self, DeviceConfig::new(DeviceId(id), key))
+        DeviceConfig::new(DeviceId(id), key)
+    }
+
+    pub fn device(&self, id: u64) -> Device {
+        Device::connect(self, self.config(id))
     }
 
     /// A device running `code_version`.
     pub fn device_at(&self, id: u64, code_version: CodeVersion) -> Device {
-        let key = self
-            .registry
-            .get(DeviceId(id))
-            .expect("provisioned")
-            .key
-            .clone();
-        let mut cfg = DeviceConfig::new(DeviceId(id), key);
+        let mut cfg = self.config(id);
         cfg.code_version = code_version;
         Device::connect(self, cfg)
     }
@@ -225,8 +224,22 @@ pub struct Device {
     chunks_seen: usize,
 }
 
+/// A TCP connection to `to` from the loopback address `source` (any port).
+pub fn tcp_from(to: SocketAddr, source: std::net::Ipv4Addr) -> TcpStream {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.bind(&SocketAddr::from((source, 0)).into()).unwrap();
+    s.connect(&to.into()).unwrap();
+    s.into()
+}
+
 fn open_tls(server: &Server) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
-    let sock = TcpStream::connect(server.devices).unwrap();
+    open_tls_on(server, TcpStream::connect(server.devices).unwrap())
+}
+
+fn open_tls_on(
+    server: &Server,
+    sock: TcpStream,
+) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
     sock.set_read_timeout(Some(Duration::from_millis(50)))
         .unwrap();
     let conn =
@@ -236,12 +249,21 @@ fn open_tls(server: &Server) -> rustls::StreamOwned<rustls::ClientConnection, Tc
 
 impl Device {
     pub fn connect(server: &Server, cfg: DeviceConfig) -> Device {
+        Self::connect_on(server, cfg, TcpStream::connect(server.devices).unwrap())
+    }
+
+    /// Connects from the loopback address `source`.
+    pub fn connect_from(server: &Server, cfg: DeviceConfig, source: std::net::Ipv4Addr) -> Device {
+        Self::connect_on(server, cfg, tcp_from(server.devices, source))
+    }
+
+    fn connect_on(server: &Server, cfg: DeviceConfig, sock: TcpStream) -> Device {
         let now = Instant::now();
         let code = CodeReceiver::new(cfg.code_version, ReceiverConfig::default());
         let mut session = DeviceSession::new(cfg, now);
         session.connect(now);
         Device {
-            tls: open_tls(server),
+            tls: open_tls_on(server, sock),
             session,
             events: vec![],
             closed: false,
@@ -265,6 +287,24 @@ impl Device {
         self.session.connect(Instant::now());
         self.closed = false;
         self.events.clear();
+    }
+
+    /// Connects again on a new socket **without closing the old one** (as a device does whose
+    /// old connection died silently, e.g. behind a NAT), keeping the session. The old stream is
+    /// returned so the caller keeps it open until the server closes it.
+    pub fn reconnect_abandoning(
+        &mut self,
+        server: &Server,
+    ) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+        let old = std::mem::replace(&mut self.tls, open_tls(server));
+        self.session
+            .connection_lost(tether_protocol::CloseReason::Local(
+                tether_protocol::message::GoodbyeReason::Normal,
+            ));
+        self.session.connect(Instant::now());
+        self.closed = false;
+        self.events.clear();
+        old
     }
 
     /// Feeds one session event to the code receiver (corrupting a chunk if asked).

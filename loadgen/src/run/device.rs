@@ -901,6 +901,7 @@ fn close_kind(r: &CloseReason) -> Option<&'static str> {
         CloseReason::PeerGoodbye(GoodbyeReason::Overloaded) => "goodbye_overloaded",
         CloseReason::PeerGoodbye(GoodbyeReason::Replaced) => "goodbye_replaced",
         CloseReason::PeerGoodbye(_) => "goodbye_other",
+        CloseReason::PeerError(E::AuthFailed) => "server_error_auth_failed",
         CloseReason::PeerError(E::UnknownDevice) => "server_error_unknown_device",
         CloseReason::PeerError(E::BadProof) => "server_error_bad_proof",
         CloseReason::PeerError(E::Timeout) => "server_error_timeout",
