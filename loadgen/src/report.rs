@@ -770,7 +770,7 @@ impl Report {
         }
         let _ = writeln!(
             t,
-            "\n{:<19} {:<10} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            "\n{:<19} {:<19} {:>7} {:>7} {:>7} {:>9} {:>9} {:>9} {:>10}  other",
             "attack",
             "window",
             "opened",
@@ -779,8 +779,7 @@ impl Report {
             "srv close",
             "p50 open",
             "p99 open",
-            "still open",
-            "other"
+            "still open"
         );
         for a in &self.attacks {
             let c = &a.counts;
@@ -811,7 +810,7 @@ impl Report {
             };
             let _ = writeln!(
                 t,
-                "{:<19} {:<10} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9}  {}",
+                "{:<19} {:<19} {:>7} {:>7} {:>7} {:>9} {:>9} {:>9} {:>10}  {}",
                 a.kind.name(),
                 a.window,
                 count(c.opened),

@@ -372,7 +372,7 @@ pub struct AttackCounts {
     pub connect_failed: u64,
     /// Openings skipped because the attack already held its most open connections.
     pub skipped: u64,
-    /// Connections the attacker closed itself (churn, or a TLS failure on its side).
+    /// Connections the attacker closed itself (churn, or a failure on its own side).
     pub closed_by_attacker: u64,
     /// Connections still open (or connecting) when the attack ended, closed then.
     pub still_open: u64,

@@ -221,14 +221,19 @@ impl Campaign {
                     if let Some(ip) = ips.iter().find(|ip| devices.contains(ip)) {
                         p.add(
                             key("addresses"),
-                            format!("{ip} is also a device source address; an attacker's must differ"),
+                            format!(
+                                "{ip} is also a device source address; an attacker's must differ"
+                            ),
                         );
                     }
                 }
             }
             if let Some(w) = &a.window {
                 if w.trim().is_empty() || w == "calm" {
-                    p.add(key("window"), "must be a non-empty label other than \"calm\"");
+                    p.add(
+                        key("window"),
+                        "must be a non-empty label other than \"calm\"",
+                    );
                 }
             }
         }
@@ -247,7 +252,9 @@ mod tests {
 
     fn campaign(attacks: &str) -> Result<Campaign, super::super::CampaignError> {
         Campaign::parse(
-            &format!("devices = 100\nramp_per_sec = 10\nduration_s = 10\nserver.spawn = true\n{attacks}"),
+            &format!(
+                "devices = 100\nramp_per_sec = 10\nduration_s = 10\nserver.spawn = true\n{attacks}"
+            ),
             "<test>",
         )
     }

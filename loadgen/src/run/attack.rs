@@ -162,6 +162,8 @@ struct Attacker {
     connect_timeout: Duration,
     next_generation: u32,
     completions: Vec<Completion>,
+    /// Connections whose read budget ran out, with their generation.
+    again: Vec<(usize, u32)>,
     rx: Box<[u8]>,
     plain: Box<[u8]>,
     tx: Vec<u8>,
@@ -209,7 +211,9 @@ fn send_whole(fd: &OwnedFd, buf: &[u8]) -> io::Result<bool> {
 fn is_reset(e: &io::Error) -> bool {
     matches!(
         e.kind(),
-        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionAborted
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionAborted
     )
 }
 
@@ -262,6 +266,7 @@ impl Attacker {
             connect_timeout: Duration::from_millis(c.limits.connect_timeout_ms),
             next_generation: 0,
             completions: Vec::new(),
+            again: Vec::new(),
             rx: vec![0; READ_BUF].into_boxed_slice(),
             plain: vec![0; READ_BUF].into_boxed_slice(),
             tx: Vec::with_capacity(4096),
@@ -306,6 +311,17 @@ impl Attacker {
             }
         }
         self.completions = cs;
+        let again = std::mem::take(&mut self.again);
+        busy |= !again.is_empty();
+        for (slot, generation) in again {
+            if self
+                .conns
+                .get(slot)
+                .is_some_and(|c| c.generation == generation)
+            {
+                self.on_readable(slot, now);
+            }
+        }
         for r in 0..self.runs.len() {
             busy |= self.open_due(r, now);
         }
@@ -575,10 +591,11 @@ impl Attacker {
                 self.on_io_error(slot, &e, now);
                 return;
             }
-            if n < self.rx.len() {
-                return;
-            }
+            // A short read does not end the turn: an end of stream that came with the data
+            // (an `Error`, then the close) raises no further completion.
         }
+        // The read budget ran out: go on in the next pass.
+        self.again.push((slot, self.conns[slot].generation));
     }
 
     /// Runs `n` bytes the server sent through a TLS kind's client; other kinds drop them.

@@ -94,10 +94,15 @@ enum Timing {
     Idle,
     /// The ping in flight (its id's low 32 bits: ids count up from 1 per connection) and when
     /// it was due.
-    Ping { id: u32, due: Instant },
+    Ping {
+        id: u32,
+        due: Instant,
+    },
     /// An admission in progress since its first attempt's scheduled start, through failed
     /// attempts and retries, until `Welcome` (`session_ready`).
-    Admission { from: Instant },
+    Admission {
+        from: Instant,
+    },
 }
 
 /// One simulated device.
@@ -682,10 +687,7 @@ impl Device {
         let heartbeat = self.session.heartbeat();
         self.next_ping = Some(due.max(now - heartbeat) + heartbeat);
         if let Some(id) = self.session.ping(now) {
-            self.timing = Timing::Ping {
-                id: id as u32,
-                due,
-            };
+            self.timing = Timing::Ping { id: id as u32, due };
         }
     }
 
@@ -699,7 +701,9 @@ impl Device {
                     if self.hello_sent {
                         st.hist.record_since(Metric::Hello, self.since, now);
                     }
-                    if let Timing::Admission { from } = std::mem::replace(&mut self.timing, Timing::Idle) {
+                    if let Timing::Admission { from } =
+                        std::mem::replace(&mut self.timing, Timing::Idle)
+                    {
                         let us = crate::stats::micros_between(from, now);
                         each_window(sh.windows_at(from), |w| st.window(w).record_ready(us));
                     }
@@ -883,6 +887,7 @@ fn goodbye_name(r: GoodbyeReason) -> &'static str {
         GoodbyeReason::Replaced => "replaced",
         GoodbyeReason::Redirect => "redirect",
         GoodbyeReason::Upgrade => "upgrade",
+        GoodbyeReason::Flapping => "flapping",
         _ => "other",
     }
 }

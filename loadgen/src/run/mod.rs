@@ -2,6 +2,10 @@
 //! glommio shard per core with its share of devices and agents, print progress once a second,
 //! and build the report.
 //!
+//! Attacks (`[[attack]]`) run in the same shards, one task per shard over its share of them
+//! ([`attack`]); a device's `session_ready` (scheduled connect → `Welcome`) is recorded under
+//! the report window of its connect's scheduled time (`calm`, or the running attacks').
+//!
 //! Latency clocks: connect is measured from the device's scheduled ramp slot (so a loadgen that
 //! falls behind its ramp shows it), the TLS handshake from TCP established to handshake done,
 //! `hello` from `Hello` sent to `Welcome`, messages from their open-loop scheduled send time
@@ -275,7 +279,10 @@ fn run_against(
         .attack
         .iter()
         .map(|a| {
-            let w = windows.iter().position(|l| l == a.window_label()).unwrap_or(0);
+            let w = windows
+                .iter()
+                .position(|l| l == a.window_label())
+                .unwrap_or(0);
             (
                 timeline.at(a.start_s),
                 timeline.at(a.start_s + a.duration_s),
