@@ -3,7 +3,7 @@
 //! and build the report.
 //!
 //! Attacks (`[[attack]]`) run in the same shards, one task per shard over its share of them
-//! ([`attack`]); a device's `session_ready` (scheduled connect → `Welcome`) is recorded under
+//! (`attack`); a device's `session_ready` (scheduled connect → `Welcome`) is recorded under
 //! the report window of its connect's scheduled time (`calm`, or the running attacks').
 //!
 //! Latency clocks: connect is measured from the device's scheduled ramp slot (so a loadgen that
