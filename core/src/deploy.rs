@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::admin::{AdminError, AdminRequest, AdminResponse, admin_json};
 use crate::codestore::{CodeStore, CodeStoreError, Deployed};
-use crate::registry::Registry;
+use crate::devices::{GroupDelta, apply_deltas};
 use crate::shard::GroupRollout;
 
 /// How long a requester waits for the deployer (a deploy is a few fsyncs).
@@ -62,18 +62,20 @@ impl DeployReport {
         };
         if self.devices == 0 {
             s.push_str(
-                " (no registered device is in this group: devices provisioned into it later get \
-                 it once the server restarts with the new registry)",
+                " (no registered device is in this group yet: devices added to it get it when \
+                 they connect)",
             );
         }
         s
     }
 }
 
-/// Starts the deployer thread. `shards[i]` reaches shard `i`'s timer tick.
+/// Starts the deployer thread. `shards[i]` reaches shard `i`'s timer tick; `sizes` brings the
+/// registry's changes to the group sizes it reports.
 pub(crate) fn spawn_deployer(
     mut store: CodeStore,
-    registry_groups: BTreeMap<String, u64>,
+    mut registry_groups: BTreeMap<String, u64>,
+    sizes: Receiver<GroupDelta>,
     shards: Vec<Sender<Deployed>>,
 ) -> std::io::Result<Sender<DeployRequest>> {
     let (tx, rx): (Sender<DeployRequest>, Receiver<DeployRequest>) = bounded(64);
@@ -81,6 +83,7 @@ pub(crate) fn spawn_deployer(
         .name("tether-deployer".into())
         .spawn(move || {
             for req in rx {
+                apply_deltas(&mut registry_groups, &sizes);
                 let r = store.deploy(&req.group, req.blob).map(|d| {
                     if !d.unchanged {
                         for s in &shards {
@@ -106,20 +109,6 @@ pub(crate) fn spawn_deployer(
             }
         })?;
     Ok(tx)
-}
-
-/// Devices per group in the registry.
-pub(crate) fn group_sizes(registry: &Registry) -> BTreeMap<String, u64> {
-    let mut counts = vec![0u64; registry.groups().count()];
-    for (_, e) in registry.iter() {
-        if let Some(c) = counts.get_mut(usize::from(e.group.0)) {
-            *c += 1;
-        }
-    }
-    registry
-        .groups()
-        .map(|(g, name)| (name.to_owned(), counts[usize::from(g.0)]))
-        .collect()
 }
 
 /// Why a deploy could not be asked of the deployer.

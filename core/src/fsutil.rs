@@ -83,6 +83,37 @@ fn sync_dir(path: &Path) -> io::Result<()> {
     }
 }
 
+/// An exclusive advisory lock (`flock`) on a file, held until dropped or the process ends (so
+/// a crash never leaves it behind).
+#[derive(Debug)]
+pub struct FileLock {
+    _file: File,
+}
+
+impl FileLock {
+    /// Takes the lock on `path` (created, mode 0600, if missing) without waiting; `Ok(None)`
+    /// if another open file description holds it (another process, or another lock taken in
+    /// this one).
+    pub fn try_lock(path: &Path) -> io::Result<Option<FileLock>> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(SECRET_MODE)
+            .open(path)?;
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock on a descriptor we own and keep open for the lock's life.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(Some(FileLock { _file: file }));
+        }
+        match io::Error::last_os_error() {
+            e if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            e => Err(e),
+        }
+    }
+}
+
 /// Creates `path` with `bytes` and `mode` unless it exists, atomically: the content is written
 /// to a temporary file, fsynced, then hard-linked into place (a link never replaces a file), so
 /// two processes racing on first run agree on one content and a crash never leaves half a file.
@@ -162,6 +193,22 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_file_lock_is_exclusive_until_dropped() {
+        let dir = crate::testdir::TestDir::new("fsutil-lock");
+        let path = dir.path().join("x.lock");
+        let held = FileLock::try_lock(&path).unwrap();
+        assert!(held.is_some());
+        assert!(
+            FileLock::try_lock(&path).unwrap().is_none(),
+            "a second lock must wait"
+        );
+        drop(held);
+        assert!(FileLock::try_lock(&path).unwrap().is_some());
+        let mode = fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
 
     #[test]
     fn hex_round_trips_and_rejects_bad_input() {

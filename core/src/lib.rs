@@ -7,8 +7,10 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 //!
 //! This library holds the server's building blocks; the `tether` binary wires them together.
-//! Building blocks so far: [`tls`] (dev PKI and rustls configs), [`registry`] (devices, server
-//! secret, agent token), [`timer`] (per-shard timing wheel), [`metrics`] (per-shard counters
+//! Building blocks so far: [`tls`] (dev PKI, device CA and certificates, rustls configs),
+//! [`reload`] (certificate reload on SIGHUP or `POST /reload`), [`registry`] (devices, server
+//! secret, agent token), [`devices`] (the live registry's admin routes and `tether devices`
+//! clients), [`timer`] (per-shard timing wheel), [`metrics`] (per-shard counters
 //! and their Prometheus/JSON views), [`admin`] (HTTP admin endpoint and `tether stats` client),
 //! [`codestore`] (code blobs and the current version per device group), [`detached`] (lean,
 //! movable TLS record state after a rustls handshake), [`limits`] (open-file limit), [`ring`]
@@ -19,10 +21,12 @@ pub mod admin;
 pub mod codestore;
 pub mod deploy;
 pub mod detached;
+pub mod devices;
 pub mod fsutil;
 pub mod limits;
 pub mod metrics;
 pub mod registry;
+pub mod reload;
 pub mod ring;
 pub mod server;
 pub mod shard;

@@ -22,8 +22,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the server (embedded defaults: loopback ports 7400/7401/7402, ./tether-data).
-    Serve(ServeArgs),
-    /// Manage the device registry.
+    Serve(Box<ServeArgs>),
+    /// Manage the device registry (add and revoke devices on a running server, no restart; list
+    /// and show them) and device certificates.
     Devices {
         #[command(subcommand)]
         command: DevicesCommand,
@@ -44,6 +45,14 @@ enum Command {
     Rollout {
         #[command(subcommand)]
         command: RolloutCommand,
+    },
+    /// Reload the TLS certificate, key and device CA of a running server (through the admin
+    /// port; SIGHUP does the same). New connections use the new files, open ones are kept; a
+    /// file that does not load is refused and the server keeps its previous configuration.
+    Reload {
+        /// Admin address of the server.
+        #[arg(long, default_value = "127.0.0.1:7402")]
+        admin: String,
     },
     /// Print a running server's counters as a table (from its admin port).
     Stats {
@@ -135,6 +144,16 @@ struct ServeArgs {
     /// Private key (PEM); with --cert.
     #[arg(long, requires = "cert")]
     key: Option<PathBuf>,
+    /// Device CA (PEM, e.g. from `tether devices ca`): devices may present a client
+    /// certificate from it, and one whose certificate's common name is its device id (`CN=42`)
+    /// is authenticated without the proof (its Hello must still name that id). Devices without
+    /// a certificate keep using the proof. Reloaded with the certificate (SIGHUP, `tether
+    /// reload`).
+    #[arg(long)]
+    device_ca: Option<PathBuf>,
+    /// With --device-ca: refuse the TLS handshake of a device without a valid certificate.
+    #[arg(long, requires = "device_ca")]
+    require_device_cert: bool,
     /// Seconds a graceful shutdown may take.
     #[arg(long, default_value_t = 5)]
     shutdown_grace_s: u64,
@@ -149,10 +168,60 @@ struct ServeArgs {
     max_code_size: u64,
 }
 
+/// Where a registry command goes (the running server's admin port; with no server answering
+/// there, the data directory's files), and how it prints.
+#[derive(clap::Args)]
+struct Target {
+    /// Admin address of the running server.
+    #[arg(long, default_value = "127.0.0.1:7402")]
+    admin: String,
+    /// Data directory (its registry file is read, or edited, when no server answers at
+    /// --admin and none holds the directory).
+    #[arg(long, default_value = "tether-data")]
+    data_dir: PathBuf,
+    /// Print JSON instead.
+    #[arg(long)]
+    json: bool,
+}
+
+fn device_id(s: &str) -> Result<u64, String> {
+    tether_core::registry::parse_device_id(s).map(|d| d.0)
+}
+
+fn group_name(s: &str) -> Result<String, String> {
+    if tether_core::registry::valid_group_name(s) {
+        Ok(s.to_owned())
+    } else {
+        Err(format!(
+            "bad group name {s:?}: use 1 to 32 of A-Z a-z 0-9 _ -"
+        ))
+    }
+}
+
 #[derive(Subcommand)]
 enum DevicesCommand {
-    /// Provision N devices into DATA_DIR/devices.csv (replacing it); keys derive from the
-    /// server secret, so re-running keeps existing devices' keys.
+    /// Create a device CA in CA_DIR (ca.pem, and ca.key with mode 0600), or say where the one
+    /// made earlier is. Give ca.pem to `tether serve --device-ca`; keep ca.key off the server.
+    Ca {
+        /// Directory of the device CA (created with mode 0700).
+        #[arg(long)]
+        ca_dir: PathBuf,
+    },
+    /// Issue a device client certificate for device ID from the device CA in CA_DIR:
+    /// OUT/device-ID.pem and OUT/device-ID.key (mode 0600), CN=ID. Never overwrites.
+    Cert {
+        /// Device id.
+        id: u64,
+        /// Directory of the device CA (`tether devices ca`).
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// Where to write the certificate and key (default: CA_DIR).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Provision N devices into DATA_DIR/devices.csv (replacing it; mode 0600); keys derive
+    /// from the server secret, so re-running keeps existing devices' keys. Refused while a
+    /// server runs on DATA_DIR (use `add` then).
     Gen {
         /// How many devices.
         #[arg(long)]
@@ -167,6 +236,165 @@ enum DevicesCommand {
         #[arg(long, default_value = "tether-data")]
         data_dir: PathBuf,
     },
+    /// Register a device with a fresh random key and print the key (shown only this once).
+    /// A running server takes it at once (it may connect when this returns); with no server
+    /// running, the registry file is edited directly. An id already registered is refused.
+    Add {
+        /// Device id (decimal).
+        #[arg(value_parser = device_id)]
+        id: u64,
+        /// Its group (1 to 32 of A-Z a-z 0-9 _ -).
+        #[arg(long, value_parser = group_name)]
+        group: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Revoke a device: its live session is closed with Goodbye{revoked} (within a second),
+    /// its unacknowledged agent sends are answered `unknown device`, and further connects are
+    /// refused.
+    Revoke {
+        /// Device id (decimal).
+        #[arg(value_parser = device_id)]
+        id: u64,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Every registered device: id, group, online.
+    List {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// One device: group, online, shard, code version, last seen.
+    Show {
+        /// Device id (decimal).
+        #[arg(value_parser = device_id)]
+        id: u64,
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+/// Asks the server at `t.admin`; if nothing listens there, does `offline` on the data
+/// directory instead (saying so on stderr).
+fn via_server<T>(
+    t: &Target,
+    online: impl FnOnce(&str) -> Result<T, tether_core::admin::AdminError>,
+    offline: impl FnOnce(&std::path::Path) -> Result<T, String>,
+) -> Result<T, String> {
+    match online(&t.admin) {
+        Ok(v) => Ok(v),
+        Err(e) if tether_core::devices::no_server(&e) => {
+            eprintln!(
+                "tether: no server answers at {}; using {}",
+                t.admin,
+                t.data_dir.display()
+            );
+            offline(&t.data_dir)
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn print_json<T: serde::Serialize>(v: &T) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+fn devices_command(c: DevicesCommand) -> Result<(), String> {
+    use tether_core::devices as d;
+    let json = match &c {
+        DevicesCommand::Gen { .. } | DevicesCommand::Ca { .. } | DevicesCommand::Cert { .. } => {
+            false
+        }
+        DevicesCommand::Add { target, .. }
+        | DevicesCommand::Revoke { target, .. }
+        | DevicesCommand::List { target }
+        | DevicesCommand::Show { target, .. } => target.json,
+    };
+    match c {
+        DevicesCommand::Ca { ca_dir } => tether_core::tls::DeviceCa::ensure(&ca_dir)
+            .map_err(|e| e.to_string())
+            .map(|ca| {
+                let made = if ca.created { "created" } else { "exists" };
+                eprintln!(
+                    "tether: device CA {made}: {} (key {}); serve with --device-ca {}",
+                    ca.cert.display(),
+                    ca.key.display(),
+                    ca.cert.display()
+                )
+            }),
+        DevicesCommand::Cert { id, ca_dir, out } => tether_core::tls::DeviceCa::open(&ca_dir)
+            .and_then(|ca| {
+                ca.issue(
+                    tether_protocol::DeviceId(id),
+                    out.as_deref().unwrap_or(&ca_dir),
+                )
+            })
+            .map_err(|e| e.to_string())
+            .map(|c| {
+                eprintln!(
+                    "tether: device {id}: certificate {}, key {}",
+                    c.cert.display(),
+                    c.key.display()
+                )
+            }),
+        DevicesCommand::Gen {
+            count,
+            groups,
+            first_id,
+            data_dir,
+        } => std::fs::create_dir_all(&data_dir)
+            .map_err(|e| format!("cannot create {}: {e}", data_dir.display()))
+            .and_then(|_| d::generate_offline(&data_dir, count, &groups, first_id))
+            .map(|path| eprintln!("tether: {count} devices written to {}", path.display())),
+        DevicesCommand::Add { id, group, target } => via_server(
+            &target,
+            |a| d::add(a, id, &group),
+            |dir| {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+                d::add_offline(dir, id, &group)
+            },
+        )
+        .map(|r| {
+            if json {
+                print_json(&r)
+            } else {
+                print!("{}", r.text())
+            }
+        }),
+        DevicesCommand::Revoke { id, target } => via_server(
+            &target,
+            |a| d::revoke(a, id),
+            |dir| d::revoke_offline(dir, id),
+        )
+        .map(|r| {
+            if json {
+                print_json(&r)
+            } else {
+                print!("{}", r.text())
+            }
+        }),
+        DevicesCommand::List { target } => via_server(&target, |a| d::list(a), d::list_offline)
+            .map(|r| {
+                if json {
+                    print_json(&r)
+                } else {
+                    print!("{}", r.table())
+                }
+            }),
+        DevicesCommand::Show { id, target } => {
+            via_server(&target, |a| d::show(a, id), |dir| d::show_offline(dir, id)).map(|r| {
+                if json {
+                    print_json(&r)
+                } else {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |t| t.as_millis() as u64);
+                    print!("{}", r.text(now))
+                }
+            })
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -191,26 +419,17 @@ fn main() -> ExitCode {
             tls_state: a.tls_state,
             keep_key_schedule: a.tls_key_updates,
             cert: a.cert.zip(a.key),
+            device_ca: a.device_ca,
+            require_device_cert: a.require_device_cert,
             shutdown_grace: Duration::from_secs(a.shutdown_grace_s),
             max_transfers: a.max_transfers,
             max_code_size: a.max_code_size,
         })
         .map_err(|e| e.to_string()),
-        Command::Devices {
-            command:
-                DevicesCommand::Gen {
-                    count,
-                    groups,
-                    first_id,
-                    data_dir,
-                },
-        } => std::fs::create_dir_all(&data_dir)
-            .map_err(|e| format!("cannot create {}: {e}", data_dir.display()))
-            .and_then(|_| {
-                tether_core::registry::Registry::generate(&data_dir, count, &groups, first_id)
-                    .map_err(|e| e.to_string())
-            })
-            .map(|path| eprintln!("tether: {count} devices written to {}", path.display())),
+        Command::Devices { command } => devices_command(command),
+        Command::Reload { admin } => tether_core::reload::reload(admin.as_str())
+            .map_err(|e| e.to_string())
+            .map(|r| println!("reloaded: {}", r.summary())),
         Command::Deploy { group, .. } if !tether_core::registry::valid_group_name(&group) => Err(
             format!("bad group name {group:?}: use 1 to 32 of A-Z a-z 0-9 _ -"),
         ),

@@ -10,21 +10,28 @@
 //!
 //! `device_id` is a decimal u64, `group` matches `[A-Za-z0-9_-]{1,32}`, the key is 64 hex
 //! digits. Blank lines and further `#` lines are ignored. The key in the file is authoritative:
-//! [`Registry::generate`] writes keys derived from the server secret, but a file may also list
-//! keys made elsewhere.
+//! [`Registry::generate`] writes keys derived from the server secret, `tether devices add`
+//! writes random ones, and a file may also list keys made elsewhere. The file holds keys: it
+//! is written with mode 0600, atomically, sorted by id (comment lines are not kept).
+//!
+//! At run time the registry changes without a restart: a [`LiveRegistry`] is the file as
+//! loaded at start (one read-only [`Registry`], shared by every shard and never copied) plus
+//! the devices added and revoked since. The running server is the only writer of the file;
+//! it holds [`SERVE_LOCK`] so that offline edits (`tether devices add` with no server
+//! answering) and `tether devices gen` can tell that it runs.
 
-use std::collections::HashMap;
 use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use tether_protocol::auth::{DeviceKey, derive_device_key};
 use tether_protocol::ids::DeviceId;
 
 use crate::fsutil::{
-    PUBLIC_MODE, SECRET_MODE, constant_time_eq, create_once, from_hex, random_bytes, to_hex,
-    write_atomic_with,
+    SECRET_MODE, constant_time_eq, create_once, from_hex, random_bytes, to_hex, write_atomic_with,
 };
 
 /// The first line of a registry file.
@@ -33,6 +40,9 @@ pub const HEADER: &str = "# tether devices v1";
 pub const FILE_NAME: &str = "devices.csv";
 /// Longest group name.
 pub const MAX_GROUP_LEN: usize = 32;
+/// The lock file a running `tether serve` holds in the data directory (and every offline
+/// writer of the registry takes while it writes).
+pub const SERVE_LOCK: &str = "serve.lock";
 
 /// Why the registry, secret or token could not be loaded or written.
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +85,12 @@ pub enum RegistryError {
     BadGroupName(String),
     #[error("{count} devices from id {first_id} run past the largest device id")]
     IdOverflow { first_id: u64, count: u64 },
+    #[error("device {id} is already registered (group {group})")]
+    Exists { id: u64, group: String },
+    #[error("unknown device {0}")]
+    Unknown(u64),
+    #[error("more than 65536 groups")]
+    TooManyGroups,
 }
 
 /// A device group, interned: an index into the registry's group table.
@@ -88,7 +104,8 @@ pub struct DeviceEntry {
     pub group: GroupId,
 }
 
-/// All known devices, loaded once at start and then read-only (each shard may hold an `Arc`).
+/// All devices of a registry file, loaded once and then read-only (shards share it through an
+/// `Arc`; run-time changes live in a [`LiveRegistry`] around it).
 #[derive(Debug, Default)]
 pub struct Registry {
     devices: HashMap<DeviceId, DeviceEntry>,
@@ -238,8 +255,9 @@ impl Registry {
 
     /// Writes `data_dir/devices.csv` listing `count` devices with ids `first_id..`, assigned to
     /// `groups` round-robin (`default` if none), keys derived from the server secret (created if
-    /// missing). The file is **replaced**, atomically (temp file, fsync, rename): to grow a
-    /// fleet, generate the whole range again (keys are derived, so existing devices keep theirs).
+    /// missing). The file is **replaced**, atomically (temp file, fsync, rename), mode 0600: to
+    /// grow a fleet, generate the whole range again (keys are derived, so existing devices keep
+    /// theirs), or add devices one by one with [`LiveRegistry::add`].
     pub fn generate(
         data_dir: &Path,
         count: u64,
@@ -260,7 +278,7 @@ impl Registry {
         }
         let secret = ServerSecret::ensure(data_dir)?;
         let path = data_dir.join(FILE_NAME);
-        write_atomic_with(&path, PUBLIC_MODE, |w| {
+        write_atomic_with(&path, SECRET_MODE, |w| {
             writeln!(w, "{HEADER}")?;
             for (i, id) in (first_id..).take(count as usize).enumerate() {
                 let key = derive_device_key(&secret.0, DeviceId(id));
@@ -276,6 +294,172 @@ impl Registry {
         })?;
         Ok(path)
     }
+}
+
+/// The registry of a running server: the file as loaded at start, shared read-only, plus the
+/// devices added and revoked since (small: one entry per admin call). The server's registrar
+/// holds one with every change; each shard holds one with the changes of the devices whose
+/// home it is (a device is only ever looked up on its home shard). Group ids are local to one
+/// `LiveRegistry` past the base's groups: compare groups across shards by name.
+#[derive(Debug, Clone, Default)]
+pub struct LiveRegistry {
+    base: Arc<Registry>,
+    /// Devices added since start (a re-added revoked base device too).
+    added: HashMap<DeviceId, DeviceEntry>,
+    /// Base devices revoked since start (a base id re-added stays here, and is in `added`).
+    revoked: HashSet<DeviceId>,
+    /// Groups named since start that the base does not have, numbered after its groups.
+    groups: Vec<Box<str>>,
+}
+
+impl LiveRegistry {
+    /// The registry as loaded from its file.
+    pub fn new(base: Arc<Registry>) -> LiveRegistry {
+        LiveRegistry {
+            base,
+            ..LiveRegistry::default()
+        }
+    }
+
+    /// The entry of a device, if it is registered now.
+    pub fn get(&self, id: DeviceId) -> Option<&DeviceEntry> {
+        if let Some(e) = self.added.get(&id) {
+            return Some(e);
+        }
+        if self.revoked.contains(&id) {
+            return None;
+        }
+        self.base.get(id)
+    }
+
+    /// How many devices are registered now.
+    pub fn len(&self) -> usize {
+        self.base.len() - self.revoked.len() + self.added.len()
+    }
+
+    /// Whether no device is registered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The name of a group.
+    pub fn group_name(&self, g: GroupId) -> Option<&str> {
+        let n = usize::from(g.0);
+        match n.checked_sub(self.base.groups.len()) {
+            None => self.base.group_name(g),
+            Some(i) => self.groups.get(i).map(|s| &**s),
+        }
+    }
+
+    /// The id of a group by name, if it is known here.
+    pub fn group_id(&self, name: &str) -> Option<GroupId> {
+        self.base.group_id(name).or_else(|| {
+            let i = self.groups.iter().position(|g| &**g == name)?;
+            u16::try_from(self.base.groups.len() + i).ok().map(GroupId)
+        })
+    }
+
+    /// The id of a group, naming it here if it is new (a deploy to a group with no device yet,
+    /// or a device added to one).
+    pub fn intern(&mut self, name: &str) -> Result<GroupId, RegistryError> {
+        if !valid_group_name(name) {
+            return Err(RegistryError::BadGroupName(name.to_owned()));
+        }
+        if let Some(g) = self.group_id(name) {
+            return Ok(g);
+        }
+        let n = u16::try_from(self.base.groups.len() + self.groups.len())
+            .map_err(|_| RegistryError::TooManyGroups)?;
+        self.groups.push(name.into());
+        Ok(GroupId(n))
+    }
+
+    /// Registers a new device in `group`; an id already registered is refused.
+    pub fn add(
+        &mut self,
+        id: DeviceId,
+        key: DeviceKey,
+        group: &str,
+    ) -> Result<GroupId, RegistryError> {
+        if let Some(e) = self.get(id) {
+            return Err(RegistryError::Exists {
+                id: id.0,
+                group: self.group_name(e.group).unwrap_or("?").to_owned(),
+            });
+        }
+        let group = self.intern(group)?;
+        self.added.insert(id, DeviceEntry { key, group });
+        Ok(group)
+    }
+
+    /// Removes a device; returns what it was.
+    pub fn revoke(&mut self, id: DeviceId) -> Result<DeviceEntry, RegistryError> {
+        if let Some(e) = self.added.remove(&id) {
+            return Ok(e);
+        }
+        match self.base.get(id) {
+            Some(e) if self.revoked.insert(id) => Ok(e.clone()),
+            _ => Err(RegistryError::Unknown(id.0)),
+        }
+    }
+
+    /// Every registered device, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (DeviceId, &DeviceEntry)> {
+        self.base
+            .iter()
+            .filter(|(id, _)| !self.revoked.contains(id))
+            .chain(self.added.iter().map(|(id, e)| (*id, e)))
+    }
+
+    /// Devices per group name (groups with none included once named).
+    pub fn group_sizes(&self) -> std::collections::BTreeMap<String, u64> {
+        let ngroups = self.base.groups.len() + self.groups.len();
+        let mut counts = vec![0u64; ngroups];
+        for (_, e) in self.iter() {
+            if let Some(c) = counts.get_mut(usize::from(e.group.0)) {
+                *c += 1;
+            }
+        }
+        (0..ngroups)
+            .filter_map(|i| {
+                let g = GroupId(u16::try_from(i).ok()?);
+                Some((self.group_name(g)?.to_owned(), counts[i]))
+            })
+            .collect()
+    }
+
+    /// Writes every registered device to `path` (sorted by id), atomically, mode 0600.
+    pub fn write(&self, path: &Path) -> Result<(), RegistryError> {
+        let mut all: Vec<(DeviceId, &DeviceEntry)> = self.iter().collect();
+        all.sort_unstable_by_key(|(id, _)| *id);
+        write_atomic_with(path, SECRET_MODE, |w| {
+            writeln!(w, "{HEADER}")?;
+            for (id, e) in all {
+                let group = self.group_name(e.group).unwrap_or("default");
+                writeln!(w, "{},{group},{}", id.0, to_hex(&e.key.0))?;
+            }
+            Ok(())
+        })
+        .map_err(|source| RegistryError::Write {
+            what: "device registry",
+            path: path.to_owned(),
+            source,
+        })
+    }
+}
+
+/// A fresh random device key (what `tether devices add` registers).
+pub fn random_device_key() -> DeviceKey {
+    let mut key = [0u8; 32];
+    random_bytes(&mut key);
+    DeviceKey(key)
+}
+
+/// Parses a device id as the command line and the admin port take it: a decimal u64.
+pub fn parse_device_id(s: &str) -> Result<DeviceId, String> {
+    parse_u64(s.as_bytes()).map(DeviceId).ok_or_else(|| {
+        format!("bad device id {s:?}: use a decimal number 0..=18446744073709551615")
+    })
 }
 
 fn trim_cr(line: &[u8]) -> &[u8] {
@@ -488,6 +672,91 @@ mod tests {
         let dir = TestDir::new("reg-badgroup");
         let e = Registry::generate(dir.path(), 1, &["no spaces".into()], 1).unwrap_err();
         assert!(matches!(e, RegistryError::BadGroupName(_)));
+    }
+
+    fn entries(r: &LiveRegistry) -> Vec<(u64, String, [u8; 32])> {
+        let mut v: Vec<_> = r
+            .iter()
+            .map(|(id, e)| (id.0, r.group_name(e.group).unwrap().to_owned(), e.key.0))
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn live_registry_adds_revokes_and_writes_what_reloads() {
+        let dir = TestDir::new("reg-live");
+        let path = Registry::generate(dir.path(), 3, &["lamps".into()], 1).unwrap();
+        let mut live = LiveRegistry::new(Arc::new(Registry::load(&path).unwrap()));
+        assert_eq!(live.len(), 3);
+        let k7 = random_device_key();
+        let g = live.add(DeviceId(7), k7.clone(), "meters").unwrap();
+        assert_eq!(live.group_name(g), Some("meters"));
+        assert_eq!(live.get(DeviceId(7)).unwrap().key, k7);
+        let e = live.add(DeviceId(2), random_device_key(), "x").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "device 2 is already registered (group lamps)"
+        );
+        assert!(matches!(
+            live.add(DeviceId(8), random_device_key(), "no spaces"),
+            Err(RegistryError::BadGroupName(_))
+        ));
+        // Revoke a base device and an added one; unknown ids are refused.
+        assert_eq!(live.revoke(DeviceId(2)).unwrap().group, GroupId(0));
+        assert!(live.get(DeviceId(2)).is_none());
+        assert!(matches!(
+            live.revoke(DeviceId(2)),
+            Err(RegistryError::Unknown(2))
+        ));
+        live.revoke(DeviceId(7)).unwrap();
+        assert!(matches!(
+            live.revoke(DeviceId(99)),
+            Err(RegistryError::Unknown(99))
+        ));
+        // A revoked base device added again gets the new key, not the file's.
+        let k2 = random_device_key();
+        live.add(DeviceId(2), k2.clone(), "meters").unwrap();
+        assert_eq!(live.get(DeviceId(2)).unwrap().key, k2);
+        assert_eq!(live.len(), 3);
+        let sizes = live.group_sizes();
+        assert_eq!(sizes.get("lamps"), Some(&2));
+        assert_eq!(sizes.get("meters"), Some(&1));
+        // Written, it reloads to the same devices, groups and keys; mode 0600.
+        live.write(&path).unwrap();
+        let again = LiveRegistry::new(Arc::new(Registry::load(&path).unwrap()));
+        assert_eq!(entries(&again), entries(&live));
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let ids: Vec<&str> = text.lines().skip(1).map(|l| &l[..1]).collect();
+        assert_eq!(ids, ["1", "2", "3"], "sorted by id");
+    }
+
+    #[test]
+    fn group_ids_past_the_base_are_named_here() {
+        let mut live = LiveRegistry::default();
+        assert_eq!(live.group_id("a"), None);
+        let a = live.intern("a").unwrap();
+        assert_eq!(live.intern("a").unwrap(), a);
+        let b = live.intern("b").unwrap();
+        assert_ne!(a, b);
+        assert_eq!(live.group_name(b), Some("b"));
+        assert!(live.intern("").is_err());
+        assert!(live.is_empty());
+    }
+
+    #[test]
+    fn device_ids_parse_strictly() {
+        assert_eq!(parse_device_id("0"), Ok(DeviceId(0)));
+        assert_eq!(
+            parse_device_id("18446744073709551615"),
+            Ok(DeviceId(u64::MAX))
+        );
+        for bad in ["", "-1", "1.5", " 1", "18446744073709551616", "0x10"] {
+            let e = parse_device_id(bad).unwrap_err();
+            assert!(e.starts_with("bad device id"), "{bad:?}: {e}");
+        }
     }
 
     #[test]

@@ -1,10 +1,13 @@
 //! `tether serve`: loads the data directory, builds the shared read-only context, starts one
 //! pinned glommio executor per shard, the admin endpoint and the signal watcher, and waits.
+//! It holds the data directory's lock ([`SERVE_LOCK`]) while it runs: it is the only writer of
+//! the device registry then.
+//! SIGHUP (like `POST /reload`) reloads the TLS certificates, see [`crate::reload`].
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use glommio::channels::channel_mesh::MeshBuilder;
@@ -13,12 +16,15 @@ use tether_protocol::server::ServerConfig;
 
 use crate::admin::{AdminOptions, AdminResponse, metrics_routes, serve_admin_with};
 use crate::codestore::{CodeStore, Deployed};
-use crate::deploy::{DeployRequest, RolloutStatus, code_routes, group_sizes, spawn_deployer};
+use crate::deploy::{DeployRequest, RolloutStatus, code_routes, spawn_deployer};
+use crate::devices::{Registrar, RegistryMsg, device_routes};
+use crate::fsutil::FileLock;
 use crate::metrics::{MetricsSnapshot, ShardMetrics};
-use crate::registry::{AgentToken, FILE_NAME, Registry};
+use crate::registry::{AgentToken, FILE_NAME, LiveRegistry, Registry, SERVE_LOCK};
+use crate::reload::{Reloader, TlsSwap, reload_logged, reload_routes};
 use crate::shard::run_shard;
 use crate::shard::{Budget, GroupRollout, GuardConfig};
-use crate::tls::{DevPki, TlsOptions, server_config};
+use crate::tls::{DevPki, TlsOptions};
 
 /// How TLS state is kept after the handshake.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -70,6 +76,11 @@ pub struct ServeOptions {
     pub keep_key_schedule: bool,
     /// Certificate chain and key (PEM); both or neither.
     pub cert: Option<(PathBuf, PathBuf)>,
+    /// Ask devices for a client certificate from this CA (PEM); a verified one authenticates
+    /// the device it names without a proof.
+    pub device_ca: Option<PathBuf>,
+    /// With `device_ca`: refuse devices without a valid certificate.
+    pub require_device_cert: bool,
     /// How long a graceful shutdown may take.
     pub shutdown_grace: Duration,
     /// Most concurrent code transfers per shard; more devices wait in line.
@@ -99,6 +110,8 @@ impl Default for ServeOptions {
             tls_state: TlsState::Detached,
             keep_key_schedule: false,
             cert: None,
+            device_ca: None,
+            require_device_cert: false,
             shutdown_grace: Duration::from_secs(5),
             max_transfers: 8,
             max_code_size: crate::codestore::DEFAULT_MAX_CODE_SIZE,
@@ -107,13 +120,16 @@ impl Default for ServeOptions {
 }
 
 /// Read-only state every shard shares (no locks: nothing in it changes after start, except
-/// the shutdown flag). Code deployed at run time reaches shards as messages, not through here.
+/// the shutdown flag). Code deployed, devices added or revoked and TLS reloaded at run time
+/// reach shards as messages, not through here.
 pub(crate) struct ServerCtx {
+    /// The TLS config at start; each shard keeps its own current one (reloads replace it).
     pub tls: Arc<rustls::ServerConfig>,
     pub tls_state: TlsState,
     pub keep_key_schedule: bool,
     pub session: ServerConfig,
-    pub registry: Registry,
+    /// The registry file as loaded at start; each shard wraps it in its own `LiveRegistry`.
+    pub registry: Arc<Registry>,
     pub agent_token: AgentToken,
     pub listen: SocketAddr,
     pub agent_listen: SocketAddr,
@@ -138,6 +154,10 @@ pub(crate) struct ShardHandle {
     pub stats: crossbeam::channel::Receiver<crossbeam::channel::Sender<ShardMetrics>>,
     pub rollout: crossbeam::channel::Receiver<crossbeam::channel::Sender<Vec<GroupRollout>>>,
     pub deploys: crossbeam::channel::Receiver<Deployed>,
+    /// Registry changes and queries for this shard's home devices.
+    pub registry: crossbeam::channel::Receiver<RegistryMsg>,
+    /// Reloaded TLS configs.
+    pub tls: crossbeam::channel::Receiver<TlsSwap>,
 }
 
 /// A start-up failure, said plainly.
@@ -152,11 +172,21 @@ fn setup<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> ServeError + '_ 
     move |e| ServeError::Setup(format!("{what}: {e}"))
 }
 
-/// Runs the server until SIGTERM/SIGINT, then shuts down gracefully.
+/// Runs the server until SIGTERM/SIGINT, then shuts down gracefully; SIGHUP reloads TLS.
 pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     // Before any thread starts (the deployer's too), so only the signal thread takes them.
     block_signals();
     std::fs::create_dir_all(&opts.data_dir).map_err(setup("cannot create the data directory"))?;
+    let lock_path = opts.data_dir.join(SERVE_LOCK);
+    let _lock = FileLock::try_lock(&lock_path)
+        .map_err(setup(&format!("cannot lock {}", lock_path.display())))?
+        .ok_or_else(|| {
+            ServeError::Setup(format!(
+                "another tether server runs on {} (it holds {})",
+                opts.data_dir.display(),
+                lock_path.display()
+            ))
+        })?;
     let (cert, key) = match &opts.cert {
         Some((c, k)) => (c.clone(), k.clone()),
         None => {
@@ -172,16 +202,18 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
             (pki.server_cert, pki.server_key)
         }
     };
-    let tls = server_config(
-        &cert,
-        &key,
-        &TlsOptions {
+    let (mut reloader, tls) = Reloader::new(
+        cert,
+        key,
+        TlsOptions {
             secret_extraction: opts.tls_state == TlsState::Detached,
+            device_ca: opts.device_ca.clone(),
+            require_device_cert: opts.require_device_cert,
             ..TlsOptions::default()
         },
     )
     .map_err(setup("TLS"))?;
-    let registry = load_registry(&opts.data_dir)?;
+    let registry = Arc::new(load_registry(&opts.data_dir)?);
     let agent_token = AgentToken::ensure(&opts.data_dir).map_err(setup("agent token"))?;
     let store = CodeStore::open(&opts.data_dir, opts.max_code_size).map_err(setup("code store"))?;
     let code_at_start = load_code(&store);
@@ -203,7 +235,19 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     let (deploy_txs, deploy_rxs): (Vec<_>, Vec<_>) = (0..nshards)
         .map(|_| crossbeam::channel::bounded(16))
         .unzip();
-    let deployer = spawn_deployer(store, group_sizes(&registry), deploy_txs)
+    // Reloaded TLS configs too (built off the shards, by the signal or admin thread).
+    let (tls_txs, tls_rxs): (Vec<_>, Vec<_>) =
+        (0..nshards).map(|_| crossbeam::channel::bounded(4)).unzip();
+    reloader.set_shards(tls_txs);
+    let reloader = Arc::new(Mutex::new(reloader));
+    // So do registry changes, from the registrar in the admin thread.
+    let (registry_txs, registry_rxs): (Vec<_>, Vec<_>) = (0..nshards)
+        .map(|_| crossbeam::channel::bounded(64))
+        .unzip();
+    let (sizes_tx, sizes_rx) = crossbeam::channel::bounded(4096);
+    let registrar = Registrar::new(registry.clone(), &opts.data_dir, registry_txs, sizes_tx);
+    let group_sizes = LiveRegistry::new(registry.clone()).group_sizes();
+    let deployer = spawn_deployer(store, group_sizes, sizes_rx, deploy_txs)
         .map_err(setup("deployer thread"))?;
     let ctx = Arc::new(ServerCtx {
         tls,
@@ -231,10 +275,18 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
 
     {
         let ctx = ctx.clone();
+        let reloader = reloader.clone();
         std::thread::Builder::new()
             .name("tether-signals".into())
             .spawn(move || {
-                let sig = wait_signal();
+                let sig = loop {
+                    match wait_signal() {
+                        libc::SIGHUP => {
+                            let _ = reload_logged(&reloader, "SIGHUP");
+                        }
+                        sig => break sig,
+                    }
+                };
                 eprintln!(
                     "tether: signal {sig}: shutting down (goodbye to every device, then exit)"
                 );
@@ -264,7 +316,12 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     let mut rollout_txs = Vec::new();
     let mut executors = Vec::new();
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    for (id, deploys) in deploy_rxs.into_iter().enumerate() {
+    for (id, ((deploys, registry), tls)) in deploy_rxs
+        .into_iter()
+        .zip(registry_rxs)
+        .zip(tls_rxs)
+        .enumerate()
+    {
         let (stats_tx, stats_rx) = crossbeam::channel::bounded(4);
         stats_txs.push(stats_tx);
         let (rollout_tx, rollout_rx) = crossbeam::channel::bounded(4);
@@ -275,6 +332,8 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
             stats: stats_rx,
             rollout: rollout_rx,
             deploys,
+            registry,
+            tls,
         };
         let ctx = ctx.clone();
         let mesh = mesh.clone();
@@ -309,9 +368,13 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
             .max(opts.max_code_size as usize + 1),
         ..AdminOptions::default()
     };
+    // The admin thread serves one request at a time: the registrar needs no lock.
+    let registrar = std::cell::RefCell::new(registrar);
     serve_admin_with(admin, admin_opts, move |req| {
         metrics_routes(req, || collect(&stats_txs))
             .or_else(|| code_routes(req, &deployer, || collect_rollout(&rollout_txs)))
+            .or_else(|| device_routes(req, &mut registrar.borrow_mut()))
+            .or_else(|| reload_routes(req, &reloader))
             .unwrap_or_else(|| AdminResponse::not_found(req))
     })
     .map_err(setup("admin endpoint"))?;
@@ -359,7 +422,7 @@ fn load_registry(data_dir: &Path) -> Result<Registry, ServeError> {
     let path = data_dir.join(FILE_NAME);
     if !path.exists() {
         eprintln!(
-            "tether: no device registry at {}: every device will be refused; provision with `tether devices gen --count N`",
+            "tether: no device registry at {}: every device will be refused; provision with `tether devices gen --count N` (before starting) or `tether devices add ID --group G`",
             path.display()
         );
         return Ok(Registry::default());
@@ -423,26 +486,33 @@ fn collect(
     snap
 }
 
-/// Blocks SIGINT and SIGTERM in this thread and every thread it starts after, so only the
-/// signal thread receives them.
-fn block_signals() {
-    // SAFETY: plain libc calls on a local, initialised signal set.
+/// The signals the signal thread waits for: SIGINT and SIGTERM stop, SIGHUP reloads TLS.
+fn signal_set() -> libc::sigset_t {
+    // SAFETY: plain libc calls on a local signal set, initialised by sigemptyset.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGHUP);
+        set
+    }
+}
+
+/// Blocks SIGINT, SIGTERM and SIGHUP in this thread and every thread it starts after, so only
+/// the signal thread receives them.
+fn block_signals() {
+    let set = signal_set();
+    // SAFETY: a libc call on an initialised signal set.
+    unsafe {
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
     }
 }
 
 fn wait_signal() -> i32 {
-    // SAFETY: as above; sigwait only writes the signal number into `sig`.
+    let set = signal_set();
+    // SAFETY: sigwait reads the initialised set and only writes the signal number into `sig`.
     unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
         let mut sig = 0;
         libc::sigwait(&set, &mut sig);
         sig

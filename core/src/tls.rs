@@ -1,5 +1,9 @@
-//! TLS setup: a development PKI made on first run, and the rustls server and client configs
-//! (aws-lc-rs, TLS 1.3 only, ALPN `tether/1`) that the server, tests and loadgen share.
+//! TLS setup: a development PKI made on first run, a device CA that issues device client
+//! certificates, and the rustls server and client configs (aws-lc-rs, TLS 1.3 only, ALPN
+//! `tether/1`) that the server, tests and loadgen share.
+//!
+//! A device certificate names its device in its subject's common name: the device id in
+//! decimal (`CN=42`), see [`cert_device_id`].
 //!
 //! Build **one** [`server_config`] and share the `Arc` across all shards: its session-ticket key
 //! is made when the config is built, so shards with separate configs could not resume each
@@ -22,8 +26,9 @@ use rustls::crypto::CryptoProvider;
 use rustls::crypto::aws_lc_rs::{self, kx_group};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use rustls::server::ProducesTickets;
+use rustls::server::{ProducesTickets, VerifierBuilderError, WebPkiClientVerifier};
 use rustls::{NamedGroup, RootCertStore};
+use tether_protocol::DeviceId;
 
 use crate::fsutil::{PUBLIC_MODE, SECRET_MODE, write_atomic};
 
@@ -65,6 +70,15 @@ pub enum TlsError {
         path: PathBuf,
         source: rustls::Error,
     },
+    #[error("device CA {} not usable: {source}", path.display())]
+    DeviceCa {
+        path: PathBuf,
+        source: VerifierBuilderError,
+    },
+    #[error("{} exists already; not overwritten", path.display())]
+    Exists { path: PathBuf },
+    #[error("device id {0} cannot be named in a certificate (the two largest ids are reserved)")]
+    ReservedDeviceId(u64),
     #[error("{context}: {source}")]
     Config {
         context: String,
@@ -97,15 +111,7 @@ impl DevPki {
     /// same CA, so clients that trust it keep working.
     pub fn ensure(data_dir: &Path) -> Result<DevPki, TlsError> {
         let dir = data_dir.join("tls");
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)
-            .map_err(|source| TlsError::Write {
-                what: "TLS directory",
-                path: dir.clone(),
-                source,
-            })?;
+        private_dir(&dir, "TLS directory")?;
         let mut pki = DevPki {
             ca_cert: dir.join("ca.pem"),
             ca_key: dir.join("ca.key"),
@@ -118,28 +124,13 @@ impl DevPki {
             load_certs(&pki.ca_cert, "CA certificate")?;
             None
         } else {
-            let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-            let params = ca_params()?;
-            let cert = params.self_signed(&key)?;
-            write(&pki.ca_key, &key.serialize_pem(), SECRET_MODE, "CA key")?;
-            write(&pki.ca_cert, &cert.pem(), PUBLIC_MODE, "CA certificate")?;
             pki.created = true;
-            Some(Issuer::new(params, key))
+            Some(make_ca(CA_CN, &pki.ca_cert, &pki.ca_key)?)
         };
         if pki.created || !pki.server_cert.exists() || !pki.server_key.exists() {
             let issuer = match issuer {
                 Some(i) => i,
-                None => {
-                    let pem = read(&pki.ca_key, "CA key")?;
-                    let text = String::from_utf8_lossy(&pem);
-                    let key = KeyPair::from_pem(&text).map_err(|source| TlsError::CaKey {
-                        path: pki.ca_key.clone(),
-                        source,
-                    })?;
-                    // The CA's name and key identify it; rebuilding its params from the same
-                    // constants issues certificates that chain to the stored CA certificate.
-                    Issuer::new(ca_params()?, key)
-                }
+                None => load_issuer(CA_CN, &pki.ca_key)?,
             };
             let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
             let mut params = CertificateParams::new(
@@ -175,10 +166,10 @@ impl DevPki {
     }
 }
 
-fn ca_params() -> Result<CertificateParams, rcgen::Error> {
+fn ca_params(cn: &str) -> Result<CertificateParams, rcgen::Error> {
     let mut params = CertificateParams::new(Vec::<String>::new())?;
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.distinguished_name.push(DnType::CommonName, CA_CN);
+    params.distinguished_name.push(DnType::CommonName, cn);
     params
         .distinguished_name
         .push(DnType::OrganizationName, "Tether");
@@ -186,6 +177,222 @@ fn ca_params() -> Result<CertificateParams, rcgen::Error> {
     params.key_usages.push(KeyUsagePurpose::CrlSign);
     params.key_usages.push(KeyUsagePurpose::DigitalSignature);
     Ok(params)
+}
+
+/// Makes a CA named `cn` (ECDSA P-256), writes its certificate and key (0600), and returns it.
+fn make_ca(cn: &str, cert: &Path, key: &Path) -> Result<Issuer<'static, KeyPair>, TlsError> {
+    let pair = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let params = ca_params(cn)?;
+    let made = params.self_signed(&pair)?;
+    write(key, &pair.serialize_pem(), SECRET_MODE, "CA key")?;
+    write(cert, &made.pem(), PUBLIC_MODE, "CA certificate")?;
+    Ok(Issuer::new(params, pair))
+}
+
+/// A CA made by [`make_ca`], from its key file.
+fn load_issuer(cn: &str, key: &Path) -> Result<Issuer<'static, KeyPair>, TlsError> {
+    let pem = read(key, "CA key")?;
+    let text = String::from_utf8_lossy(&pem);
+    let pair = KeyPair::from_pem(&text).map_err(|source| TlsError::CaKey {
+        path: key.to_owned(),
+        source,
+    })?;
+    // The CA's name and key identify it; rebuilding its params from the same constants
+    // issues certificates that chain to the stored CA certificate.
+    Ok(Issuer::new(ca_params(cn)?, pair))
+}
+
+/// Creates `dir` (mode 0700) if missing.
+fn private_dir(dir: &Path, what: &'static str) -> Result<(), TlsError> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| TlsError::Write {
+            what,
+            path: dir.to_owned(),
+            source,
+        })
+}
+
+const DEVICE_CA_CN: &str = "Tether device CA";
+
+/// A device CA in a directory of its own: `ca.pem` (give it to `tether serve --device-ca`) and
+/// `ca.key` (mode 0600; keep it off the server). It issues device client certificates whose
+/// common name is the device id ([`cert_device_id`]). For first steps and tests; a fleet's
+/// own PKI works the same if its certificates name devices that way.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceCa {
+    /// The CA certificate.
+    pub cert: PathBuf,
+    /// The CA private key (mode 0600).
+    pub key: PathBuf,
+    /// True if this call created the CA.
+    pub created: bool,
+}
+
+/// A device certificate and its key, as [`DeviceCa::issue`] wrote them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceCert {
+    /// The certificate (leaf only; the device CA is the trust anchor).
+    pub cert: PathBuf,
+    /// The private key (mode 0600).
+    pub key: PathBuf,
+}
+
+impl DeviceCa {
+    /// Creates the device CA in `dir` (mode 0700) on first use, or finds the one made earlier.
+    pub fn ensure(dir: &Path) -> Result<DeviceCa, TlsError> {
+        private_dir(dir, "device CA directory")?;
+        let mut ca = DeviceCa::paths(dir);
+        if ca.cert.exists() && ca.key.exists() {
+            load_certs(&ca.cert, "device CA certificate")?;
+        } else {
+            make_ca(DEVICE_CA_CN, &ca.cert, &ca.key)?;
+            ca.created = true;
+        }
+        Ok(ca)
+    }
+
+    /// The device CA made earlier in `dir`; an error naming the file if it is missing.
+    pub fn open(dir: &Path) -> Result<DeviceCa, TlsError> {
+        let ca = DeviceCa::paths(dir);
+        load_certs(&ca.cert, "device CA certificate")?;
+        read(&ca.key, "device CA key")?;
+        Ok(ca)
+    }
+
+    fn paths(dir: &Path) -> DeviceCa {
+        DeviceCa {
+            cert: dir.join("ca.pem"),
+            key: dir.join("ca.key"),
+            created: false,
+        }
+    }
+
+    /// Issues a client certificate for `device` (`CN=<id>`, ECDSA P-256, client-auth usage)
+    /// into `out_dir` as `device-<id>.pem` and `device-<id>.key` (0600). Refuses to overwrite
+    /// either, and checks that the new certificate verifies against this CA's certificate (so
+    /// a CA made elsewhere is refused rather than issuing certificates that do not chain).
+    pub fn issue(&self, device: DeviceId, out_dir: &Path) -> Result<DeviceCert, TlsError> {
+        if parse_device_id(device.0.to_string().as_bytes()) != Some(device) {
+            return Err(TlsError::ReservedDeviceId(device.0));
+        }
+        let out = DeviceCert {
+            cert: out_dir.join(format!("device-{}.pem", device.0)),
+            key: out_dir.join(format!("device-{}.key", device.0)),
+        };
+        for path in [&out.cert, &out.key] {
+            if path.exists() {
+                return Err(TlsError::Exists { path: path.clone() });
+            }
+        }
+        let issuer = load_issuer(DEVICE_CA_CN, &self.key)?;
+        let pair = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, device.0.to_string());
+        params.use_authority_key_identifier_extension = true;
+        params.key_usages.push(KeyUsagePurpose::DigitalSignature);
+        params
+            .extended_key_usages
+            .push(ExtendedKeyUsagePurpose::ClientAuth);
+        let cert = params.signed_by(&pair, &issuer)?;
+        let verifier = device_verifier(&self.cert, false, provider(false))?;
+        verifier
+            .verify_client_cert(cert.der(), &[], rustls::pki_types::UnixTime::now())
+            .map_err(|source| TlsError::BadCa {
+                path: self.cert.clone(),
+                source,
+            })?;
+        private_dir(out_dir, "device certificate directory")?;
+        write(&out.key, &pair.serialize_pem(), SECRET_MODE, "device key")?;
+        write(&out.cert, &cert.pem(), PUBLIC_MODE, "device certificate")?;
+        Ok(out)
+    }
+}
+
+/// The device a client certificate names: the one common name of its subject, read as a
+/// device id in decimal (1 to 20 ASCII digits, no sign, no leading zero, below 2^64 − 2).
+/// `None` when the certificate does not parse, its subject holds no common name or more than
+/// one, or the name is not such a number. Only called on certificates rustls has verified
+/// against the device CA.
+pub fn cert_device_id(cert: &CertificateDer<'_>) -> Option<DeviceId> {
+    let parsed = webpki::EndEntityCert::try_from(cert).ok()?;
+    parse_device_id(one_common_name(parsed.subject())?)
+}
+
+fn parse_device_id(text: &[u8]) -> Option<DeviceId> {
+    let ok = matches!(text, [b'0'] | [b'1'..=b'9', ..])
+        && text.len() <= 20
+        && text.iter().all(u8::is_ascii_digit);
+    let id: u64 = std::str::from_utf8(text)
+        .ok()
+        .filter(|_| ok)?
+        .parse()
+        .ok()?;
+    // The two largest ids are the markers of a connection's packed certificate identity.
+    (id < u64::MAX - 1).then_some(DeviceId(id))
+}
+
+/// The value of the one common name (a UTF8String or PrintableString) in a DER `Name`'s
+/// content (the `RDNSequence` without its outer tag). `None` if the name does not parse, holds
+/// no common name or more than one, a common name of another string type, or more than 64
+/// relative names.
+fn one_common_name(mut name: &[u8]) -> Option<&[u8]> {
+    const CN: &[u8] = &[0x55, 0x04, 0x03];
+    let mut found = None;
+    for _ in 0..64 {
+        if name.is_empty() {
+            return found;
+        }
+        let (0x31, mut set, rest) = der_tlv(name)? else {
+            return None;
+        };
+        name = rest;
+        // Each attribute takes at least 6 bytes of the set: bounded by its length.
+        while !set.is_empty() {
+            let (0x30, attr, rest) = der_tlv(set)? else {
+                return None;
+            };
+            set = rest;
+            let (0x06, oid, value) = der_tlv(attr)? else {
+                return None;
+            };
+            let (tag, text, end) = der_tlv(value)?;
+            if !end.is_empty() {
+                return None;
+            }
+            if oid == CN {
+                if found.is_some() || !matches!(tag, 0x0c | 0x13) {
+                    return None;
+                }
+                found = Some(text);
+            }
+        }
+    }
+    None
+}
+
+/// One DER tag-length-value: (tag, content, rest). Lengths up to 64 KiB; `None` if `input`
+/// is too short or the encoding is not DER's.
+fn der_tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = input.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = match first {
+        0..=0x7f => (first as usize, rest),
+        0x81 => match rest.split_first()? {
+            (&n, rest) if n >= 0x80 => (n as usize, rest),
+            _ => return None,
+        },
+        0x82 => match rest {
+            [a, b, rest @ ..] if *a != 0 => ((*a as usize) << 8 | *b as usize, rest),
+            _ => return None,
+        },
+        _ => return None,
+    };
+    (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
 }
 
 fn read(path: &Path, what: &'static str) -> Result<Vec<u8>, TlsError> {
@@ -251,6 +458,12 @@ pub struct TlsOptions {
     /// A session-ticket key shared with other configs (other processes of an upgrade, or a farm).
     /// `None` makes a fresh one.
     pub ticketer: Option<Arc<dyn ProducesTickets>>,
+    /// Ask devices for a client certificate issued by a CA in this PEM file. A device whose
+    /// certificate verifies is known by the id it names ([`cert_device_id`]); one that sends
+    /// none still connects (and proves itself in its `Hello`) unless `require_device_cert`.
+    pub device_ca: Option<PathBuf>,
+    /// With `device_ca`: refuse a handshake without a valid device certificate.
+    pub require_device_cert: bool,
 }
 
 fn provider(pq_kx: bool) -> Arc<CryptoProvider> {
@@ -284,8 +497,40 @@ pub fn new_ticketer() -> Result<Arc<dyn ProducesTickets>, TlsError> {
     })
 }
 
-/// The server config: TLS 1.3 only, no client certificates, session tickets, half-RTT data on
-/// (the auth nonce rides the server's first flight), no 0-RTT, ALPN `tether/1`.
+/// The verifier of device client certificates issued by the CA(s) in `ca_pem`.
+fn device_verifier(
+    ca_pem: &Path,
+    required: bool,
+    provider: Arc<CryptoProvider>,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsError> {
+    let roots = load_roots(ca_pem, "device CA certificate")?;
+    let builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+    let builder = if required {
+        builder
+    } else {
+        builder.allow_unauthenticated()
+    };
+    builder.build().map_err(|source| TlsError::DeviceCa {
+        path: ca_pem.to_owned(),
+        source,
+    })
+}
+
+/// The CA certificate(s) in a PEM file as a root store.
+fn load_roots(ca_pem: &Path, what: &'static str) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for cert in load_certs(ca_pem, what)? {
+        roots.add(cert).map_err(|source| TlsError::BadCa {
+            path: ca_pem.to_owned(),
+            source,
+        })?;
+    }
+    Ok(roots)
+}
+
+/// The server config: TLS 1.3 only, session tickets, half-RTT data on (the auth nonce rides
+/// the server's first flight), no 0-RTT, ALPN `tether/1`; device client certificates asked
+/// for when `opts.device_ca` is set.
 pub fn server_config(
     cert_chain_pem: &Path,
     key_pem: &Path,
@@ -300,13 +545,22 @@ pub fn server_config(
             key_pem.display()
         )
     };
-    let mut config = rustls::ServerConfig::builder_with_provider(provider(opts.pq_kx))
+    let provider = provider(opts.pq_kx);
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|source| TlsError::Config {
             context: context(),
             source,
-        })?
-        .with_no_client_auth()
+        })?;
+    let builder = match &opts.device_ca {
+        Some(ca) => builder.with_client_cert_verifier(device_verifier(
+            ca,
+            opts.require_device_cert,
+            provider,
+        )?),
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder
         .with_single_cert(certs, key)
         .map_err(|source| TlsError::Config {
             context: context(),
@@ -360,21 +614,46 @@ pub fn client_config(
     ca_pem: &Path,
     opts: &ClientTlsOptions,
 ) -> Result<Arc<rustls::ClientConfig>, TlsError> {
-    let mut roots = RootCertStore::empty();
-    for cert in load_certs(ca_pem, "CA certificate")? {
-        roots.add(cert).map_err(|source| TlsError::BadCa {
-            path: ca_pem.to_owned(),
-            source,
-        })?;
-    }
-    let mut config = rustls::ClientConfig::builder_with_provider(provider(opts.pq_kx))
+    build_client_config(ca_pem, None, opts)
+}
+
+/// [`client_config`] that also presents a device certificate (`cert_pem`, `key_pem`: PEM),
+/// as a device with a certificate from the device CA does.
+pub fn client_config_with_cert(
+    ca_pem: &Path,
+    cert_pem: &Path,
+    key_pem: &Path,
+    opts: &ClientTlsOptions,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    build_client_config(ca_pem, Some((cert_pem, key_pem)), opts)
+}
+
+fn build_client_config(
+    ca_pem: &Path,
+    identity: Option<(&Path, &Path)>,
+    opts: &ClientTlsOptions,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let roots = load_roots(ca_pem, "CA certificate")?;
+    let builder = rustls::ClientConfig::builder_with_provider(provider(opts.pq_kx))
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|source| TlsError::Config {
             context: "cannot build the client TLS config".into(),
             source,
         })?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let mut config = match identity {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => builder
+            .with_client_auth_cert(load_certs(cert, "device certificate")?, load_key(key)?)
+            .map_err(|source| TlsError::Config {
+                context: format!(
+                    "cannot use device certificate {} with key {}",
+                    cert.display(),
+                    key.display()
+                ),
+                source,
+            })?,
+    };
     config.resumption = match (opts.session_tickets, &opts.session_store) {
         (0, _) => Resumption::disabled(),
         (_, Some(store)) => Resumption::store(store.clone()),
@@ -590,6 +869,215 @@ mod tests {
 
         let e = client_config(&pki.server_key, &ClientTlsOptions::default()).unwrap_err();
         assert!(e.to_string().starts_with("no certificate found in "), "{e}");
+    }
+
+    /// A DER `Name` content from (OID, string tag, value) attributes, one per RDN set.
+    fn name(attrs: &[(&[u8], u8, &[u8])]) -> Vec<u8> {
+        fn tlv(tag: u8, content: &[u8]) -> Vec<u8> {
+            let mut v = vec![tag, content.len() as u8];
+            v.extend_from_slice(content);
+            v
+        }
+        let mut out = Vec::new();
+        for (oid, tag, value) in attrs {
+            let mut attr = tlv(0x06, oid);
+            attr.extend(tlv(*tag, value));
+            out.extend(tlv(0x31, &tlv(0x30, &attr)));
+        }
+        out
+    }
+
+    const CN: &[u8] = &[0x55, 0x04, 0x03];
+    const O: &[u8] = &[0x55, 0x04, 0x0a];
+
+    #[test]
+    fn common_name_parsing_takes_exactly_one_and_refuses_junk() {
+        let good = name(&[(O, 0x0c, b"fleet"), (CN, 0x0c, b"42")]);
+        assert_eq!(one_common_name(&good), Some(&b"42"[..]));
+        let printable = name(&[(CN, 0x13, b"7")]);
+        assert_eq!(one_common_name(&printable), Some(&b"7"[..]));
+        for (why, bad) in [
+            ("two CNs", name(&[(CN, 0x0c, b"1"), (CN, 0x0c, b"2")])),
+            ("no CN", name(&[(O, 0x0c, b"fleet")])),
+            ("BMPString CN", name(&[(CN, 0x1e, b"\0\x34")])),
+            ("empty", Vec::new()),
+        ] {
+            assert_eq!(one_common_name(&bad), None, "{why}");
+        }
+        // Every truncation of a good name, and a few hostile lengths, fail cleanly.
+        for n in 0..good.len() {
+            assert_eq!(one_common_name(&good[..n]), None, "cut at {n}");
+        }
+        for bad in [
+            &[0x31, 0x84, 0xff, 0xff, 0xff, 0xff][..],
+            &[0x31, 0x81, 0x05, 0, 0, 0, 0, 0],
+            &[0x31, 0x82, 0x00, 0x05, 0, 0, 0, 0, 0],
+            &[0x31, 0x80],
+            &[0x30, 0x00],
+        ] {
+            assert_eq!(one_common_name(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn device_ids_are_plain_decimal() {
+        for (text, want) in [
+            (&b"42"[..], Some(42)),
+            (b"0", Some(0)),
+            (b"18446744073709551613", Some(u64::MAX - 2)),
+        ] {
+            assert_eq!(parse_device_id(text), want.map(DeviceId), "{text:?}");
+        }
+        for text in [
+            &b""[..],
+            b"042",
+            b"+42",
+            b"-1",
+            b" 42",
+            b"42 ",
+            b"4x2",
+            b"18446744073709551614",
+            b"18446744073709551616",
+            b"000000000000000000001",
+        ] {
+            assert_eq!(parse_device_id(text), None, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn device_ca_issues_certificates_naming_the_device_and_never_overwrites() {
+        let dir = TestDir::new("tls-devca");
+        let ca_dir = dir.path().join("ca");
+        let ca = DeviceCa::ensure(&ca_dir).unwrap();
+        assert!(ca.created);
+        assert!(!DeviceCa::ensure(&ca_dir).unwrap().created);
+        let cert = ca.issue(DeviceId(42), &dir.path().join("out")).unwrap();
+        for key in [&ca.key, &cert.key] {
+            let mode = fs::metadata(key).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{}", key.display());
+        }
+        let der = load_certs(&cert.cert, "device certificate").unwrap();
+        assert_eq!(cert_device_id(&der[0]), Some(DeviceId(42)));
+        let e = ca.issue(DeviceId(42), &dir.path().join("out")).unwrap_err();
+        assert!(
+            e.to_string().ends_with("exists already; not overwritten"),
+            "{e}"
+        );
+
+        // A CA this module did not make (here: the dev CA's certificate with the device CA's
+        // key) issues nothing rather than certificates that do not chain.
+        let e = ca.issue(DeviceId(u64::MAX), dir.path()).unwrap_err();
+        assert!(e.to_string().contains("reserved"), "{e}");
+
+        let pki = DevPki::ensure(dir.path()).unwrap();
+        let foreign = DeviceCa {
+            cert: pki.ca_cert.clone(),
+            ..ca.clone()
+        };
+        let e = foreign.issue(DeviceId(7), dir.path()).unwrap_err();
+        assert!(e.to_string().contains("ca.pem"), "{e}");
+        assert!(!dir.path().join("device-7.pem").exists());
+
+        let e = DeviceCa::open(&dir.path().join("none")).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("cannot read device CA certificate"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_device_certificate_reaches_the_server_only_with_a_device_ca() {
+        let dir = TestDir::new("tls-devcert");
+        let pki = DevPki::ensure(dir.path()).unwrap();
+        let ca = DeviceCa::ensure(&dir.path().join("devca")).unwrap();
+        let dev = ca.issue(DeviceId(9), dir.path()).unwrap();
+        let client = client_config_with_cert(
+            &pki.ca_cert,
+            &dev.cert,
+            &dev.key,
+            &ClientTlsOptions::default(),
+        )
+        .unwrap();
+        let plain_client = client_config(&pki.ca_cert, &ClientTlsOptions::default()).unwrap();
+        let with_ca = TlsOptions {
+            device_ca: Some(ca.cert.clone()),
+            ..TlsOptions::default()
+        };
+        let server = server_config(&pki.server_cert, &pki.server_key, &with_ca).unwrap();
+        let (_, s) = connect(&client, &server);
+        let chain = s.peer_certificates().expect("the device's certificate");
+        assert_eq!(cert_device_id(&chain[0]), Some(DeviceId(9)));
+        // Optional by default: a device without a certificate still connects.
+        let (_, s) = connect(&plain_client, &server);
+        assert!(s.peer_certificates().is_none());
+        // Without a device CA the server asks for none.
+        let server = server_config(&pki.server_cert, &pki.server_key, &TlsOptions::default());
+        let (_, s) = connect(&client, &server.unwrap());
+        assert!(s.peer_certificates().is_none());
+    }
+
+    #[test]
+    fn required_device_certificates_refuse_devices_without_one() {
+        let dir = TestDir::new("tls-devreq");
+        let pki = DevPki::ensure(dir.path()).unwrap();
+        let ca = DeviceCa::ensure(&dir.path().join("devca")).unwrap();
+        let opts = TlsOptions {
+            device_ca: Some(ca.cert.clone()),
+            require_device_cert: true,
+            ..TlsOptions::default()
+        };
+        let server = server_config(&pki.server_cert, &pki.server_key, &opts).unwrap();
+        let client = client_config(&pki.ca_cert, &ClientTlsOptions::default()).unwrap();
+        let name = ServerName::try_from("localhost").unwrap();
+        let mut c = ClientConnection::new(client, name).unwrap();
+        let mut s = ServerConnection::new(server).unwrap();
+        let mut failed = false;
+        for _ in 0..10 {
+            let mut buf = Vec::new();
+            while c.wants_write() {
+                c.write_tls(&mut buf).unwrap();
+            }
+            if buf.is_empty() {
+                break;
+            }
+            s.read_tls(&mut &buf[..]).unwrap();
+            if s.process_new_packets().is_err() {
+                failed = true;
+                break;
+            }
+            buf.clear();
+            while s.wants_write() {
+                s.write_tls(&mut buf).unwrap();
+            }
+            c.read_tls(&mut &buf[..]).unwrap();
+            let _ = c.process_new_packets();
+        }
+        assert!(
+            failed,
+            "the server must refuse a device without a certificate"
+        );
+    }
+
+    #[test]
+    fn a_key_that_does_not_match_the_certificate_is_named() {
+        let dir = TestDir::new("tls-mismatch");
+        let pki = DevPki::ensure(dir.path()).unwrap();
+        let e = server_config(&pki.server_cert, &pki.ca_key, &TlsOptions::default()).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("server.pem") && msg.contains("ca.key"),
+            "{msg}"
+        );
+        assert!(msg.contains("match"), "{msg}");
+        let bad = dir.path().join("devca.pem");
+        fs::write(&bad, "-----BEGIN CERTIFICATE-----\nnot base64!\n").unwrap();
+        let opts = TlsOptions {
+            device_ca: Some(bad),
+            ..TlsOptions::default()
+        };
+        let e = server_config(&pki.server_cert, &pki.server_key, &opts).unwrap_err();
+        assert!(e.to_string().contains("devca.pem"), "{e}");
     }
 
     #[test]

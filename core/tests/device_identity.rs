@@ -80,7 +80,11 @@ fn impostor_does_not_disturb(shards: &str) {
         let wrong = derive_device_key(b"not the server secret", DeviceId(ID));
         let mut impostor = Device::connect(&s, DeviceConfig::new(DeviceId(ID), wrong));
         assert!(refused(&mut impostor), "events: {:?}", impostor.events);
-        assert!(impostor.wait_closed(T));
+        assert!(
+            impostor.wait_closed(T),
+            "the server did not close the refused connection: {:?}",
+            s.stats().total
+        );
     }
 
     // The live session is untouched: no goodbye, and an agent's send still reaches it.

@@ -9,9 +9,13 @@
 //!    [`poll_transmit`](DeviceSession::poll_transmit), then re-arm the timer from
 //!    [`poll_timeout`](DeviceSession::poll_timeout).
 //! 4. On [`DeviceEvent::Closed`], close the socket after flushing; call `connect` again to
-//!    reconnect (unacknowledged messages are resent after the next `Welcome`).
+//!    reconnect (unacknowledged messages are resent after the next `Welcome`) — unless
+//!    [`is_revoked`](DeviceSession::is_revoked): a `Goodbye{revoked}` means the server no
+//!    longer knows this device, and `connect` then refuses (no reconnect loop against a server
+//!    that will only refuse it).
 //!
-//! States: `ExpectChallenge` → `ExpectWelcome` → `Established` → `Disconnected`.
+//! States: `ExpectChallenge` → `ExpectWelcome` → `Established` → `Disconnected`, and
+//! `Revoked` (final) after a `Goodbye{revoked}`.
 
 use std::time::{Duration, Instant};
 
@@ -130,6 +134,8 @@ enum State {
     ExpectWelcome,
     Established,
     Disconnected,
+    /// The server revoked the device: disconnected for good.
+    Revoked,
 }
 
 /// The device end of a session. See the module doc for the call order.
@@ -221,7 +227,13 @@ impl DeviceSession {
 
     /// Whether no connection is active.
     pub fn is_disconnected(&self) -> bool {
-        self.state == State::Disconnected
+        matches!(self.state, State::Disconnected | State::Revoked)
+    }
+
+    /// Whether the server said `Goodbye{revoked}`: the device must not reconnect (its id is no
+    /// longer registered), and [`connect`](Self::connect) refuses.
+    pub fn is_revoked(&self) -> bool {
+        self.state == State::Revoked
     }
 
     /// The code version the next `Hello` names.
@@ -239,8 +251,17 @@ impl DeviceSession {
         self.stream.unacked()
     }
 
-    /// Starts the protocol on a new connection (TLS is up).
+    /// Starts the protocol on a new connection (TLS is up). After a revocation it refuses:
+    /// the session stays revoked and queues [`DeviceEvent::Closed`] with
+    /// `PeerGoodbye(Revoked)` again, so a driver that reconnects anyway learns why.
     pub fn connect(&mut self, now: Instant) {
+        if self.state == State::Revoked {
+            self.events
+                .push_back(DeviceEvent::Closed(CloseReason::PeerGoodbye(
+                    GoodbyeReason::Revoked,
+                )));
+            return;
+        }
         self.decoder.clear();
         self.tx = Output::default();
         self.state = State::ExpectChallenge;
@@ -251,11 +272,11 @@ impl DeviceSession {
 
     /// Feeds bytes received from the server.
     pub fn handle_bytes(&mut self, now: Instant, data: &[u8]) {
-        if self.state == State::Disconnected {
+        if self.is_disconnected() {
             return;
         }
         self.decoder.push(data);
-        while self.state != State::Disconnected {
+        while !self.is_disconnected() {
             match self.decoder.next_frame() {
                 Ok(Some(frame)) => match Message::decode(frame) {
                     Ok(m) => self.on_message(now, m),
@@ -431,6 +452,9 @@ impl DeviceSession {
             redirect,
         });
         self.close_with(CloseReason::PeerGoodbye(reason));
+        if reason == GoodbyeReason::Revoked {
+            self.state = State::Revoked;
+        }
     }
 
     fn close_with(&mut self, reason: CloseReason) {
@@ -453,8 +477,11 @@ impl DeviceSession {
     }
 
     /// Sends a message to the device's agent. Queued (and sent after `Welcome`) while not yet
-    /// established; kept until acknowledged.
+    /// established; kept until acknowledged. Refused once revoked.
     pub fn send(&mut self, now: Instant, topic: Bytes, payload: Bytes) -> Result<Seq, SendError> {
+        if self.state == State::Revoked {
+            return Err(SendError::Closed);
+        }
         let established = self.state == State::Established;
         let m = self.stream.push(
             self.config.outbox_limit,
@@ -497,7 +524,7 @@ impl DeviceSession {
 
     /// Ends the connection with a `Goodbye`.
     pub fn close(&mut self) {
-        if self.state == State::Disconnected {
+        if self.is_disconnected() {
             return;
         }
         let _ = Message::Goodbye {
@@ -511,7 +538,7 @@ impl DeviceSession {
 
     /// The transport failed under us (reset, EOF): end the connection without sending.
     pub fn connection_lost(&mut self, reason: CloseReason) {
-        if self.state != State::Disconnected {
+        if !self.is_disconnected() {
             self.tx = Output::default();
             self.close_with(reason);
         }
@@ -519,7 +546,7 @@ impl DeviceSession {
 
     /// Applies expired deadlines: handshake/idle timeouts, heartbeats, resends.
     pub fn handle_timeout(&mut self, now: Instant) {
-        if self.state == State::Disconnected {
+        if self.is_disconnected() {
             return;
         }
         if now >= self.deadline {
@@ -559,7 +586,7 @@ impl DeviceSession {
 
     /// When [`handle_timeout`](Self::handle_timeout) should next be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        if self.state == State::Disconnected {
+        if self.is_disconnected() {
             return None;
         }
         [Some(self.deadline), self.next_ping, self.resend_at]

@@ -130,6 +130,9 @@ wire_enum! {
         Redirect = 4 => "redirected",
         /// The server is being upgraded.
         Upgrade = 5 => "server upgrading",
+        /// The device was revoked from the registry: it must not reconnect (a new connect is
+        /// refused like an unknown device's).
+        Revoked = 6 => "device revoked",
         /// The device keeps replacing its own session (two devices with one identity, or a
         /// reconnect loop): its established session stays; retry after `retry_after_ms`.
         Flapping = 7 => "reconnecting too often",

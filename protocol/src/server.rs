@@ -8,8 +8,11 @@
 //!    then [`poll_transmit`](ServerSession::poll_transmit) (write the bytes out), then re-arm
 //!    the timer from [`poll_timeout`](ServerSession::poll_timeout).
 //! 4. On [`ServerEvent::Hello`], look the device up and call
-//!    [`authenticate`](ServerSession::authenticate); until then further input is buffered
-//!    undecoded (so the connection can move to the device's home shard in between).
+//!    [`authenticate`](ServerSession::authenticate) (or [`verify`](ServerSession::verify) /
+//!    [`verify_credential`](ServerSession::verify_credential) — the latter also for a device
+//!    whose TLS client certificate names it — then `establish` or `reject`); until then
+//!    further input is buffered undecoded (so the connection can move to the device's home
+//!    shard in between).
 //! 5. When [`is_closed`](ServerSession::is_closed) and nothing is left to transmit, close the
 //!    socket.
 //!
@@ -149,6 +152,17 @@ impl Verified {
     }
 }
 
+/// What vouches for a pending `Hello`, for [`ServerSession::verify_credential`].
+#[derive(Clone, Copy, Debug)]
+pub enum Credential<'a> {
+    /// The `Hello`'s proof, checked against the device's key.
+    Key(&'a DeviceKey),
+    /// The TLS layer verified a client certificate naming this device (`None`: it names no
+    /// device). No proof is checked; a `Hello` naming another device is refused as a bad
+    /// proof is.
+    Certificate(Option<DeviceId>),
+}
+
 #[derive(Debug)]
 enum State {
     ExpectHello {
@@ -162,7 +176,10 @@ enum State {
         device: DeviceId,
         session: SessionId,
     },
-    Closed,
+    /// Ended; `device` if it was established (so its driver can still release the device).
+    Closed {
+        device: Option<DeviceId>,
+    },
 }
 
 impl State {
@@ -171,7 +188,7 @@ impl State {
             State::ExpectHello { .. } => "expecting Hello",
             State::Authenticating { .. } => "authenticating",
             State::Established { .. } => "established",
-            State::Closed => "closed",
+            State::Closed { .. } => "closed",
         }
     }
 }
@@ -208,12 +225,23 @@ impl ServerSession {
         }
     }
 
-    /// The authenticated device, once established.
+    /// The authenticated device: once established, and still after that session closed (so
+    /// its driver can release what it holds for the device when handling the close).
     pub fn device(&self) -> Option<DeviceId> {
         match self.state {
-            State::Established { device, .. } => Some(device),
+            State::Established { device, .. }
+            | State::Closed {
+                device: Some(device),
+            } => Some(device),
             _ => None,
         }
+    }
+
+    /// Ends the session's state machine, keeping the device if it was established.
+    fn set_closed(&mut self) {
+        self.state = State::Closed {
+            device: self.device(),
+        };
     }
 
     /// The session id, once established.
@@ -226,7 +254,7 @@ impl ServerSession {
 
     /// Whether the session has ended.
     pub fn is_closed(&self) -> bool {
-        matches!(self.state, State::Closed)
+        matches!(self.state, State::Closed { .. })
     }
 
     /// The device whose `Hello` waits for [`authenticate`](Self::authenticate).
@@ -279,7 +307,7 @@ impl ServerSession {
             self.on_established(m);
             return;
         }
-        let state = std::mem::replace(&mut self.state, State::Closed);
+        let state = std::mem::replace(&mut self.state, State::Closed { device: None });
         match (state, m) {
             (State::ExpectHello { nonce }, Message::Hello(hello)) => {
                 if hello.version != PROTOCOL_VERSION {
@@ -356,12 +384,12 @@ impl ServerSession {
                 .events
                 .push_back(ServerEvent::Code(CodeEvent::Done { version, ok })),
             Message::Goodbye { reason, .. } => {
-                self.state = State::Closed;
+                self.set_closed();
                 self.events
                     .push_back(ServerEvent::Closed(CloseReason::PeerGoodbye(reason)));
             }
             Message::Error { code, .. } => {
-                self.state = State::Closed;
+                self.set_closed();
                 self.events
                     .push_back(ServerEvent::Closed(CloseReason::PeerError(code)));
             }
@@ -384,7 +412,7 @@ impl ServerSession {
             }
             .encode(self.tx.buf());
         }
-        self.state = State::Closed;
+        self.set_closed();
         self.decoder.clear();
         self.events.push_back(ServerEvent::Closed(reason));
     }
@@ -396,10 +424,27 @@ impl ServerSession {
     /// costs the same HMAC as a known one (against a fixed dummy key), so the answer's timing
     /// does not tell which device ids exist.
     pub fn verify(&self, key: Option<&DeviceKey>) -> Result<Verified, AuthError> {
+        self.verify_credential(key.map(Credential::Key))
+    }
+
+    /// [`verify`](Self::verify) with the device's credential: its key, or the device its
+    /// verified client certificate names; `None` if the registry does not know the device.
+    pub fn verify_credential(
+        &self,
+        credential: Option<Credential<'_>>,
+    ) -> Result<Verified, AuthError> {
         let State::Authenticating { nonce, hello } = &self.state else {
             return Err(AuthError::NoHelloPending);
         };
         let device = hello.device;
+        let key = match credential {
+            Some(Credential::Certificate(named)) if named == Some(device) => {
+                return Ok(Verified { device });
+            }
+            Some(Credential::Certificate(_)) => return Err(AuthError::BadProof),
+            Some(Credential::Key(key)) => Some(key),
+            None => None,
+        };
         const DUMMY: DeviceKey = DeviceKey([0x5a; 32]);
         let good = auth::verify(
             key.unwrap_or(&DUMMY),
@@ -538,7 +583,7 @@ impl ServerSession {
             redirect: Bytes::new(),
         }
         .encode(self.tx.buf());
-        self.state = State::Closed;
+        self.set_closed();
         self.decoder.clear();
         self.events
             .push_back(ServerEvent::Closed(CloseReason::Local(reason)));
@@ -570,7 +615,7 @@ impl ServerSession {
             State::ExpectHello { .. } => self.fail(CloseReason::HandshakeTimeout),
             State::Established { .. } => self.fail(CloseReason::IdleTimeout),
             // The driver owns the authentication step's latency; no deadline there.
-            State::Authenticating { .. } | State::Closed => {}
+            State::Authenticating { .. } | State::Closed { .. } => {}
         }
     }
 
@@ -602,5 +647,14 @@ impl ServerSession {
     /// Messages sent to the device and not yet acknowledged.
     pub fn unacked(&self) -> usize {
         self.stream.unacked()
+    }
+
+    /// When the device was last heard from (any frame, or its authentication), once
+    /// established.
+    pub fn last_heard(&self) -> Option<Instant> {
+        match self.state {
+            State::Established { .. } => self.deadline.checked_sub(self.idle_timeout),
+            _ => None,
+        }
     }
 }

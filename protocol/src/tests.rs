@@ -498,6 +498,81 @@ fn goodbye_from_server_tells_the_device_when_to_return() {
 }
 
 #[test]
+fn goodbye_revoked_means_do_not_reconnect() {
+    let mut p = Pair::new();
+    p.established();
+    p.server.close(GoodbyeReason::Revoked, 0);
+    p.step();
+    assert!(
+        p.device_events
+            .contains(&DeviceEvent::Closed(CloseReason::PeerGoodbye(
+                GoodbyeReason::Revoked
+            )))
+    );
+    assert!(p.device.is_revoked() && p.device.is_disconnected());
+    assert_eq!(
+        p.device.poll_timeout(),
+        None,
+        "a revoked device has no deadline"
+    );
+    // A driver that reconnects anyway gets the reason again and sends nothing.
+    p.device_events.clear();
+    p.device.connect(p.now);
+    assert!(p.device.is_revoked());
+    assert_eq!(
+        p.device.poll_event(),
+        Some(DeviceEvent::Closed(CloseReason::PeerGoodbye(
+            GoodbyeReason::Revoked
+        )))
+    );
+    let mut out = BytesMut::new();
+    p.device.handle_bytes(p.now, &[0, 0, 0, 1, 1]);
+    assert!(!p.device.poll_transmit(&mut out) && out.is_empty());
+    assert_eq!(
+        p.device
+            .send(p.now, Bytes::from_static(b"t"), Bytes::from_static(b"x")),
+        Err(crate::error::SendError::Closed)
+    );
+}
+
+#[test]
+fn a_closed_session_still_names_its_device() {
+    // The driver releases the device (presence, its slot in the device table) when it handles
+    // the close, whichever side ended the session.
+    let mut p = Pair::new();
+    p.established();
+    p.device.close();
+    p.step();
+    assert!(p.server.is_closed());
+    assert_eq!(p.server.device(), Some(DeviceId(42)));
+    assert_eq!(p.server.session_id(), None);
+    let mut p = Pair::new();
+    p.established();
+    p.server.close(GoodbyeReason::Shutdown, 0);
+    assert_eq!(p.server.device(), Some(DeviceId(42)));
+    // Never established: no device.
+    let mut p = Pair::new();
+    p.registry_key = None;
+    p.step();
+    assert!(p.server.is_closed());
+    assert_eq!(p.server.device(), None);
+}
+
+#[test]
+fn other_goodbyes_leave_the_device_free_to_reconnect() {
+    let mut p = Pair::new();
+    p.established();
+    p.server.close(GoodbyeReason::Shutdown, 10);
+    p.step();
+    assert!(p.device.is_disconnected() && !p.device.is_revoked());
+    p.device.connect(p.now);
+    assert!(
+        !p.device.is_disconnected(),
+        "connect starts a new handshake"
+    );
+}
+
+#[test]
 fn ack_of_unsent_seq_is_misbehaviour() {
     let mut p = Pair::new();
     p.established();
@@ -698,4 +773,49 @@ fn verify_changes_nothing_until_established() {
         DeviceId(42)
     );
     assert_eq!(s.device(), Some(DeviceId(42)));
+}
+
+#[test]
+fn a_certificate_for_the_hello_device_verifies_without_the_proof() {
+    use crate::server::Credential;
+    // The Hello's proof is made with a wrong key: only the certificate vouches for it.
+    let wrong = derive_device_key(b"another secret", DeviceId(42));
+    let mut s = awaiting_hello(&wrong);
+    let v = s
+        .verify_credential(Some(Credential::Certificate(Some(DeviceId(42)))))
+        .unwrap();
+    assert_eq!(v.device(), DeviceId(42));
+    s.establish(Instant::now(), v, SessionId(3), 0, None);
+    assert_eq!(s.device(), Some(DeviceId(42)));
+}
+
+#[test]
+fn a_certificate_for_another_device_is_refused_like_a_bad_proof() {
+    use crate::server::Credential;
+    let right = derive_device_key(SECRET, DeviceId(42));
+    let mut answers = Vec::new();
+    let credentials = [
+        Credential::Key(&right),
+        Credential::Certificate(Some(DeviceId(43))),
+        Credential::Certificate(None),
+    ];
+    for (i, credential) in credentials.into_iter().enumerate() {
+        // A bad proof for the key case; the certificate cases carry a good proof, which must
+        // not help them.
+        let hello_key = if i == 0 {
+            derive_device_key(b"another secret", DeviceId(42))
+        } else {
+            right.clone()
+        };
+        let mut s = awaiting_hello(&hello_key);
+        let e = s.verify_credential(Some(credential)).unwrap_err();
+        assert_eq!(e, AuthError::BadProof, "{credential:?}");
+        assert!(s.awaiting_auth(), "a failed verify changes nothing");
+        s.reject(e);
+        let mut out = BytesMut::new();
+        assert!(s.poll_transmit(&mut out));
+        answers.push(out);
+    }
+    assert_eq!(answers[0], answers[1]);
+    assert_eq!(answers[0], answers[2]);
 }

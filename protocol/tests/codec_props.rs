@@ -75,7 +75,7 @@ fn message() -> impl Strategy<Value = Message> {
             version: CodeVersion(v),
             ok
         }),
-        (0u16..6, any::<u32>(), bytes(255)).prop_map(|(r, ms, red)| Message::Goodbye {
+        (0u16..7, any::<u32>(), bytes(255)).prop_map(|(r, ms, red)| Message::Goodbye {
             reason: GoodbyeReason::from_u16(r).unwrap(),
             retry_after_ms: ms,
             redirect: red,

@@ -172,6 +172,13 @@ impl Handshake {
         self.conn.alpn_protocol()
     }
 
+    /// The client's certificate chain, once verified (the config asks for one with a client
+    /// verifier; after a resumption, the chain verified when the ticket was issued). Gone after
+    /// [`detach`](Self::detach): take what is needed of it before.
+    pub fn peer_certificates(&self) -> Option<&[rustls::pki_types::CertificateDer<'static>]> {
+        self.conn.peer_certificates()
+    }
+
     /// Trades the finished handshake for its traffic secrets and rustls' key schedule.
     /// For suites whose aws-lc-rs encrypter must start at sequence 0 (AES-GCM; see the
     /// module docs) and whose sending sequence is past 0 (tickets, half-RTT data), seals a

@@ -8,9 +8,10 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::Instant;
 
 use bytes::BytesMut;
+use tether_protocol::CodeVersion;
 use tether_protocol::server::ServerSession;
 
-use super::tlsconn::{OpenCx, TlsConn, TlsEnd};
+use super::tlsconn::{CertDevice, OpenCx, TlsConn, TlsEnd};
 use crate::metrics::{ErrorKind, ShardMetrics};
 use crate::ring;
 use crate::timer::TimerId;
@@ -37,6 +38,8 @@ pub(crate) struct Conn {
     pub out: Vec<u8>,
     /// Received bytes of an incomplete TLS record (detached mode). Empty at rest.
     pub partial: Vec<u8>,
+    /// The device the verified client certificate names, if any (set by the handshake).
+    pub cert: CertDevice,
     /// Generation of this slot, to recognise stale timer entries and ring completions.
     pub generation: u32,
     /// The deadline the timing wheel holds for this connection, if any.
@@ -49,6 +52,9 @@ pub(crate) struct Conn {
     pub registered: bool,
     /// A write-readiness watch is armed on the ring.
     pub writing: bool,
+    /// The code version the device runs (its `Hello`'s, or what it installed since), for
+    /// `tether devices show`.
+    pub code_version: CodeVersion,
 }
 
 /// Most reads one step takes before giving other connections a turn.
@@ -106,6 +112,7 @@ impl Conn {
             session: &mut self.session,
             out: &mut self.out,
             keep_key_schedule: keep,
+            cert: &mut self.cert,
             m,
         };
         let tls = &mut self.tls;

@@ -37,6 +37,8 @@ pub(crate) struct Moved {
     /// Encrypted bytes not yet written.
     pub out: Vec<u8>,
     pub tls_done: bool,
+    /// What the client certificate said.
+    pub cert: super::tlsconn::CertDevice,
 }
 
 /// A message between shards.

@@ -8,6 +8,7 @@
 
 mod agent;
 mod conn;
+mod devices;
 mod guard;
 pub mod mesh;
 mod rollout;
@@ -28,10 +29,11 @@ use tether_protocol::auth::Nonce;
 use tether_protocol::message::{GoodbyeReason, SendStatus};
 use tether_protocol::server::{ServerEvent, ServerSession};
 use tether_protocol::{AuthError, CloseReason, DecodeError, DeviceId, Message, PeerMisbehaved};
-use tether_protocol::{SendError, SessionId};
+use tether_protocol::{CodeVersion, SendError, SessionId};
 
 use crate::detached::Handshake;
 use crate::metrics::{ErrorKind, ShardMetrics};
+use crate::registry::LiveRegistry;
 use crate::ring::{Completion, Kind, Ring, ring_generation};
 use crate::server::{ServerCtx, TlsState};
 use crate::timer::TimerWheel;
@@ -39,7 +41,7 @@ use agent::AgentOut;
 use conn::{Conn, IoOutcome};
 use guard::{Guard, Refusal};
 use mesh::{AgentId, Moved, ShardMsg, agent_shard, home_shard};
-use tlsconn::TlsConn;
+use tlsconn::{CertDevice, TlsConn};
 
 pub use guard::{Budget, GuardConfig};
 pub use rollout::GroupRollout;
@@ -57,9 +59,16 @@ pub(crate) struct Shard {
     id: usize,
     nshards: usize,
     ctx: std::sync::Arc<ServerCtx>,
+    /// The TLS config new connections get (replaced by a reload, in the timer tick).
+    pub(crate) tls: std::sync::Arc<rustls::ServerConfig>,
     conns: Slab<Conn>,
     /// Devices whose session lives here (home shard) → their slot.
     devices: HashMap<DeviceId, usize>,
+    /// The registry of the devices whose home this shard is: the file loaded at start (shared)
+    /// and the changes since (from the registrar, [`devices`]).
+    registry: LiveRegistry,
+    /// Home devices whose session ended: when, and the code they ran (for `devices show`).
+    offline: HashMap<DeviceId, devices::Seen>,
     wheel: TimerWheel<(usize, u32)>,
     metrics: ShardMetrics,
     /// Which connected devices need new code, and their transfers.
@@ -108,7 +117,8 @@ impl Shard {
         listener: OwnedFd,
     ) -> Self {
         let bucket = run::TokenBucket::new(ctx.accept_rate_per_shard);
-        let rollout = Shard::new_rollout(&ctx);
+        let mut registry = LiveRegistry::new(ctx.registry.clone());
+        let rollout = Shard::new_rollout(&ctx, &mut registry);
         // Headroom over the shard's share: the device hash never splits a fleet exactly, and
         // connections still in their handshake count too.
         let capacity = ctx.max_connections_per_shard + ctx.max_connections_per_shard / 8 + 64;
@@ -118,12 +128,15 @@ impl Shard {
         Shard {
             id,
             nshards,
+            tls: ctx.tls.clone(),
             ctx,
             // Sized for the shard's share up front: the tables never grow by doubling, which
             // would leave the outgrown copies in the allocator (≈ 0.6 KB per connection
             // measured at 19k). Only the pages actually used count in RSS.
             conns: Slab::with_capacity(capacity),
             devices: HashMap::with_capacity(capacity),
+            registry,
+            offline: HashMap::new(),
             wheel,
             metrics: ShardMetrics::default(),
             rollout,
@@ -185,10 +198,10 @@ impl Shard {
             }
         };
         let tls = match self.ctx.tls_state {
-            TlsState::Buffered => rustls::ServerConnection::new(self.ctx.tls.clone())
+            TlsState::Buffered => rustls::ServerConnection::new(self.tls.clone())
                 .map(|c| TlsConn::Buffered(Box::new(c)))
                 .ok(),
-            TlsState::Detached => Handshake::new(self.ctx.tls.clone())
+            TlsState::Detached => Handshake::new(self.tls.clone())
                 .map(|h| TlsConn::Handshaking(Box::new(h)))
                 .ok(),
         };
@@ -209,7 +222,7 @@ impl Shard {
             release(&mut self.guard);
             return;
         }
-        let idx = self.insert(fd, tls, session, out, false);
+        let idx = self.insert(fd, tls, session, out, false, CertDevice::default());
         let generation = self.conns[idx].generation;
         match (reserved, source) {
             (true, Some(ip)) => self.guard.track_reserved(idx, generation, ip, at),
@@ -239,6 +252,7 @@ impl Shard {
         session: ServerSession,
         out: Vec<u8>,
         tls_done: bool,
+        cert: CertDevice,
     ) -> usize {
         let entry = self.conns.vacant_entry();
         let idx = entry.key();
@@ -251,12 +265,14 @@ impl Shard {
             session,
             out,
             partial: Vec::new(),
+            cert,
             generation,
             armed: None,
             tls_done,
             closing: false,
             registered: false,
             writing: false,
+            code_version: CodeVersion(0),
         });
         self.metrics.connections_open += 1;
         wake::notify(idx);
@@ -616,6 +632,7 @@ impl Shard {
                 session: conn.session,
                 out: conn.out,
                 tls_done: conn.tls_done,
+                cert: conn.cert,
             })),
         );
     }
@@ -623,7 +640,7 @@ impl Shard {
     fn adopt(&mut self, m: Moved, now: Instant) {
         self.metrics.sessions_moved_in += 1;
         let device = m.session.pending_device();
-        let idx = self.insert(m.fd, m.tls, m.session, m.out, m.tls_done);
+        let idx = self.insert(m.fd, m.tls, m.session, m.out, m.tls_done, m.cert);
         if let Some(device) = device {
             self.authenticate(idx, device, now);
             self.after_input(idx, now);
@@ -639,9 +656,13 @@ impl Shard {
     /// messages both ways, the agent sends awaiting the device's ack, the session id); the
     /// device stays online for agents throughout, so a replacement sends them no presence.
     fn authenticate(&mut self, idx: usize, device: DeviceId, now: Instant) {
-        let ctx = self.ctx.clone();
-        let entry = ctx.registry.get(device);
-        let verified = match self.conns[idx].session.verify(entry.map(|e| &e.key)) {
+        // A verified client certificate vouches instead of the proof (`--device-ca`).
+        let conn = &self.conns[idx];
+        let credential = self
+            .registry
+            .get(device)
+            .map(|e| conn.cert.credential(&e.key));
+        let verified = match conn.session.verify_credential(credential) {
             Ok(v) => v,
             Err(e) => {
                 self.conns[idx].session.reject(e);
@@ -701,7 +722,9 @@ impl Shard {
         conn.session
             .establish(now, verified, session, now_ms(), carried);
         conn.registered = true;
+        conn.code_version = running;
         self.devices.insert(device, idx);
+        self.offline.remove(&device);
         if old.is_none() {
             self.presence(device, true);
         }
@@ -710,25 +733,42 @@ impl Shard {
 
     /// Forgets a connection's device registration (presence offline, undelivered sends).
     fn unregister(&mut self, idx: usize) {
+        self.unregister_with(idx, SendStatus::Offline);
+    }
+
+    /// [`unregister`](Self::unregister), answering the agent sends the device did not
+    /// acknowledge with `status`; returns how many there were.
+    fn unregister_with(&mut self, idx: usize, status: SendStatus) -> u64 {
         let conn = &mut self.conns[idx];
         if !conn.registered {
-            return;
+            return 0;
         }
         conn.registered = false;
         let device = conn.session.device();
+        let code_version = conn.code_version;
         let unacked = conn.session.take_unacked();
         if let Some(device) = device {
             if self.devices.get(&device) == Some(&idx) {
                 self.devices.remove(&device);
                 self.code_disconnected(device);
+                self.offline.insert(
+                    device,
+                    devices::Seen {
+                        code_version,
+                        ended_ms: now_ms(),
+                    },
+                );
             }
             self.presence(device, false);
         }
+        let mut answered = 0;
         for m in unacked {
             if let Some((agent, tag)) = self.pending_sends.remove(&m.tag) {
-                self.send_result(agent, tag, SendStatus::Offline);
+                self.send_result(agent, tag, status);
+                answered += 1;
             }
         }
+        answered
     }
 
     /// Drops a connection.
@@ -744,8 +784,12 @@ impl Shard {
 
     fn remove_quietly(&mut self, idx: usize) -> Conn {
         let conn = self.conns.remove(idx);
-        // A pending poll would keep the socket open after close (DESIGN.md, pitfalls).
+        // A pending poll would keep the socket open after close. The removal goes to the
+        // kernel now, before the descriptor is closed or handed to another shard (which may
+        // close it at once): queued, it left the socket open until this ring's next submit,
+        // and a watch queued but not yet submitted would arm on a closed descriptor number.
         self.ring.unwatch(idx, conn.generation, conn.writing);
+        self.submit();
         if let Some((_, id)) = conn.armed {
             self.wheel.cancel(id);
         }
@@ -840,7 +884,7 @@ impl Shard {
         payload: Bytes,
     ) {
         let Some(&idx) = self.devices.get(&device) else {
-            let status = if self.ctx.registry.get(device).is_some() {
+            let status = if self.registry.get(device).is_some() {
                 SendStatus::Offline
             } else {
                 SendStatus::UnknownDevice

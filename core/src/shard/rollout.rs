@@ -19,7 +19,7 @@ use slab::Slab;
 use super::conn::Conn;
 use super::{Shard, wake};
 use crate::codestore::Deployed;
-use crate::registry::GroupId;
+use crate::registry::{GroupId, LiveRegistry};
 use crate::server::ServerCtx;
 
 /// Where rollout messages go: the device connection in slab slot `idx`.
@@ -421,11 +421,13 @@ impl Outlet for Conns<'_> {
 
 /// The shard's hooks into its rollout.
 impl Shard {
-    pub(super) fn new_rollout(ctx: &ServerCtx) -> Rollout {
+    /// The rollout at start; every group with code is named in `registry` (devices added to
+    /// it later get its code).
+    pub(super) fn new_rollout(ctx: &ServerCtx, registry: &mut LiveRegistry) -> Rollout {
         let mut r = Rollout::new(ctx.max_transfers_per_shard, SenderConfig::default());
         let mut none = Conns(&mut Slab::new());
         for d in &ctx.code_at_start {
-            if let Some(g) = ctx.registry.group_id(&d.group) {
+            if let Ok(g) = registry.intern(&d.group) {
                 // Our own copy: slicing a blob shared with other cores would bounce its
                 // reference count between them on every chunk.
                 let blob = Bytes::copy_from_slice(&d.blob);
@@ -436,7 +438,7 @@ impl Shard {
     }
 
     fn group_of(&self, device: DeviceId) -> Option<GroupId> {
-        self.ctx.registry.get(device).map(|e| e.group)
+        self.registry.get(device).map(|e| e.group)
     }
 
     /// A device's session was established in slot `idx`, running `running`.
@@ -460,18 +462,22 @@ impl Shard {
         let Some(device) = self.conns[idx].session.device() else {
             return;
         };
+        if let CodeEvent::Done { version, ok: true } = e {
+            self.conns[idx].code_version = version;
+        }
         if let Some(g) = self.group_of(device) {
             let out = &mut Conns(&mut self.conns);
             self.rollout.on_code(device, idx, g, e, out);
         }
     }
 
-    /// A deploy: the group's new code, offered to its devices connected here.
+    /// A deploy: the group's new code, offered to its devices connected here (and kept for
+    /// devices that join the group later, even if it has none yet).
     pub(crate) fn on_deployed(&mut self, d: &Deployed) {
-        let Some(g) = self.ctx.registry.group_id(&d.group) else {
-            return; // no registered device is in this group
+        let Ok(g) = self.registry.intern(&d.group) else {
+            return; // the code store refuses such names; nothing can be in this group
         };
-        let registry = &self.ctx.registry;
+        let registry = &self.registry;
         let devices: Vec<(DeviceId, usize)> = self
             .devices
             .iter()
@@ -490,7 +496,7 @@ impl Shard {
             .status()
             .into_iter()
             .map(|(g, mut st)| {
-                st.group = self.ctx.registry.group_name(g).unwrap_or("?").to_owned();
+                st.group = self.registry.group_name(g).unwrap_or("?").to_owned();
                 st
             })
             .collect()

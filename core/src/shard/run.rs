@@ -105,10 +105,13 @@ async fn serve_shard(
         }
     });
 
-    // The timer task: expire deadlines, answer stats requests, watch for shutdown.
+    // The timer task: expire deadlines, apply deploys, registry changes and reloaded TLS
+    // configs, answer stats, rollout and registry requests, watch for shutdown.
     let stats = handle.stats.clone();
     let deploys = handle.deploys.clone();
     let rollout = handle.rollout.clone();
+    let registry = handle.registry.clone();
+    let tls = handle.tls.clone();
     let timer = glommio::spawn_local({
         let shard = shard.clone();
         let ctx = ctx.clone();
@@ -124,6 +127,9 @@ async fn serve_shard(
                 while let Ok(d) = deploys.try_recv() {
                     s.on_deployed(&d);
                 }
+                while let Ok(m) = registry.try_recv() {
+                    s.on_registry(m);
+                }
                 if !stats.is_empty() {
                     s.fill_code_metrics();
                 }
@@ -132,6 +138,11 @@ async fn serve_shard(
                 }
                 while let Ok(reply) = rollout.try_recv() {
                     let _ = reply.send(s.rollout_status());
+                }
+                while let Ok(swap) = tls.try_recv() {
+                    // Handshakes accepted from now on use it; open connections keep theirs.
+                    s.tls = swap.config;
+                    let _ = swap.applied.send(());
                 }
                 if shutdown_at.is_none() && ctx.shutdown.load(Ordering::Relaxed) {
                     // Stop accepting, say goodbye to everyone, then wait for the flush.

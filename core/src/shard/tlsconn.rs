@@ -7,8 +7,10 @@
 use std::io::{self, Read, Write};
 use std::time::Instant;
 
+use rustls::pki_types::CertificateDer;
 use rustls::{HandshakeKind, ServerConnection};
-use tether_protocol::server::ServerSession;
+use tether_protocol::DeviceId;
+use tether_protocol::server::{Credential, ServerSession};
 
 use crate::detached::{DetachedTls, Handshake};
 use crate::metrics::ShardMetrics;
@@ -22,6 +24,39 @@ pub(crate) enum TlsEnd {
     Failed,
 }
 
+/// What a connection's verified client certificate says, in 8 bytes (the connection keeps
+/// this, not the certificate): none, the device it names, or a certificate naming no device.
+/// Set once, when the handshake completes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct CertDevice(u64);
+
+impl CertDevice {
+    /// 0: no certificate; `u64::MAX`: one naming no device; else the device id + 1
+    /// ([`crate::tls::cert_device_id`] names no id above 2^64 − 3).
+    const UNNAMED: u64 = u64::MAX;
+
+    /// From the peer's verified chain (its first certificate is the device's).
+    pub fn from_chain(chain: Option<&[CertificateDer<'_>]>) -> CertDevice {
+        match chain.and_then(|c| c.first()) {
+            None => CertDevice(0),
+            Some(leaf) => crate::tls::cert_device_id(leaf)
+                .and_then(|d| d.0.checked_add(1))
+                .filter(|&n| n != CertDevice::UNNAMED)
+                .map_or(CertDevice(CertDevice::UNNAMED), CertDevice),
+        }
+    }
+
+    /// The credential for a `Hello` from this connection: the certificate's, if there was one,
+    /// else `key` (the registered device's key) for its proof.
+    pub fn credential<'a>(self, key: &'a tether_protocol::auth::DeviceKey) -> Credential<'a> {
+        match self.0 {
+            0 => Credential::Key(key),
+            CertDevice::UNNAMED => Credential::Certificate(None),
+            n => Credential::Certificate(Some(DeviceId(n - 1))),
+        }
+    }
+}
+
 /// What [`TlsConn::open`] works with besides the received bytes.
 pub(crate) struct OpenCx<'a> {
     pub now: Instant,
@@ -32,6 +67,8 @@ pub(crate) struct OpenCx<'a> {
     pub out: &'a mut Vec<u8>,
     /// Detached mode: keep rustls' key schedule after the handshake.
     pub keep_key_schedule: bool,
+    /// Set from the client certificate when the handshake completes.
+    pub cert: &'a mut CertDevice,
     pub m: &'a mut ShardMetrics,
 }
 
@@ -67,13 +104,21 @@ impl TlsConn {
             session,
             out,
             keep_key_schedule,
+            cert,
             m,
         } = cx;
         let now = *now;
         let mut pos = 0;
         loop {
             match self {
-                TlsConn::Buffered(c) => return open_buffered(c, now, data, plain, session, out, m),
+                TlsConn::Buffered(c) => {
+                    let was_handshaking = c.is_handshaking();
+                    let r = open_buffered(c, now, data, plain, session, out, m);
+                    if was_handshaking && !c.is_handshaking() {
+                        **cert = CertDevice::from_chain(c.peer_certificates());
+                    }
+                    return r;
+                }
 
                 TlsConn::Handshaking(hs) => {
                     let mut early = Vec::new();
@@ -89,6 +134,8 @@ impl TlsConn {
                         return Ok(pos);
                     }
                     count_handshake(hs.handshake_kind(), m);
+                    // The certificate goes with the handshake: keep only the device it names.
+                    **cert = CertDevice::from_chain(hs.peer_certificates());
                     let TlsConn::Handshaking(hs) = std::mem::replace(self, TlsConn::Gone) else {
                         return Err(TlsEnd::Failed);
                     };
@@ -226,5 +273,39 @@ fn seal_buffered(c: &mut ServerConnection, plain: &[u8], out: &mut Vec<u8>) -> R
         if n == 0 && !moved {
             return Err(TlsEnd::Failed); // rustls takes nothing more
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testdir::TestDir;
+    use crate::tls::{DevPki, DeviceCa, load_certs};
+    use tether_protocol::auth::DeviceKey;
+
+    fn named(c: CertDevice) -> Option<Option<DeviceId>> {
+        match c.credential(&DeviceKey([0; 32])) {
+            Credential::Key(_) => None,
+            Credential::Certificate(d) => Some(d),
+        }
+    }
+
+    #[test]
+    fn cert_device_packs_none_a_device_or_no_device() {
+        let dir = TestDir::new("certdevice");
+        let ca = DeviceCa::ensure(&dir.path().join("ca")).unwrap();
+        for id in [0, 42, u64::MAX - 2] {
+            let issued = ca.issue(DeviceId(id), dir.path()).unwrap();
+            let chain = load_certs(&issued.cert, "device certificate").unwrap();
+            let c = CertDevice::from_chain(Some(&chain));
+            assert_eq!(named(c), Some(Some(DeviceId(id))));
+        }
+        assert_eq!(named(CertDevice::from_chain(None)), None);
+        assert_eq!(named(CertDevice::from_chain(Some(&[]))), None);
+        // A verified certificate that names no device (CN=localhost) vouches for none.
+        let pki = DevPki::ensure(dir.path()).unwrap();
+        let chain = load_certs(&pki.server_cert, "certificate").unwrap();
+        assert_eq!(named(CertDevice::from_chain(Some(&chain))), Some(None));
+        assert_eq!(std::mem::size_of::<CertDevice>(), 8);
     }
 }

@@ -131,7 +131,13 @@ impl Server {
             return Err(lines.lock().unwrap().clone());
         }
         let registry = Registry::load(&dir.join("devices.csv")).unwrap();
-        let tls = client_config(&dir.join("tls/ca.pem"), &ClientTlsOptions::default()).unwrap();
+        let ca = dir.join("tls/ca.pem");
+        if !ca.exists() {
+            // A server on `--cert/--key` makes no dev CA: make one so that `tls` exists (it
+            // does not verify that server; such tests bring their own client configs).
+            tether_core::tls::DevPki::ensure(&dir).unwrap();
+        }
+        let tls = client_config(&ca, &ClientTlsOptions::default()).unwrap();
         Ok(Server {
             child,
             dir,
@@ -178,6 +184,59 @@ impl Server {
         tether_core::admin::fetch_stats(self.admin).unwrap()
     }
 
+    /// A device whose TLS uses `tls` (another CA, a client certificate) instead of the
+    /// server's dev CA.
+    pub fn device_with(&self, cfg: DeviceConfig, tls: Arc<rustls::ClientConfig>) -> Device {
+        Device::connect_with(self, cfg, tls)
+    }
+
+    /// `POST /reload` on the admin port: the status and the body.
+    pub fn reload(&self) -> (u16, String) {
+        let (status, body) =
+            tether_core::admin::admin_request(self.admin, "POST", "/reload", b"").unwrap();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    /// Sends the server a signal (our own child).
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: signalling our own child process.
+        unsafe { libc_kill(self.child.id() as i32, sig) };
+    }
+
+    /// The server's stderr lines so far that contain `text`.
+    pub fn log_lines(&self, text: &str) -> Vec<String> {
+        let lines = self.stderr.lock().unwrap();
+        lines.iter().filter(|l| l.contains(text)).cloned().collect()
+    }
+
+    /// Waits up to `d` until `n` stderr lines contain `text`; returns them.
+    pub fn wait_log(&self, text: &str, n: usize, d: Duration) -> Vec<String> {
+        let end = Instant::now() + d;
+        loop {
+            let got = self.log_lines(text);
+            if got.len() >= n || Instant::now() >= end {
+                return got;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// A full TLS handshake with `tls` and the server's first flight read (its `Challenge`):
+    /// `Err` with rustls' reason if the handshake fails.
+    pub fn tls_handshake(&self, tls: Arc<rustls::ClientConfig>) -> Result<(), String> {
+        let mut s = open_tls(self.devices, &tls);
+        s.sock
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut byte = [0u8; 1];
+        // The Challenge arrives as half-RTT data: reading one byte completes the handshake.
+        match s.read(&mut byte) {
+            Ok(1) => Ok(()),
+            Ok(_) => Err("closed before the Challenge".into()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
     /// SIGTERM, then wait up to `bound` for the exit.
     pub fn terminate(&mut self, bound: Duration) -> Option<std::process::ExitStatus> {
         // SAFETY: signalling our own child process.
@@ -222,6 +281,8 @@ pub struct Device {
     /// Flip a byte in the chunk with this index (counted from 0 over the device's life).
     pub corrupt_chunk: Option<usize>,
     chunks_seen: usize,
+    /// The device's TLS client config (reconnects use it too).
+    client: Arc<rustls::ClientConfig>,
 }
 
 /// A TCP connection to `to` from the loopback address `source` (any port).
@@ -232,38 +293,51 @@ pub fn tcp_from(to: SocketAddr, source: std::net::Ipv4Addr) -> TcpStream {
     s.into()
 }
 
-fn open_tls(server: &Server) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
-    open_tls_on(server, TcpStream::connect(server.devices).unwrap())
+fn open_tls(
+    devices: SocketAddr,
+    tls: &Arc<rustls::ClientConfig>,
+) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+    open_tls_on(TcpStream::connect(devices).unwrap(), tls)
 }
 
 fn open_tls_on(
-    server: &Server,
     sock: TcpStream,
+    tls: &Arc<rustls::ClientConfig>,
 ) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
     sock.set_read_timeout(Some(Duration::from_millis(50)))
         .unwrap();
-    let conn =
-        rustls::ClientConnection::new(server.tls.clone(), "localhost".try_into().unwrap()).unwrap();
+    let conn = rustls::ClientConnection::new(tls.clone(), "localhost".try_into().unwrap()).unwrap();
     rustls::StreamOwned::new(conn, sock)
 }
 
 impl Device {
     pub fn connect(server: &Server, cfg: DeviceConfig) -> Device {
-        Self::connect_on(server, cfg, TcpStream::connect(server.devices).unwrap())
+        Self::connect_with(server, cfg, server.tls.clone())
+    }
+
+    /// Connects with `client` as its TLS config (another CA, a client certificate).
+    pub fn connect_with(
+        server: &Server,
+        cfg: DeviceConfig,
+        client: Arc<rustls::ClientConfig>,
+    ) -> Device {
+        let sock = TcpStream::connect(server.devices).unwrap();
+        Self::connect_on(cfg, sock, client)
     }
 
     /// Connects from the loopback address `source`.
     pub fn connect_from(server: &Server, cfg: DeviceConfig, source: std::net::Ipv4Addr) -> Device {
-        Self::connect_on(server, cfg, tcp_from(server.devices, source))
+        Self::connect_on(cfg, tcp_from(server.devices, source), server.tls.clone())
     }
 
-    fn connect_on(server: &Server, cfg: DeviceConfig, sock: TcpStream) -> Device {
+    fn connect_on(cfg: DeviceConfig, sock: TcpStream, client: Arc<rustls::ClientConfig>) -> Device {
         let now = Instant::now();
         let code = CodeReceiver::new(cfg.code_version, ReceiverConfig::default());
         let mut session = DeviceSession::new(cfg, now);
         session.connect(now);
         Device {
-            tls: open_tls_on(server, sock),
+            tls: open_tls_on(sock, &client),
+            client,
             session,
             events: vec![],
             closed: false,
@@ -283,7 +357,7 @@ impl Device {
             .connection_lost(tether_protocol::CloseReason::Local(
                 tether_protocol::message::GoodbyeReason::Normal,
             ));
-        self.tls = open_tls(server);
+        self.tls = open_tls(server.devices, &self.client);
         self.session.connect(Instant::now());
         self.closed = false;
         self.events.clear();
@@ -296,7 +370,7 @@ impl Device {
         &mut self,
         server: &Server,
     ) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
-        let old = std::mem::replace(&mut self.tls, open_tls(server));
+        let old = std::mem::replace(&mut self.tls, open_tls(server.devices, &self.client));
         self.session
             .connection_lost(tether_protocol::CloseReason::Local(
                 tether_protocol::message::GoodbyeReason::Normal,

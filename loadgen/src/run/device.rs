@@ -478,8 +478,7 @@ impl Device {
     fn eof(&mut self, now: Instant, stage: &str, l: &mut Lent<'_>) {
         if self.session.is_disconnected() {
             self.close(l);
-            let after = self.retry_after();
-            self.backoff(now, after);
+            self.session_ended(now, l);
         } else {
             self.fail(now, &format!("{stage}_eof"), l);
         }
@@ -510,8 +509,7 @@ impl Device {
             {
                 // The session closed (server goodbye, error, timeout): the reason is counted.
                 self.close(l);
-                let after = self.retry_after();
-                self.backoff(now, after);
+                self.session_ended(now, l);
             }
         }
         self.arm(l);
@@ -565,6 +563,18 @@ impl Device {
         l.ring.unwatch(l.slot as usize, self.generation, writing);
         // The descriptor closes when the phase is replaced.
         self.phase = Phase::Backoff;
+    }
+
+    /// After the session ended and the socket closed: retry when the server's Goodbye said,
+    /// or never if it revoked the device (a real device stops too; reconnecting would only be
+    /// refused).
+    fn session_ended(&mut self, now: Instant, l: &mut Lent<'_>) {
+        if self.session.is_revoked() {
+            self.done(l);
+        } else {
+            let after = self.retry_after();
+            self.backoff(now, after);
+        }
     }
 
     /// The wait the server's Goodbye asked for (taken), or the default.
@@ -905,6 +915,7 @@ fn close_kind(r: &CloseReason) -> Option<&'static str> {
         CloseReason::PeerGoodbye(GoodbyeReason::Shutdown) => "goodbye_shutdown",
         CloseReason::PeerGoodbye(GoodbyeReason::Overloaded) => "goodbye_overloaded",
         CloseReason::PeerGoodbye(GoodbyeReason::Replaced) => "goodbye_replaced",
+        CloseReason::PeerGoodbye(GoodbyeReason::Revoked) => "goodbye_revoked",
         CloseReason::PeerGoodbye(_) => "goodbye_other",
         CloseReason::PeerError(E::AuthFailed) => "server_error_auth_failed",
         CloseReason::PeerError(E::UnknownDevice) => "server_error_unknown_device",
