@@ -6,8 +6,10 @@
 //! worker processes. `--set key=value` overrides go through [`Campaign::apply_override`].
 //!
 //! Timeline: the run starts with the ramp (`devices / ramp_per_sec` seconds), then holds the
-//! steady phase for `duration_s`; every `at_s` (storms, deploys) counts from the start of the ramp.
+//! steady phase for `duration_s`; every `at_s` (storms, deploys) and `start_s` (attacks) counts
+//! from the start of the ramp.
 
+mod attack;
 mod sources;
 mod workers;
 
@@ -18,6 +20,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub use attack::{
+    Attack, AttackKind, DEFAULT_ATTACK_SOURCES, DEFAULT_MAX_OPEN, DEFAULT_OPEN_RATE, MAX_WINDOWS,
+};
 pub use sources::{SourceAddresses, parse_sources};
 pub use workers::{FD_RESERVE, WorkerPlan, Workers};
 
@@ -60,6 +65,8 @@ pub struct Campaign {
     pub storm: Vec<Storm>,
     /// Code deploys to a device group, posted to the admin endpoint during the run.
     pub deploy: Vec<Deploy>,
+    /// Hostile clients, each in its time window (see [`Attack`]).
+    pub attack: Vec<Attack>,
     /// Abort and timeout limits.
     pub limits: Limits,
 }
@@ -81,6 +88,7 @@ impl Default for Campaign {
             messages: Messages::default(),
             storm: Vec::new(),
             deploy: Vec::new(),
+            attack: Vec::new(),
             limits: Limits::default(),
         }
     }
@@ -464,6 +472,7 @@ impl Campaign {
                 );
             }
         }
+        self.validate_attacks(&mut p, end);
         if self.limits.connect_timeout_ms == 0 {
             p.add("limits.connect_timeout_ms", "must be at least 1");
         }

@@ -12,7 +12,7 @@
 //! - [`report`]: the JSON report, the human table and the one-line live progress.
 //! - [`host`]: limits, RSS and kernel socket figures read from `/proc`.
 //! - [`run`]: runs a campaign: the spawned server, the glommio shards of simulated devices and
-//!   agents, progress and the report.
+//!   agents, the campaign's attackers (`[[attack]]`), progress and the report.
 //!
 //! Operating needs: every connection is a file descriptor, so a process holds at most its
 //! open-file hard limit minus [`campaign::FD_RESERVE`] devices (20,000 on the project's shared

@@ -24,9 +24,9 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
-use crate::campaign::Campaign;
+use crate::campaign::{AttackKind, Campaign};
 use crate::host::{self, Machine, TcpSockStat};
-use crate::stats::{Metric, Stats};
+use crate::stats::{AttackCounts, AttackTally, Metric, Stats};
 
 /// Everything a campaign measured, as written to the JSON report.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -67,6 +67,50 @@ pub struct Report {
     /// How this run differed from its campaign (parts not implemented yet), in words.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
+    /// `Goodbye`s the devices received, by reason (`replaced`, `overloaded`, …).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub goodbyes: BTreeMap<String, u64>,
+    /// Admission latency per report window: `calm`, then each attack window.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub session_ready: Vec<WindowSummary>,
+    /// What each campaign attack did, from the attacker's side.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attacks: Vec<AttackSummary>,
+}
+
+/// `session_ready` (a connect's scheduled start → `Welcome`: connect + TLS + Hello, through
+/// any retries) of the connects scheduled in one window, and the goodbyes devices got in it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WindowSummary {
+    /// `calm` (no attack running at the connect's scheduled time) or an attack window's label.
+    pub window: String,
+    /// The latency.
+    pub latency: LatencySummary,
+    /// This window's p99 over the calm window's p99 (none for `calm` itself, or without a calm
+    /// figure).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p99_vs_calm: Option<f64>,
+    /// `Goodbye`s devices received while the window ran, by reason.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub goodbyes: BTreeMap<String, u64>,
+}
+
+/// One campaign attack's outcome, from the attacker's side.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AttackSummary {
+    /// What it did.
+    pub kind: AttackKind,
+    /// Its report window.
+    pub window: String,
+    /// When it started, seconds from the start of the ramp.
+    pub start_s: f64,
+    /// How long it ran.
+    pub duration_s: f64,
+    /// The counts.
+    #[serde(flatten)]
+    pub counts: AttackCounts,
+    /// How long connections were open when the server closed or reset them.
+    pub closed_after: LatencySummary,
 }
 
 /// One code deploy's outcome.
@@ -415,6 +459,8 @@ pub struct ReportInputs<'a> {
     pub cpu_ramp: CpuSpent,
     /// Connections the ramp window made (devices that got their first `Welcome`).
     pub ramp_connects: u64,
+    /// Per campaign attack, merged over the shards.
+    pub attacks: Vec<AttackTally>,
 }
 
 fn per_sec(n: u64, d: Duration) -> f64 {
@@ -455,6 +501,21 @@ impl Report {
                 slab_per_connection_bytes: per,
             }
         });
+        let session_ready = windows(i.campaign, i.stats);
+        let attacks = i
+            .campaign
+            .attack
+            .iter()
+            .zip(&i.attacks)
+            .map(|(a, t)| AttackSummary {
+                kind: a.kind,
+                window: a.window_label().to_owned(),
+                start_s: a.start_s,
+                duration_s: a.duration_s,
+                counts: t.counts,
+                closed_after: LatencySummary::of(t.closed_after.as_deref()),
+            })
+            .collect();
         Report {
             campaign: i.campaign.clone(),
             duration_s: i.elapsed.as_secs_f64(),
@@ -496,6 +557,9 @@ impl Report {
             storms: i.storms,
             deploys: i.deploys,
             notes: i.notes,
+            goodbyes: i.stats.goodbyes.by_kind().clone(),
+            session_ready,
+            attacks,
         }
     }
 
@@ -612,6 +676,7 @@ impl Report {
                 count(d.installed)
             );
         }
+        self.hostile_table(&mut t);
         let _ = writeln!(t);
         let mut mem = |who: &str, rss: u64, per: Option<f64>, per_what: &str| {
             let per = per.map_or_else(String::new, |b| format!("  {} per {per_what}", per_conn(b)));
@@ -661,6 +726,140 @@ impl Report {
         }
         t
     }
+}
+
+impl Report {
+    /// The goodbyes line, the admission table per window and the attack table, when the
+    /// campaign has attacks (or devices got goodbyes).
+    fn hostile_table(&self, t: &mut String) {
+        if !self.goodbyes.is_empty() {
+            let _ = writeln!(t, "goodbyes     {}", reasons(&self.goodbyes));
+        }
+        if self.attacks.is_empty() {
+            return;
+        }
+        let _ = writeln!(
+            t,
+            "\nsession_ready (scheduled connect → Welcome), by the window of the connect's scheduled time"
+        );
+        let _ = writeln!(
+            t,
+            "{:<32} {:>8} {:>10} {:>10} {:>10} {:>8}  goodbyes",
+            "window", "count", "p50", "p99", "max", "p99/calm"
+        );
+        for w in &self.session_ready {
+            let s = &w.latency;
+            let ratio = w
+                .p99_vs_calm
+                .map_or_else(|| "-".to_owned(), |r| format!("{r:.2}×"));
+            let _ = writeln!(
+                t,
+                "{:<32} {:>8} {:>10} {:>10} {:>10} {:>8}  {}",
+                format!("session_ready.{}", w.window),
+                count(s.count),
+                micros(s.p50_us),
+                micros(s.p99_us),
+                micros(s.max_us),
+                ratio,
+                if w.goodbyes.is_empty() {
+                    "-".to_owned()
+                } else {
+                    reasons(&w.goodbyes)
+                }
+            );
+        }
+        let _ = writeln!(
+            t,
+            "\n{:<19} {:<19} {:>7} {:>7} {:>7} {:>9} {:>9} {:>9} {:>10}  other",
+            "attack",
+            "window",
+            "opened",
+            "refused",
+            "reset",
+            "srv close",
+            "p50 open",
+            "p99 open",
+            "still open"
+        );
+        for a in &self.attacks {
+            let c = &a.counts;
+            let mut other = Vec::new();
+            for (name, n) in [
+                ("skipped", c.skipped),
+                ("timeout", c.connect_timeouts),
+                ("failed", c.connect_failed),
+                ("self-closed", c.closed_by_attacker),
+                ("tls", c.tls_done),
+                ("tls-failed", c.tls_failed),
+                ("sent", c.sent),
+                ("rejected", c.rejected),
+                ("WELCOMED", c.welcomed),
+                ("named-live", c.named_live),
+            ] {
+                if n > 0 {
+                    other.push(format!("{name} {}", count(n)));
+                }
+            }
+            let closed = a.closed_after;
+            let open = |us: u64| {
+                if closed.count == 0 {
+                    "-".to_owned()
+                } else {
+                    micros(us)
+                }
+            };
+            let _ = writeln!(
+                t,
+                "{:<19} {:<19} {:>7} {:>7} {:>7} {:>9} {:>9} {:>9} {:>10}  {}",
+                a.kind.name(),
+                a.window,
+                count(c.opened),
+                count(c.refused),
+                count(c.reset),
+                count(c.closed_by_server),
+                open(closed.p50_us),
+                open(closed.p99_us),
+                count(c.still_open),
+                other.join(", ")
+            );
+        }
+    }
+}
+
+/// `replaced 3, overloaded 10`.
+fn reasons(m: &BTreeMap<String, u64>) -> String {
+    m.iter()
+        .map(|(k, n)| format!("{k} {}", count(*n)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The per-window admission summaries, with each p99 set against the calm one.
+fn windows(c: &Campaign, stats: &Stats) -> Vec<WindowSummary> {
+    let mut out: Vec<WindowSummary> = c
+        .windows()
+        .into_iter()
+        .enumerate()
+        .map(|(w, window)| {
+            let ws = stats.windows.get(w);
+            WindowSummary {
+                window,
+                latency: LatencySummary::of(ws.and_then(|s| s.ready.as_deref())),
+                p99_vs_calm: None,
+                goodbyes: ws.map(|s| s.goodbyes.by_kind().clone()).unwrap_or_default(),
+            }
+        })
+        .collect();
+    let calm = out
+        .first()
+        .filter(|w| w.latency.count > 0)
+        .map(|w| w.latency.p99_us);
+    if let Some(calm) = calm.filter(|&p| p > 0) {
+        for w in out.iter_mut().skip(1).filter(|w| w.latency.count > 0) {
+            w.p99_vs_calm = Some(w.latency.p99_us as f64 / calm as f64);
+        }
+    }
+    out
 }
 
 /// What the live progress line shows.

@@ -15,6 +15,7 @@ use std::fmt;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
 
 /// A latency the load generator measures, in microseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -98,7 +99,8 @@ impl Histograms {
         Histograms::default()
     }
 
-    fn make() -> Box<Histogram<u64>> {
+    /// An empty histogram with the bounds of every other (so any two can be added).
+    pub fn make() -> Box<Histogram<u64>> {
         let mut h = Histogram::new_with_bounds(1, Self::HIGHEST_US, Self::SIGFIG)
             .expect("constant histogram bounds are valid");
         h.auto(false);
@@ -152,12 +154,7 @@ impl Histograms {
     /// Adds another shard's histograms into these.
     pub fn add(&mut self, other: &Histograms) {
         for (mine, theirs) in self.hists.iter_mut().zip(&other.hists) {
-            let Some(theirs) = theirs else { continue };
-            match mine {
-                // Same bounds on both sides, so adding cannot fail.
-                Some(mine) => mine.add(&**theirs).expect("histograms share bounds"),
-                None => *mine = Some(theirs.clone()),
-            }
+            add_hist(mine, theirs);
         }
         self.clamped += other.clamped;
     }
@@ -270,6 +267,11 @@ pub struct Stats {
     pub errors: ErrorCounts,
     /// Counters.
     pub counters: Counters,
+    /// `Goodbye`s the devices received, by reason (`replaced`, `overloaded`, …).
+    pub goodbyes: ErrorCounts,
+    /// Per report window (`calm` first, then the campaign's attack labels): admission latency
+    /// and goodbyes. Empty in the once-a-second snapshots.
+    pub windows: Vec<WindowStats>,
 }
 
 impl Stats {
@@ -278,6 +280,145 @@ impl Stats {
         self.hist.add(&other.hist);
         self.errors.add(&other.errors);
         self.counters.add(&other.counters);
+        self.goodbyes.add(&other.goodbyes);
+        if self.windows.len() < other.windows.len() {
+            self.windows
+                .resize_with(other.windows.len(), WindowStats::default);
+        }
+        for (mine, theirs) in self.windows.iter_mut().zip(&other.windows) {
+            mine.add(theirs);
+        }
+    }
+
+    /// The window stats of window `w` (made on first use).
+    pub fn window(&mut self, w: usize) -> &mut WindowStats {
+        if self.windows.len() <= w {
+            self.windows.resize_with(w + 1, WindowStats::default);
+        }
+        &mut self.windows[w]
+    }
+}
+
+/// What the devices saw during one report window.
+#[derive(Debug, Clone, Default)]
+pub struct WindowStats {
+    /// `session_ready`: a connect's scheduled start → `Welcome` (connect + TLS + Hello), for
+    /// connects scheduled in the window. Made on the first value.
+    pub ready: Option<Box<Histogram<u64>>>,
+    /// `Goodbye`s received in the window, by reason.
+    pub goodbyes: ErrorCounts,
+}
+
+impl WindowStats {
+    /// Records one admission latency.
+    pub fn record_ready(&mut self, micros: u64) {
+        self.ready
+            .get_or_insert_with(Histograms::make)
+            .saturating_record(micros);
+    }
+
+    fn add(&mut self, other: &WindowStats) {
+        add_hist(&mut self.ready, &other.ready);
+        self.goodbyes.add(&other.goodbyes);
+    }
+}
+
+/// What one attack (one `[[attack]]` of the campaign) did, from the attacker's side.
+#[derive(Debug, Clone, Default)]
+pub struct AttackTally {
+    /// The counts.
+    pub counts: AttackCounts,
+    /// Time from TCP established until the server reset or closed it, µs.
+    pub closed_after: Option<Box<Histogram<u64>>>,
+}
+
+impl AttackTally {
+    /// The server ended an open connection `micros` after it was established.
+    pub fn server_closed(&mut self, reset: bool, micros: u64) {
+        if reset {
+            self.counts.reset += 1;
+        } else {
+            self.counts.closed_by_server += 1;
+        }
+        self.closed_after
+            .get_or_insert_with(Histograms::make)
+            .saturating_record(micros);
+    }
+
+    /// Adds another shard's tally of the same attack.
+    pub fn add(&mut self, o: &AttackTally) {
+        self.counts.add(&o.counts);
+        add_hist(&mut self.closed_after, &o.closed_after);
+    }
+}
+
+/// An attack's counts (see [`AttackTally`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttackCounts {
+    /// Connects started.
+    pub attempted: u64,
+    /// Connects the server's kernel completed (TCP established).
+    pub opened: u64,
+    /// Connects refused (`ECONNREFUSED`).
+    pub refused: u64,
+    /// Open connections the server reset.
+    pub reset: u64,
+    /// Open connections the server closed (end of stream).
+    pub closed_by_server: u64,
+    /// Connects that neither completed nor failed within the campaign's connect timeout.
+    pub connect_timeouts: u64,
+    /// Connects that failed otherwise, or sockets the attacker could not make (no port, no
+    /// file descriptor): the attacker's own limits, not the server's answer.
+    pub connect_failed: u64,
+    /// Openings skipped because the attack already held its most open connections.
+    pub skipped: u64,
+    /// Connections the attacker closed itself (churn, or a failure on its own side).
+    pub closed_by_attacker: u64,
+    /// Connections still open (or connecting) when the attack ended, closed then.
+    pub still_open: u64,
+    /// TLS handshakes completed (TLS kinds).
+    pub tls_done: u64,
+    /// TLS kinds: the attacker's client failed the handshake (an alert from the server).
+    pub tls_failed: u64,
+    /// Connections on which the attack's payload went out in full (ClientHello, its first part,
+    /// garbage, a bad `Hello`).
+    pub sent: u64,
+    /// `bad_proof`: `Hello`s the server answered with an `Error` (rejected).
+    pub rejected: u64,
+    /// `bad_proof`: `Hello`s the server answered with `Welcome` (must stay 0).
+    pub welcomed: u64,
+    /// `bad_proof`: `Hello`s that named a device connected at the time.
+    pub named_live: u64,
+}
+
+impl AttackCounts {
+    /// Adds another shard's counts of the same attack.
+    pub fn add(&mut self, o: &AttackCounts) {
+        self.attempted += o.attempted;
+        self.opened += o.opened;
+        self.refused += o.refused;
+        self.reset += o.reset;
+        self.closed_by_server += o.closed_by_server;
+        self.connect_timeouts += o.connect_timeouts;
+        self.connect_failed += o.connect_failed;
+        self.skipped += o.skipped;
+        self.closed_by_attacker += o.closed_by_attacker;
+        self.still_open += o.still_open;
+        self.tls_done += o.tls_done;
+        self.tls_failed += o.tls_failed;
+        self.sent += o.sent;
+        self.rejected += o.rejected;
+        self.welcomed += o.welcomed;
+        self.named_live += o.named_live;
+    }
+}
+
+fn add_hist(mine: &mut Option<Box<Histogram<u64>>>, theirs: &Option<Box<Histogram<u64>>>) {
+    let Some(theirs) = theirs else { return };
+    match mine {
+        // Same bounds on both sides, so adding cannot fail.
+        Some(mine) => mine.add(&**theirs).expect("histograms share bounds"),
+        None => *mine = Some(theirs.clone()),
     }
 }
 

@@ -16,6 +16,13 @@ pub const MAX_SOURCES: usize = 65_536;
 #[serde(transparent)]
 pub struct SourceAddresses(pub Vec<String>);
 
+impl SourceAddresses {
+    /// Whether no address is listed.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 impl<'de> Deserialize<'de> for SourceAddresses {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;

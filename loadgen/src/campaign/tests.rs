@@ -58,6 +58,16 @@ fn shipped_campaigns_fit_as_documented() {
     let load = |n: &str| Campaign::load(&campaigns_dir().join(format!("{n}.toml"))).unwrap();
     let quick = load("quickstart");
     assert!(quick.server.spawn && quick.devices == 10_000);
+    // hostile: ≥ 1,000 connects in every window, devices and attack connections within this
+    // VM's open files on both sides (a spawned server), under about 3 minutes.
+    let hostile = load("hostile");
+    assert_eq!(hostile.plan_workers(&VM).unwrap().len(), 1);
+    assert_eq!(hostile.attack_fds_peak(), 9_900);
+    assert!(hostile.planned_duration_s() < 180.0);
+    assert_eq!(hostile.windows().len(), 9);
+    for a in &hostile.attack {
+        assert!(a.duration_s * hostile.ramp_per_sec >= 1_000.0, "{a:?}");
+    }
     assert!(
         quick.planned_duration_s() < 60.0,
         "quickstart must finish well under 2 minutes"

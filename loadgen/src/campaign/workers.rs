@@ -76,9 +76,11 @@ pub struct WorkerPlan {
 }
 
 impl Campaign {
-    /// Open files one process needs to hold `devices` connections.
+    /// Open files one process needs to hold `devices` connections (and the attacks' most
+    /// open connections: the attacker runs in the first process, and a spawned server holds
+    /// both).
     pub fn fds_needed(&self, devices: u64) -> u64 {
-        devices + FD_RESERVE + u64::from(self.messages.agents)
+        devices + FD_RESERVE + u64::from(self.messages.agents) + self.attack_fds_peak()
     }
 
     /// Devices one process can hold under an open-file hard limit of `fd_hard`.

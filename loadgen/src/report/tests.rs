@@ -1,5 +1,5 @@
 use super::*;
-use crate::stats::Stats;
+use crate::stats::{AttackTally, Stats};
 
 fn campaign() -> Campaign {
     Campaign::parse(
@@ -80,6 +80,7 @@ fn report() -> Report {
             server_s: Some(0.125),
             loadgen_s: Some(0.0625),
         },
+        attacks: Vec::new(),
         ramp_connects: 1000,
     })
 }
@@ -121,13 +122,11 @@ fn report_json_has_the_promised_fields() {
     assert_eq!(back, r);
 }
 
-#[test]
-fn optional_parts_are_left_out() {
-    let c = campaign();
-    let s = Stats::default();
-    let r = Report::build(ReportInputs {
-        campaign: &c,
-        stats: &s,
+/// Inputs with nothing but the campaign and its statistics.
+fn bare_inputs<'a>(c: &'a Campaign, s: &'a Stats) -> ReportInputs<'a> {
+    ReportInputs {
+        campaign: c,
+        stats: s,
         elapsed: Duration::ZERO,
         ramp_elapsed: Duration::ZERO,
         server: None,
@@ -146,8 +145,16 @@ fn optional_parts_are_left_out() {
         resumed: 0,
         cpu_total: CpuSpent::default(),
         cpu_ramp: CpuSpent::default(),
+        attacks: Vec::new(),
         ramp_connects: 0,
-    });
+    }
+}
+
+#[test]
+fn optional_parts_are_left_out() {
+    let c = campaign();
+    let s = Stats::default();
+    let r = Report::build(bare_inputs(&c, &s));
     let v: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
     assert!(v.get("server").is_none() && v.get("kernel").is_none());
     assert!(v["loadgen"].get("rss_per_device_bytes").is_none());
@@ -279,4 +286,50 @@ fn cpu_windows_never_cut_short() {
     lone.sample(None);
     assert_eq!(lone.total().server_s, None);
     assert!(lone.total().loadgen_s.is_some());
+}
+
+#[test]
+fn attack_windows_are_set_against_calm() {
+    let c = Campaign::parse(
+        "devices = 1000\n[server]\nspawn = true\n\
+         [[attack]]\nkind = \"silent\"\nconnections = 10\nstart_s = 0.2\nduration_s = 0.3\n\
+         [[attack]]\nkind = \"churn\"\nrate_per_sec = 10\nstart_s = 0.2\nduration_s = 0.3\nwindow = \"x\"\n",
+        "<test>",
+    )
+    .unwrap();
+    let mut s = stats();
+    for v in 1..=100 {
+        s.window(0).record_ready(v * 10); // calm p99 ≈ 990 µs
+        s.window(1).record_ready(v * 20); // silent: twice that
+    }
+    s.goodbyes.count("replaced");
+    s.window(1).goodbyes.count("replaced");
+    let mut tally = AttackTally::default();
+    tally.counts.opened = 10;
+    tally.server_closed(false, 5_000);
+    let r = Report::build(ReportInputs {
+        attacks: vec![tally, AttackTally::default()],
+        ..bare_inputs(&c, &s)
+    });
+    let w: Vec<&str> = r.session_ready.iter().map(|w| w.window.as_str()).collect();
+    assert_eq!(w, ["calm", "silent", "x"]);
+    assert_eq!(r.session_ready[0].p99_vs_calm, None);
+    let ratio = r.session_ready[1].p99_vs_calm.unwrap();
+    assert!((1.95..2.05).contains(&ratio), "{ratio}");
+    assert_eq!(r.session_ready[2].p99_vs_calm, None, "no connect in x");
+    assert_eq!(r.session_ready[1].goodbyes["replaced"], 1);
+    assert_eq!(r.goodbyes["replaced"], 1);
+    assert_eq!(r.attacks[0].counts.closed_by_server, 1);
+    assert_eq!(r.attacks[0].closed_after.count, 1);
+    let t = r.to_table();
+    for want in [
+        "session_ready.calm",
+        "session_ready.silent",
+        "2.0",
+        "goodbyes     replaced 1",
+    ] {
+        assert!(t.contains(want), "missing {want:?} in\n{t}");
+    }
+    let back: Report = serde_json::from_str(&r.to_json()).unwrap();
+    assert_eq!(back, r);
 }

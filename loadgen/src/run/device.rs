@@ -26,7 +26,7 @@ use tether_protocol::message::GoodbyeReason;
 use tether_protocol::{AuthError, CloseReason};
 
 use super::net::kind_of;
-use super::shard::{ShardCtx, Shared};
+use super::shard::{ShardCtx, Shared, each_window};
 use super::stamp::{self, Kind};
 use super::tls::DeviceTls;
 use crate::campaign::TlsState;
@@ -87,6 +87,24 @@ pub(super) enum Phase {
     Done,
 }
 
+/// What a device times besides its stages (the two never overlap: a device pings only once
+/// established).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Timing {
+    Idle,
+    /// The ping in flight (its id's low 32 bits: ids count up from 1 per connection) and when
+    /// it was due.
+    Ping {
+        id: u32,
+        due: Instant,
+    },
+    /// An admission in progress since its first attempt's scheduled start, through failed
+    /// attempts and retries, until `Welcome` (`session_ready`).
+    Admission {
+        from: Instant,
+    },
+}
+
 /// One simulated device.
 pub(super) struct Device {
     phase: Phase,
@@ -100,9 +118,8 @@ pub(super) struct Device {
     since: Instant,
     /// Our own heartbeat (the session's would fire at the same interval; ours is timed).
     next_ping: Option<Instant>,
-    /// The ping in flight (its id's low 32 bits: ids count up from 1 per connection) and
-    /// when it was due.
-    pending_ping: Option<(u32, Instant)>,
+    /// The ping in flight, or the admission being timed (`session_ready`).
+    timing: Timing,
     /// What the server's Goodbye asked for, in milliseconds (at least 10); 0: nothing.
     retry_after_ms: u32,
     /// The deadline the wheel holds for this device.
@@ -154,7 +171,7 @@ impl Device {
             sent: [0; 2],
             since: first,
             next_ping: None,
-            pending_ping: None,
+            timing: Timing::Idle,
             retry_after_ms: 0,
             armed: None,
             index: index as u32,
@@ -295,6 +312,10 @@ impl Device {
 
     /// Starts a non-blocking connect from the device's source address.
     fn connect(&mut self, now: Instant, l: &mut Lent<'_>) {
+        if !matches!(self.timing, Timing::Admission { .. }) {
+            // The first attempt of an admission: `since` is its scheduled start.
+            self.timing = Timing::Admission { from: self.since };
+        }
         let sh = &l.ctx.shared;
         let timeout = Duration::from_millis(sh.campaign.limits.connect_timeout_ms);
         let deadline = self.since.max(now) + timeout;
@@ -676,7 +697,7 @@ impl Device {
         let heartbeat = self.session.heartbeat();
         self.next_ping = Some(due.max(now - heartbeat) + heartbeat);
         if let Some(id) = self.session.ping(now) {
-            self.pending_ping = Some((id as u32, due));
+            self.timing = Timing::Ping { id: id as u32, due };
         }
     }
 
@@ -689,6 +710,12 @@ impl Device {
                     let mut st = ctx.stats.borrow_mut();
                     if self.hello_sent {
                         st.hist.record_since(Metric::Hello, self.since, now);
+                    }
+                    if let Timing::Admission { from } =
+                        std::mem::replace(&mut self.timing, Timing::Idle)
+                    {
+                        let us = crate::stats::micros_between(from, now);
+                        each_window(sh.windows_at(from), |w| st.window(w).record_ready(us));
                     }
                     st.counters.connected();
                     self.established = true;
@@ -735,15 +762,26 @@ impl Device {
                     }
                 }
                 DeviceEvent::Pong { id } => {
-                    if let Some((_, at)) = self.pending_ping.filter(|p| p.0 == id as u32) {
-                        self.pending_ping = None;
+                    if let Timing::Ping { id: want, due: at } = self.timing
+                        && want == id as u32
+                    {
+                        self.timing = Timing::Idle;
                         ctx.stats
                             .borrow_mut()
                             .hist
                             .record_since(Metric::Heartbeat, at, now);
                     }
                 }
-                DeviceEvent::Goodbye { retry_after, .. } => {
+                DeviceEvent::Goodbye {
+                    reason,
+                    retry_after,
+                    ..
+                } => {
+                    let name = goodbye_name(reason);
+                    let mut st = ctx.stats.borrow_mut();
+                    st.goodbyes.count(name);
+                    each_window(sh.windows_at(now), |w| st.window(w).goodbyes.count(name));
+                    drop(st);
                     let ms = retry_after.max(Duration::from_millis(10)).as_millis();
                     self.retry_after_ms = u32::try_from(ms).unwrap_or(u32::MAX);
                 }
@@ -753,7 +791,9 @@ impl Device {
                         ctx.stats.borrow_mut().counters.disconnected();
                         sh.online[self.index as usize].store(false, Ordering::Relaxed);
                     }
-                    self.pending_ping = None;
+                    if let Timing::Ping { .. } = self.timing {
+                        self.timing = Timing::Idle; // an admission goes on to the retry
+                    }
                     self.next_ping = None;
                     if let Some(kind) = close_kind(&reason) {
                         ctx.error(kind);
@@ -846,6 +886,20 @@ fn send_all(fd: &OwnedFd, buf: &[u8]) -> io::Result<usize> {
         }
     }
     Ok(done)
+}
+
+/// The report name of a `Goodbye` reason.
+fn goodbye_name(r: GoodbyeReason) -> &'static str {
+    match r {
+        GoodbyeReason::Normal => "normal",
+        GoodbyeReason::Shutdown => "shutdown",
+        GoodbyeReason::Overloaded => "overloaded",
+        GoodbyeReason::Replaced => "replaced",
+        GoodbyeReason::Redirect => "redirect",
+        GoodbyeReason::Upgrade => "upgrade",
+        GoodbyeReason::Flapping => "flapping",
+        _ => "other",
+    }
 }
 
 /// The error kind of a session close, `None` for closes this side made.

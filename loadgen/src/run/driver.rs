@@ -35,7 +35,7 @@ const READ_BUF: usize = 32 * 1024;
 
 /// Set by the doorbell task when the ring posted completions; wakes the parked driver.
 #[derive(Default)]
-struct Bell {
+pub(super) struct Bell {
     rung: Cell<bool>,
     waker: RefCell<Option<Waker>>,
 }
@@ -49,7 +49,7 @@ impl Bell {
     }
 
     /// Waits until rung or `until`, whichever is first.
-    async fn wait(&self, until: Instant) {
+    pub(super) async fn wait(&self, until: Instant) {
         let rung = poll_fn(|cx| {
             if self.rung.replace(false) {
                 return Poll::Ready(());
@@ -59,6 +59,25 @@ impl Bell {
         });
         future::or(rung, sleep_until(until)).await;
     }
+}
+
+/// Spawns the task that rings the returned bell whenever `doorbell`'s ring posted
+/// completions. Dropping the task cancels it: keep it as long as the bell is waited on.
+pub(super) fn ring_bell(doorbell: Doorbell) -> (Rc<Bell>, glommio::Task<()>) {
+    let bell = Rc::new(Bell::default());
+    let task = glommio::spawn_local({
+        let bell = bell.clone();
+        async move {
+            // Bounded by its owner's life (the task is cancelled with it).
+            loop {
+                if doorbell.wait().await.is_err() {
+                    glommio::timer::sleep(Duration::from_millis(1)).await;
+                }
+                bell.ring();
+            }
+        }
+    });
+    (bell, task)
 }
 
 /// What a driver keeps whatever the number of its devices: the readiness ring, its doorbell,
@@ -101,20 +120,8 @@ pub(super) async fn run(ctx: Rc<ShardCtx>, indexes: Vec<usize>, kit: Kit) {
         frames,
         tx,
     } = kit;
-    let bell = Rc::new(Bell::default());
     // Dropped (and so cancelled) when the driver returns.
-    let _doorbell = glommio::spawn_local({
-        let bell = bell.clone();
-        async move {
-            // Bounded by the driver's life (the task is cancelled with it).
-            loop {
-                if doorbell.wait().await.is_err() {
-                    glommio::timer::sleep(Duration::from_millis(1)).await;
-                }
-                bell.ring();
-            }
-        }
-    });
+    let (bell, _doorbell) = ring_bell(doorbell);
     let mut d = Driver {
         devices: indexes.iter().map(|&i| Device::new(&ctx, i)).collect(),
         ctx,

@@ -2,6 +2,10 @@
 //! glommio shard per core with its share of devices and agents, print progress once a second,
 //! and build the report.
 //!
+//! Attacks (`[[attack]]`) run in the same shards, one task per shard over its share of them
+//! (`attack`); a device's `session_ready` (scheduled connect → `Welcome`) is recorded under
+//! the report window of its connect's scheduled time (`calm`, or the running attacks').
+//!
 //! Latency clocks: connect is measured from the device's scheduled ramp slot (so a loadgen that
 //! falls behind its ramp shows it), the TLS handshake from TCP established to handshake done,
 //! `hello` from `Hello` sent to `Welcome`, messages from their open-loop scheduled send time
@@ -12,6 +16,7 @@
 //! the exact instants the shards reported (see [`crate::report`]).
 
 mod agent;
+mod attack;
 mod device;
 mod driver;
 mod net;
@@ -205,6 +210,18 @@ fn run_against(
         },
     )
     .map_err(|e| setup(e.to_string()))?;
+    // Attackers keep no tickets and extract no secrets.
+    let attack_tls = if c.attack.is_empty() {
+        None
+    } else {
+        let opts = ClientTlsOptions {
+            pq_kx: false,
+            session_tickets: 0,
+            session_store: None,
+            secret_extraction: false,
+        };
+        Some(client_config(&ca, &opts).map_err(|e| setup(e.to_string()))?)
+    };
     let uses_agents = c.messages.uses_agents();
     let agent_tls = if uses_agents && c.server.agent_tls {
         Some(tether_core::tls::agent_client_config(&ca).map_err(|e| setup(e.to_string()))?)
@@ -269,6 +286,22 @@ fn run_against(
     cpu.sample(server_pid);
     let start = Instant::now() + Duration::from_millis(300);
     let timeline = Timeline::new(c, start, DRAIN);
+    let windows = c.windows();
+    let attack_spans = c
+        .attack
+        .iter()
+        .map(|a| {
+            let w = windows
+                .iter()
+                .position(|l| l == a.window_label())
+                .unwrap_or(0);
+            (
+                timeline.at(a.start_s),
+                timeline.at(a.start_s + a.duration_s),
+                w,
+            )
+        })
+        .collect();
     let shared = Arc::new(Shared {
         campaign: c.clone(),
         timeline,
@@ -287,6 +320,8 @@ fn run_against(
         server_name: ServerName::try_from("localhost")
             .map_err(|e| setup(e.to_string()))?
             .to_owned(),
+        attack_tls,
+        attack_spans,
         shards,
         abort: AtomicBool::new(false),
     });
@@ -453,6 +488,12 @@ fn run_against(
         ));
     }
     let deploys = deploy_summaries(c, &latest, &timeline, &deployed);
+    let mut attacks = vec![crate::stats::AttackTally::default(); c.attack.len()];
+    for snap in latest.iter().flatten() {
+        for (mine, theirs) in attacks.iter_mut().zip(&snap.attacks) {
+            mine.add(theirs);
+        }
+    }
     let resumed = latest.iter().flatten().map(|s| s.resumed).sum();
     let ramp_connects = first.min(c.devices);
     let cpu_ramp = cpu.spent(start, start + ramp_elapsed);
@@ -482,6 +523,7 @@ fn run_against(
         cpu_total: cpu.total(),
         cpu_ramp,
         ramp_connects,
+        attacks,
     }))
 }
 

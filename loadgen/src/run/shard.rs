@@ -18,9 +18,9 @@ use tether_protocol::auth::DeviceKey;
 
 use super::net::sleep_until;
 use super::stamp::Epoch;
-use super::{agent, driver};
+use super::{agent, attack, driver};
 use crate::campaign::Campaign;
-use crate::stats::{Metric, Stats};
+use crate::stats::{AttackTally, Metric, Stats};
 
 /// The run's timeline, fixed before any shard starts.
 #[derive(Clone, Copy, Debug)]
@@ -95,10 +95,38 @@ pub struct Shared {
     pub tls: Arc<rustls::ClientConfig>,
     /// TLS server name.
     pub server_name: ServerName<'static>,
+    /// The attacks' TLS client config (no resumption, no secret extraction); set when an
+    /// attack completes handshakes.
+    pub attack_tls: Option<Arc<rustls::ClientConfig>>,
+    /// Attack time spans: (start, end, report window), one per campaign attack, in order.
+    pub attack_spans: Vec<(Instant, Instant, usize)>,
     /// Shards in this process.
     pub shards: usize,
     /// Set by the main thread to end the run early (error limit, Ctrl-C).
     pub abort: AtomicBool,
+}
+
+impl Shared {
+    /// The report windows active at `t`, as a bit mask (bit `w` for window `w` of
+    /// [`Campaign::windows`]): the windows of the attacks running then, or bit 0 (`calm`).
+    pub fn windows_at(&self, t: Instant) -> u64 {
+        let mask = self
+            .attack_spans
+            .iter()
+            .filter(|(from, to, _)| t >= *from && t < *to)
+            .fold(0u64, |m, (_, _, w)| m | 1 << w);
+        if mask == 0 { 1 } else { mask }
+    }
+}
+
+/// Calls `f` for each window in a mask from [`Shared::windows_at`].
+pub fn each_window(mask: u64, mut f: impl FnMut(usize)) {
+    let mut m = mask;
+    while m != 0 {
+        let w = m.trailing_zeros() as usize;
+        f(w);
+        m &= m - 1;
+    }
 }
 
 /// One reconnect storm as one shard saw it.
@@ -134,6 +162,8 @@ pub struct Snapshot {
     /// Per campaign deploy (a device's n-th install counts for the n-th deploy): installs by
     /// this shard's devices, and micros after the epoch of the latest of them.
     pub code_installed: Vec<(u64, u64)>,
+    /// Per campaign attack, what this shard's attacker did (empty until `done`).
+    pub attacks: Vec<AttackTally>,
     /// Whether the shard has finished.
     pub done: bool,
 }
@@ -194,6 +224,8 @@ pub struct ShardCtx {
     pub resumed: Cell<u64>,
     /// See [`Snapshot::code_installed`].
     pub code_installed: RefCell<Vec<(u64, u64)>>,
+    /// See [`Snapshot::attacks`].
+    pub attacks: RefCell<Vec<AttackTally>>,
     /// Early end.
     pub stop: Stop,
 }
@@ -218,6 +250,8 @@ impl ShardCtx {
                 hist: st.hist.only(Metric::RoundTrip),
                 errors: st.errors.clone(),
                 counters: st.counters,
+                goodbyes: st.goodbyes.clone(),
+                windows: Vec::new(),
             }
         };
         Snapshot {
@@ -229,6 +263,11 @@ impl ShardCtx {
             last_first_connect_us: self.first_connects.get().1,
             resumed: self.resumed.get(),
             code_installed: self.code_installed.borrow().clone(),
+            attacks: if done {
+                self.attacks.borrow().clone()
+            } else {
+                Vec::new()
+            },
             done,
         }
     }
@@ -271,6 +310,7 @@ pub async fn run_shard(
         first_connects: Cell::new((0, 0)),
         resumed: Cell::new(0),
         code_installed: RefCell::new(vec![(0, 0); shared.campaign.deploy.len().max(1)]),
+        attacks: RefCell::new(vec![AttackTally::default(); shared.campaign.attack.len()]),
         stop: Stop::default(),
     });
     let mut tasks = Vec::new();
@@ -278,6 +318,14 @@ pub async fn run_shard(
         .step_by(shared.shards)
         .collect();
     tasks.push(glommio::spawn_local(driver::run(ctx.clone(), devices, kit)));
+    // This shard's share of the attacks (attack k runs on shard k mod shards), one task over
+    // all of them with its own ring.
+    let attacks: Vec<usize> = (index..shared.campaign.attack.len())
+        .step_by(shared.shards)
+        .collect();
+    if !attacks.is_empty() {
+        tasks.push(glommio::spawn_local(attack::run(ctx.clone(), attacks)));
+    }
     let mut slot = 0;
     if shared.agent_server.is_some() && shared.campaign.messages.uses_agents() {
         let agents = shared.campaign.messages.agents as usize;
