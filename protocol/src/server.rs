@@ -547,15 +547,24 @@ impl ServerSession {
         let _ = Message::Ack { seq }.encode(self.tx.buf());
     }
 
-    /// Queues a raw message (code offers and chunks). Fails if not established.
+    /// Queues a raw message (code offers and chunks). Fails if not established, or if the
+    /// frame is over the session's frame limit (the device would drop the connection on it)
+    /// or a field over its length limit: nothing is queued then.
     pub fn send_control(&mut self, m: &Message) -> Result<(), SendError> {
         if !matches!(self.state, State::Established { .. }) {
             return Err(SendError::Closed);
         }
-        m.encode(self.tx.buf()).map_err(|_| SendError::TooLarge {
-            limit: self.decoder.max_frame(),
-            got: m.frame_len() as u32,
-        })
+        let limit = self.decoder.max_frame();
+        // What the length prefix counts: the type byte and the body.
+        let len = 1 + m.body_len();
+        let too_large = SendError::TooLarge {
+            limit,
+            got: len.min(u32::MAX as usize) as u32,
+        };
+        if len > limit as usize {
+            return Err(too_large);
+        }
+        m.encode(self.tx.buf()).map_err(|_| too_large)
     }
 
     /// Offers a code version to the device.

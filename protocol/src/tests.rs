@@ -8,7 +8,7 @@ use bytes::{Bytes, BytesMut};
 use crate::auth::{DeviceKey, Nonce, derive_device_key};
 use crate::codec::FrameDecoder;
 use crate::device::{DeviceConfig, DeviceEvent, DeviceSession};
-use crate::error::{AuthError, CloseReason, DecodeError, PeerMisbehaved};
+use crate::error::{AuthError, CloseReason, DecodeError, PeerMisbehaved, SendError};
 use crate::ids::{CodeVersion, DeviceId, Seq, SessionId};
 use crate::message::PROTOCOL_VERSION;
 use crate::message::{ErrorCode, GoodbyeReason, Message, MessageType};
@@ -818,4 +818,36 @@ fn a_certificate_for_another_device_is_refused_like_a_bad_proof() {
     }
     assert_eq!(answers[0], answers[1]);
     assert_eq!(answers[0], answers[2]);
+}
+
+#[test]
+fn control_frames_over_the_frame_limit_are_refused_before_queueing() {
+    let mut p = Pair::new();
+    p.established();
+    let limit = p.server_cfg.max_frame;
+    let chunk = |len: usize| Message::CodeChunk {
+        version: CodeVersion(2),
+        offset: 0,
+        data: Bytes::from(vec![7; len]),
+    };
+    // Type byte + version + offset + data: exactly at the limit is fine, one byte more is not.
+    let fits = chunk(limit as usize - 17);
+    assert_eq!(p.server.send_control(&fits), Ok(()));
+    assert_eq!(
+        p.server.send_control(&chunk(limit as usize - 16)),
+        Err(SendError::TooLarge {
+            limit,
+            got: limit + 1
+        })
+    );
+    // Only the chunk that fits went out, and the device takes it.
+    let mut out = BytesMut::new();
+    assert!(p.server.poll_transmit(&mut out));
+    assert_eq!(out.len(), 4 + limit as usize);
+    p.device.handle_bytes(p.now, &out);
+    assert!(p.device.is_established());
+    assert!(matches!(
+        p.device.poll_event(),
+        Some(DeviceEvent::CodeChunk { data, .. }) if data.len() == limit as usize - 17
+    ));
 }
