@@ -143,6 +143,8 @@ counters! {
     device_auth_alarms: Counter,
     /// Verified reconnects told to wait because the device kept replacing its own session.
     flaps_damped: Counter,
+    /// Agent connections closed at once: the shard had its limit of agents not yet verified.
+    refused_agents_pending: Counter,
     /// Addresses or ids not tracked by the admission guard because its table was full.
     guard_untracked: Gauge,
     /// Messages received from devices and agents.

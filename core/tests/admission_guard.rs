@@ -172,3 +172,33 @@ fn a_device_replacing_itself_in_a_loop_is_damped_and_its_session_stays() {
     assert_eq!(m.flaps_damped, 1);
     assert_eq!(m.sessions_replaced, 2);
 }
+
+#[test]
+fn an_agent_connection_is_a_stranger_until_its_token_verifies() {
+    use std::io::Write;
+    let s = Server::start(1, &["--shards", "1"]);
+    // A frame announcing 1 MiB before any token: refused at once, not buffered.
+    let mut big = TcpStream::connect(s.agents).unwrap();
+    big.write_all(&(1u32 << 20).to_be_bytes()).unwrap();
+    big.write_all(&[0x20; 64]).unwrap();
+    assert!(
+        closed_by_server(big, T),
+        "a pre-token frame of 1 MiB was accepted"
+    );
+    // At most 64 unverified agent connections per shard; the next is closed at once.
+    let held: Vec<TcpStream> = (0..64)
+        .map(|_| TcpStream::connect(s.agents).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let extra = TcpStream::connect(s.agents).unwrap();
+    assert!(closed_by_server(extra, T));
+    assert!(wait_for(&s, |m| m.refused_agents_pending >= 1));
+    // Once they go, a real agent attaches as always.
+    drop(held);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut agent = common::Agent::attach(&s);
+    assert!(matches!(
+        agent.recv(T),
+        Some(tether_protocol::Message::AgentWelcome { .. })
+    ));
+}

@@ -86,6 +86,12 @@ impl FrameDecoder {
         self.max_frame
     }
 
+    /// Changes the frame size limit for the frames not yet returned (for instance, raised once
+    /// a peer has authenticated; bytes already buffered are kept).
+    pub fn set_max_frame(&mut self, max_frame: u32) {
+        self.max_frame = max_frame;
+    }
+
     /// Appends received bytes.
     pub fn push(&mut self, data: &[u8]) {
         if !data.is_empty() {

@@ -28,6 +28,11 @@ const AGENT_QUEUE_LIMIT: usize = 8 * 1024 * 1024;
 
 /// Time for the TLS handshake, and then again for the `AgentHello`.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest frame a connection may send before its token verified (an `AgentHello` is a few
+/// dozen bytes): a stranger cannot make the server buffer the 16 MiB an agent may send.
+const HELLO_MAX_FRAME: u32 = 4 * 1024;
+/// Most agent connections per shard that have not yet proved their token; more are closed.
+const MAX_PENDING_AGENTS: usize = 64;
 
 /// The outbound queue of one attached agent.
 pub(crate) struct AgentOut {
@@ -118,26 +123,46 @@ async fn send_error(stream: &mut (impl AsyncWrite + Unpin), code: ErrorCode, tex
 /// config, else plain TCP. A failed or slow TLS handshake is counted as a TLS error and the
 /// connection closed (rustls sends its alert first).
 pub(crate) async fn serve_agent(shard: Rc<RefCell<Shard>>, stream: TcpStream) {
+    {
+        let mut s = shard.borrow_mut();
+        if s.agents_pending >= MAX_PENDING_AGENTS {
+            s.metrics.refused_agents_pending += 1;
+            return; // dropping the stream closes it
+        }
+        s.agents_pending += 1;
+    }
+    let pending = PendingAgent(shard.clone());
     let _ = stream.set_nodelay(true);
     let tls = shard.borrow().ctx.agent_tls.clone();
     let Some(config) = tls else {
-        return serve_link(shard, stream).await;
+        return serve_link(shard, stream, pending).await;
     };
     let acceptor = futures_rustls::TlsAcceptor::from(config);
     let accepted =
         glommio::timer::timeout(HELLO_TIMEOUT, async { Ok(acceptor.accept(stream).await) }).await;
     match accepted {
-        Ok(Ok(tls)) => serve_link(shard, tls).await,
+        Ok(Ok(tls)) => serve_link(shard, tls, pending).await,
         Ok(Err(_)) | Err(_) => shard.borrow_mut().metrics.error(ErrorKind::Tls),
     }
 }
 
+/// Counts an agent connection as a stranger until its token verified (or it went away).
+struct PendingAgent(Rc<RefCell<Shard>>);
+
+impl Drop for PendingAgent {
+    fn drop(&mut self) {
+        if let Ok(mut s) = self.0.try_borrow_mut() {
+            s.agents_pending = s.agents_pending.saturating_sub(1);
+        }
+    }
+}
+
 /// The agent protocol over an established stream (plain or TLS).
-async fn serve_link<S>(shard: Rc<RefCell<Shard>>, mut stream: S)
+async fn serve_link<S>(shard: Rc<RefCell<Shard>>, mut stream: S, pending: PendingAgent)
 where
     S: AsyncRead + AsyncWrite + Unpin + 'static,
 {
-    let mut dec = FrameDecoder::new(DEFAULT_AGENT_MAX_FRAME);
+    let mut dec = FrameDecoder::new(HELLO_MAX_FRAME);
     let mut buf = vec![0u8; 64 * 1024];
     // AgentHello within 5 s, with the right token.
     let hello = glommio::timer::timeout(HELLO_TIMEOUT, async {
@@ -191,6 +216,8 @@ where
         .await;
         return;
     }
+    drop(pending);
+    dec.set_max_frame(DEFAULT_AGENT_MAX_FRAME);
     let out = Rc::new(AgentOut::new());
     let agent: AgentId = {
         let mut s = shard.borrow_mut();

@@ -78,6 +78,8 @@ pub(crate) struct Shard {
     /// Agents attached on this shard.
     local_agents: HashMap<AgentId, Rc<AgentOut>>,
     next_agent: u32,
+    /// Agent connections that have not yet proved their token.
+    agents_pending: usize,
     /// Agent `Send`s awaiting the device's ack: internal tag → (agent, agent's tag).
     pending_sends: HashMap<u64, (AgentId, u64)>,
     next_tag: u64,
@@ -143,6 +145,7 @@ impl Shard {
             agents: Vec::new(),
             local_agents: HashMap::new(),
             next_agent: 0,
+            agents_pending: 0,
             pending_sends: HashMap::new(),
             next_tag: 1,
             next_generation: 0,
