@@ -231,3 +231,37 @@ fn unknown_device_and_bad_proof_get_the_same_answer() {
     assert_eq!(st.total.errors_of(ErrorKind::UnknownDevice), 1);
     assert_eq!(st.total.auth_failures, 2);
 }
+
+/// A session the server closes (here for a malformed frame) releases its device: agents see it
+/// offline, and its slot, reused by another device, is never mistaken for its session (before
+/// the fix, device 7's reconnect replaced device 8's session through the stale slot).
+#[test]
+fn a_session_closed_by_the_server_releases_its_device() {
+    let s = Server::start(10, &["--shards", "1"]);
+    let mut agent = attached_agent(&s);
+    let mut d7 = s.device(7);
+    assert!(d7.established(), "{:?}", d7.events);
+    // An empty frame (length 0) is malformed: the server closes with an Error.
+    d7.write_raw(&[0, 0, 0, 0]);
+    assert!(d7.wait_closed(T));
+    let seen = drain(&mut agent, Duration::from_millis(500));
+    assert!(
+        seen.contains(&Message::Presence {
+            device: DeviceId(7),
+            online: false
+        }),
+        "{seen:?}"
+    );
+    let mut d8 = s.device(8);
+    assert!(d8.established(), "{:?}", d8.events);
+    let mut again = s.device(7);
+    assert!(again.established(), "{:?}", again.events);
+    assert!(
+        !d8.pump_until(Duration::from_millis(500), |ev| ev
+            .iter()
+            .any(|e| matches!(e, DeviceEvent::Goodbye { .. }))),
+        "device 8 was disturbed by device 7: {:?}",
+        d8.events
+    );
+    assert_eq!(s.stats().total.sessions_replaced, 0);
+}
