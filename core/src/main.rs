@@ -136,8 +136,9 @@ struct ServeArgs {
     /// room; if none is that old, newcomers wait in the kernel's backlog.
     #[arg(long, default_value_t = 1024)]
     max_handshakes: usize,
-    /// Of those, most from one source IP address (per shard); more are closed at accept.
-    #[arg(long, default_value_t = 64)]
+    /// Of those, most from one source IP address (per shard); more wait, accepted but untouched,
+    /// for their address's turn (4,096 per address, then closed).
+    #[arg(long, default_value_t = 16)]
     max_handshakes_per_source: u32,
     /// How long a connection must have been in flight before it may be shed for a newcomer.
     #[arg(long, default_value_t = 250)]

@@ -113,7 +113,7 @@ impl Default for ServeOptions {
             heartbeat: Duration::from_secs(30),
             max_connections: 19_000,
             max_handshakes: 1024,
-            max_handshakes_per_source: 64,
+            max_handshakes_per_source: 16,
             shed_handshakes_after: Duration::from_millis(250),
             handshake_timeout: Duration::from_secs(5),
             auth_failures_per_source: 10,

@@ -39,9 +39,9 @@ use std::time::{Duration, Instant};
 use tether_protocol::DeviceId;
 
 /// Most connections waiting for their address's turn, per address (per shard).
-pub const QUEUE_PER_SOURCE: usize = 512;
+pub const QUEUE_PER_SOURCE: usize = 4_096;
 /// Most connections waiting in all, per shard.
-const QUEUE_LIMIT: usize = 8_192;
+const QUEUE_LIMIT: usize = 16_384;
 
 /// Most addresses (and, separately, device ids) a shard tracks at once.
 const TABLE_LIMIT: usize = 16_384;
@@ -90,7 +90,7 @@ impl Default for GuardConfig {
     fn default() -> Self {
         GuardConfig {
             max_handshakes: 1024,
-            per_source: 64,
+            per_source: 16,
             shed_after: Duration::from_millis(250),
             source_failures: Budget::per(10, Duration::from_secs(60)),
             device_failures: Budget::per(10, Duration::from_secs(60)),
