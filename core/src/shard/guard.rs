@@ -14,7 +14,7 @@
 //!   TLS state: a descriptor and a timestamp), in that address's queue, and starts when one of
 //!   its address's connections is done — so a storm from one NAT address is served in turn
 //!   while other addresses go on being served. Past [`QUEUE_PER_SOURCE`] waiting, or once it
-//!   has waited longer than the handshake deadline, it is closed.
+//!   has waited half its handshake deadline, it is closed.
 //! - **Failed proofs per source address**: a token bucket per address; while it is empty, new
 //!   connections from that address are closed at accept.
 //! - **Failed proofs per device id**: a token bucket per id on the id's home shard. Running it

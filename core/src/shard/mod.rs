@@ -233,13 +233,21 @@ impl Shard {
         }
     }
 
+    /// How long a connection may wait for its address's turn: half its Hello deadline. One that
+    /// waited longer is closed without any work, rather than started with too little time left
+    /// (under a flood of stalled handshakes from few addresses, starting those made a second
+    /// burst of handshake work just as the first batch hit its deadline).
+    fn max_wait(&self) -> std::time::Duration {
+        self.ctx.session.hello_timeout / 2
+    }
+
     /// Starts the waiting connections whose address got a free slot, while the shard has room.
     fn start_waiting(&mut self, now: Instant) {
         while self.guard.has_room() {
             let Some((fd, ip, at)) = self.guard.pop_ready() else {
                 return;
             };
-            if now.saturating_duration_since(at) >= self.ctx.session.hello_timeout {
+            if now.saturating_duration_since(at) >= self.max_wait() {
                 self.metrics.error(ErrorKind::Timeout);
                 self.guard.release(ip);
                 continue;
@@ -505,7 +513,7 @@ impl Shard {
     pub(crate) fn tick(&mut self, now: Instant, expired: &mut Vec<(usize, u32)>) {
         self.admit(now);
         self.guard.sweep(now);
-        if let Some(deadline) = now.checked_sub(self.ctx.session.hello_timeout) {
+        if let Some(deadline) = now.checked_sub(self.max_wait()) {
             for _ in 0..self.guard.expire_waiting(deadline) {
                 self.metrics.error(ErrorKind::Timeout);
             }
