@@ -12,7 +12,7 @@
 //!   `Delivered` and `Code` only once established; `Closed` exactly once, last; nothing at all
 //!   (no event, no byte) after it;
 //! - `authenticate` succeeds exactly when the key is the claimed device's and the proof is
-//!   right for this connection's nonce; `device()` is `Some` only then (until closed);
+//!   right for this connection's nonce; `device()` is `Some` only then (and still names it once closed);
 //! - the stream: sends are numbered 1, 2, … and refused exactly when the outbox is full or the
 //!   message too large; `Delivered` comes in order, once per send, with its tag; device
 //!   messages come up with rising seqs; `take_unacked` and a carried stream hold exactly the
@@ -262,6 +262,8 @@ struct Harness {
     s: ServerSession,
     nonce: Nonce,
     phase: Phase,
+    /// The device the session was established as (it still names it once closed).
+    established_as: Option<DeviceId>,
     /// Every byte fed to this session (to check what `Hello` reported).
     fed: BytesMut,
     /// An `Error` or `Goodbye` went out: nothing may follow.
@@ -296,6 +298,7 @@ impl Harness {
             s,
             nonce,
             phase: Phase::ExpectHello,
+            established_as: None,
             fed: BytesMut::new(),
             final_sent: false,
             dev_seq: 0,
@@ -310,6 +313,7 @@ impl Harness {
         self.nonce = Nonce(nonce);
         self.s = ServerSession::new(&self.cfg, self.nonce, self.now);
         self.phase = Phase::ExpectHello;
+        self.established_as = None;
         self.fed.clear();
         self.final_sent = false;
         self.stream = StreamModel::default();
@@ -444,12 +448,18 @@ impl Harness {
             "is_closed while {:?}",
             self.phase
         );
-        let device = match self.phase {
+        let established = match self.phase {
             Phase::Established(d) => Some(d),
             _ => None,
         };
+        // A closed session still names the device it was established as (its driver releases
+        // what it holds for that device when it handles the close).
+        let device = match self.phase {
+            Phase::Closed => self.established_as,
+            _ => established,
+        };
         assert_eq!(s.device(), device, "device() while {:?}", self.phase);
-        assert_eq!(s.session_id().is_some(), device.is_some());
+        assert_eq!(s.session_id().is_some(), established.is_some());
         let pending = match &self.phase {
             Phase::Authenticating(h) => Some(h.device),
             _ => None,
@@ -835,6 +845,7 @@ impl Harness {
         assert_eq!(got, want, "authenticate");
         if let Ok(device) = got {
             self.phase = Phase::Established(device);
+            self.established_as = Some(device);
             self.stream = model.unwrap_or_default();
         }
         let resends: Vec<u64> = self.stream.pending.iter().map(|p| p.0).collect();
