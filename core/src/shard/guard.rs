@@ -31,6 +31,7 @@
 //! that finds its table full is not tracked (counted as `guard_untracked`), and idle entries
 //! are swept every few seconds.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::os::fd::OwnedFd;
@@ -252,13 +253,11 @@ impl Guard {
             }
             None => None,
         };
-        self.in_flight.insert(
-            idx,
-            InFlight {
-                generation,
-                source: tracked,
-            },
-        );
+        self.insert(idx, generation, tracked, now);
+    }
+
+    fn insert(&mut self, idx: usize, generation: u32, source: Option<IpAddr>, now: Instant) {
+        self.in_flight.insert(idx, InFlight { generation, source });
         self.order.push_back((idx, generation, now));
     }
 
@@ -278,14 +277,21 @@ impl Guard {
 
     /// The connection in slot `idx` sent its `Hello` or went away: no longer in flight.
     pub(crate) fn done(&mut self, idx: usize, generation: u32) {
-        match self.in_flight.get(&idx) {
-            Some(f) if f.generation == generation => {}
-            _ => return,
-        }
-        let Some(f) = self.in_flight.remove(&idx) else {
+        let Entry::Occupied(e) = self.in_flight.entry(idx) else {
             return;
         };
-        let Some(ip) = f.source else { return };
+        if e.get().generation != generation {
+            return;
+        }
+        if let Some(ip) = e.remove().source {
+            self.release(ip);
+        }
+    }
+
+    /// One of `ip`'s slots is free (its connection is done, or a slot reserved by
+    /// [`pop_ready`](Self::pop_ready) went unused): the oldest connection waiting for it takes
+    /// it.
+    pub(crate) fn release(&mut self, ip: IpAddr) {
         if let Some(s) = self.sources.get_mut(&ip) {
             s.in_flight = s.in_flight.saturating_sub(1);
             if let Some((fd, at)) = s.waiting.pop_front() {
@@ -336,28 +342,7 @@ impl Guard {
         source: IpAddr,
         now: Instant,
     ) {
-        self.in_flight.insert(
-            idx,
-            InFlight {
-                generation,
-                source: Some(source),
-            },
-        );
-        self.order.push_back((idx, generation, now));
-    }
-
-    /// Gives back a slot reserved by [`pop_ready`](Self::pop_ready) that was not used (the
-    /// connection was too old, or failed to start); the next waiting one gets it.
-    pub(crate) fn release(&mut self, source: IpAddr) {
-        const NONE: usize = usize::MAX;
-        self.in_flight.insert(
-            NONE,
-            InFlight {
-                generation: 0,
-                source: Some(source),
-            },
-        );
-        self.done(NONE, 0);
+        self.insert(idx, generation, Some(source), now);
     }
 
     /// When the in-flight table is full: the oldest connection in flight for at least

@@ -336,7 +336,6 @@ impl Shard {
     /// shedding the oldest stalled ones, see [`guard`]) and the accept rate allows; otherwise
     /// leave connections in the kernel's backlog.
     fn admit(&mut self, now: Instant) {
-        self.start_waiting(now);
         while let Some((idx, generation)) = self.guard.shed_candidate(now) {
             if self
                 .conns
