@@ -334,6 +334,15 @@ fn print_json<T: serde::Serialize>(v: &T) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
+/// Prints a `tether devices` answer: JSON with `--json`, else its text.
+fn print_answer<T: serde::Serialize>(json: bool, v: &T, text: impl FnOnce(&T) -> String) {
+    if json {
+        print_json(v)
+    } else {
+        print!("{}", text(v))
+    }
+}
+
 fn devices_command(c: DevicesCommand) -> Result<(), String> {
     use tether_core::devices as d;
     let json = match &c {
@@ -390,33 +399,16 @@ fn devices_command(c: DevicesCommand) -> Result<(), String> {
                 d::add_offline(dir, id, &group)
             },
         )
-        .map(|r| {
-            if json {
-                print_json(&r)
-            } else {
-                print!("{}", r.text())
-            }
-        }),
+        .map(|r| print_answer(json, &r, |r| r.text())),
         DevicesCommand::Revoke { id, target } => via_server(
             &target,
             |a, t| d::revoke(a, t, id),
             |dir| d::revoke_offline(dir, id),
         )
-        .map(|r| {
-            if json {
-                print_json(&r)
-            } else {
-                print!("{}", r.text())
-            }
-        }),
+        .map(|r| print_answer(json, &r, |r| r.text())),
         DevicesCommand::List { target } => {
-            via_server(&target, |a, t| d::list(a, t), d::list_offline).map(|r| {
-                if json {
-                    print_json(&r)
-                } else {
-                    print!("{}", r.table())
-                }
-            })
+            via_server(&target, |a, t| d::list(a, t), d::list_offline)
+                .map(|r| print_answer(json, &r, |r| r.table()))
         }
         DevicesCommand::Show { id, target } => via_server(
             &target,
@@ -424,14 +416,12 @@ fn devices_command(c: DevicesCommand) -> Result<(), String> {
             |dir| d::show_offline(dir, id),
         )
         .map(|r| {
-            if json {
-                print_json(&r)
-            } else {
+            print_answer(json, &r, |r| {
                 let now = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |t| t.as_millis() as u64);
-                print!("{}", r.text(now))
-            }
+                r.text(now)
+            })
         }),
     }
 }
