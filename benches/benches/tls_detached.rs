@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, ClientConnection, ServerConfig, ServerConnection};
-use tether_core::detached::{DetachedTls, Handshake};
-use tether_core::tls::{self, ClientTlsOptions, DevPki, TlsOptions};
+use tether_core::pki::DevPki;
+use tether_net::detached::{DetachedTls, Handshake};
+use tether_net::tls::{self, ClientTlsOptions, TlsOptions};
 
 const CHALLENGE: &[u8] = b"challenge: 32 bytes of nonce....";
 

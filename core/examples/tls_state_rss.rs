@@ -21,8 +21,8 @@ use rustls::crypto::aws_lc_rs::cipher_suite::{
     TLS13_AES_128_GCM_SHA256, TLS13_CHACHA20_POLY1305_SHA256,
 };
 
-use tether_core::detached::DetachedTls;
-use tether_core::tls::{self, ClientTlsOptions};
+use tether_net::detached::DetachedTls;
+use tether_net::tls::{self, ClientTlsOptions};
 use tls_pair::{
     Dir, configs, connect, connect_buffered, connect_detached, detaching_client, handshake,
     provider,

@@ -20,7 +20,6 @@ use serde::{Deserialize, Serialize};
 use crate::admin::{AdminError, AdminRequest, AdminResponse, admin_json};
 use crate::codestore::{CodeStore, CodeStoreError, Deployed};
 use crate::devices::{GroupDelta, apply_deltas};
-use crate::shard::GroupRollout;
 
 /// How long a requester waits for the deployer (a deploy is a few fsyncs).
 pub const DEPLOY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -136,6 +135,24 @@ pub(crate) fn deploy_blocking(
         Ok(r) => Ok(r?),
         Err(_) => Err(SubmitError::Timeout),
     }
+}
+
+/// One group's rollout as seen by one shard (summed over shards for `tether rollout status`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GroupRollout {
+    pub group: String,
+    pub version: u64,
+    pub digest: String,
+    pub size: u64,
+    /// Connected devices of the group.
+    pub connected: u64,
+    pub current: u64,
+    /// Offered or waiting for a transfer slot.
+    pub pending: u64,
+    pub in_flight: u64,
+    /// Stale after a failed transfer (and not retrying right now).
+    pub failed: u64,
 }
 
 /// Every group's rollout, summed over shards.

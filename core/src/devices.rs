@@ -26,11 +26,11 @@ use tether_protocol::auth::DeviceKey;
 
 use crate::admin::{AdminError, AdminRequest, AdminResponse, admin_json};
 use crate::fsutil::{FileLock, to_hex};
+use crate::placement::home_shard;
 use crate::registry::{
     FILE_NAME, LiveRegistry, Registry, RegistryError, SERVE_LOCK, parse_device_id,
     random_device_key, valid_group_name,
 };
-use crate::shard::mesh::home_shard;
 
 /// How long the admin thread waits for a shard to apply a change or answer a query (a shard
 /// reads its channel every 100 ms tick; only a wedged shard takes longer).

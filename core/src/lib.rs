@@ -7,31 +7,35 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 //!
 //! This library holds the server's building blocks; the `tether` binary wires them together.
-//! Building blocks so far: [`tls`] (dev PKI, device CA and certificates, rustls configs),
-//! [`reload`] (certificate reload on SIGHUP or `POST /reload`), [`registry`] (devices, server
-//! secret, agent and admin tokens), [`devices`] (the live registry's admin routes and `tether devices`
-//! clients), [`timer`] (per-shard timing wheel), [`metrics`] (per-shard counters
-//! and their Prometheus/JSON views), [`admin`] (HTTP admin endpoint and `tether stats` client),
-//! [`codestore`] (code blobs and the current version per device group), [`detached`] (lean,
-//! movable TLS record state after a rustls handshake), [`limits`] (open-file limit), [`ring`]
-//! (the shard-owned readiness ring, also used by loadgen), [`fsutil`] (atomic writes and secrets
-//! in the data directory).
+//! The connection machinery it shares with the load generator (readiness ring, timing wheel,
+//! detached TLS, TLS policy) is the `tether-net` crate; the wire protocol is `tether-protocol`.
+//! `docs/ARCHITECTURE.md` draws the whole picture. Modules, from the bottom up (the layering
+//! test in `tests/layering.rs` keeps them free of import cycles):
+//!
+//! - storage and identity: [`fsutil`] (atomic writes, secrets in the data directory),
+//!   [`limits`] (open-file limit), [`registry`] (devices, server secret, agent and admin tokens),
+//!   [`codestore`] (code blobs and each group's current version), [`pki`] (dev PKI, device CA),
+//!   [`placement`] (a device's home shard), [`metrics`] (per-shard counters and their views);
+//! - the admin side: [`admin`] (HTTP endpoint and its clients), [`devices`] (live registry
+//!   routes, `tether devices`), [`deploy`] (deploys and rollout status), [`reload`]
+//!   (certificate reload); [`client`] is the public client surface other programs use;
+//! - the data path: [`shard`] (one per core: connections, sessions, agents, rollout);
+//! - [`server`]: starts the shards and the admin side, and stops them.
 
 pub mod admin;
+pub mod client;
 pub mod codestore;
 pub mod deploy;
-pub mod detached;
 pub mod devices;
 pub mod fsutil;
 pub mod limits;
 pub mod metrics;
+pub mod pki;
+pub mod placement;
 pub mod registry;
 pub mod reload;
-pub mod ring;
 pub mod server;
 pub mod shard;
-pub mod timer;
-pub mod tls;
 
 #[cfg(test)]
 mod testdir;

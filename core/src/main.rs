@@ -355,7 +355,7 @@ fn devices_command(c: DevicesCommand) -> Result<(), String> {
         | DevicesCommand::Show { target, .. } => target.json,
     };
     match c {
-        DevicesCommand::Ca { ca_dir } => tether_core::tls::DeviceCa::ensure(&ca_dir)
+        DevicesCommand::Ca { ca_dir } => tether_core::pki::DeviceCa::ensure(&ca_dir)
             .map_err(|e| e.to_string())
             .map(|ca| {
                 let made = if ca.created { "created" } else { "exists" };
@@ -366,7 +366,7 @@ fn devices_command(c: DevicesCommand) -> Result<(), String> {
                     ca.cert.display()
                 )
             }),
-        DevicesCommand::Cert { id, ca_dir, out } => tether_core::tls::DeviceCa::open(&ca_dir)
+        DevicesCommand::Cert { id, ca_dir, out } => tether_core::pki::DeviceCa::open(&ca_dir)
             .and_then(|ca| {
                 ca.issue(
                     tether_protocol::DeviceId(id),

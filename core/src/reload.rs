@@ -27,7 +27,7 @@ use rustls::server::ProducesTickets;
 use serde::{Deserialize, Serialize};
 
 use crate::admin::{AdminError, AdminRequest, AdminResponse, admin_json};
-use crate::tls::{TlsError, TlsOptions, new_ticketer, server_config};
+use tether_net::tls::{TlsError, TlsOptions, new_ticketer, server_config};
 
 /// How long a reload waits for every shard to take the new config (a tick is 100 ms).
 const APPLY_TIMEOUT: Duration = Duration::from_secs(2);

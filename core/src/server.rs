@@ -16,27 +16,20 @@ use tether_protocol::server::ServerConfig;
 
 use crate::admin::{AdminAuth, AdminOptions, AdminResponse, metrics_routes, serve_admin_with};
 use crate::codestore::{CodeStore, Deployed};
-use crate::deploy::{DeployRequest, RolloutStatus, code_routes, spawn_deployer};
-use crate::devices::{Registrar, RegistryMsg, device_routes};
+use crate::deploy::GroupRollout;
+use crate::deploy::{RolloutStatus, code_routes, spawn_deployer};
+use crate::devices::{Registrar, device_routes};
 use crate::fsutil::{FileLock, loose_secret_warning};
 use crate::metrics::{MetricsSnapshot, ShardMetrics};
+use crate::pki::DevPki;
 use crate::registry::{
     ADMIN_TOKEN_FILE, AGENT_TOKEN_FILE, FILE_NAME, LiveRegistry, Registry, SERVE_LOCK, Token,
 };
-use crate::reload::{Reloader, TlsSwap, reload_logged, reload_routes};
+use crate::reload::{Reloader, reload_logged, reload_routes};
+pub use crate::shard::TlsState;
 use crate::shard::run_shard;
-use crate::shard::{Budget, GroupRollout, GuardConfig};
-use crate::tls::{DevPki, TlsOptions};
-
-/// How TLS state is kept after the handshake.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum TlsState {
-    /// rustls' `ServerConnection` for the connection's life (≈ 8.4 KB per idle connection).
-    Buffered,
-    /// Traffic keys and sequence numbers only, record layer on rustls' AEADs (≈ 1.9 KB per
-    /// idle connection in all, or ≈ 2.7 KB with `--tls-key-updates`). The default.
-    Detached,
-}
+use crate::shard::{Budget, GuardConfig, ServerCtx, ShardHandle};
+use tether_net::tls::TlsOptions;
 
 /// Everything `tether serve` can be told.
 #[derive(Clone, Debug)]
@@ -132,49 +125,6 @@ impl Default for ServeOptions {
     }
 }
 
-/// Read-only state every shard shares (no locks: nothing in it changes after start, except
-/// the shutdown flag). Code deployed, devices added or revoked and TLS reloaded at run time
-/// reach shards as messages, not through here.
-pub(crate) struct ServerCtx {
-    /// The TLS config at start; each shard keeps its own current one (reloads replace it).
-    pub tls: Arc<rustls::ServerConfig>,
-    pub tls_state: TlsState,
-    pub keep_key_schedule: bool,
-    pub session: ServerConfig,
-    /// The registry file as loaded at start; each shard wraps it in its own `LiveRegistry`.
-    pub registry: Arc<Registry>,
-    pub agent_token: Token,
-    /// The agent port's TLS config (`--agent-tls`); `None`: plain TCP.
-    pub agent_tls: Option<Arc<rustls::ServerConfig>>,
-    pub listen: SocketAddr,
-    pub agent_listen: SocketAddr,
-    pub max_connections_per_shard: usize,
-    /// What strangers may cost a shard (per shard).
-    pub guard: GuardConfig,
-    pub accept_rate_per_shard: u32,
-    pub shutdown: AtomicBool,
-    pub shutdown_grace: Duration,
-    pub max_transfers_per_shard: usize,
-    /// Each group's current code at start.
-    pub code_at_start: Vec<Deployed>,
-    /// Where deploys go (the agent link submits them here).
-    pub deployer: crossbeam::channel::Sender<DeployRequest>,
-}
-
-/// What the main thread holds of each shard.
-pub(crate) struct ShardHandle {
-    pub ready: std::sync::mpsc::Sender<Result<Option<SocketAddr>, String>>,
-    /// Told when the shard's shutdown is complete (or its run failed).
-    pub done: std::sync::mpsc::Sender<Result<(), String>>,
-    pub stats: crossbeam::channel::Receiver<crossbeam::channel::Sender<ShardMetrics>>,
-    pub rollout: crossbeam::channel::Receiver<crossbeam::channel::Sender<Vec<GroupRollout>>>,
-    pub deploys: crossbeam::channel::Receiver<Deployed>,
-    /// Registry changes and queries for this shard's home devices.
-    pub registry: crossbeam::channel::Receiver<RegistryMsg>,
-    /// Reloaded TLS configs.
-    pub tls: crossbeam::channel::Receiver<TlsSwap>,
-}
-
 /// A start-up failure, said plainly.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -234,7 +184,7 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
             Some((c, k)) => (c, k),
             None => (&cert, &key),
         };
-        Some(crate::tls::agent_server_config(c, k).map_err(setup("agent TLS"))?)
+        Some(tether_net::tls::agent_server_config(c, k).map_err(setup("agent TLS"))?)
     } else {
         None
     };
@@ -330,7 +280,7 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     }
 
     // Checked and bound before the shards start, so a taken port fails fast.
-    crate::ring::ensure_no_listener(opts.listen).map_err(setup(&format!(
+    tether_net::ring::ensure_no_listener(opts.listen).map_err(setup(&format!(
         "cannot listen on {} (devices): another process listens there (a second `tether \
          serve` would share the port and take part of the devices)",
         opts.listen

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use common::{Device, Server};
 use tether_core::reload::ReloadReport;
-use tether_core::tls::{ClientTlsOptions, client_config_with_cert};
+use tether_net::tls::{ClientTlsOptions, client_config_with_cert};
 use tether_protocol::auth::{DeviceKey, Nonce, Proof, derive_device_key, prove};
 use tether_protocol::codec::FrameDecoder;
 use tether_protocol::device::{DeviceConfig, DeviceEvent};

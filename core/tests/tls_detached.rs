@@ -1,4 +1,4 @@
-//! Detached TLS (`tether_core::detached`) against an unmodified rustls client, in memory:
+//! Detached TLS (`tether_net::detached`) against an unmodified rustls client, in memory:
 //! long exchanges in both directions, key updates both ways, tickets and resumption,
 //! close_notify, moving the state through bytes, and the AES-GCM first-sequence pitfall.
 
@@ -12,7 +12,7 @@ use rustls::crypto::aws_lc_rs::cipher_suite::{
 };
 use rustls::crypto::cipher::{AeadKey, Iv, OutboundChunks, OutboundPlainMessage};
 use rustls::{CipherSuite, ContentType, HandshakeKind, ProtocolVersion, SupportedCipherSuite};
-use tether_core::detached::{DetachedError, DetachedTls, MoveError};
+use tether_net::detached::{DetachedError, DetachedTls, MoveError};
 use tls_pair::{Dir, Pair, configs, connect, deliver, provider};
 
 const RECORDS: usize = 1500;
@@ -299,7 +299,7 @@ impl WriterWrite for rustls::ClientConnection {
 fn handshake_error_hands_out_rustls_alert() {
     let dir = Dir::new("det-hs-err");
     let (server, _, _) = configs(&dir.0, None);
-    let mut hs = tether_core::detached::Handshake::new(server).unwrap();
+    let mut hs = tether_net::detached::Handshake::new(server).unwrap();
     // A ClientHello of zero bytes.
     let mut garbage = vec![22, 3, 1, 0, 4, 1, 0, 0, 0];
     let mut out = Vec::new();
@@ -307,7 +307,7 @@ fn handshake_error_hands_out_rustls_alert() {
         .feed(&mut garbage, &mut out, &mut Vec::new())
         .unwrap_err();
     assert!(
-        matches!(err, tether_core::detached::HandshakeError::Tls(_)),
+        matches!(err, tether_net::detached::HandshakeError::Tls(_)),
         "{err}"
     );
     assert_eq!(out.first(), Some(&21), "a plaintext alert record: {out:?}");
@@ -316,9 +316,9 @@ fn handshake_error_hands_out_rustls_alert() {
 #[test]
 fn config_without_secret_extraction_is_refused() {
     let dir = Dir::new("det-no-extract");
-    let pki = tether_core::tls::DevPki::ensure(&dir.0).unwrap();
-    let opts = tether_core::tls::TlsOptions::default();
-    let server = tether_core::tls::server_config(&pki.server_cert, &pki.server_key, &opts).unwrap();
-    let err = tether_core::detached::Handshake::new(server).unwrap_err();
+    let pki = tether_core::pki::DevPki::ensure(&dir.0).unwrap();
+    let opts = tether_net::tls::TlsOptions::default();
+    let server = tether_net::tls::server_config(&pki.server_cert, &pki.server_key, &opts).unwrap();
+    let err = tether_net::detached::Handshake::new(server).unwrap_err();
     assert!(err.to_string().contains("secret extraction"), "{err}");
 }

@@ -12,7 +12,7 @@ use rustls::crypto::aws_lc_rs::cipher_suite::{
     TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256,
 };
 use rustls::{CipherSuite, HandshakeKind, ServerConnection, SupportedCipherSuite};
-use tether_core::detached::{
+use tether_net::detached::{
     ClientHandshake, DetachedClientTls, DetachedError, DetachedTls, HandshakeError,
 };
 use tls_pair::{CHALLENGE, Dir, client_open, configs, connect_detached, detaching_client, name};

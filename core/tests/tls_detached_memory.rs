@@ -9,8 +9,8 @@ mod tls_pair;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicIsize, Ordering};
 
-use tether_core::detached::{DetachedTls, Handshake};
-use tether_core::tls::{self, ClientTlsOptions};
+use tether_net::detached::{DetachedTls, Handshake};
+use tether_net::tls::{self, ClientTlsOptions};
 use tls_pair::{Dir, configs, connect, connect_buffered, handshake, provider};
 
 struct Counting;

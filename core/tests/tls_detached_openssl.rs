@@ -15,7 +15,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use rustls::ServerConfig;
-use tether_core::detached::{DetachedTls, Handshake};
+use tether_net::detached::{DetachedTls, Handshake};
 use tls_pair::{Dir, configs};
 
 const LINES: usize = 3000;

@@ -12,8 +12,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::{Agent, Device, Server};
+use tether_core::pki::DevPki;
 use tether_core::reload::ReloadReport;
-use tether_core::tls::{ClientTlsOptions, DevPki, client_config};
+use tether_net::tls::{ClientTlsOptions, client_config};
 use tether_protocol::device::DeviceEvent;
 use tether_protocol::message::SendStatus;
 use tether_protocol::{DeviceId, Message};

@@ -1,4 +1,4 @@
-//! The receive side of the server's detached TLS record layer (`tether_core::detached::
+//! The receive side of the server's detached TLS record layer (`tether_net::detached::
 //! DetachedTls::decrypt_in_place`), after a real TLS 1.3 handshake in memory (rustls' client
 //! against `detached::Handshake`), with ChaCha20-Poly1305 or AES-256-GCM.
 //!
@@ -30,7 +30,7 @@ use rustls::{
     ClientConfig, ContentType, KeyLog, ProtocolVersion, ServerConfig, SupportedCipherSuite,
     Tls13CipherSuite,
 };
-use tether_core::detached::{
+use tether_net::detached::{
     DetachedError, DetachedTls, HEADER_LEN, MAX_CIPHERTEXT, MAX_PLAINTEXT,
 };
 

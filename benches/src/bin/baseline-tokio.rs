@@ -14,8 +14,9 @@ use std::time::Instant;
 
 use bytes::BytesMut;
 use clap::Parser;
+use tether_core::pki::DevPki;
 use tether_core::registry::Registry;
-use tether_core::tls::{DevPki, TlsOptions, load_certs, load_key, server_config};
+use tether_net::tls::{TlsOptions, load_certs, load_key, server_config};
 use tether_protocol::SessionId;
 use tether_protocol::auth::Nonce;
 use tether_protocol::server::{ServerConfig, ServerEvent, ServerSession};
@@ -80,8 +81,8 @@ async fn serve(args: Args) -> Result<(), String> {
             .map_err(|e| e.to_string())?;
             // The protocol's ALPN, and tickets so devices can resume (a plain server that
             // wants resumption sets a ticketer; rustls' default is a stateful cache).
-            c.alpn_protocols = vec![tether_core::tls::ALPN.to_vec()];
-            c.ticketer = tether_core::tls::new_ticketer().map_err(|e| e.to_string())?;
+            c.alpn_protocols = vec![tether_net::tls::ALPN.to_vec()];
+            c.ticketer = tether_net::tls::new_ticketer().map_err(|e| e.to_string())?;
             Arc::new(c)
         }
         other => return Err(format!("--tls must be plain or tether, not {other:?}")),

@@ -13,8 +13,8 @@ use tether_protocol::server::ServerSession;
 
 use super::tlsconn::{CertDevice, OpenCx, TlsConn, TlsEnd};
 use crate::metrics::{ErrorKind, ShardMetrics};
-use crate::ring;
-use crate::timer::TimerId;
+use tether_net::ring;
+use tether_net::timer::TimerId;
 
 /// How a connection's I/O step ended.
 #[derive(Debug, PartialEq, Eq)]

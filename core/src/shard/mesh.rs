@@ -7,25 +7,14 @@ use bytes::Bytes;
 use tether_protocol::server::ServerSession;
 use tether_protocol::{DeviceId, Message, Seq};
 
+pub use crate::placement::home_shard;
+
 /// An agent's process-wide id: its shard in the top byte, a per-shard counter below.
 pub(crate) type AgentId = u32;
 
 /// The shard an agent lives on.
 pub(crate) fn agent_shard(agent: AgentId) -> usize {
     (agent >> 24) as usize
-}
-
-/// The home shard of a device: where its session lives.
-pub fn home_shard(device: DeviceId, shards: usize) -> usize {
-    (mix(device.0) % shards as u64) as usize
-}
-
-/// splitmix64's finaliser: spreads sequential device ids evenly.
-pub(crate) fn mix(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }
 
 /// A connection in transit to its home shard, after `Hello` and before authentication.

@@ -8,6 +8,7 @@
 
 mod agent;
 mod conn;
+mod ctx;
 mod devices;
 mod guard;
 pub mod mesh;
@@ -31,20 +32,20 @@ use tether_protocol::server::{ServerEvent, ServerSession};
 use tether_protocol::{AuthError, CloseReason, DecodeError, DeviceId, Message, PeerMisbehaved};
 use tether_protocol::{CodeVersion, SendError, SessionId};
 
-use crate::detached::Handshake;
 use crate::metrics::{ErrorKind, ShardMetrics};
 use crate::registry::LiveRegistry;
-use crate::ring::{Completion, Kind, Ring, ring_generation};
-use crate::server::{ServerCtx, TlsState};
-use crate::timer::TimerWheel;
 use agent::AgentOut;
 use conn::{Conn, IoOutcome};
 use guard::{Guard, Refusal};
 use mesh::{AgentId, Moved, ShardMsg, agent_shard, home_shard};
+use tether_net::detached::Handshake;
+use tether_net::ring::{Completion, Kind, Ring, ring_generation};
+use tether_net::timer::TimerWheel;
 use tlsconn::{CertDevice, TlsConn};
 
+pub use ctx::TlsState;
+pub(crate) use ctx::{ServerCtx, ShardHandle};
 pub use guard::{Budget, GuardConfig};
-pub use rollout::GroupRollout;
 pub(crate) use run::run_shard;
 
 /// In debug builds, a device message on this topic panics its connection's handler (tests).
@@ -571,7 +572,8 @@ impl Shard {
                     self.metrics.undeliverable += 1;
                     return false;
                 }
-                let agent = self.agents[(mesh::mix(device.0) % self.agents.len() as u64) as usize];
+                let agent = self.agents
+                    [(crate::placement::mix(device.0) % self.agents.len() as u64) as usize];
                 self.route(
                     agent_shard(agent),
                     ShardMsg::ToAgent {
@@ -999,13 +1001,13 @@ mod size_tests {
             ("TlsConn", size_of::<super::TlsConn>()),
             (
                 "DetachedTls (boxed)",
-                size_of::<crate::detached::DetachedTls>(),
+                size_of::<tether_net::detached::DetachedTls>(),
             ),
         ];
         for (name, n) in sizes {
             println!("size_of {name} = {n} B");
         }
         assert!(size_of::<super::Conn>() <= 280);
-        assert!(size_of::<crate::detached::DetachedTls>() <= 176);
+        assert!(size_of::<tether_net::detached::DetachedTls>() <= 176);
     }
 }

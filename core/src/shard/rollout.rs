@@ -9,18 +9,18 @@
 use std::collections::{HashMap, VecDeque};
 
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
 use tether_protocol::code::{CodeSender, SenderConfig};
 use tether_protocol::server::CodeEvent;
 use tether_protocol::{CodeVersion, DeviceId, Digest, Message};
 
 use slab::Slab;
 
+use super::ServerCtx;
 use super::conn::Conn;
 use super::{Shard, wake};
 use crate::codestore::Deployed;
+use crate::deploy::GroupRollout;
 use crate::registry::{GroupId, LiveRegistry};
-use crate::server::ServerCtx;
 
 /// Where rollout messages go: the device connection in slab slot `idx`.
 pub(crate) trait Outlet {
@@ -64,24 +64,6 @@ pub(crate) struct RolloutCounters {
     pub failed: u64,
     pub bytes_out: u64,
     pub protocol_errors: u64,
-}
-
-/// One group's rollout as seen by one shard (summed over shards for `tether rollout status`).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct GroupRollout {
-    pub group: String,
-    pub version: u64,
-    pub digest: String,
-    pub size: u64,
-    /// Connected devices of the group.
-    pub connected: u64,
-    pub current: u64,
-    /// Offered or waiting for a transfer slot.
-    pub pending: u64,
-    pub in_flight: u64,
-    /// Stale after a failed transfer (and not retrying right now).
-    pub failed: u64,
 }
 
 /// The rollout state of one shard.

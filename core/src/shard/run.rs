@@ -12,9 +12,9 @@ use glommio::channels::channel_mesh::MeshBuilder;
 use glommio::net::TcpListener;
 
 use super::mesh::ShardMsg;
+use super::{ServerCtx, ShardHandle};
 use super::{Shard, agent, wake};
-use crate::ring::{self, Doorbell, Ring};
-use crate::server::{ServerCtx, ShardHandle};
+use tether_net::ring::{self, Doorbell, Ring};
 
 /// Timer task period: deadlines are coarse (seconds), so 100 ms is plenty.
 const TICK: Duration = Duration::from_millis(100);

@@ -12,8 +12,8 @@ use rustls::{HandshakeKind, ServerConnection};
 use tether_protocol::DeviceId;
 use tether_protocol::server::{Credential, ServerSession};
 
-use crate::detached::{DetachedTls, Handshake};
 use crate::metrics::ShardMetrics;
+use tether_net::detached::{DetachedTls, Handshake};
 
 /// Why a connection must end, from the TLS layer.
 #[derive(Debug, PartialEq, Eq)]
@@ -32,14 +32,14 @@ pub(crate) struct CertDevice(u64);
 
 impl CertDevice {
     /// 0: no certificate; `u64::MAX`: one naming no device; else the device id + 1
-    /// ([`crate::tls::cert_device_id`] names no id above 2^64 − 3).
+    /// ([`tether_net::tls::cert_device_id`] names no id above 2^64 − 3).
     const UNNAMED: u64 = u64::MAX;
 
     /// From the peer's verified chain (its first certificate is the device's).
     pub fn from_chain(chain: Option<&[CertificateDer<'_>]>) -> CertDevice {
         match chain.and_then(|c| c.first()) {
             None => CertDevice(0),
-            Some(leaf) => crate::tls::cert_device_id(leaf)
+            Some(leaf) => tether_net::tls::cert_device_id(leaf)
                 .and_then(|d| d.0.checked_add(1))
                 .filter(|&n| n != CertDevice::UNNAMED)
                 .map_or(CertDevice(CertDevice::UNNAMED), CertDevice),
@@ -279,8 +279,9 @@ fn seal_buffered(c: &mut ServerConnection, plain: &[u8], out: &mut Vec<u8>) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pki::{DevPki, DeviceCa};
     use crate::testdir::TestDir;
-    use crate::tls::{DevPki, DeviceCa, load_certs};
+    use tether_net::tls::load_certs;
     use tether_protocol::auth::DeviceKey;
 
     fn named(c: CertDevice) -> Option<Option<DeviceId>> {

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use tether_core::registry::Registry;
-use tether_core::tls::{ClientTlsOptions, client_config};
+use tether_net::tls::{ClientTlsOptions, client_config};
 use tether_protocol::code::{CodeReceiver, CodeUpdate, ReceiverConfig};
 use tether_protocol::codec::{DEFAULT_AGENT_MAX_FRAME, FrameDecoder};
 use tether_protocol::device::{DeviceConfig, DeviceEvent, DeviceSession};
@@ -142,7 +142,7 @@ impl Server {
         if !ca.exists() {
             // A server on `--cert/--key` makes no dev CA: make one so that `tls` exists (it
             // does not verify that server; such tests bring their own client configs).
-            tether_core::tls::DevPki::ensure(&dir).unwrap();
+            tether_core::pki::DevPki::ensure(&dir).unwrap();
         }
         let tls = client_config(&ca, &ClientTlsOptions::default()).unwrap();
         let admin_token = tether_core::admin::read_admin_token(&dir).unwrap();
@@ -536,7 +536,7 @@ pub fn agent_tls_stream(
 ) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
     let mut sock = TcpStream::connect(server.agents).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let config = tether_core::tls::agent_client_config(&server.dir.join("tls/ca.pem")).unwrap();
+    let config = tether_net::tls::agent_client_config(&server.dir.join("tls/ca.pem")).unwrap();
     let mut conn = rustls::ClientConnection::new(config, "localhost".try_into().unwrap()).unwrap();
     while conn.is_handshaking() {
         conn.complete_io(&mut sock).unwrap();

@@ -12,8 +12,9 @@ use rustls::{
     ClientConfig, ClientConnection, HandshakeKind, ServerConfig, ServerConnection,
     SupportedCipherSuite,
 };
-use tether_core::detached::{ClientHandshake, DetachedClientTls, DetachedTls, Handshake};
-use tether_core::tls::{self, ClientTlsOptions, DevPki, TlsOptions};
+use tether_core::pki::DevPki;
+use tether_net::detached::{ClientHandshake, DetachedClientTls, DetachedTls, Handshake};
+use tether_net::tls::{self, ClientTlsOptions, TlsOptions};
 
 pub const CHALLENGE: &[u8] = b"challenge: 32 bytes of nonce....";
 
@@ -241,7 +242,7 @@ impl Pair {
 
 /// The standard client config with secret extraction on (the detached client needs it).
 pub fn detaching_client(dir: &Dir) -> Arc<ClientConfig> {
-    let pki = tls::DevPki::ensure(&dir.0).unwrap();
+    let pki = tether_core::pki::DevPki::ensure(&dir.0).unwrap();
     tls::client_config(
         &pki.ca_cert,
         &ClientTlsOptions {

@@ -37,7 +37,7 @@ use bytes::BytesMut;
 use rustls::ClientConnection;
 use slab::Slab;
 use socket2::{Domain, Protocol, SockAddr, SockRef, Socket, Type};
-use tether_core::ring::{self, Completion, Doorbell, Kind as RingKind, Ring, ring_generation};
+use tether_net::ring::{self, Completion, Doorbell, Kind as RingKind, Ring, ring_generation};
 use tether_protocol::CloseReason;
 use tether_protocol::auth::DeviceKey;
 use tether_protocol::device::{DeviceConfig, DeviceEvent, DeviceSession};

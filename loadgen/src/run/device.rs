@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use rustls::client::Tls13ClientSessionValue;
 use socket2::{Domain, Protocol, SockAddr, SockRef, Socket, Type};
-use tether_core::ring::{self, Completion, Kind as RingKind, Ring, ring_generation};
-use tether_core::timer::{TimerId, TimerWheel};
+use tether_net::ring::{self, Completion, Kind as RingKind, Ring, ring_generation};
+use tether_net::timer::{TimerId, TimerWheel};
 use tether_protocol::code::{CodeReceiver, CodeUpdate, ReceiverConfig};
 use tether_protocol::device::{DeviceConfig, DeviceEvent, DeviceSession};
 use tether_protocol::message::GoodbyeReason;
@@ -965,11 +965,11 @@ mod tests {
             ),
             (
                 "detached::DetachedClientTls (in tls::Detached)",
-                size_of::<tether_core::detached::DetachedClientTls>(),
+                size_of::<tether_net::detached::DetachedClientTls>(),
             ),
             (
                 "detached::ClientHandshake (boxed, handshake only)",
-                size_of::<tether_core::detached::ClientHandshake>(),
+                size_of::<tether_net::detached::ClientHandshake>(),
             ),
         ];
         for (name, size) in sizes {

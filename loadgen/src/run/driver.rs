@@ -1,6 +1,6 @@
 //! A loadgen shard's driver: one task over a table of simulated devices, the same shape as the
-//! server's shard (`tether_core::shard`). Readiness comes from the shard's own io_uring
-//! ([`tether_core::ring`]: a multishot `POLL_ADD` per socket, a one-shot `POLLOUT` per connect
+//! server's shards (`tether-core`). Readiness comes from the shard's own io_uring
+//! ([`tether_net::ring`]: a multishot `POLL_ADD` per socket, a one-shot `POLLOUT` per connect
 //! or blocked write), deadlines from a hashed timing wheel ([`TimerWheel`]), and buffers are
 //! the shard's, lent to one device for one step ([`Lent`]).
 //!
@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use futures_lite::future;
-use tether_core::ring::{Completion, Doorbell, Kind, Ring};
-use tether_core::timer::TimerWheel;
+use tether_net::ring::{Completion, Doorbell, Kind, Ring};
+use tether_net::timer::TimerWheel;
 
 use super::device::{Device, Lent};
 use super::net::sleep_until;

@@ -33,8 +33,7 @@ use std::time::{Duration, Instant};
 
 use glommio::{LocalExecutorBuilder, Placement};
 use rustls::pki_types::ServerName;
-use tether_core::registry::Registry;
-use tether_core::tls::{ClientTlsOptions, client_config};
+use tether_net::tls::{ClientTlsOptions, client_config};
 
 use crate::campaign::{Campaign, CampaignError, TlsState};
 use crate::host::{self, HostLimits, Machine};
@@ -176,18 +175,13 @@ fn run_against(
     let admin_token = if c.deploy.is_empty() {
         None
     } else {
-        Some(tether_core::admin::read_admin_token(data_dir).map_err(|e| setup(e.to_string()))?)
+        Some(tether_core::client::read_admin_token(data_dir).map_err(|e| setup(e.to_string()))?)
     };
-    let registry =
-        Registry::load(&data_dir.join("devices.csv")).map_err(|e| setup(e.to_string()))?;
-    let mut devices: Vec<DeviceIdent> = registry
-        .iter()
-        .map(|(id, e)| DeviceIdent {
-            id,
-            key: e.key.clone(),
-        })
+    let mut devices: Vec<DeviceIdent> = tether_core::client::device_keys(data_dir)
+        .map_err(|e| setup(e.to_string()))?
+        .into_iter()
+        .map(|(id, key)| DeviceIdent { id, key })
         .collect();
-    devices.sort_by_key(|d| d.id.0);
     let want = usize::try_from(c.devices).map_err(|_| setup("devices: too many"))?;
     if devices.len() < want {
         return Err(setup(format!(
@@ -224,7 +218,7 @@ fn run_against(
     };
     let uses_agents = c.messages.uses_agents();
     let agent_tls = if uses_agents && c.server.agent_tls {
-        Some(tether_core::tls::agent_client_config(&ca).map_err(|e| setup(e.to_string()))?)
+        Some(tether_net::tls::agent_client_config(&ca).map_err(|e| setup(e.to_string()))?)
     } else {
         None
     };
@@ -378,7 +372,7 @@ fn run_against(
                 let blob = blob(d.size_bytes, k as u64);
                 deployed[k] = Some(Instant::now());
                 std::thread::spawn(move || {
-                    let answer = match tether_core::admin::admin_request(
+                    let answer = match tether_core::client::admin_request(
                         addr,
                         token.as_deref(),
                         "POST",

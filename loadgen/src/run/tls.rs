@@ -3,7 +3,7 @@
 //!
 //! [`DeviceTls::Buffered`] keeps rustls' buffered `ClientConnection` for the connection's life
 //! (`tls_state = "buffered"`). [`DeviceTls::Detached`] (`"detached"`, the default) runs the
-//! handshake on rustls' unbuffered client (`tether_core::detached::ClientHandshake`), then
+//! handshake on rustls' unbuffered client (`tether_net::detached::ClientHandshake`), then
 //! keeps only traffic keys and sequence numbers, the record layer on rustls' AEADs — the same
 //! record layer as the server's. Input is decrypted in place in the shard's read buffer and
 //! sealed records are appended to a shard buffer the caller sends; a device keeps a buffer
@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use rustls::client::{ClientSessionStore, Tls12ClientSessionValue, Tls13ClientSessionValue};
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, ClientConnection, HandshakeKind, NamedGroup};
-use tether_core::detached::{ClientHandshake, DetachedClientTls};
+use tether_net::detached::{ClientHandshake, DetachedClientTls};
 
 use super::net::{lean_tls_err, tls_err};
 

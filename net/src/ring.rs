@@ -1,12 +1,12 @@
 //! A shard's own readiness ring: a second io_uring, next to glommio's, that holds one
 //! multishot `POLL_ADD` per device socket and a multishot `ACCEPT` per listener.
 //!
-//! Public because both ends use it: the server's shards ([`crate::shard`]) and loadgen's
+//! Public because both ends use it: the server's shards (`tether-core`) and loadgen's
 //! simulated-device drivers (`tether-loadgen`, which forbids `unsafe` and so takes every
 //! unsafe call it needs from here: the ring, `recv`/`send`, and the [`Doorbell`]).
 //!
 //! Why: glommio 0.9's `TcpStream` re-allocates a ~500 B poll source at every re-arm and offers
-//! no multishot operations (DESIGN.md, "Idle connections"); a multishot poll costs nothing in
+//! no multishot operations; a multishot poll costs nothing in
 //! user space while the connection is idle and needs no re-arm after each read. Reads and writes
 //! are plain non-blocking `recv`/`send` into shard buffers when the ring says a socket is ready.
 //!
@@ -221,7 +221,7 @@ impl Ring {
 
 /// The ring's completion eventfd, read through glommio's file API: `wait` resolves once the
 /// ring has posted completions since the last wait. The one public way to park a glommio task
-/// on another ring (DESIGN.md, "Idle connections"). Make it inside the shard's executor.
+/// on another ring. Make it inside the shard's executor.
 pub struct Doorbell {
     file: BufferedFile,
 }

@@ -1,0 +1,71 @@
+//! What a shard is given: the read-only context every shard shares ([`ServerCtx`]), the
+//! channels the server's main thread talks to it through ([`ShardHandle`]), and how TLS state
+//! is kept after the handshake ([`TlsState`]). The server builds them; the shard only reads.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use tether_protocol::server::ServerConfig;
+
+use super::GuardConfig;
+use crate::codestore::Deployed;
+use crate::deploy::{DeployRequest, GroupRollout};
+use crate::devices::RegistryMsg;
+use crate::metrics::ShardMetrics;
+use crate::registry::{Registry, Token};
+use crate::reload::TlsSwap;
+
+/// How TLS state is kept after the handshake.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TlsState {
+    /// rustls' `ServerConnection` for the connection's life (≈ 8.4 KB per idle connection).
+    Buffered,
+    /// Traffic keys and sequence numbers only, record layer on rustls' AEADs (≈ 1.9 KB per
+    /// idle connection in all, or ≈ 2.7 KB with `--tls-key-updates`). The default.
+    Detached,
+}
+
+/// Read-only state every shard shares (no locks: nothing in it changes after start, except
+/// the shutdown flag). Code deployed, devices added or revoked and TLS reloaded at run time
+/// reach shards as messages, not through here.
+pub(crate) struct ServerCtx {
+    /// The TLS config at start; each shard keeps its own current one (reloads replace it).
+    pub tls: Arc<rustls::ServerConfig>,
+    pub tls_state: TlsState,
+    pub keep_key_schedule: bool,
+    pub session: ServerConfig,
+    /// The registry file as loaded at start; each shard wraps it in its own `LiveRegistry`.
+    pub registry: Arc<Registry>,
+    pub agent_token: Token,
+    /// The agent port's TLS config (`--agent-tls`); `None`: plain TCP.
+    pub agent_tls: Option<Arc<rustls::ServerConfig>>,
+    pub listen: SocketAddr,
+    pub agent_listen: SocketAddr,
+    pub max_connections_per_shard: usize,
+    /// What strangers may cost a shard (per shard).
+    pub guard: GuardConfig,
+    pub accept_rate_per_shard: u32,
+    pub shutdown: AtomicBool,
+    pub shutdown_grace: Duration,
+    pub max_transfers_per_shard: usize,
+    /// Each group's current code at start.
+    pub code_at_start: Vec<Deployed>,
+    /// Where deploys go (the agent link submits them here).
+    pub deployer: crossbeam::channel::Sender<DeployRequest>,
+}
+
+/// What the main thread holds of each shard.
+pub(crate) struct ShardHandle {
+    pub ready: std::sync::mpsc::Sender<Result<Option<SocketAddr>, String>>,
+    /// Told when the shard's shutdown is complete (or its run failed).
+    pub done: std::sync::mpsc::Sender<Result<(), String>>,
+    pub stats: crossbeam::channel::Receiver<crossbeam::channel::Sender<ShardMetrics>>,
+    pub rollout: crossbeam::channel::Receiver<crossbeam::channel::Sender<Vec<GroupRollout>>>,
+    pub deploys: crossbeam::channel::Receiver<Deployed>,
+    /// Registry changes and queries for this shard's home devices.
+    pub registry: crossbeam::channel::Receiver<RegistryMsg>,
+    /// Reloaded TLS configs.
+    pub tls: crossbeam::channel::Receiver<TlsSwap>,
+}
