@@ -319,7 +319,7 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         let mesh = mesh.clone();
         let ex = LocalExecutorBuilder::new(Placement::Fixed(id % cpus))
             .name(&format!("tether-shard-{id}"))
-            // We do no file DMA: keep glommio's registered I/O memory small (DESIGN.md).
+            // We do no file DMA: keep glommio's registered I/O memory small.
             .io_memory(512 * 1024)
             .spawn(move || async move { run_shard(id, nshards, ctx, mesh, handle).await })
             .map_err(setup("starting a shard executor"))?;

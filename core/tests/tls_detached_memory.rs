@@ -94,7 +94,7 @@ fn heap_per_connection_of_each_tls_state() {
     eprintln!("  DetachedTls restored from bytes          {restored:>6} B + inline");
     eprintln!("  Handshake done, not detached (unbuffered) {unbuffered:>5} B + inline");
     eprintln!("  rustls::ServerConnection                 {buffered:>6} B + inline");
-    // Budgets, so that growth is seen (DESIGN.md: ≈ 1.4 KB per detached connection in all).
+    // Budgets, so that growth is seen (≈ 1.4 KB per detached connection in all).
     assert!(
         size_of::<DetachedTls>() <= 256,
         "{}",

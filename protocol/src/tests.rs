@@ -617,7 +617,7 @@ fn idle_sessions_hold_no_buffers() {
     p.step();
     assert_eq!(p.server.unacked(), 0);
     assert_eq!(p.device.unacked(), 0);
-    // Reported for the memory budget (STYLE.md): the size of each per-connection type.
+    // Reported for the memory budget: the size of each per-connection type.
     println!(
         "size_of ServerSession = {}, DeviceSession = {}",
         std::mem::size_of::<ServerSession>(),

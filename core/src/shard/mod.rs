@@ -988,7 +988,7 @@ fn retry_spread() -> u32 {
 
 #[cfg(test)]
 mod size_tests {
-    /// The memory budget per connection (STYLE.md): what a slot holds, so growth is seen.
+    /// The memory budget per connection: what a slot holds, so growth is seen.
     #[test]
     fn per_connection_sizes() {
         use std::mem::size_of;

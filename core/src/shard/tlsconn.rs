@@ -1,6 +1,6 @@
 //! A connection's TLS, in either mode: rustls' buffered `ServerConnection` for the
 //! connection's life (`--tls-state buffered`), or a sans-IO handshake that detaches into
-//! traffic keys and sequence numbers (`--tls-state detached`, DESIGN.md "Lean TLS state").
+//! traffic keys and sequence numbers (`--tls-state detached`).
 //! Both take received ciphertext and hand plaintext to the session, and seal the session's
 //! output; nothing here owns a buffer at rest except rustls' own in buffered mode.
 

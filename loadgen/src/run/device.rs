@@ -939,7 +939,7 @@ mod tests {
         assert!((0..n).all(|i| (0.0..1.0).contains(&unit(i, 9))));
     }
 
-    /// Memory per device is a budget (STYLE.md): these are the inline sizes of what every
+    /// Memory per device is a budget: these are the inline sizes of what every
     /// simulated device holds at rest; heap behind them (rustls' `ClientConnection`, the
     /// session's buffers) is measured by the idle campaigns. Run with `--nocapture` to see them.
     #[test]
