@@ -193,6 +193,14 @@ counters! {
     code_bytes_out: Counter,
     /// Code-transfer messages that made no sense (ack of unsent bytes, request past the end).
     code_protocol_errors: Counter,
+    /// Readiness-ring submissions the kernel refused as busy (completions overflowed), retried
+    /// once the completions were taken.
+    ring_busy_retries: Counter,
+    /// Readiness-ring operations that found the kernel refusing a batch, kept in order and
+    /// submitted later (never dropped).
+    ring_deferred: Counter,
+    /// Readiness-ring operations waiting now for the kernel to take them.
+    ring_backlog: Gauge,
 }
 
 impl ShardMetrics {

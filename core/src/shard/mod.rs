@@ -394,7 +394,13 @@ impl Shard {
     /// Hands the ring's queued operations to the kernel.
     pub(crate) fn submit(&mut self) {
         if self.ring.submit().is_err() {
+            // Nothing is lost: what the kernel did not take goes with the next submission (the
+            // driver runs at least every timer tick).
             self.metrics.error(ErrorKind::Io);
+        }
+        if self.ring.has_held() {
+            // Completions taken to let the submission through raise no eventfd signal.
+            wake::wake_driver();
         }
     }
 
@@ -520,6 +526,10 @@ impl Shard {
         self.metrics.handshakes_in_flight = self.guard.in_flight() as u64;
         self.metrics.handshakes_waiting = self.guard.queued() as u64;
         self.metrics.guard_untracked = self.guard.untracked;
+        let ring = self.ring.stats();
+        self.metrics.ring_busy_retries = ring.busy_retries;
+        self.metrics.ring_deferred = ring.deferred;
+        self.metrics.ring_backlog = self.ring.backlog() as u64;
         expired.clear();
         self.wheel.expire(now, expired);
         for &(idx, generation) in expired.iter() {
