@@ -276,6 +276,20 @@ impl Ring {
         self.push(e);
     }
 
+    /// Accepts one connection on `listener` for listener number `which` (for a rate limit:
+    /// a multishot accept takes everything waiting in the backlog at once).
+    pub fn accept_one(&mut self, listener: RawFd, which: usize) {
+        let e = opcode::Accept::new(
+            types::Fd(listener),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+        )
+        .flags(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
+        .build()
+        .user_data(user_data(Kind::Accept, which, 0));
+        self.push(e);
+    }
+
     /// Stops accepting on listener number `which`.
     pub fn cancel_accept(&mut self, which: usize) {
         let e = opcode::AsyncCancel::new(user_data(Kind::Accept, which, 0))

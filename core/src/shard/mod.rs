@@ -317,7 +317,12 @@ impl Shard {
                     if c.result >= 0 {
                         // SAFETY: the kernel handed us this new descriptor; nobody else owns it.
                         let fd = unsafe { OwnedFd::from_raw_fd(c.result) };
-                        self.accept(fd, Instant::now());
+                        let now = Instant::now();
+                        // One token per accepted connection.
+                        if !self.bucket.spend(now) {
+                            self.metrics.accept_rate_pauses += 1;
+                        }
+                        self.accept(fd, now);
                     } else if c.result != -libc::ECANCELED {
                         self.metrics.error(ErrorKind::Io);
                     }
@@ -334,7 +339,9 @@ impl Shard {
 
     /// Admission control: accept while fewer than the limit of strangers are in flight (after
     /// shedding the oldest stalled ones, see [`guard`]) and the accept rate allows; otherwise
-    /// leave connections in the kernel's backlog.
+    /// leave connections in the kernel's backlog. Under a rate limit each accept takes one
+    /// connection (and one token) and is re-armed while tokens last; without one a multishot
+    /// accept takes them all.
     fn admit(&mut self, now: Instant) {
         while let Some((idx, generation)) = self.guard.shed_candidate(now) {
             if self
@@ -350,7 +357,11 @@ impl Shard {
         let room = self.guard.has_room() && !self.shutting_down;
         match (&self.listener, self.accepting, room) {
             (Some(l), false, true) if self.bucket.ready(now) => {
-                self.ring.accept(l.as_raw_fd(), 0);
+                if self.bucket.limited() {
+                    self.ring.accept_one(l.as_raw_fd(), 0);
+                } else {
+                    self.ring.accept(l.as_raw_fd(), 0);
+                }
                 self.accepting = true;
             }
             (Some(_), true, false) => {
@@ -358,10 +369,6 @@ impl Shard {
                 self.accepting = false;
             }
             _ => {}
-        }
-        if self.accepting && !self.bucket.take(now) {
-            self.ring.cancel_accept(0);
-            self.accepting = false;
         }
     }
 
