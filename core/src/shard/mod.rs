@@ -657,6 +657,7 @@ impl Shard {
                 fd: conn.fd,
                 tls: conn.tls,
                 session: conn.session,
+                partial: conn.partial,
                 out: conn.out,
                 tls_done: conn.tls_done,
                 cert: conn.cert,
@@ -668,6 +669,22 @@ impl Shard {
         self.metrics.sessions_moved_in += 1;
         let device = m.session.pending_device();
         let idx = self.insert(m.fd, m.tls, m.session, m.out, m.tls_done, m.cert);
+        // What the other shard read but TLS had not consumed is processed before the socket is
+        // read again (the device may have sent everything already: no new readiness).
+        let conn = &mut self.conns[idx];
+        conn.partial = m.partial;
+        if let IoOutcome::Dead(kind) = conn.open_carried(
+            now,
+            &mut self.plain_buf,
+            self.ctx.keep_key_schedule,
+            &mut self.metrics,
+        ) {
+            if let Some(k) = kind {
+                self.metrics.error(k);
+            }
+            self.remove(idx);
+            return;
+        }
         if let Some(device) = device {
             self.authenticate(idx, device, now);
             self.after_input(idx, now);
