@@ -103,6 +103,9 @@ pub struct Ring {
     /// by [`Ring::drain`].
     held: Vec<Completion>,
     stats: RingStats,
+    /// Tests: how many more batches the "kernel" refuses.
+    #[cfg(test)]
+    refuse: u32,
 }
 
 /// What the ring had to do so that no operation was lost (counters since the ring was made).
@@ -149,6 +152,8 @@ impl Ring {
             backlog: VecDeque::new(),
             held: Vec::new(),
             stats: RingStats::default(),
+            #[cfg(test)]
+            refuse: 0,
         })
     }
 
@@ -208,6 +213,11 @@ impl Ring {
     /// queue overflowed and is still full) refuses submissions with `EBUSY`: the completions
     /// are then taken off the queue (kept for [`drain`](Self::drain)) and the submission retried.
     fn enter(&mut self) -> io::Result<()> {
+        #[cfg(test)]
+        if self.refuse > 0 {
+            self.refuse -= 1;
+            return Err(io::Error::from_raw_os_error(libc::EAGAIN));
+        }
         let mut fruitless = 0;
         loop {
             match self.ring.submit() {
@@ -539,6 +549,38 @@ mod tests {
         assert!(removed(&out), "every watch found and removed: {out:?}");
         assert_eq!(ring.backlog(), 0);
         assert!(!ring.has_held());
+    }
+
+    #[test]
+    fn operations_the_kernel_refuses_wait_in_order_and_are_not_lost() {
+        const N: usize = 20;
+        let mut ring = Ring::with_completions(4, 64).unwrap();
+        let pairs: Vec<_> = (0..N)
+            .map(|_| std::os::unix::net::UnixStream::pair().unwrap())
+            .collect();
+        use std::io::Write;
+        for (_, b) in &pairs {
+            (&*b).write_all(b"x").unwrap();
+        }
+        // The kernel refuses every batch for now: what does not fit the 4-entry queue waits.
+        ring.refuse = u32::MAX;
+        for (i, (a, _)) in pairs.iter().enumerate() {
+            ring.watch_read(a.as_raw_fd(), i, 1);
+        }
+        assert!(ring.submit().is_err());
+        assert_eq!(ring.backlog(), N - 4);
+        assert_eq!(ring.stats().deferred, (N - 4) as u64);
+        ring.refuse = 0;
+        let mut out = vec![];
+        drain_until(&mut ring, &mut out, |o| o.len() >= N);
+        // Each watch once, in the order it was issued (ready sockets complete at submission).
+        let order: Vec<usize> = out.iter().map(|c| c.idx).collect();
+        assert_eq!(order, (0..N).collect::<Vec<_>>(), "{out:?}");
+        assert!(
+            out.iter()
+                .all(|c| c.kind == Kind::Read && c.result & libc::POLLIN as i32 != 0)
+        );
+        assert_eq!(ring.backlog(), 0);
     }
 
     #[test]
