@@ -158,7 +158,9 @@ struct ServeArgs {
     /// `Goodbye{flapping}` with a doubling retry_after (1 s to 64 s) and the live one stays.
     #[arg(long, default_value_t = 4)]
     replacements_per_device: u32,
-    /// Accepted connections per second for the process (0 = unlimited).
+    /// Accepted connections per second for the whole process, one per connection (0 =
+    /// unlimited). Each shard takes its share (the rate divided by the shard count, rounded up)
+    /// with a burst of one second's worth; connections past it wait in the kernel's backlog.
     #[arg(long, default_value_t = 0)]
     accept_rate: u32,
     /// How TLS state is kept after the handshake: `buffered` (rustls' ServerConnection) or

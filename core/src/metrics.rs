@@ -193,6 +193,17 @@ counters! {
     code_bytes_out: Counter,
     /// Code-transfer messages that made no sense (ack of unsent bytes, request past the end).
     code_protocol_errors: Counter,
+    /// Times a shard used up its share of `--accept-rate` (a per-process rate) and left
+    /// connections in the kernel's backlog until its tokens refill.
+    accept_rate_pauses: Counter,
+    /// Readiness-ring submissions the kernel refused as busy (completions overflowed), retried
+    /// once the completions were taken.
+    ring_busy_retries: Counter,
+    /// Readiness-ring operations that found the kernel refusing a batch, kept in order and
+    /// submitted later (never dropped).
+    ring_deferred: Counter,
+    /// Readiness-ring operations waiting now for the kernel to take them.
+    ring_backlog: Gauge,
 }
 
 impl ShardMetrics {

@@ -71,7 +71,8 @@ pub struct ServeOptions {
     pub auth_failures_per_device: u32,
     /// Times per minute a device may replace its own live session before it is damped.
     pub replacements_per_device: u32,
-    /// Accepted connections per second per shard (0 = unlimited).
+    /// Accepted connections per second for the whole process (0 = unlimited); each shard takes
+    /// its share (the rate divided by the shard count, rounded up).
     pub accept_rate: u32,
     /// TLS state mode.
     pub tls_state: TlsState,

@@ -17,7 +17,13 @@
 //! Pitfalls handled here: a pending poll keeps a socket open after `close`, so every watch is
 //! removed before its descriptor is dropped; descriptor numbers are reused at once, so each
 //! watch carries the slot's generation in its `user_data` and stale completions are ignored.
+//! No operation is ever dropped: when the kernel will not take a batch (older kernels refuse
+//! submissions with `EBUSY` while completions overflowed), the completions are taken off the
+//! queue and kept for the next drain, the submission is retried, and operations that still do not
+//! fit wait in order in the ring's own queue. Completions the kernel could not post for want of
+//! room are fetched by the next drain (an overflowed multishot watch ends; its owner re-arms it).
 
+use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
@@ -88,15 +94,43 @@ pub fn ring_generation(g: u32) -> u32 {
 pub struct Ring {
     ring: IoUring,
     eventfd: OwnedFd,
-    unsubmitted: usize,
+    /// Operations the submission queue had no room for while the kernel would not take a batch
+    /// (see [`Ring::submit`]): queued first, in order, at the next opportunity. Never dropped.
+    /// At most the operations issued while the kernel refuses: a few per live connection.
+    backlog: VecDeque<squeue::Entry>,
+    /// Completions taken off the completion queue to let a submission through (the kernel
+    /// refuses submissions while completions it could not post are pending); handed out first
+    /// by [`Ring::drain`].
+    held: Vec<Completion>,
+    stats: RingStats,
+    /// Tests: how many more batches the "kernel" refuses.
+    #[cfg(test)]
+    refuse: u32,
+}
+
+/// What the ring had to do so that no operation was lost (counters since the ring was made).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RingStats {
+    /// Submissions refused with `EBUSY` (completions overflowed), retried after the completions
+    /// were taken off the queue.
+    pub busy_retries: u64,
+    /// Operations that found the submission queue full and the kernel refusing a batch, kept
+    /// in the ring's own queue and submitted later, in order.
+    pub deferred: u64,
 }
 
 impl Ring {
     /// A ring with room for `entries` submissions per batch; completions signal an eventfd.
     pub fn new(entries: u32) -> io::Result<Ring> {
+        // Completions for 20k idle sockets can pile up between two drains.
+        Ring::with_completions(entries, entries.saturating_mul(8).max(4096))
+    }
+
+    /// A ring with room for `entries` submissions and `completions` posted completions (both
+    /// rounded up to powers of two by the kernel).
+    pub fn with_completions(entries: u32, completions: u32) -> io::Result<Ring> {
         let ring = IoUring::builder()
-            // Completions for 20k idle sockets can pile up between two drains.
-            .setup_cqsize(entries.saturating_mul(8).max(4096))
+            .setup_cqsize(completions)
             .setup_clamp()
             // Completions wait for the shard's next syscall instead of interrupting it: by
             // default the kernel kicks a running thread with an inter-processor interrupt
@@ -115,8 +149,28 @@ impl Ring {
         Ok(Ring {
             ring,
             eventfd,
-            unsubmitted: 0,
+            backlog: VecDeque::new(),
+            held: Vec::new(),
+            stats: RingStats::default(),
+            #[cfg(test)]
+            refuse: 0,
         })
+    }
+
+    /// What the ring did so that no operation was lost.
+    pub fn stats(&self) -> RingStats {
+        self.stats
+    }
+
+    /// Whether completions wait in the ring (taken off the kernel's queue to let a submission
+    /// through) without a new eventfd signal: call [`drain`](Self::drain) again soon.
+    pub fn has_held(&self) -> bool {
+        !self.held.is_empty()
+    }
+
+    /// Operations waiting in the ring's own queue for the kernel to take them.
+    pub fn backlog(&self) -> usize {
+        self.backlog.len()
     }
 
     /// A duplicate of the completion eventfd, for the task that parks on it.
@@ -124,18 +178,64 @@ impl Ring {
         self.eventfd.try_clone()
     }
 
+    /// Queues `e`. When the submission queue is full the batch goes to the kernel first; if the
+    /// kernel will not take it, `e` waits in the ring's own queue (behind any earlier ones) for
+    /// the next [`submit`](Self::submit). Never dropped: a lost removal would keep a closed
+    /// socket open, a lost watch would leave a device unheard.
     fn push(&mut self, e: squeue::Entry) {
-        loop {
+        self.backlog.push_back(e);
+        if self.queue_backlog().is_err() {
+            self.stats.deferred += 1;
+        }
+    }
+
+    /// Moves the ring's own queue into the submission queue, in order, submitting batches as
+    /// the queue fills. `Err` if the kernel refused a batch (what is left waits).
+    fn queue_backlog(&mut self) -> io::Result<()> {
+        while let Some(e) = self.backlog.front() {
             // SAFETY: the entries we push reference no user memory (polls, removals and
             // accepts without an address buffer), so nothing must outlive the submission.
-            let pushed = unsafe { self.ring.submission().push(&e) };
-            if pushed.is_ok() {
-                self.unsubmitted += 1;
-                return;
+            if unsafe { self.ring.submission().push(e) }.is_ok() {
+                self.backlog.pop_front();
+                continue;
             }
             // Submission queue full: hand the batch to the kernel and retry.
-            if self.submit().is_err() {
-                return;
+            self.enter()?;
+            if self.ring.submission().is_full() {
+                // The kernel took nothing of the batch.
+                return Err(io::Error::from(io::ErrorKind::WouldBlock));
+            }
+        }
+        Ok(())
+    }
+
+    /// Submits the submission queue. A kernel that cannot post completions (the completion
+    /// queue overflowed and is still full) refuses submissions with `EBUSY`: the completions
+    /// are then taken off the queue (kept for [`drain`](Self::drain)) and the submission retried.
+    fn enter(&mut self) -> io::Result<()> {
+        #[cfg(test)]
+        if self.refuse > 0 {
+            self.refuse -= 1;
+            return Err(io::Error::from_raw_os_error(libc::EAGAIN));
+        }
+        let mut fruitless = 0;
+        loop {
+            match self.ring.submit() {
+                Ok(_) => return Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    self.stats.busy_retries += 1;
+                    let before = self.held.len();
+                    take_completions(&mut self.ring, &mut self.held);
+                    if self.held.len() == before {
+                        // Nothing to make room with: the kernel is busy for another reason.
+                        fruitless += 1;
+                        if fruitless >= 3 {
+                            return Err(e);
+                        }
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
             }
         }
     }
@@ -186,6 +286,20 @@ impl Ring {
         self.push(e);
     }
 
+    /// Accepts one connection on `listener` for listener number `which` (for a rate limit:
+    /// a multishot accept takes everything waiting in the backlog at once).
+    pub fn accept_one(&mut self, listener: RawFd, which: usize) {
+        let e = opcode::Accept::new(
+            types::Fd(listener),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+        )
+        .flags(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
+        .build()
+        .user_data(user_data(Kind::Accept, which, 0));
+        self.push(e);
+    }
+
     /// Stops accepting on listener number `which`.
     pub fn cancel_accept(&mut self, which: usize) {
         let e = opcode::AsyncCancel::new(user_data(Kind::Accept, which, 0))
@@ -194,28 +308,52 @@ impl Ring {
         self.push(e);
     }
 
-    /// Hands queued operations to the kernel (one syscall per batch).
+    /// Hands queued operations to the kernel (one syscall per batch), the ring's own queue
+    /// first. On `Err` nothing is lost: what the kernel did not take is submitted next time.
     pub fn submit(&mut self) -> io::Result<()> {
-        if self.unsubmitted == 0 {
+        self.queue_backlog()?;
+        if self.ring.submission().is_empty() {
             return Ok(());
         }
-        self.ring.submit()?;
-        self.unsubmitted = 0;
-        Ok(())
+        self.enter()
     }
 
-    /// Takes every posted completion.
+    /// Takes every posted completion: first those taken off the queue to let a submission
+    /// through, then the queue's, then any the kernel could not post for want of room (it
+    /// posts them at the next `io_uring_enter`, made here).
     pub fn drain(&mut self, out: &mut Vec<Completion>) {
-        for cqe in self.ring.completion() {
-            let (kind, idx, generation) = decode(cqe.user_data());
-            out.push(Completion {
-                kind,
-                idx,
-                generation,
-                result: cqe.result(),
-                more: io_uring::cqueue::more(cqe.flags()),
-            });
+        out.append(&mut self.held);
+        take_completions(&mut self.ring, out);
+        // Each round makes room for a full queue; a bound keeps a flood from holding us here.
+        for _ in 0..64 {
+            if !self.ring.submission().cq_overflow() {
+                return;
+            }
+            let before = out.len();
+            // An enter posts overflowed completions (the crate asks for events on overflow);
+            // it also submits what is queued, which is what queued operations are for.
+            if self.ring.submit().is_err() {
+                return;
+            }
+            take_completions(&mut self.ring, out);
+            if out.len() == before {
+                return;
+            }
         }
+    }
+}
+
+/// Takes every completion the kernel has posted to `ring`'s queue.
+fn take_completions(ring: &mut IoUring, out: &mut Vec<Completion>) {
+    for cqe in ring.completion() {
+        let (kind, idx, generation) = decode(cqe.user_data());
+        out.push(Completion {
+            kind,
+            idx,
+            generation,
+            result: cqe.result(),
+            more: io_uring::cqueue::more(cqe.flags()),
+        });
     }
 }
 
@@ -339,6 +477,110 @@ mod tests {
             assert_eq!(decode(ud), (kind, 123_456, 0x2abc_def0));
         }
         assert_eq!(ring_generation(u32::MAX), 0x3fff_ffff);
+    }
+
+    /// Drains `ring` (and submits what waits) until `done` holds for what was taken, or 10 s.
+    fn drain_until(
+        ring: &mut Ring,
+        out: &mut Vec<Completion>,
+        done: impl Fn(&[Completion]) -> bool,
+    ) {
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !done(out) && std::time::Instant::now() < end {
+            ring.drain(out);
+            let _ = ring.submit();
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn no_operation_is_lost_when_the_queues_overflow() {
+        // 4 submissions per batch, 8 posted completions: 64 watches on ready sockets overflow
+        // the completion queue long before they are all submitted, and nothing is drained
+        // meanwhile (the kernel then refuses submissions with EBUSY).
+        const N: usize = 64;
+        let mut ring = Ring::with_completions(4, 8).unwrap();
+        let pairs: Vec<_> = (0..N)
+            .map(|_| std::os::unix::net::UnixStream::pair().unwrap())
+            .collect();
+        use std::io::Write;
+        for (_, b) in &pairs {
+            (&*b).write_all(b"x").unwrap();
+        }
+        for (i, (a, _)) in pairs.iter().enumerate() {
+            ring.watch_read(a.as_raw_fd(), i, 1);
+        }
+        let _ = ring.submit();
+        let mut out = vec![];
+        let every = |out: &[Completion], f: &dyn Fn(&Completion) -> bool| {
+            (0..N).all(|i| out.iter().any(|c| c.idx == i && f(c)))
+        };
+        // A multishot watch whose completion overflowed ends (`more` false; the shard re-arms
+        // it): every watch reports its socket, armed or ended.
+        let ready = |c: &Completion| c.kind == Kind::Read && c.result & libc::POLLIN as i32 != 0;
+        drain_until(&mut ring, &mut out, |o| every(o, &ready));
+        assert!(
+            every(&out, &ready),
+            "every watch reported its socket: {out:?}"
+        );
+        // Watches on idle sockets, then their removals: 2 completions each overflow the queue
+        // the same way. Each removal must reach the kernel and find its watch (a lost watch
+        // leaves a device unheard, a lost removal keeps a closed socket open).
+        let idle: Vec<_> = (0..N)
+            .map(|_| std::os::unix::net::UnixStream::pair().unwrap())
+            .collect();
+        for (i, (a, _)) in idle.iter().enumerate() {
+            ring.watch_read(a.as_raw_fd(), i, 2);
+        }
+        let _ = ring.submit();
+        out.clear();
+        for i in 0..N {
+            ring.unwatch(i, 2, false);
+        }
+        let _ = ring.submit();
+        let removed = |o: &[Completion]| {
+            let ours = |f: &dyn Fn(&Completion) -> bool| {
+                (0..N).all(|i| o.iter().any(|c| c.idx == i && c.generation == 2 && f(c)))
+            };
+            ours(&|c| c.kind == Kind::Read && !c.more && c.result == -libc::ECANCELED)
+                && ours(&|c| c.kind == Kind::Control && c.result == 0)
+        };
+        drain_until(&mut ring, &mut out, removed);
+        assert!(removed(&out), "every watch found and removed: {out:?}");
+        assert_eq!(ring.backlog(), 0);
+        assert!(!ring.has_held());
+    }
+
+    #[test]
+    fn operations_the_kernel_refuses_wait_in_order_and_are_not_lost() {
+        const N: usize = 20;
+        let mut ring = Ring::with_completions(4, 64).unwrap();
+        let pairs: Vec<_> = (0..N)
+            .map(|_| std::os::unix::net::UnixStream::pair().unwrap())
+            .collect();
+        use std::io::Write;
+        for (_, b) in &pairs {
+            (&*b).write_all(b"x").unwrap();
+        }
+        // The kernel refuses every batch for now: what does not fit the 4-entry queue waits.
+        ring.refuse = u32::MAX;
+        for (i, (a, _)) in pairs.iter().enumerate() {
+            ring.watch_read(a.as_raw_fd(), i, 1);
+        }
+        assert!(ring.submit().is_err());
+        assert_eq!(ring.backlog(), N - 4);
+        assert_eq!(ring.stats().deferred, (N - 4) as u64);
+        ring.refuse = 0;
+        let mut out = vec![];
+        drain_until(&mut ring, &mut out, |o| o.len() >= N);
+        // Each watch once, in the order it was issued (ready sockets complete at submission).
+        let order: Vec<usize> = out.iter().map(|c| c.idx).collect();
+        assert_eq!(order, (0..N).collect::<Vec<_>>(), "{out:?}");
+        assert!(
+            out.iter()
+                .all(|c| c.kind == Kind::Read && c.result & libc::POLLIN as i32 != 0)
+        );
+        assert_eq!(ring.backlog(), 0);
     }
 
     #[test]

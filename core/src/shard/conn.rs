@@ -36,7 +36,8 @@ pub(crate) struct Conn {
     pub session: ServerSession,
     /// Encrypted bytes not yet accepted by the socket. Empty (unallocated) at rest.
     pub out: Vec<u8>,
-    /// Received bytes of an incomplete TLS record (detached mode). Empty at rest.
+    /// Received bytes of an incomplete TLS record (detached mode). Empty at rest. Travels with
+    /// the connection when it moves to its home shard.
     pub partial: Vec<u8>,
     /// The device the verified client certificate names, if any (set by the handshake).
     pub cert: CertDevice,
@@ -95,6 +96,24 @@ impl Conn {
             }
         }
         IoOutcome::More
+    }
+
+    /// Feeds the bytes in `partial` to TLS (those a connection brought from another shard),
+    /// keeping what is still an incomplete record.
+    pub fn open_carried(
+        &mut self,
+        now: Instant,
+        plain: &mut [u8],
+        keep_key_schedule: bool,
+        m: &mut ShardMetrics,
+    ) -> IoOutcome {
+        if self.partial.is_empty() {
+            return IoOutcome::Idle;
+        }
+        match self.open(now, &mut [], plain, keep_key_schedule, m) {
+            Ok(()) => IoOutcome::Idle,
+            Err(end) => self.end(end, m),
+        }
     }
 
     /// Feeds received bytes to TLS, keeping an incomplete record for the next read.

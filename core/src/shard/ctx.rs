@@ -46,6 +46,7 @@ pub(crate) struct ServerCtx {
     pub max_connections_per_shard: usize,
     /// What strangers may cost a shard (per shard).
     pub guard: GuardConfig,
+    /// This shard's share of the process's `accept_rate` (0 = unlimited).
     pub accept_rate_per_shard: u32,
     pub shutdown: AtomicBool,
     pub shutdown_grace: Duration,

@@ -17,12 +17,16 @@ pub(crate) fn agent_shard(agent: AgentId) -> usize {
     (agent >> 24) as usize
 }
 
-/// A connection in transit to its home shard, after `Hello` and before authentication.
+/// A connection in transit to its home shard, after `Hello` and before authentication, with
+/// everything read from it so far: the TLS state (buffered mode: with rustls' unprocessed
+/// input), the session (with the input it buffered behind the `Hello`), and `partial`.
 pub(crate) struct Moved {
     /// The socket (a duplicate of the one the sending shard closed).
     pub fd: OwnedFd,
     pub tls: super::tlsconn::TlsConn,
     pub session: ServerSession,
+    /// Received bytes TLS has not consumed yet (detached mode: an incomplete record).
+    pub partial: Vec<u8>,
     /// Encrypted bytes not yet written.
     pub out: Vec<u8>,
     pub tls_done: bool,

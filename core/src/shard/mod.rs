@@ -318,7 +318,12 @@ impl Shard {
                     if c.result >= 0 {
                         // SAFETY: the kernel handed us this new descriptor; nobody else owns it.
                         let fd = unsafe { OwnedFd::from_raw_fd(c.result) };
-                        self.accept(fd, Instant::now());
+                        let now = Instant::now();
+                        // One token per accepted connection.
+                        if !self.bucket.spend(now) {
+                            self.metrics.accept_rate_pauses += 1;
+                        }
+                        self.accept(fd, now);
                     } else if c.result != -libc::ECANCELED {
                         self.metrics.error(ErrorKind::Io);
                     }
@@ -335,7 +340,9 @@ impl Shard {
 
     /// Admission control: accept while fewer than the limit of strangers are in flight (after
     /// shedding the oldest stalled ones, see [`guard`]) and the accept rate allows; otherwise
-    /// leave connections in the kernel's backlog.
+    /// leave connections in the kernel's backlog. Under a rate limit each accept takes one
+    /// connection (and one token) and is re-armed while tokens last; without one a multishot
+    /// accept takes them all.
     fn admit(&mut self, now: Instant) {
         while let Some((idx, generation)) = self.guard.shed_candidate(now) {
             if self
@@ -351,7 +358,11 @@ impl Shard {
         let room = self.guard.has_room() && !self.shutting_down;
         match (&self.listener, self.accepting, room) {
             (Some(l), false, true) if self.bucket.ready(now) => {
-                self.ring.accept(l.as_raw_fd(), 0);
+                if self.bucket.limited() {
+                    self.ring.accept_one(l.as_raw_fd(), 0);
+                } else {
+                    self.ring.accept(l.as_raw_fd(), 0);
+                }
                 self.accepting = true;
             }
             (Some(_), true, false) => {
@@ -359,10 +370,6 @@ impl Shard {
                 self.accepting = false;
             }
             _ => {}
-        }
-        if self.accepting && !self.bucket.take(now) {
-            self.ring.cancel_accept(0);
-            self.accepting = false;
         }
     }
 
@@ -395,7 +402,13 @@ impl Shard {
     /// Hands the ring's queued operations to the kernel.
     pub(crate) fn submit(&mut self) {
         if self.ring.submit().is_err() {
+            // Nothing is lost: what the kernel did not take goes with the next submission (the
+            // driver runs at least every timer tick).
             self.metrics.error(ErrorKind::Io);
+        }
+        if self.ring.has_held() {
+            // Completions taken to let the submission through raise no eventfd signal.
+            wake::wake_driver();
         }
     }
 
@@ -521,6 +534,10 @@ impl Shard {
         self.metrics.handshakes_in_flight = self.guard.in_flight() as u64;
         self.metrics.handshakes_waiting = self.guard.queued() as u64;
         self.metrics.guard_untracked = self.guard.untracked;
+        let ring = self.ring.stats();
+        self.metrics.ring_busy_retries = ring.busy_retries;
+        self.metrics.ring_deferred = ring.deferred;
+        self.metrics.ring_backlog = self.ring.backlog() as u64;
         expired.clear();
         self.wheel.expire(now, expired);
         for &(idx, generation) in expired.iter() {
@@ -642,6 +659,7 @@ impl Shard {
                 fd: conn.fd,
                 tls: conn.tls,
                 session: conn.session,
+                partial: conn.partial,
                 out: conn.out,
                 tls_done: conn.tls_done,
                 cert: conn.cert,
@@ -653,6 +671,22 @@ impl Shard {
         self.metrics.sessions_moved_in += 1;
         let device = m.session.pending_device();
         let idx = self.insert(m.fd, m.tls, m.session, m.out, m.tls_done, m.cert);
+        // What the other shard read but TLS had not consumed is processed before the socket is
+        // read again (the device may have sent everything already: no new readiness).
+        let conn = &mut self.conns[idx];
+        conn.partial = m.partial;
+        if let IoOutcome::Dead(kind) = conn.open_carried(
+            now,
+            &mut self.plain_buf,
+            self.ctx.keep_key_schedule,
+            &mut self.metrics,
+        ) {
+            if let Some(k) = kind {
+                self.metrics.error(k);
+            }
+            self.remove(idx);
+            return;
+        }
         if let Some(device) = device {
             self.authenticate(idx, device, now);
             self.after_input(idx, now);

@@ -171,7 +171,8 @@ async fn serve_shard(
     Ok(())
 }
 
-/// Accept-rate limiter (per shard). `rate == 0` means unlimited.
+/// A shard's share of the accept rate (`--accept-rate` is per process): one token per accepted
+/// connection, `rate` a second, a burst of one second's worth. `rate == 0` means unlimited.
 pub(crate) struct TokenBucket {
     rate: f64,
     tokens: f64,
@@ -203,17 +204,20 @@ impl TokenBucket {
         self.tokens >= 1.0
     }
 
-    /// Takes a token if there is one; `false` when the rate is used up for now.
-    pub(crate) fn take(&mut self, now: Instant) -> bool {
+    /// Whether there is a rate to keep.
+    pub(crate) fn limited(&self) -> bool {
+        self.rate > 0.0
+    }
+
+    /// Spends the token of one accepted connection. A connection the kernel handed over
+    /// without a token (an accept that raced its cancellation) is paid for from the next
+    /// refill. Returns whether a token is left.
+    pub(crate) fn spend(&mut self, now: Instant) -> bool {
         if self.rate <= 0.0 {
             return true;
         }
         self.refill(now);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+        self.tokens -= 1.0;
+        self.tokens >= 1.0
     }
 }
