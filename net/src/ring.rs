@@ -183,6 +183,10 @@ impl Ring {
     /// the next [`submit`](Self::submit). Never dropped: a lost removal would keep a closed
     /// socket open, a lost watch would leave a device unheard.
     fn push(&mut self, e: squeue::Entry) {
+        // SAFETY: as in `queue_backlog`: the entry references no user memory.
+        if self.backlog.is_empty() && unsafe { self.ring.submission().push(&e) }.is_ok() {
+            return;
+        }
         self.backlog.push_back(e);
         if self.queue_backlog().is_err() {
             self.stats.deferred += 1;
