@@ -4,8 +4,9 @@
 //!
 //! **Concurrency**: one accept thread and a thread per connection, at most
 //! [`AdminOptions::max_connections`] at once (past that a connection gets `503` at once). A
-//! thread per connection rather than a pool: admin requests are few and their handlers block
-//! (a deploy waits for the deployer's fsyncs, `/metrics` for every shard's tick), so a pool
+//! thread per connection rather than a pool: admin requests are few and some handlers block
+//! (a deploy waits for the deployer's fsyncs; `/metrics` does not: it reads what the shards
+//! published, see [`crate::metrics`], and never waits for a shard), so a pool
 //! would need as many threads as the cap anyway, plus a queue in front of it; threads made on
 //! demand cost nothing while the endpoint is idle. One request per connection
 //! (`Connection: close`); every read has a deadline, so a slow or silent client holds its
@@ -28,7 +29,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::fsutil::from_hex;
-use crate::metrics::{ErrorKind, MetricsSnapshot};
+use crate::metrics::{ErrorKind, Freshness, MetricsSnapshot, not_answering_lines};
 use crate::registry::{ADMIN_TOKEN_FILE, Token};
 
 /// Longest request head (request line and headers).
@@ -609,7 +610,8 @@ pub fn admin_json<T: serde::de::DeserializeOwned>(
     serde_json::from_slice(&body).map_err(|source| AdminError::Json { addr: name, source })
 }
 
-/// Fetches `/stats.json` from the admin endpoint at `addr`.
+/// Fetches `/stats.json` from the admin endpoint at `addr`: each shard's latest published
+/// counters (up to a tick old).
 pub fn fetch_stats(
     addr: impl ToSocketAddrs + std::fmt::Display,
     token: Option<&str>,
@@ -617,8 +619,51 @@ pub fn fetch_stats(
     admin_json(addr, token, "GET", "/stats.json", b"")
 }
 
+/// Fetches `/stats.json` until every shard's counters were published after this call began
+/// (see [`until_current`]): what `tether stats` shows, so that it reflects what was done
+/// before it ran, such as a deploy.
+pub fn fetch_stats_current(
+    addr: impl ToSocketAddrs + std::fmt::Display + Copy,
+    token: Option<&str>,
+) -> Result<MetricsSnapshot, AdminError> {
+    until_current(
+        || fetch_stats(addr, token),
+        |s| s.shards.iter().map(|m| m.fresh).collect(),
+    )
+}
+
+/// The longest [`until_current`] waits.
+pub const CURRENT_WAIT: Duration = Duration::from_secs(3);
+
+/// Calls `fetch` until every shard's snapshot in its answer (`fresh`, index = shard number)
+/// was taken in a tick that began after the first call, or is stale (that shard is not
+/// answering: waiting would not help), but for at most [`CURRENT_WAIT`]; the last answer.
+/// Shards publish every tick, so this takes two or three ticks. The server never waits for a
+/// shard; a client that wants an answer as of now does, here.
+pub fn until_current<T, E>(
+    mut fetch: impl FnMut() -> Result<T, E>,
+    fresh: impl Fn(&T) -> Vec<Freshness>,
+) -> Result<T, E> {
+    let end = Instant::now() + CURRENT_WAIT;
+    let mut answer = fetch()?;
+    // The snapshot after the one first seen may come from a tick that began before the first
+    // call read it: two publishes later, a whole tick ran after it.
+    let want: Vec<u64> = fresh(&answer).iter().map(|f| f.seq + 2).collect();
+    loop {
+        let f = fresh(&answer);
+        let current =
+            f.len() == want.len() && f.iter().zip(&want).all(|(f, &w)| f.seq >= w || f.stale);
+        if current || Instant::now() >= end {
+            return Ok(answer);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        answer = fetch()?;
+    }
+}
+
 /// Renders a snapshot as a table: one row per counter, one column per shard, then the total.
-/// Error kinds that are zero everywhere are left out.
+/// Error kinds that are zero everywhere are left out. A shard that is not answering gets a
+/// line above the table (its column shows its last values, which the totals include).
 pub fn format_stats_table(s: &MetricsSnapshot) -> String {
     let mut rows: Vec<(String, Vec<u64>, u64)> = s
         .total
@@ -645,7 +690,14 @@ pub fn format_stats_table(s: &MetricsSnapshot) -> String {
         .max()
         .unwrap_or(1)
         .max(7);
-    let mut out = String::new();
+    let mut out = not_answering_lines(s.shards.iter().map(|m| &m.fresh));
+    if !s.stale_shards.is_empty() {
+        let _ = writeln!(
+            out,
+            "totals include the last values of {} shard(s) not answering",
+            s.stale_shards.len()
+        );
+    }
     let _ = write!(out, "{:<name_w$}", "metric");
     for i in 0..s.shards.len() {
         let _ = write!(out, "  {:>num_w$}", format!("shard {i}"));
@@ -992,5 +1044,68 @@ mod tests {
         assert!(t.contains("errors.bad_proof"));
         assert!(!t.contains("errors.tls"));
         assert!(t.contains("resident memory: 64.0 MiB"));
+        assert!(!t.contains("NOT ANSWERING"), "{t}");
+    }
+
+    #[test]
+    fn until_current_waits_two_publishes_per_shard_but_not_for_a_stale_one() {
+        use crate::metrics::Freshness;
+        let f = |seq, stale| Freshness {
+            seq,
+            age_ms: 0,
+            stale,
+        };
+        // Shard 0 publishes every call; shard 1 is stuck, then reads as stale.
+        let answers = [
+            vec![f(10, false), f(4, false)],
+            vec![f(11, false), f(4, false)],
+            vec![f(12, false), f(4, false)],
+            vec![f(13, false), f(4, true)],
+            vec![f(14, false), f(4, true)],
+        ];
+        let mut calls = 0;
+        let got = until_current(
+            || {
+                calls += 1;
+                Ok::<_, ()>(answers[calls - 1].clone())
+            },
+            |a| a.clone(),
+        )
+        .unwrap();
+        assert_eq!((calls, got[0].seq, got[1].stale), (4, 13, true));
+        // Both up: done once each is two publishes past the first answer.
+        let mut seq = 0;
+        let got = until_current(
+            || {
+                seq += 1;
+                Ok::<_, ()>(vec![f(seq, false), f(seq + 5, false)])
+            },
+            |a| a.clone(),
+        )
+        .unwrap();
+        assert_eq!((got[0].seq, got[1].seq), (3, 8));
+    }
+
+    #[test]
+    fn table_names_a_stale_shard_and_keeps_its_values() {
+        let mut s = snapshot();
+        s.shards[1].fresh = crate::metrics::Freshness::of(5, Duration::from_millis(3_200));
+        s.stale_shards = vec![1];
+        let t = format_stats_table(&s);
+        let mut lines = t.lines();
+        assert_eq!(
+            lines.next(),
+            Some("shard 1: NOT ANSWERING for 3.2 s, last values shown")
+        );
+        assert_eq!(
+            lines.next(),
+            Some("totals include the last values of 1 shard(s) not answering")
+        );
+        let open = t
+            .lines()
+            .find(|l| l.starts_with("connections_open"))
+            .unwrap();
+        let cols: Vec<&str> = open.split_whitespace().collect();
+        assert_eq!(cols, ["connections_open", "12", "3", "15"]);
     }
 }

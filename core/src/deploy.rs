@@ -17,9 +17,10 @@ use bytes::Bytes;
 use crossbeam::channel::{Receiver, Sender, bounded};
 use serde::{Deserialize, Serialize};
 
-use crate::admin::{AdminError, AdminRequest, AdminResponse, admin_json};
+use crate::admin::{AdminError, AdminRequest, AdminResponse, admin_json, until_current};
 use crate::codestore::{CodeStore, CodeStoreError, Deployed};
 use crate::devices::{GroupDelta, apply_deltas};
+use crate::metrics::{Freshness, not_answering_lines};
 
 /// How long a requester waits for the deployer (a deploy is a few fsyncs).
 pub const DEPLOY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -155,14 +156,26 @@ pub struct GroupRollout {
     pub failed: u64,
 }
 
-/// Every group's rollout, summed over shards.
+/// Every group's rollout, summed over shards (each shard's latest published state).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct RolloutStatus {
     pub groups: Vec<GroupRollout>,
+    /// Per shard (index = shard number), how fresh its part of `groups` is; a stale shard is
+    /// not answering and its devices are counted as it last published them.
+    pub shards: Vec<Freshness>,
 }
 
 impl RolloutStatus {
+    /// Sums what each shard published, group by group, and keeps each shard's freshness.
+    pub fn from_published(per_shard: Vec<(Vec<GroupRollout>, Freshness)>) -> RolloutStatus {
+        let (groups, shards): (Vec<_>, Vec<_>) = per_shard.into_iter().unzip();
+        RolloutStatus {
+            shards,
+            ..RolloutStatus::merge(groups)
+        }
+    }
+
     /// Sums per-shard answers group by group.
     pub fn merge(per_shard: impl IntoIterator<Item = Vec<GroupRollout>>) -> RolloutStatus {
         let mut by: BTreeMap<String, GroupRollout> = BTreeMap::new();
@@ -188,16 +201,20 @@ impl RolloutStatus {
         }
         RolloutStatus {
             groups: by.into_values().collect(),
+            shards: Vec::new(),
         }
     }
 
-    /// A table for a person.
+    /// A table for a person, after a line for each shard that is not answering.
     pub fn table(&self) -> String {
+        let mut s = not_answering_lines(&self.shards);
         if self.groups.is_empty() {
-            return "no code deployed (tether deploy --group G FILE)\n".into();
+            s.push_str("no code deployed (tether deploy --group G FILE)\n");
+            return s;
         }
-        let mut s = format!(
-            "{:<16} {:>8} {:>10} {:>9} {:>8} {:>8} {:>9} {:>7}\n",
+        let _ = writeln!(
+            s,
+            "{:<16} {:>8} {:>10} {:>9} {:>8} {:>8} {:>9} {:>7}",
             "group", "version", "size", "connected", "current", "pending", "in_flight", "failed"
         );
         for g in &self.groups {
@@ -269,12 +286,21 @@ pub fn deploy(
     admin_json(addr, token, "POST", &format!("/deploy?group={group}"), blob)
 }
 
-/// `tether rollout status`: fetches `/rollout.json`.
+/// Fetches `/rollout.json`: each shard's latest published rollout state (up to a tick old).
 pub fn fetch_rollout(
     addr: impl ToSocketAddrs + std::fmt::Display,
     token: Option<&str>,
 ) -> Result<RolloutStatus, AdminError> {
     admin_json(addr, token, "GET", "/rollout.json", b"")
+}
+
+/// `tether rollout status`: fetches `/rollout.json` until every shard's part was published
+/// after this call began ([`until_current`]), so a deploy made just before shows.
+pub fn fetch_rollout_current(
+    addr: impl ToSocketAddrs + std::fmt::Display + Copy,
+    token: Option<&str>,
+) -> Result<RolloutStatus, AdminError> {
+    until_current(|| fetch_rollout(addr, token), |s| s.shards.clone())
 }
 
 #[cfg(test)]
@@ -306,5 +332,26 @@ mod tests {
         );
         let t = s.table();
         assert!(t.lines().nth(1).unwrap().starts_with("lamps"), "{t}");
+    }
+
+    #[test]
+    fn a_stale_shard_counts_with_its_last_state_and_is_named() {
+        let fresh = Freshness::of(9, Duration::from_millis(30));
+        let stale = Freshness::of(4, Duration::from_millis(2_500));
+        let s = RolloutStatus::from_published(vec![
+            (vec![g("lamps", 2, 10, 4)], fresh),
+            (vec![g("lamps", 2, 5, 5)], stale),
+        ]);
+        assert_eq!(s.shards, vec![fresh, stale]);
+        assert_eq!((s.groups[0].connected, s.groups[0].current), (15, 9));
+        let t = s.table();
+        assert!(
+            t.starts_with("shard 1: NOT ANSWERING for 2.5 s, last values shown\n"),
+            "{t}"
+        );
+        assert!(t.lines().nth(2).unwrap().starts_with("lamps"), "{t}");
+        let back: RolloutStatus =
+            serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        assert_eq!(back, s);
     }
 }

@@ -484,7 +484,7 @@ fn main() -> ExitCode {
         } => admin
             .token()
             .and_then(|token| {
-                tether_core::deploy::fetch_rollout(admin.admin.as_str(), Some(&token))
+                tether_core::deploy::fetch_rollout_current(admin.admin.as_str(), Some(&token))
                     .map_err(|e| e.to_string())
             })
             .map(|s| {
@@ -497,7 +497,7 @@ fn main() -> ExitCode {
         Command::Stats { admin, json } => admin
             .token()
             .and_then(|token| {
-                tether_core::admin::fetch_stats(admin.admin.as_str(), Some(&token))
+                tether_core::admin::fetch_stats_current(admin.admin.as_str(), Some(&token))
                     .map_err(|e| e.to_string())
             })
             .map(|s| {

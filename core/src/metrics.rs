@@ -1,11 +1,20 @@
-//! Per-shard counters (plain `u64`s owned by one shard: no atomics, no locks), the snapshot the
-//! admin endpoint builds by asking every shard, its Prometheus rendering, and RSS readings.
+//! Per-shard counters (plain `u64`s owned by one shard: no atomics, no locks), the [`Slot`]
+//! each shard publishes a copy of them into every timer tick, the snapshot the admin endpoint
+//! builds from the latest published copies (each with its age, [`Freshness`]), its Prometheus
+//! rendering, and RSS readings.
+//!
+//! A scrape never asks a shard anything and never waits for one: a shard that stopped
+//! answering (stuck in a long computation, a blocking call, a bug) shows as stale, with the
+//! age of its last snapshot and the values it held then, and its values stay in the totals.
 //!
 //! To add a counter, add one line to the `counters!` list below; to add an error reason, one
 //! line to `error_kinds!`. Struct fields, merging, JSON and Prometheus output follow.
 
 use std::collections::BTreeMap;
 use std::fmt::{self, Write as _};
+use std::ops::{Deref, DerefMut};
+use std::sync::{Mutex, MutexGuard, TryLockError};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -245,30 +254,197 @@ mod errors_by_name {
     }
 }
 
-/// Every shard's counters at one moment, plus their sum and the process's memory.
+/// A shard whose last published snapshot is older than this has stopped answering: ten of its
+/// publish intervals (it publishes every 100 ms timer tick), so a tick delayed by a busy core
+/// is not taken for a stuck shard.
+pub const STALE_AFTER: Duration = Duration::from_secs(1);
+
+/// How fresh one shard's published snapshot was when a scrape read it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Freshness {
+    /// Snapshots the shard had published since it started (0: none yet). It grows every tick
+    /// while the shard runs, so a reader can wait for a snapshot newer than one it saw.
+    pub seq: u64,
+    /// Age of the snapshot when it was read, in milliseconds.
+    pub age_ms: u64,
+    /// Older than [`STALE_AFTER`]: the shard is not answering; its values are its last.
+    pub stale: bool,
+}
+
+impl Freshness {
+    /// The freshness of a snapshot published `age` ago, `seq`-th of its shard.
+    pub fn of(seq: u64, age: Duration) -> Freshness {
+        Freshness {
+            seq,
+            age_ms: u64::try_from(age.as_millis()).unwrap_or(u64::MAX),
+            stale: age > STALE_AFTER,
+        }
+    }
+
+    /// The less fresh of two (for snapshots merged into one): stale if either is.
+    pub fn worse(self, other: Freshness) -> Freshness {
+        Freshness {
+            seq: self.seq.max(other.seq),
+            age_ms: self.age_ms.max(other.age_ms),
+            stale: self.stale || other.stale,
+        }
+    }
+
+    /// The age as seconds, for Prometheus.
+    pub fn age_seconds(&self) -> f64 {
+        self.age_ms as f64 / 1000.0
+    }
+}
+
+/// One line per stale shard among `shards` (index = shard number), e.g.
+/// `shard 1: NOT ANSWERING for 3.2 s, last values shown`; empty if none is.
+pub fn not_answering_lines<'a>(shards: impl IntoIterator<Item = &'a Freshness>) -> String {
+    let mut out = String::new();
+    for (i, f) in shards.into_iter().enumerate().filter(|(_, f)| f.stale) {
+        let _ = writeln!(
+            out,
+            "shard {i}: NOT ANSWERING for {:.1} s, last values shown",
+            f.age_seconds()
+        );
+    }
+    out
+}
+
+/// What one shard last published: the value, when, and how many times it has published.
+#[derive(Debug)]
+struct Published<T> {
+    value: T,
+    at: Instant,
+    seq: u64,
+}
+
+/// One shard's latest published value (its counters, its rollout state) for the admin
+/// threads to read without asking the shard.
+///
+/// A mutex per shard, touched only by that shard (once per timer tick, to copy its values in)
+/// and by a scrape (to copy them out): no lock is shared between shards, and none is taken on
+/// the data path. Chosen over a seqlock because the values are plain structs of a few hundred
+/// bytes (and the rollout state a small `Vec`): a seqlock would need every field as an atomic
+/// or unsafe racy copies, for a lock that is uncontended but for the moment of a scrape. The
+/// shard only ever *tries* the lock: if a scrape holds it right then, the shard skips this
+/// publish rather than wait, and the next tick publishes (the snapshot is one tick older).
+/// A reader waits at most for the shard's copy of those bytes.
+#[derive(Debug)]
+pub(crate) struct Slot<T> {
+    inner: Mutex<Published<T>>,
+}
+
+impl<T: Clone + Default> Slot<T> {
+    /// An empty slot (the default value, never published, aged from now).
+    pub(crate) fn new() -> Slot<T> {
+        Slot {
+            inner: Mutex::new(Published {
+                value: T::default(),
+                at: Instant::now(),
+                seq: 0,
+            }),
+        }
+    }
+
+    /// Updates the value through `update`, stamped now. Never waits: `false` (nothing
+    /// written) if a reader holds the slot at this instant.
+    pub(crate) fn publish(&self, update: impl FnOnce(&mut T)) -> bool {
+        let mut p = match self.inner.try_lock() {
+            Ok(p) => p,
+            // A reader that panicked while cloning left the value whole.
+            Err(TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(TryLockError::WouldBlock) => return false,
+        };
+        update(&mut p.value);
+        p.at = Instant::now();
+        p.seq += 1;
+        true
+    }
+
+    /// A copy of the latest value and how fresh it is at `now`.
+    pub(crate) fn read(&self, now: Instant) -> (T, Freshness) {
+        let p: MutexGuard<'_, Published<T>> = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let fresh = Freshness::of(p.seq, now.saturating_duration_since(p.at));
+        (p.value.clone(), fresh)
+    }
+}
+
+/// One shard's entry in a [`MetricsSnapshot`]: its counters (serialised flat, as before) and
+/// how fresh they are (`seq`, `age_ms`, `stale`). Dereferences to its [`ShardMetrics`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ShardSnapshot {
+    #[serde(flatten)]
+    pub metrics: ShardMetrics,
+    #[serde(flatten)]
+    pub fresh: Freshness,
+}
+
+impl Deref for ShardSnapshot {
+    type Target = ShardMetrics;
+    fn deref(&self) -> &ShardMetrics {
+        &self.metrics
+    }
+}
+
+impl DerefMut for ShardSnapshot {
+    fn deref_mut(&mut self) -> &mut ShardMetrics {
+        &mut self.metrics
+    }
+}
+
+/// Every shard's latest published counters, plus their sum and the process's memory.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct MetricsSnapshot {
     /// Per shard, indexed by shard number.
-    pub shards: Vec<ShardMetrics>,
-    /// The sum over `shards`.
+    pub shards: Vec<ShardSnapshot>,
+    /// The sum over `shards`, stale ones included (with their last values).
     pub total: ShardMetrics,
+    /// The shards that are not answering (`shards[i].stale`): their last values are shown,
+    /// and counted in `total`.
+    pub stale_shards: Vec<usize>,
     /// Resident memory of the process, if known.
     pub rss_bytes: Option<u64>,
 }
 
 impl MetricsSnapshot {
-    /// A snapshot of these shards (index = shard number), with their total and the current RSS.
+    /// A snapshot of these shards (index = shard number), all fresh, with their total and the
+    /// current RSS.
     pub fn from_shards(shards: Vec<ShardMetrics>) -> MetricsSnapshot {
-        let mut total = ShardMetrics::default();
-        for s in &shards {
-            total.merge(s);
-        }
-        MetricsSnapshot {
-            shards,
-            total,
+        Self::from_published(
+            shards
+                .into_iter()
+                .map(|m| (m, Freshness::default()))
+                .collect(),
+        )
+    }
+
+    /// A snapshot of these published shard counters (index = shard number) and their
+    /// freshness, with their total and the current RSS.
+    pub fn from_published(shards: Vec<(ShardMetrics, Freshness)>) -> MetricsSnapshot {
+        let mut snap = MetricsSnapshot {
+            shards: shards
+                .into_iter()
+                .map(|(metrics, fresh)| ShardSnapshot { metrics, fresh })
+                .collect(),
             rss_bytes: rss_bytes(),
+            ..MetricsSnapshot::default()
+        };
+        snap.sum();
+        snap
+    }
+
+    /// Recomputes `total` and `stale_shards` from `shards`.
+    fn sum(&mut self) {
+        self.total = ShardMetrics::default();
+        for s in &self.shards {
+            self.total.merge(s);
         }
+        self.stale_shards = (0..self.shards.len())
+            .filter(|&i| self.shards[i].fresh.stale)
+            .collect();
     }
 
     /// Adds `other` into `self` shard by shard (shard `i` into shard `i`, growing the list if
@@ -280,19 +456,52 @@ impl MetricsSnapshot {
                 .resize_with(other.shards.len(), Default::default);
         }
         for (a, b) in self.shards.iter_mut().zip(&other.shards) {
-            a.merge(b);
+            a.metrics.merge(b);
+            a.fresh = a.fresh.worse(b.fresh);
         }
         self.total.merge(&other.total);
+        self.stale_shards = (0..self.shards.len())
+            .filter(|&i| self.shards[i].fresh.stale)
+            .collect();
         self.rss_bytes = match (self.rss_bytes, other.rss_bytes) {
             (Some(a), Some(b)) => Some(a + b),
             (a, b) => a.or(b),
         };
     }
 
-    /// Prometheus text exposition format: per-shard series labelled `shard="i"`, then the
-    /// total without a shard label. (So `sum()` over a family counts twice: select by label.)
+    /// Prometheus text exposition format: first each shard's health (`tether_shard_up`, the
+    /// age of its snapshot, how many shards are stale), then per-shard series labelled
+    /// `shard="i"` and the total without a shard label. (So `sum()` over a family counts
+    /// twice: select by label.) A stale shard's series carry its last values.
     pub fn to_prometheus(&self) -> String {
         let mut out = String::with_capacity(8192);
+        out.push_str(
+            "# HELP tether_shard_up Whether the shard published its counters within the last \
+             second (0: it is not answering; its series show its last values).\n",
+        );
+        out.push_str("# TYPE tether_shard_up gauge\n");
+        for (shard, m) in self.shards.iter().enumerate() {
+            let up = u8::from(!m.fresh.stale);
+            let _ = writeln!(out, "tether_shard_up{{shard=\"{shard}\"}} {up}");
+        }
+        out.push_str(
+            "# HELP tether_shard_snapshot_age_seconds Age of the shard's last published \
+             counters when scraped.\n",
+        );
+        out.push_str("# TYPE tether_shard_snapshot_age_seconds gauge\n");
+        for (shard, m) in self.shards.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "tether_shard_snapshot_age_seconds{{shard=\"{shard}\"}} {:.3}",
+                m.fresh.age_seconds()
+            );
+        }
+        out.push_str(
+            "# HELP tether_shards_stale Shards not answering; every total includes their last \
+             values.\n",
+        );
+        out.push_str("# TYPE tether_shards_stale gauge\n");
+        let _ = writeln!(out, "tether_shards_stale {}", self.stale_shards.len());
         for (i, (name, help, ty, total)) in self.total.fields().into_iter().enumerate() {
             let (full, ty) = match ty {
                 MetricType::Counter => (format!("tether_{name}_total"), "counter"),
@@ -429,11 +638,94 @@ mod tests {
                 "missing {line:?} in\n{text}"
             );
         }
-        // Every sample line is `name{labels} value` or `name value`.
-        for l in text.lines().filter(|l| !l.starts_with('#')) {
-            let (_, v) = l.rsplit_once(' ').unwrap();
-            v.parse::<u64>().unwrap();
+        // Every sample line is `name{labels} value` or `name value`, of a family whose HELP
+        // and TYPE lines came first.
+        let mut typed = Vec::new();
+        for l in text.lines() {
+            if let Some(rest) = l.strip_prefix("# TYPE ") {
+                typed.push(rest.split(' ').next().unwrap().to_owned());
+                continue;
+            }
+            if l.starts_with("# HELP ") {
+                continue;
+            }
+            let (series, v) = l.rsplit_once(' ').unwrap();
+            v.parse::<f64>().unwrap();
+            let family = series.split('{').next().unwrap();
+            assert!(
+                typed.iter().any(|t| t == family),
+                "{l}: no TYPE line before it"
+            );
         }
+    }
+
+    #[test]
+    fn a_stale_shard_is_down_with_its_age_and_its_last_values() {
+        let fresh = Freshness::of(7, Duration::from_millis(40));
+        let stale = Freshness::of(3, Duration::from_millis(3_250));
+        assert!(!fresh.stale && stale.stale);
+        assert_eq!((stale.seq, stale.age_ms), (3, 3_250));
+        let s = MetricsSnapshot::from_published(vec![(shard(2, 0), fresh), (shard(5, 1), stale)]);
+        assert_eq!(s.stale_shards, vec![1]);
+        assert_eq!(
+            s.total.connections_open, 7,
+            "the stale shard's last values count"
+        );
+        let text = s.to_prometheus();
+        for line in [
+            "# TYPE tether_shard_up gauge",
+            "tether_shard_up{shard=\"0\"} 1",
+            "tether_shard_up{shard=\"1\"} 0",
+            "# TYPE tether_shard_snapshot_age_seconds gauge",
+            "tether_shard_snapshot_age_seconds{shard=\"0\"} 0.040",
+            "tether_shard_snapshot_age_seconds{shard=\"1\"} 3.250",
+            "tether_shards_stale 1",
+            "tether_connections_open{shard=\"1\"} 5",
+            "tether_connections_open 7",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+        let json = serde_json::to_value(&s).unwrap();
+        assert_eq!(json["shards"][1]["stale"], true);
+        assert_eq!(json["shards"][1]["age_ms"], 3_250);
+        assert_eq!(json["shards"][1]["connections_open"], 5);
+        assert_eq!(json["shards"][0]["stale"], false);
+        assert_eq!(json["stale_shards"], serde_json::json!([1]));
+        let back: MetricsSnapshot = serde_json::from_value(json).unwrap();
+        assert_eq!(back, s);
+        assert_eq!(
+            not_answering_lines(s.shards.iter().map(|m| &m.fresh)),
+            "shard 1: NOT ANSWERING for 3.2 s, last values shown\n"
+        );
+        // Merged with a fresh snapshot of another process, shard 1 stays stale.
+        let mut m = MetricsSnapshot::from_shards(vec![shard(1, 0), shard(1, 0)]);
+        m.merge(&s);
+        assert_eq!(m.stale_shards, vec![1]);
+        assert_eq!(m.shards[1].connections_open, 6);
+    }
+
+    #[test]
+    fn a_slot_publishes_without_waiting_and_ages() {
+        let slot: Slot<ShardMetrics> = Slot::new();
+        let t0 = Instant::now();
+        let (m, f) = slot.read(t0);
+        assert_eq!((m, f.seq), (ShardMetrics::default(), 0));
+        assert!(slot.publish(|m| m.msgs_in = 5));
+        let (m, f) = slot.read(Instant::now());
+        assert_eq!((m.msgs_in, f.seq, f.stale), (5, 1, false));
+        // Read later, the same snapshot is old, then stale.
+        let (_, f) = slot.read(Instant::now() + STALE_AFTER + Duration::from_millis(500));
+        assert!(f.stale && f.age_ms >= 1_500, "{f:?}");
+        // While a reader holds the slot, the shard skips its publish instead of waiting.
+        let held = slot.inner.lock().unwrap();
+        assert!(!slot.publish(|m| m.msgs_in = 6));
+        drop(held);
+        assert!(slot.publish(|m| m.msgs_in = 7));
+        let (m, f) = slot.read(Instant::now());
+        assert_eq!((m.msgs_in, f.seq), (7, 2));
     }
 
     #[test]

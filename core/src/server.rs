@@ -20,7 +20,7 @@ use crate::deploy::GroupRollout;
 use crate::deploy::{RolloutStatus, code_routes, spawn_deployer};
 use crate::devices::{Registrar, device_routes};
 use crate::fsutil::{FileLock, loose_secret_warning};
-use crate::metrics::{MetricsSnapshot, ShardMetrics};
+use crate::metrics::{Freshness, MetricsSnapshot, ShardMetrics, Slot};
 use crate::pki::DevPki;
 use crate::registry::{
     ADMIN_TOKEN_FILE, AGENT_TOKEN_FILE, FILE_NAME, LiveRegistry, Registry, SERVE_LOCK, Token,
@@ -293,8 +293,8 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     let mesh = MeshBuilder::full(nshards, 1024);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let (done_tx, done_rx) = std::sync::mpsc::channel();
-    let mut stats_txs = Vec::new();
-    let mut rollout_txs = Vec::new();
+    let mut metrics_slots = Vec::new();
+    let mut rollout_slots = Vec::new();
     let mut executors = Vec::new();
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     for (id, ((deploys, registry), tls)) in deploy_rxs
@@ -303,15 +303,15 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         .zip(tls_rxs)
         .enumerate()
     {
-        let (stats_tx, stats_rx) = crossbeam::channel::bounded(4);
-        stats_txs.push(stats_tx);
-        let (rollout_tx, rollout_rx) = crossbeam::channel::bounded(4);
-        rollout_txs.push(rollout_tx);
+        let metrics = Arc::new(Slot::new());
+        metrics_slots.push(metrics.clone());
+        let rollout = Arc::new(Slot::new());
+        rollout_slots.push(rollout.clone());
         let handle = ShardHandle {
             ready: ready_tx.clone(),
             done: done_tx.clone(),
-            stats: stats_rx,
-            rollout: rollout_rx,
+            metrics,
+            rollout,
             deploys,
             registry,
             tls,
@@ -359,8 +359,8 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     // file) takes them one at a time. No shard ever waits on this lock.
     let registrar = Mutex::new(registrar);
     serve_admin_with(admin, admin_opts, move |req| {
-        metrics_routes(req, || collect(&stats_txs))
-            .or_else(|| code_routes(req, &deployer, || collect_rollout(&rollout_txs)))
+        metrics_routes(req, || collect(&metrics_slots))
+            .or_else(|| code_routes(req, &deployer, || collect_rollout(&rollout_slots)))
             .or_else(|| {
                 device_routes(
                     req,
@@ -544,37 +544,20 @@ fn load_code(store: &CodeStore) -> Vec<Deployed> {
     out
 }
 
-/// Asks every shard for its rollout state (answered within one timer tick).
-fn collect_rollout(
-    txs: &[crossbeam::channel::Sender<crossbeam::channel::Sender<Vec<GroupRollout>>>],
-) -> RolloutStatus {
-    let answers = txs.iter().map(|tx| {
-        let (reply_tx, reply_rx) = crossbeam::channel::bounded(1);
-        tx.send(reply_tx)
-            .ok()
-            .and_then(|_| reply_rx.recv_timeout(Duration::from_secs(2)).ok())
-            .unwrap_or_default()
-    });
-    RolloutStatus::merge(answers.collect::<Vec<_>>())
+/// Every shard's latest published rollout state, without asking (or waiting for) any shard:
+/// a stuck shard's last state is counted and its entry in `shards` says it is stale.
+fn collect_rollout(slots: &[Arc<Slot<Vec<GroupRollout>>>]) -> RolloutStatus {
+    let now = std::time::Instant::now();
+    let per_shard: Vec<(Vec<GroupRollout>, Freshness)> =
+        slots.iter().map(|slot| slot.read(now)).collect();
+    RolloutStatus::from_published(per_shard)
 }
 
-/// Asks every shard for its counters (answered within one timer tick).
-fn collect(
-    stats: &[crossbeam::channel::Sender<crossbeam::channel::Sender<ShardMetrics>>],
-) -> MetricsSnapshot {
-    let mut shards = Vec::with_capacity(stats.len());
-    for tx in stats {
-        let (reply_tx, reply_rx) = crossbeam::channel::bounded(1);
-        let m = tx
-            .send(reply_tx)
-            .ok()
-            .and_then(|_| reply_rx.recv_timeout(Duration::from_secs(2)).ok())
-            .unwrap_or_default();
-        shards.push(m);
-    }
-    let mut snap = MetricsSnapshot::from_shards(shards);
-    snap.rss_bytes = crate::metrics::rss_bytes();
-    snap
+/// Every shard's latest published counters, without asking (or waiting for) any shard: a
+/// stuck shard shows as stale with its last values.
+fn collect(slots: &[Arc<Slot<ShardMetrics>>]) -> MetricsSnapshot {
+    let now = std::time::Instant::now();
+    MetricsSnapshot::from_published(slots.iter().map(|slot| slot.read(now)).collect())
 }
 
 /// The signals the signal thread waits for: SIGINT and SIGTERM stop, SIGHUP reloads TLS.

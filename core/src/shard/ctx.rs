@@ -13,7 +13,7 @@ use super::GuardConfig;
 use crate::codestore::Deployed;
 use crate::deploy::{DeployRequest, GroupRollout};
 use crate::devices::RegistryMsg;
-use crate::metrics::ShardMetrics;
+use crate::metrics::{ShardMetrics, Slot};
 use crate::registry::{Registry, Token};
 use crate::reload::TlsSwap;
 
@@ -62,8 +62,10 @@ pub(crate) struct ShardHandle {
     pub ready: std::sync::mpsc::Sender<Result<Option<SocketAddr>, String>>,
     /// Told when the shard's shutdown is complete (or its run failed).
     pub done: std::sync::mpsc::Sender<Result<(), String>>,
-    pub stats: crossbeam::channel::Receiver<crossbeam::channel::Sender<ShardMetrics>>,
-    pub rollout: crossbeam::channel::Receiver<crossbeam::channel::Sender<Vec<GroupRollout>>>,
+    /// Where the shard publishes its counters every tick, for the admin endpoint to read.
+    pub metrics: Arc<Slot<ShardMetrics>>,
+    /// Where it publishes its rollout state every tick.
+    pub rollout: Arc<Slot<Vec<GroupRollout>>>,
     pub deploys: crossbeam::channel::Receiver<Deployed>,
     /// Registry changes and queries for this shard's home devices.
     pub registry: crossbeam::channel::Receiver<RegistryMsg>,

@@ -52,6 +52,12 @@ pub(crate) use run::run_shard;
 #[cfg(debug_assertions)]
 pub const PANIC_TOPIC: &[u8] = b"__tether_test_panic__";
 
+/// In debug builds, a device message on this topic blocks its shard's executor thread for the
+/// milliseconds its payload spells in decimal (at most 10 s; 5 s if it spells none): a shard
+/// that stops answering, for the tests of the admin endpoint.
+#[cfg(debug_assertions)]
+pub const STALL_TOPIC: &[u8] = b"__tether_test_stall__";
+
 /// Read buffer lent to one connection at a time.
 const READ_BUF: usize = 32 * 1024;
 
@@ -580,6 +586,15 @@ impl Shard {
                 #[cfg(debug_assertions)]
                 if &topic[..] == PANIC_TOPIC {
                     panic!("test hook: a device asked for a panic");
+                }
+                #[cfg(debug_assertions)]
+                if &topic[..] == STALL_TOPIC {
+                    let ms = std::str::from_utf8(&payload)
+                        .ok()
+                        .and_then(|t| t.trim().parse::<u64>().ok())
+                        .unwrap_or(5_000)
+                        .min(10_000);
+                    std::thread::sleep(std::time::Duration::from_millis(ms));
                 }
                 let Some(device) = self.conns[idx].session.device() else {
                     return false;

@@ -106,8 +106,9 @@ async fn serve_shard(
     });
 
     // The timer task: expire deadlines, apply deploys, registry changes and reloaded TLS
-    // configs, answer stats, rollout and registry requests, watch for shutdown.
-    let stats = handle.stats.clone();
+    // configs, answer registry requests, publish the counters and the rollout state, watch
+    // for shutdown.
+    let published = handle.metrics.clone();
     let deploys = handle.deploys.clone();
     let rollout = handle.rollout.clone();
     let registry = handle.registry.clone();
@@ -130,15 +131,13 @@ async fn serve_shard(
                 while let Ok(m) = registry.try_recv() {
                     s.on_registry(m);
                 }
-                if !stats.is_empty() {
-                    s.fill_code_metrics();
-                }
-                while let Ok(reply) = stats.try_recv() {
-                    let _ = reply.send(s.metrics.clone());
-                }
-                while let Ok(reply) = rollout.try_recv() {
-                    let _ = reply.send(s.rollout_status());
-                }
+                // After this tick's deploys and registry changes, so a scrape that waits for
+                // a newer snapshot sees them. A copy into this shard's own slot (skipped if a
+                // scrape holds it right now): the admin endpoint reads these, never asks.
+                s.fill_code_metrics();
+                published.publish(|m| m.clone_from(&s.metrics));
+                let status = s.rollout_status();
+                rollout.publish(|r| *r = status);
                 while let Ok(swap) = tls.try_recv() {
                     // Handshakes accepted from now on use it; open connections keep theirs.
                     s.tls = swap.config;

@@ -182,16 +182,18 @@ impl Server {
         Device::connect(self, cfg)
     }
 
+    /// The rollout status as of now (every shard's part published after the call began).
     pub fn rollout(&self) -> tether_core::deploy::RolloutStatus {
-        tether_core::deploy::fetch_rollout(self.admin, Some(&self.admin_token)).unwrap()
+        tether_core::deploy::fetch_rollout_current(self.admin, Some(&self.admin_token)).unwrap()
     }
 
     pub fn deploy(&self, group: &str, blob: &[u8]) -> tether_core::deploy::DeployReport {
         tether_core::deploy::deploy(self.admin, Some(&self.admin_token), group, blob).unwrap()
     }
 
+    /// The stats as of now (every shard's counters published after the call began).
     pub fn stats(&self) -> tether_core::metrics::MetricsSnapshot {
-        tether_core::admin::fetch_stats(self.admin, Some(&self.admin_token)).unwrap()
+        tether_core::admin::fetch_stats_current(self.admin, Some(&self.admin_token)).unwrap()
     }
 
     /// A device whose TLS uses `tls` (another CA, a client certificate) instead of the
