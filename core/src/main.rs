@@ -199,6 +199,16 @@ struct ServeArgs {
     /// Largest code blob a deploy may store, in bytes.
     #[arg(long, default_value_t = tether_core::codestore::DEFAULT_MAX_CODE_SIZE)]
     max_code_size: u64,
+    /// Messages between two shards that may wait in the channel, and again in the sending
+    /// shard's ordered outbox; past that, an agent's socket (for its sends) or a device's (for
+    /// its messages to an agent on another shard) is not read until there is room.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_048_576))]
+    mesh_capacity: u64,
+    /// Bytes queued towards one agent before the server pushes back: the agent's socket and
+    /// the devices with messages for it are not read, and presence changes for it are
+    /// coalesced into a `PresenceSnapshot`.
+    #[arg(long, default_value_t = tether_core::shard::AGENT_QUEUE_LIMIT as u64, value_parser = clap::value_parser!(u64).range(1024..=1 << 32))]
+    agent_queue_limit: u64,
 }
 
 /// Where a registry command goes (the running server's admin port; with no server answering
@@ -458,6 +468,8 @@ fn main() -> ExitCode {
             shutdown_grace: Duration::from_secs(a.shutdown_grace_s),
             max_transfers: a.max_transfers,
             max_code_size: a.max_code_size,
+            mesh_capacity: a.mesh_capacity as usize,
+            agent_queue_limit: a.agent_queue_limit as usize,
         })
         .map_err(|e| e.to_string()),
         Command::Devices { command } => devices_command(command),

@@ -182,8 +182,21 @@ counters! {
     panics_caught: Counter,
     /// Device messages left unacknowledged because no agent was attached (the device resends).
     undeliverable: Counter,
-    /// Frames dropped because an agent's outbound queue was full.
+    /// Presence changes not queued for an agent (its queue, or the mesh towards its shard,
+    /// was full): coalesced into a `PresenceSnapshot` it gets instead.
     agent_overflow: Counter,
+    /// Presence snapshots sent to agents in place of coalesced presence changes.
+    presence_snapshots: Counter,
+    /// Times an agent's socket stopped being read: the mesh outbox towards the shard its
+    /// frame goes to, or its own outbound queue, was full.
+    pushback_agent_reads: Counter,
+    /// Times a device's socket stopped being read: the agent its message goes to (or the mesh
+    /// outbox towards that agent's shard) had no room.
+    pushback_device_reads: Counter,
+    /// Device connections not read now, their messages waiting for an agent's room.
+    devices_waiting: Gauge,
+    /// Messages waiting in this shard's outboxes towards other shards.
+    mesh_queued: Gauge,
     /// Agents attached now.
     agents_attached: Gauge,
     /// Code transfers sending now.

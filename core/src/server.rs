@@ -91,6 +91,13 @@ pub struct ServeOptions {
     pub max_transfers: usize,
     /// Largest code blob a deploy may store.
     pub max_code_size: u64,
+    /// Messages each shard's channel towards another holds, and each shard's outbox in front
+    /// of it holds from producers that can wait (agent sends, device messages); past that
+    /// they wait (their socket is not read).
+    pub mesh_capacity: usize,
+    /// Bytes queued towards one agent before the server pushes back (stops reading the
+    /// agent and the devices with messages for it; presence changes become a snapshot).
+    pub agent_queue_limit: usize,
 }
 
 impl Default for ServeOptions {
@@ -122,6 +129,8 @@ impl Default for ServeOptions {
             shutdown_grace: Duration::from_secs(5),
             max_transfers: 8,
             max_code_size: crate::codestore::DEFAULT_MAX_CODE_SIZE,
+            mesh_capacity: 1024,
+            agent_queue_limit: crate::shard::AGENT_QUEUE_LIMIT,
         }
     }
 }
@@ -247,6 +256,8 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         max_connections_per_shard: (opts.max_connections as usize).div_ceil(nshards),
         guard: guard_config(&opts),
         accept_rate_per_shard: opts.accept_rate.div_ceil(nshards as u32),
+        mesh_capacity: opts.mesh_capacity.max(1),
+        agent_queue_limit: opts.agent_queue_limit.max(1),
         shutdown: AtomicBool::new(false),
         shutdown_grace: opts.shutdown_grace,
         max_transfers_per_shard: opts.max_transfers.max(1),
@@ -290,7 +301,7 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         "cannot listen on {} (admin)",
         opts.admin_listen
     )))?;
-    let mesh = MeshBuilder::full(nshards, 1024);
+    let mesh = MeshBuilder::full(nshards, opts.mesh_capacity.max(1));
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let (done_tx, done_rx) = std::sync::mpsc::channel();
     let mut metrics_slots = Vec::new();

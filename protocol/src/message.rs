@@ -86,6 +86,9 @@ message_types! {
     Deploy = 0x47,
     /// server → agent: outcome of a `Deploy`.
     DeployResult = 0x48,
+    /// server → agent: one chunk of a presence snapshot, sent in place of presence changes
+    /// that were coalesced (see [`Message::PresenceSnapshot`]).
+    PresenceSnapshot = 0x49,
 }
 
 impl fmt::Display for MessageType {
@@ -305,6 +308,51 @@ pub enum Message {
         digest: Digest,
         message: Bytes,
     },
+    /// See [`MessageType::PresenceSnapshot`]: a marked resynchronisation of presence.
+    ///
+    /// A server whose queue towards an agent (or between its shards) cannot hold every
+    /// `Presence` change coalesces them instead of dropping them silently: it sends the full
+    /// set of devices online at one moment, as a run of these frames in order, the first with
+    /// `first` set and the last with `last` set (one frame may be both; an empty set is one
+    /// frame with both and no devices). At most [`PRESENCE_SNAPSHOT_CHUNK`] devices per frame.
+    /// The set replaces what the agent knew: a device not listed is offline. `Presence`
+    /// frames after the last chunk apply on top of it; no `Presence` frame arrives between the
+    /// first and the last chunk.
+    ///
+    /// Wire: a flags byte (bit 0 `first`, bit 1 `last`, other bits zero), then the device ids,
+    /// 8 bytes each, to the end of the frame.
+    PresenceSnapshot {
+        first: bool,
+        last: bool,
+        devices: Vec<DeviceId>,
+    },
+}
+
+/// Most device ids in one [`Message::PresenceSnapshot`] frame (32 KiB of ids).
+pub const PRESENCE_SNAPSHOT_CHUNK: usize = 4096;
+
+impl Message {
+    /// The frames of a presence snapshot of `devices` (chunked, first and last marked; one
+    /// frame with both marks when there are none).
+    pub fn presence_snapshot(devices: &[DeviceId]) -> Vec<Message> {
+        if devices.is_empty() {
+            return vec![Message::PresenceSnapshot {
+                first: true,
+                last: true,
+                devices: Vec::new(),
+            }];
+        }
+        let n = devices.len().div_ceil(PRESENCE_SNAPSHOT_CHUNK);
+        devices
+            .chunks(PRESENCE_SNAPSHOT_CHUNK)
+            .enumerate()
+            .map(|(i, c)| Message::PresenceSnapshot {
+                first: i == 0,
+                last: i + 1 == n,
+                devices: c.to_vec(),
+            })
+            .collect()
+    }
 }
 
 fn short(ty: MessageType, b: &Bytes, field: &'static str) -> Result<u8, DecodeError> {
@@ -350,6 +398,7 @@ impl Message {
             Message::Presence { .. } => T::Presence,
             Message::Deploy { .. } => T::Deploy,
             Message::DeployResult { .. } => T::DeployResult,
+            Message::PresenceSnapshot { .. } => T::PresenceSnapshot,
         }
     }
 
@@ -378,6 +427,7 @@ impl Message {
             Message::DeployResult { group, message, .. } => {
                 1 + group.len() + 8 + 32 + message.len()
             }
+            Message::PresenceSnapshot { devices, .. } => 1 + 8 * devices.len(),
         }
     }
 
@@ -574,6 +624,16 @@ impl Message {
                 dst.put_slice(&digest.0);
                 dst.put_slice(message);
             }
+            Message::PresenceSnapshot {
+                first,
+                last,
+                devices,
+            } => {
+                dst.put_u8(*first as u8 | (*last as u8) << 1);
+                for d in devices {
+                    dst.put_u64(d.0);
+                }
+            }
         }
         Ok(())
     }
@@ -737,6 +797,30 @@ impl Message {
                     version,
                     digest,
                     message: r.rest(),
+                }
+            }
+            T::PresenceSnapshot => {
+                let flags = r.u8()?;
+                if flags & !0b11 != 0 {
+                    return Err(DecodeError::InvalidField {
+                        ty: t,
+                        field: "snapshot flags",
+                    });
+                }
+                let ids = r.rest();
+                if ids.len() % 8 != 0 {
+                    return Err(DecodeError::InvalidField {
+                        ty: t,
+                        field: "snapshot device ids",
+                    });
+                }
+                Message::PresenceSnapshot {
+                    first: flags & 1 != 0,
+                    last: flags & 2 != 0,
+                    devices: ids
+                        .chunks_exact(8)
+                        .map(|c| DeviceId(u64::from_be_bytes(c.try_into().expect("8 bytes"))))
+                        .collect(),
                 }
             }
         };

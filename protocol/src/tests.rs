@@ -164,6 +164,101 @@ fn msg_frame_wire_bytes() {
 }
 
 #[test]
+fn presence_snapshot_wire_bytes_and_round_trip() {
+    let mut b = BytesMut::new();
+    Message::PresenceSnapshot {
+        first: true,
+        last: false,
+        devices: vec![DeviceId(1), DeviceId(0x0203)],
+    }
+    .encode(&mut b)
+    .unwrap();
+    assert_eq!(
+        hex(&b),
+        "00000012".to_owned() /* len: type + flags + 2 ids */
+            + "49"
+            + "01"
+            + "0000000000000001"
+            + "0000000000000203"
+    );
+    let mut dec = FrameDecoder::new(1 << 20);
+    dec.push(&b);
+    let back = Message::decode(dec.next_frame().unwrap().unwrap()).unwrap();
+    assert_eq!(
+        back,
+        Message::PresenceSnapshot {
+            first: true,
+            last: false,
+            devices: vec![DeviceId(1), DeviceId(0x0203)],
+        }
+    );
+}
+
+#[test]
+fn presence_snapshot_chunks_are_marked_and_cover_every_device() {
+    use crate::message::PRESENCE_SNAPSHOT_CHUNK;
+    // None online: one frame, both marks, no ids.
+    assert_eq!(
+        Message::presence_snapshot(&[]),
+        vec![Message::PresenceSnapshot {
+            first: true,
+            last: true,
+            devices: vec![]
+        }]
+    );
+    let ids: Vec<DeviceId> = (0..2 * PRESENCE_SNAPSHOT_CHUNK as u64 + 5)
+        .map(DeviceId)
+        .collect();
+    let frames = Message::presence_snapshot(&ids);
+    assert_eq!(frames.len(), 3);
+    let mut all = Vec::new();
+    for (i, f) in frames.iter().enumerate() {
+        let Message::PresenceSnapshot {
+            first,
+            last,
+            devices,
+        } = f
+        else {
+            panic!("not a snapshot: {f:?}");
+        };
+        assert_eq!(*first, i == 0);
+        assert_eq!(*last, i == frames.len() - 1);
+        assert!(devices.len() <= PRESENCE_SNAPSHOT_CHUNK);
+        all.extend_from_slice(devices);
+        // Every chunk fits the agent link's frame limit with room to spare.
+        assert!(f.frame_len() < 64 * 1024);
+    }
+    assert_eq!(all, ids);
+}
+
+#[test]
+fn presence_snapshot_bad_flags_and_ragged_ids_are_typed_errors() {
+    use crate::codec::Frame;
+    let f = |body: &'static [u8]| Frame {
+        ty: 0x49,
+        body: Bytes::from_static(body),
+    };
+    assert_eq!(
+        Message::decode(f(b"\x04")),
+        Err(DecodeError::InvalidField {
+            ty: 0x49,
+            field: "snapshot flags"
+        })
+    );
+    assert_eq!(
+        Message::decode(f(b"\x03\x00\x00\x00")),
+        Err(DecodeError::InvalidField {
+            ty: 0x49,
+            field: "snapshot device ids"
+        })
+    );
+    assert_eq!(
+        Message::decode(f(b"")),
+        Err(DecodeError::Truncated { ty: 0x49 })
+    );
+}
+
+#[test]
 fn hello_welcome_establishes_both_sides() {
     let mut p = Pair::new();
     p.established();

@@ -121,6 +121,16 @@ fn message() -> impl Strategy<Value = Message> {
             device: DeviceId(d),
             online: o
         }),
+        (
+            any::<bool>(),
+            any::<bool>(),
+            proptest::collection::vec(any::<u64>(), 0..64)
+        )
+            .prop_map(|(first, last, ids)| Message::PresenceSnapshot {
+                first,
+                last,
+                devices: ids.into_iter().map(DeviceId).collect(),
+            }),
         (bytes(255), bytes(3000)).prop_map(|(g, b)| Message::Deploy { group: g, blob: b }),
         (bytes(255), any::<u64>(), any::<[u8; 32]>(), bytes(100)).prop_map(|(g, v, d, m)| {
             Message::DeployResult {

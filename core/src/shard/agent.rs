@@ -5,6 +5,7 @@
 //! writes its outbound queue; the TLS handshake and the `AgentHello` each have 5 s.
 
 use std::cell::{Cell, RefCell};
+use std::collections::HashSet;
 use std::rc::Rc;
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
@@ -14,7 +15,7 @@ use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use glommio::net::TcpStream;
 use tether_protocol::codec::{DEFAULT_AGENT_MAX_FRAME, FrameDecoder};
 use tether_protocol::message::ErrorCode;
-use tether_protocol::{CodeVersion, Digest, Message, PROTOCOL_VERSION};
+use tether_protocol::{CodeVersion, DeviceId, Digest, Message, PROTOCOL_VERSION};
 
 use super::mesh::{AgentId, ShardMsg, home_shard};
 use super::{Shard, now_ms, wake};
@@ -22,9 +23,8 @@ use crate::deploy::{DEPLOY_TIMEOUT, DeployReport, DeployRequest};
 use crate::fsutil::from_hex;
 use crate::metrics::ErrorKind;
 
-/// Most bytes queued towards one agent; past it, frames are dropped (and counted). Dropped
-/// `Deliver`s stay unacknowledged at the device, which resends them.
-const AGENT_QUEUE_LIMIT: usize = 8 * 1024 * 1024;
+/// Default for the most bytes queued towards one agent (`--agent-queue-limit`).
+pub const AGENT_QUEUE_LIMIT: usize = 8 * 1024 * 1024;
 
 /// Time for the TLS handshake, and then again for the `AgentHello`.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -34,29 +34,68 @@ const HELLO_MAX_FRAME: u32 = 4 * 1024;
 /// Most agent connections per shard that have not yet proved their token; more are closed.
 const MAX_PENDING_AGENTS: usize = 64;
 
-/// The outbound queue of one attached agent.
+/// The outbound queue of one attached agent, bounded by back-pressure rather than by
+/// dropping: past its limit (bytes queued plus the batch being written),
+/// - the agent's own socket is not read (its replies cannot pile up),
+/// - a device message for it waits, and its device's socket is not read,
+/// - a shard's mesh messages for it wait (the peer's outbox fills, and pushes back in turn),
+/// - a presence change is not queued: the agent gets a `PresenceSnapshot` instead, once the
+///   shards answered and there is room ([`Shard::presence_to_local`]).
+///
+/// What is still queued past the limit is bounded by its cause: replies to frames already
+/// read, and the one message per waiting producer that was already decoded.
 pub(crate) struct AgentOut {
     buf: RefCell<BytesMut>,
+    /// Bytes taken by the writer and not yet written.
+    in_flight: Cell<usize>,
+    limit: usize,
+    /// A producer found no room since room last returned.
+    wanted: Cell<bool>,
     waker: RefCell<Option<Waker>>,
     closed: Cell<bool>,
 }
 
 impl AgentOut {
-    fn new() -> Self {
+    fn new(limit: usize) -> Self {
         AgentOut {
             buf: RefCell::new(BytesMut::new()),
+            in_flight: Cell::new(0),
+            limit: limit.max(1),
+            wanted: Cell::new(false),
             waker: RefCell::new(None),
             closed: Cell::new(false),
         }
     }
 
-    /// Queues a frame; `false` if the queue is full.
-    pub(crate) fn push(&self, m: &Message) -> bool {
-        let mut buf = self.buf.borrow_mut();
-        if buf.len() + m.frame_len() > AGENT_QUEUE_LIMIT {
-            return false;
+    fn queued(&self) -> usize {
+        self.buf.borrow().len() + self.in_flight.get()
+    }
+
+    /// Whether `extra` more bytes fit under the limit (or the queue is empty: one oversized
+    /// item, e.g. a large snapshot, still goes through alone). When not, room is reported
+    /// when the writer has written its batch.
+    pub(crate) fn fits(&self, extra: usize) -> bool {
+        let q = self.queued();
+        let ok = q == 0 || q + extra <= self.limit;
+        if !ok {
+            self.wanted.set(true);
         }
-        if m.encode(&mut buf).is_err() {
+        ok
+    }
+
+    /// Whether the queue is under its limit (producers that can wait check this first). A
+    /// closed queue (the agent is leaving) has room: what is pushed to it is discarded.
+    pub(crate) fn has_room(&self) -> bool {
+        self.closed.get() || self.fits(1)
+    }
+
+    /// Queues a frame (whatever the limit: callers that can wait checked
+    /// [`has_room`](Self::has_room)); `false` only if it does not encode.
+    pub(crate) fn push(&self, m: &Message) -> bool {
+        if self.closed.get() {
+            return false; // the agent is gone
+        }
+        if m.encode(&mut self.buf.borrow_mut()).is_err() {
             return false;
         }
         if let Some(w) = self.waker.borrow_mut().take() {
@@ -75,9 +114,16 @@ impl AgentOut {
                 *self.waker.borrow_mut() = Some(cx.waker().clone());
                 return Poll::Pending;
             }
+            self.in_flight.set(buf.len());
             Poll::Ready(Some(buf.split()))
         })
         .await
+    }
+
+    /// The writer wrote its batch: returns whether producers waiting for room should retry.
+    fn written(&self) -> bool {
+        self.in_flight.set(0);
+        self.wanted.replace(false)
     }
 
     fn close(&self) {
@@ -218,7 +264,9 @@ where
     }
     drop(pending);
     dec.set_max_frame(DEFAULT_AGENT_MAX_FRAME);
-    let out = Rc::new(AgentOut::new());
+    let nshards = shard.borrow().nshards;
+    let limit = shard.borrow().ctx.agent_queue_limit;
+    let out = Rc::new(AgentOut::new(limit));
     let agent: AgentId = {
         let mut s = shard.borrow_mut();
         s.next_agent += 1;
@@ -236,10 +284,18 @@ where
     // holds the stream only while it is polled (one thread: the two never contend).
     let (mut reader, mut w) = futures_lite::io::split(stream);
     let writer_out = out.clone();
+    let writer_shard = shard.clone();
     let writer = glommio::spawn_local(async move {
         while let Some(batch) = writer_out.next_batch().await {
             if w.write_all(&batch).await.is_err() || w.flush().await.is_err() {
+                // Nothing more reaches this agent: nobody may wait for its queue.
+                writer_out.written();
+                writer_out.close();
+                writer_shard.borrow_mut().room_returned();
                 return;
+            }
+            if writer_out.written() {
+                writer_shard.borrow_mut().room_returned();
             }
         }
         // The agent is leaving: TLS close_notify, then the TCP FIN.
@@ -247,7 +303,16 @@ where
     })
     .detach();
     loop {
-        match read_frame(&mut reader, &mut dec, &mut buf).await {
+        let frame = read_frame(&mut reader, &mut dec, &mut buf).await;
+        // Push-back: the frame read waits for room where it goes (and the socket is not
+        // read meanwhile), so neither the mesh nor this agent's replies grow without bound.
+        if let Ok(Some(m)) = &frame {
+            wait_for_room(&shard, &out, frame_shard(m, nshards)).await;
+            if out.closed.get() {
+                break;
+            }
+        }
+        match frame {
             Ok(Some(Message::Deploy { group, blob })) => {
                 shard.borrow_mut().metrics.msgs_in += 1;
                 agent_deploy(&shard, out.clone(), group, blob);
@@ -277,6 +342,42 @@ where
     s.local_agents.remove(&agent);
     s.metrics.agents_attached -= 1;
     s.broadcast(|| ShardMsg::AgentDown { agent });
+    // Devices and mesh messages waiting for this agent's queue go on.
+    s.room_returned();
+}
+
+/// The shard an agent's frame goes to, if it goes to a device's home shard.
+fn frame_shard(m: &Message, nshards: usize) -> Option<usize> {
+    match m {
+        Message::Send { device, .. } | Message::DeliverAck { device, .. } => {
+            Some(home_shard(*device, nshards))
+        }
+        _ => None,
+    }
+}
+
+/// Waits until the agent's own queue has room and, for a frame going to shard `to`, the
+/// outbox towards it has room; each wait is counted once (`pushback_agent_reads`).
+async fn wait_for_room(shard: &Rc<RefCell<Shard>>, out: &AgentOut, to: Option<usize>) {
+    let mut counted = false;
+    std::future::poll_fn(|cx| {
+        let mut s = shard.borrow_mut();
+        let id = s.id;
+        let mesh_room = match to {
+            Some(t) if t != id => s.mesh_out.has_room(t),
+            _ => true,
+        };
+        if mesh_room && out.has_room() {
+            return Poll::Ready(());
+        }
+        if !counted {
+            counted = true;
+            s.metrics.pushback_agent_reads += 1;
+        }
+        s.room_waiters.push(cx.waker().clone());
+        Poll::Pending
+    })
+    .await
 }
 
 /// Submits an agent's `Deploy` to the deployer thread and answers `DeployResult` when it is
@@ -335,6 +436,129 @@ async fn submit_deploy(
                 glommio::timer::sleep(Duration::from_millis(5)).await
             }
         }
+    }
+}
+
+/// An attached agent's presence being resynchronised: its queue (or the mesh) could not hold
+/// every change, so it gets a marked snapshot instead of the changes it missed. Every shard is
+/// asked for its home devices online; a shard's changes are discarded until its answer came
+/// (they are older than it), and applied to the collected set after. Once every shard
+/// answered and the agent's queue has room, the set goes out as `PresenceSnapshot` frames.
+pub(crate) struct Resync {
+    /// Per shard: its answer is still awaited.
+    waiting: Vec<bool>,
+    online: HashSet<DeviceId>,
+}
+
+impl Shard {
+    /// A presence change for `agent`, if it is attached here: queued, or folded into (or
+    /// starting) a resync when its queue has no room.
+    pub(crate) fn presence_to_local(&mut self, agent: AgentId, device: DeviceId, online: bool) {
+        let Some(out) = self.local_agents.get(&agent).cloned() else {
+            return;
+        };
+        if let Some(r) = self.resyncs.get_mut(&agent) {
+            let from = home_shard(device, self.nshards);
+            if r.waiting[from] {
+                // Older than the snapshot `from` will send.
+                self.metrics.agent_overflow += 1;
+            } else if online {
+                r.online.insert(device);
+            } else {
+                r.online.remove(&device);
+            }
+            return;
+        }
+        let m = Message::Presence { device, online };
+        if out.fits(m.frame_len()) && out.push(&m) {
+            self.metrics.msgs_out += 1;
+            return;
+        }
+        self.metrics.agent_overflow += 1;
+        self.start_resync(agent);
+    }
+
+    fn start_resync(&mut self, agent: AgentId) {
+        self.resyncs.insert(
+            agent,
+            Resync {
+                waiting: vec![true; self.nshards],
+                online: HashSet::new(),
+            },
+        );
+        for to in 0..self.nshards {
+            self.route(to, ShardMsg::PresenceResync { agent });
+        }
+    }
+
+    /// Shard `from` withheld presence changes for `agent`: resync (just `from` if a resync
+    /// already has its answer, since its changes after that answer are now missing).
+    pub(crate) fn on_presence_gap(&mut self, agent: AgentId, from: usize) {
+        if !self.local_agents.contains_key(&agent) {
+            return;
+        }
+        let nshards = self.nshards;
+        match self.resyncs.get_mut(&agent) {
+            None => self.start_resync(agent),
+            Some(r) if !r.waiting[from] => {
+                r.waiting[from] = true;
+                r.online.retain(|d| home_shard(*d, nshards) != from);
+                self.route(from, ShardMsg::PresenceResync { agent });
+            }
+            Some(_) => {} // its answer is on the way, behind this marker
+        }
+    }
+
+    /// Shard `from`'s home devices online, for `agent`'s resync.
+    pub(crate) fn on_presence_snapshot(
+        &mut self,
+        agent: AgentId,
+        from: usize,
+        devices: Vec<DeviceId>,
+    ) {
+        let Some(r) = self.resyncs.get_mut(&agent) else {
+            return; // the agent left
+        };
+        if !r.waiting[from] {
+            return; // not asked for (cannot happen: one request per wait)
+        }
+        r.waiting[from] = false;
+        r.online.extend(devices);
+        self.emit_resync(agent);
+    }
+
+    /// Sends every finished resync whose agent's queue has room.
+    pub(crate) fn emit_resyncs(&mut self) {
+        let agents: Vec<AgentId> = self.resyncs.keys().copied().collect();
+        for agent in agents {
+            self.emit_resync(agent);
+        }
+    }
+
+    /// Sends `agent`'s snapshot if every shard answered and its queue has room for it.
+    fn emit_resync(&mut self, agent: AgentId) {
+        let Some(r) = self.resyncs.get(&agent) else {
+            return;
+        };
+        if r.waiting.iter().any(|w| *w) {
+            return;
+        }
+        let Some(out) = self.local_agents.get(&agent).cloned() else {
+            self.resyncs.remove(&agent);
+            return;
+        };
+        let mut ids: Vec<DeviceId> = r.online.iter().copied().collect();
+        ids.sort_unstable_by_key(|d| d.0);
+        let frames = Message::presence_snapshot(&ids);
+        if !out.fits(frames.iter().map(Message::frame_len).sum()) {
+            return; // retried when the writer made room
+        }
+        for f in &frames {
+            out.push(f);
+        }
+        self.resyncs.remove(&agent);
+        self.metrics.msgs_out += frames.len() as u64;
+        self.metrics.presence_snapshots += 1;
     }
 }
 

@@ -48,6 +48,10 @@ pub(crate) struct ServerCtx {
     pub guard: GuardConfig,
     /// This shard's share of the process's `accept_rate` (0 = unlimited).
     pub accept_rate_per_shard: u32,
+    /// See `ServeOptions::mesh_capacity`.
+    pub mesh_capacity: usize,
+    /// See `ServeOptions::agent_queue_limit`.
+    pub agent_queue_limit: usize,
     pub shutdown: AtomicBool,
     pub shutdown_grace: Duration,
     pub max_transfers_per_shard: usize,

@@ -3,8 +3,14 @@
 //! talk over the bounded channel mesh ([`mesh::ShardMsg`]).
 //!
 //! One driver task per shard polls only the connections whose sockets are ready (index
-//! wakers, [`wake`]); an accept task, a timer task, one receiver task per peer shard and one
-//! task per attached agent feed it.
+//! wakers, [`wake`]); an accept task, a timer task, one receiver and one drain task per peer
+//! shard and one task per attached agent feed it.
+//!
+//! Cross-shard messages leave through one ordered, bounded outbox per peer ([`mesh`]); a
+//! device message whose agent's queue (or the outbox towards its shard) is full waits, with
+//! the rest of its connection's decoded events, and the connection is not read until room
+//! returns ([`Shard::room_returned`]). Messages received from a peer wait in that peer's
+//! inbox while the agent they are for has no room.
 
 mod agent;
 mod conn;
@@ -17,10 +23,11 @@ mod run;
 mod tlsconn;
 mod wake;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::rc::Rc;
+use std::task::Waker;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
@@ -37,12 +44,13 @@ use crate::registry::LiveRegistry;
 use agent::AgentOut;
 use conn::{Conn, IoOutcome};
 use guard::{Guard, Refusal};
-use mesh::{AgentId, Moved, ShardMsg, agent_shard, home_shard};
+use mesh::{AgentId, Moved, Outboxes, ShardMsg, agent_shard, home_shard};
 use tether_net::detached::Handshake;
 use tether_net::ring::{Completion, Kind, Ring, ring_generation};
 use tether_net::timer::TimerWheel;
 use tlsconn::{CertDevice, TlsConn};
 
+pub use agent::AGENT_QUEUE_LIMIT;
 pub use ctx::TlsState;
 pub(crate) use ctx::{ServerCtx, ShardHandle};
 pub use guard::{Budget, GuardConfig};
@@ -60,6 +68,19 @@ pub const STALL_TOPIC: &[u8] = b"__tether_test_stall__";
 
 /// Read buffer lent to one connection at a time.
 const READ_BUF: usize = 32 * 1024;
+
+/// Most messages received from one peer that wait to be handled; past it, that peer's
+/// receiver stops taking from the channel (which then fills and pushes back on the peer).
+pub(crate) const INBOX_LIMIT: usize = 256;
+
+/// What became of one session event.
+enum Step {
+    Done,
+    /// The connection left this shard.
+    Moved,
+    /// No room where it goes: hold it (and the events after it) and stop reading.
+    Wait(ServerEvent),
+}
 
 /// Everything one shard owns.
 pub(crate) struct Shard {
@@ -92,9 +113,22 @@ pub(crate) struct Shard {
     next_tag: u64,
     next_generation: u32,
     next_session: u64,
-    /// Cross-shard messages received, to handle in the driver.
-    inbox: VecDeque<ShardMsg>,
+    /// Cross-shard messages received, per peer, to handle in the driver in order.
+    inbox: Vec<VecDeque<ShardMsg>>,
+    /// Per peer: its receiver task, waiting for room in `inbox`.
+    inbox_waiters: Vec<Option<Waker>>,
     senders: Option<Rc<Senders<ShardMsg>>>,
+    /// The ordered outbox towards each peer (drained into `senders` by the drain tasks).
+    pub(crate) mesh_out: Outboxes,
+    /// Agent links waiting for room (in an outbox or their own queue).
+    room_waiters: Vec<Waker>,
+    /// Connections whose decoded events wait for room (their socket is not read meanwhile).
+    stalled: HashMap<usize, VecDeque<ServerEvent>>,
+    /// Agents whose presence changes from this shard are withheld: the outbox towards their
+    /// shard was full, and a [`ShardMsg::PresenceGap`] went instead.
+    presence_gap: HashSet<AgentId>,
+    /// Attached agents here whose presence is being resynchronised.
+    resyncs: HashMap<AgentId, agent::Resync>,
     /// Strangers: connections between accept and `Hello`, and the per-source budgets.
     guard: Guard,
     /// When the last guard log line was written (they are rate-limited).
@@ -126,6 +160,7 @@ impl Shard {
         listener: OwnedFd,
     ) -> Self {
         let bucket = run::TokenBucket::new(ctx.accept_rate_per_shard);
+        let mesh_out = Outboxes::new(nshards, ctx.mesh_capacity);
         let mut registry = LiveRegistry::new(ctx.registry.clone());
         let rollout = Shard::new_rollout(&ctx, &mut registry);
         // Headroom over the shard's share: the device hash never splits a fleet exactly, and
@@ -157,8 +192,14 @@ impl Shard {
             next_tag: 1,
             next_generation: 0,
             next_session: (id as u64) << 48 | now_ms() << 8,
-            inbox: VecDeque::new(),
+            inbox: (0..nshards).map(|_| VecDeque::new()).collect(),
+            inbox_waiters: (0..nshards).map(|_| None).collect(),
             senders: None,
+            mesh_out,
+            room_waiters: Vec::new(),
+            stalled: HashMap::new(),
+            presence_gap: HashSet::new(),
+            resyncs: HashMap::new(),
             guard,
             guard_logged: None,
             shutting_down: false,
@@ -386,14 +427,12 @@ impl Shard {
             self.on_completions();
             let mut ready = std::mem::take(&mut self.ready);
             wake::take_ready(&mut ready);
-            let idle = ready.is_empty() && self.inbox.is_empty();
             for &idx in &ready {
                 self.drive(idx, now);
             }
+            let handled = self.handle_inbox(now);
+            let idle = ready.is_empty() && handled == 0;
             self.ready = ready;
-            while let Some(m) = self.inbox.pop_front() {
-                self.handle_msg(m, now);
-            }
             if idle {
                 self.start_waiting(now);
                 self.submit();
@@ -402,6 +441,64 @@ impl Shard {
             self.submit();
         }
         // Still busy: let other tasks (timers, agents, the mesh) run, then continue.
+        wake::wake_driver();
+    }
+
+    /// Handles the messages received from peers, each peer's in order; a peer's queue stops
+    /// at a message for an agent with no room (until [`room_returned`](Self::room_returned)).
+    /// Returns how many were handled.
+    fn handle_inbox(&mut self, now: Instant) -> usize {
+        let mut handled = 0;
+        for peer in 0..self.inbox.len() {
+            while let Some(m) = self.inbox[peer].front() {
+                if self.must_wait(m) {
+                    break;
+                }
+                let m = self.inbox[peer].pop_front().expect("front was Some");
+                self.handle_msg(m, now);
+                handled += 1;
+            }
+            if self.inbox[peer].len() < INBOX_LIMIT {
+                if let Some(w) = self.inbox_waiters[peer].take() {
+                    w.wake();
+                }
+            }
+        }
+        handled
+    }
+
+    /// Whether a message from a peer must wait: a device message for a local agent whose
+    /// queue is full (anything else is taken now; presence is coalesced instead of waiting).
+    fn must_wait(&self, m: &ShardMsg) -> bool {
+        match m {
+            ShardMsg::ToAgent {
+                agent,
+                msg: Message::Deliver { .. },
+            } => self.local_agents.get(agent).is_some_and(|a| !a.has_room()),
+            _ => false,
+        }
+    }
+
+    /// A peer's receiver task: whether its inbox has room; if not, it is woken when it has.
+    pub(crate) fn inbox_room(&mut self, peer: usize, w: &Waker) -> bool {
+        if self.inbox[peer].len() < INBOX_LIMIT {
+            return true;
+        }
+        self.inbox_waiters[peer] = Some(w.clone());
+        false
+    }
+
+    /// Room returned somewhere (an outbox drained to half, an agent's queue was written):
+    /// everything that waited for room tries again — held device events, agent links, peer
+    /// inboxes, presence snapshots.
+    pub(crate) fn room_returned(&mut self) {
+        for &idx in self.stalled.keys() {
+            wake::notify(idx);
+        }
+        for w in self.room_waiters.drain(..) {
+            w.wake();
+        }
+        self.emit_resyncs();
         wake::wake_driver();
     }
 
@@ -435,6 +532,14 @@ impl Shard {
     }
 
     fn drive_inner(&mut self, idx: usize, now: Instant) {
+        if self.stalled.contains_key(&idx) {
+            // Its events wait for room: retry them, and read the socket only once they went.
+            self.after_input(idx, now);
+            if self.conns.contains(idx) && !self.stalled.contains_key(&idx) {
+                wake::notify(idx);
+            }
+            return;
+        }
         let conn = &mut self.conns[idx];
         let outcome = conn.read_step(
             now,
@@ -463,20 +568,39 @@ impl Shard {
         // the session has nothing more to say.
         let mut events = std::mem::take(&mut self.events);
         let mut moved = false;
+        let was_stalled = self.stalled.contains_key(&idx);
         'outer: while self.conns.contains(idx) {
-            while let Some(e) = self.conns[idx].session.poll_event() {
-                events.push(e);
+            if let Some(held) = self.stalled.remove(&idx) {
+                events.extend(held);
+            } else {
+                while let Some(e) = self.conns[idx].session.poll_event() {
+                    events.push(e);
+                }
             }
             if events.is_empty() {
                 break;
             }
-            for e in events.drain(..) {
+            let mut pending = events.drain(..);
+            while let Some(e) = pending.next() {
                 if !self.conns.contains(idx) {
                     break 'outer;
                 }
-                if self.on_event(idx, e, now) {
-                    moved = true;
-                    break 'outer;
+                match self.on_event(idx, e, now) {
+                    Step::Done => {}
+                    Step::Moved => {
+                        moved = true;
+                        break 'outer;
+                    }
+                    Step::Wait(e) => {
+                        let mut held = VecDeque::with_capacity(1 + pending.len());
+                        held.push_back(e);
+                        held.extend(pending);
+                        self.stalled.insert(idx, held);
+                        if !was_stalled {
+                            self.metrics.pushback_device_reads += 1;
+                        }
+                        break 'outer;
+                    }
                 }
             }
         }
@@ -544,6 +668,8 @@ impl Shard {
         self.metrics.ring_busy_retries = ring.busy_retries;
         self.metrics.ring_deferred = ring.deferred;
         self.metrics.ring_backlog = self.ring.backlog() as u64;
+        self.metrics.devices_waiting = self.stalled.len() as u64;
+        self.metrics.mesh_queued = self.mesh_out.queued() as u64;
         expired.clear();
         self.wheel.expire(now, expired);
         for &(idx, generation) in expired.iter() {
@@ -563,8 +689,8 @@ impl Shard {
         }
     }
 
-    /// Acts on one session event. Returns `true` if the connection left this shard.
-    fn on_event(&mut self, idx: usize, e: ServerEvent, now: Instant) -> bool {
+    /// Acts on one session event.
+    fn on_event(&mut self, idx: usize, e: ServerEvent, now: Instant) -> Step {
         match e {
             ServerEvent::Hello { device, .. } => {
                 // No longer a stranger in flight here: its proof is checked next.
@@ -572,7 +698,7 @@ impl Shard {
                 let home = home_shard(device, self.nshards);
                 if home != self.id {
                     self.move_to(idx, home);
-                    return true;
+                    return Step::Moved;
                 }
                 self.authenticate(idx, device, now);
             }
@@ -581,6 +707,24 @@ impl Shard {
                 topic,
                 payload,
             } => {
+                let device = self.conns[idx].session.device();
+                let agent = match device {
+                    Some(d) if !self.agents.is_empty() => Some(
+                        self.agents
+                            [(crate::placement::mix(d.0) % self.agents.len() as u64) as usize],
+                    ),
+                    _ => None,
+                };
+                if let Some(agent) = agent {
+                    if !self.agent_room(agent) {
+                        // Acknowledged only once its agent has it: wait, never drop.
+                        return Step::Wait(ServerEvent::Message {
+                            seq,
+                            topic,
+                            payload,
+                        });
+                    }
+                }
                 self.metrics.msgs_in += 1;
                 // Debug builds only: lets the tests prove a panic closes one connection only.
                 #[cfg(debug_assertions)]
@@ -596,16 +740,14 @@ impl Shard {
                         .min(10_000);
                     std::thread::sleep(std::time::Duration::from_millis(ms));
                 }
-                let Some(device) = self.conns[idx].session.device() else {
-                    return false;
+                let Some(device) = device else {
+                    return Step::Done;
                 };
-                if self.agents.is_empty() {
+                let Some(agent) = agent else {
                     // No agent to take it: leave it unacknowledged; the device resends.
                     self.metrics.undeliverable += 1;
-                    return false;
-                }
-                let agent = self.agents
-                    [(crate::placement::mix(device.0) % self.agents.len() as u64) as usize];
+                    return Step::Done;
+                };
                 self.route(
                     agent_shard(agent),
                     ShardMsg::ToAgent {
@@ -636,7 +778,18 @@ impl Shard {
                 self.unregister(idx);
             }
         }
-        false
+        Step::Done
+    }
+
+    /// Whether a message for `agent` may be queued now: its queue has room if it is attached
+    /// here, else the outbox towards its shard has. (An agent gone meanwhile has room: the
+    /// message is discarded where it was attached, as before it left.)
+    fn agent_room(&mut self, agent: AgentId) -> bool {
+        let to = agent_shard(agent);
+        if to == self.id {
+            return self.local_agents.get(&agent).is_none_or(|a| a.has_room());
+        }
+        self.mesh_out.has_room(to)
     }
 
     fn count_close(&mut self, reason: &CloseReason) {
@@ -834,6 +987,15 @@ impl Shard {
 
     /// Drops a connection.
     fn remove(&mut self, idx: usize) {
+        // Events held for room: the device's acks still answer their agents' sends (its own
+        // messages held were never acknowledged to it, so it still has them).
+        for e in self.stalled.remove(&idx).unwrap_or_default() {
+            if let ServerEvent::Delivered { tag, .. } = e {
+                if let Some((agent, tag)) = self.pending_sends.remove(&tag) {
+                    self.send_result(agent, tag, SendStatus::Delivered);
+                }
+            }
+        }
         self.unregister(idx);
         let mut conn = self.remove_quietly(idx);
         if !conn.closing {
@@ -844,6 +1006,7 @@ impl Shard {
     }
 
     fn remove_quietly(&mut self, idx: usize) -> Conn {
+        self.stalled.remove(&idx);
         let conn = self.conns.remove(idx);
         // A pending poll would keep the socket open after close. The removal goes to the
         // kernel now, before the descriptor is closed or handed to another shard (which may
@@ -859,11 +1022,30 @@ impl Shard {
         conn
     }
 
+    /// Tells every agent that a home device came online or went offline. Towards a shard
+    /// whose outbox is full the change is not queued: the agent's shard is told of the gap
+    /// once, and this shard withholds changes for that agent until it asks for a snapshot.
     fn presence(&mut self, device: DeviceId, online: bool) {
         for i in 0..self.agents.len() {
             let agent = self.agents[i];
+            let to = agent_shard(agent);
+            if to == self.id {
+                self.presence_to_local(agent, device, online);
+                continue;
+            }
+            if self.presence_gap.contains(&agent) {
+                self.metrics.agent_overflow += 1;
+                continue;
+            }
+            if !self.mesh_out.has_room(to) {
+                self.metrics.agent_overflow += 1;
+                self.presence_gap.insert(agent);
+                let from = self.id;
+                self.route(to, ShardMsg::PresenceGap { agent, from });
+                continue;
+            }
             self.route(
-                agent_shard(agent),
+                to,
                 ShardMsg::ToAgent {
                     agent,
                     msg: Message::Presence { device, online },
@@ -882,24 +1064,27 @@ impl Shard {
         );
     }
 
-    /// Delivers a message to shard `to`: handled at once if that is us.
+    /// Delivers a message to shard `to`: handled at once if that is us, else into the
+    /// channel if nothing is queued before it, else behind the rest of the outbox towards
+    /// `to` (in order; producers that can wait checked [`Outboxes::has_room`] first).
     fn route(&mut self, to: usize, msg: ShardMsg) {
         if to == self.id {
             self.handle_msg(msg, Instant::now());
             return;
         }
-        let Some(senders) = self.senders.clone() else {
+        let Some(senders) = self.senders.as_ref() else {
             return;
         };
-        if let Err(glommio::GlommioError::WouldBlock(glommio::ResourceType::Channel(msg))) =
-            senders.try_send_to(to, msg)
-        {
-            // The peer's queue is full: wait for room without blocking this shard.
-            glommio::spawn_local(async move {
-                let _ = senders.send_to(to, msg).await;
-            })
-            .detach();
-        }
+        let msg = if self.mesh_out.is_idle(to) {
+            match senders.try_send_to(to, msg) {
+                Err(glommio::GlommioError::WouldBlock(glommio::ResourceType::Channel(m))) => m,
+                // Sent, or the peer is gone (shutting down): nothing to keep.
+                _ => return,
+            }
+        } else {
+            msg
+        };
+        self.mesh_out.push(to, msg);
     }
 
     fn handle_msg(&mut self, msg: ShardMsg, now: Instant) {
@@ -910,7 +1095,11 @@ impl Shard {
                     self.agents.push(agent);
                 }
             }
-            ShardMsg::AgentDown { agent } => self.agents.retain(|a| *a != agent),
+            ShardMsg::AgentDown { agent } => {
+                self.agents.retain(|a| *a != agent);
+                self.presence_gap.remove(&agent);
+                self.resyncs.remove(&agent);
+            }
             ShardMsg::ToDevice {
                 device,
                 agent,
@@ -924,15 +1113,36 @@ impl Shard {
                     wake::notify(idx);
                 }
             }
+            ShardMsg::ToAgent {
+                agent,
+                msg: Message::Presence { device, online },
+            } => self.presence_to_local(agent, device, online),
             ShardMsg::ToAgent { agent, msg } => {
                 if let Some(a) = self.local_agents.get(&agent) {
                     if a.push(&msg) {
                         self.metrics.msgs_out += 1;
-                    } else {
-                        self.metrics.agent_overflow += 1;
                     }
                 }
             }
+            ShardMsg::PresenceGap { agent, from } => self.on_presence_gap(agent, from),
+            ShardMsg::PresenceResync { agent } => {
+                self.presence_gap.remove(&agent);
+                let devices = self.devices.keys().copied().collect();
+                let from = self.id;
+                self.route(
+                    agent_shard(agent),
+                    ShardMsg::PresenceSnapshot {
+                        agent,
+                        from,
+                        devices,
+                    },
+                );
+            }
+            ShardMsg::PresenceSnapshot {
+                agent,
+                from,
+                devices,
+            } => self.on_presence_snapshot(agent, from, devices),
         }
     }
 

@@ -1,4 +1,5 @@
-//! A shard's tasks: the driver, the accept loops, the mesh receivers and the timer.
+//! A shard's tasks: the driver, the accept loops, the mesh receivers and drain tasks, and
+//! the timer.
 
 use std::cell::RefCell;
 use std::future::poll_fn;
@@ -63,7 +64,8 @@ async fn serve_shard(
         ring,
         device_listener,
     )));
-    shard.borrow_mut().senders = Some(Rc::new(senders));
+    let senders = Rc::new(senders);
+    shard.borrow_mut().senders = Some(senders.clone());
     shard.borrow_mut().admit(Instant::now());
     shard.borrow_mut().submit();
     let _ = handle.ready.send(Ok(local));
@@ -80,12 +82,40 @@ async fn serve_shard(
     })
     .detach();
 
-    for (_peer, rx) in receivers.streams() {
+    // One receiver per peer: takes from the channel while that peer's inbox has room (else
+    // the channel fills and the peer's outbox pushes back on its producers).
+    for (peer, rx) in receivers.streams() {
         let shard = shard.clone();
         glommio::spawn_local(async move {
-            while let Some(m) = rx.recv().await {
-                shard.borrow_mut().inbox.push_back(m);
+            loop {
+                poll_fn(|cx| {
+                    if shard.borrow_mut().inbox_room(peer, cx.waker()) {
+                        Poll::Ready(())
+                    } else {
+                        Poll::Pending
+                    }
+                })
+                .await;
+                let Some(m) = rx.recv().await else { break };
+                shard.borrow_mut().inbox[peer].push_back(m);
                 wake::wake_driver();
+            }
+        })
+        .detach();
+    }
+    // One drain task per peer: moves its outbox into the channel, in order, waiting for room.
+    for peer in (0..nshards).filter(|&p| p != id) {
+        let shard = shard.clone();
+        let senders = senders.clone();
+        glommio::spawn_local(async move {
+            loop {
+                let m = poll_fn(|cx| shard.borrow_mut().mesh_out.poll_next(peer, cx)).await;
+                // An error: the peer is gone (shutting down); the message goes with it.
+                let _ = senders.send_to(peer, m).await;
+                let mut s = shard.borrow_mut();
+                if s.mesh_out.sent(peer) {
+                    s.room_returned();
+                }
             }
         })
         .detach();

@@ -575,6 +575,34 @@ impl Agent {
         a
     }
 
+    /// Attaches over `sock`, a plain TCP connection to the agent port the caller made (e.g.
+    /// with a small receive buffer, for an agent that reads slowly).
+    pub fn attach_on(server: &Server, sock: TcpStream) -> Agent {
+        let token = std::fs::read_to_string(server.dir.join("agent.token")).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let mut a = Agent {
+            link: Box::new(sock),
+            dec: FrameDecoder::new(DEFAULT_AGENT_MAX_FRAME),
+        };
+        a.send(&Message::AgentHello {
+            version: PROTOCOL_VERSION,
+            token: Bytes::copy_from_slice(token.trim().as_bytes()),
+            name: Bytes::from_static(b"test-agent"),
+        });
+        a
+    }
+
+    /// Writes all of `ms` with one write (so the server reads them in a burst).
+    pub fn send_all(&mut self, ms: &[Message]) {
+        let mut b = BytesMut::new();
+        for m in ms {
+            m.encode(&mut b).unwrap();
+        }
+        self.link.write_all(&b).unwrap();
+        self.link.flush().unwrap();
+    }
+
     pub fn send(&mut self, m: &Message) {
         let mut b = BytesMut::new();
         m.encode(&mut b).unwrap();
