@@ -140,6 +140,29 @@ fn wait_for(what: &str, d: Duration, mut done: impl FnMut() -> bool) {
     }
 }
 
+/// Waits until `view` has nobody online and no snapshot open; panics with what it lacks.
+fn wait_all_offline(name: &str, view: &Mutex<View>, d: Duration) {
+    let end = Instant::now() + d;
+    loop {
+        {
+            let v = view.lock().unwrap();
+            let (by_change, by_snapshot) = v.offline();
+            if v.open_snapshot.is_none() && v.online() == 0 && v.devices.len() == DEVICES as usize {
+                return;
+            }
+            assert!(
+                Instant::now() < end,
+                "{name} agent: still {} online, {} never heard of, offline by change \
+                 {by_change}, by snapshot {by_snapshot}, {} snapshots (a silent gap)",
+                v.online(),
+                DEVICES as usize - v.devices.len(),
+                v.snapshots
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn every_agent_accounts_for_ten_thousand_devices_dropping_at_once() {
     let s = Arc::new(Server::start(
@@ -214,14 +237,9 @@ fn every_agent_accounts_for_ten_thousand_devices_dropping_at_once() {
         s.stats().total.connections_open == 0
     });
     eprintln!("all gone on the server in {:?}", dropped.elapsed());
-    wait_for("the reading agent to see every device offline", T, || {
-        fast.lock().unwrap().online() == 0
-    });
+    wait_all_offline("reading", &fast, T);
     slow_go.store(true, Ordering::Relaxed);
-    wait_for("the slow agent to catch up", T, || {
-        let v = slow.lock().unwrap();
-        v.open_snapshot.is_none() && v.devices.len() == DEVICES as usize && v.online() == 0
-    });
+    wait_all_offline("slow", &slow, T);
     // Nothing more is on the way: a late frame would still be applied and checked.
     std::thread::sleep(Duration::from_millis(500));
     stop.store(true, Ordering::Relaxed);
