@@ -92,3 +92,87 @@ fn agent_sends_through_a_full_mesh_arrive_in_order_with_push_back() {
         "the full mesh never pushed back: {m:?}"
     );
 }
+
+/// Device messages for an agent whose queue is full wait (the device's socket is not read,
+/// counted) instead of being dropped: a slow agent gets every one, in order, once it reads.
+#[test]
+fn device_messages_for_a_full_agent_queue_wait_and_none_is_lost() {
+    // 8 MiB in all: more than the kernel's socket buffers hold towards an agent not reading.
+    const N: u64 = 2000;
+    let s = Server::start(
+        64,
+        &[
+            "--shards",
+            "2",
+            "--agent-queue-limit",
+            "4096",
+            "--mesh-capacity",
+            "8",
+        ],
+    );
+    // An agent that reads nothing for a while, through a small window.
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.connect(&s.agents.into()).unwrap();
+    let mut agent = Agent::attach_on(&s, std::net::TcpStream::from(sock));
+    let end = Instant::now() + T;
+    while s.stats().total.agents_attached < 1 {
+        assert!(Instant::now() < end, "agent not attached");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut cfg = s.config(5);
+    cfg.outbox_limit = N as u32;
+    cfg.resend_after = Duration::from_secs(120);
+    let mut d = common::Device::connect(&s, cfg);
+    assert!(d.established());
+    let payload = Bytes::from(vec![7u8; 4096]);
+    for _ in 0..N {
+        d.session
+            .send(Instant::now(), Bytes::from_static(b"t"), payload.clone())
+            .unwrap();
+    }
+    // The device writes what the server reads; the agent reads nothing yet.
+    let device = std::thread::spawn(move || {
+        d.pump_until(Duration::from_secs(60), |ev| {
+            ev.iter()
+                .filter(|e| matches!(e, DeviceEvent::Acked { .. }))
+                .count() as u64
+                >= N
+        });
+        d
+    });
+    // Until the server pushed back, or took every message (as it did when it dropped what
+    // the agent's queue could not hold).
+    let end = Instant::now() + T;
+    loop {
+        let m = s.stats().total;
+        if m.pushback_device_reads > 0 || m.msgs_in >= N {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "the device's messages went nowhere: {m:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Now read: every message, in order, each acknowledged.
+    let mut seqs = Vec::new();
+    let end = Instant::now() + T;
+    while (seqs.len() as u64) < N && Instant::now() < end {
+        if let Some(Message::Deliver { device, seq, .. }) = agent.recv(Duration::from_millis(200)) {
+            seqs.push(seq.0);
+            agent.send(&Message::DeliverAck { device, seq });
+        }
+    }
+    let want: Vec<u64> = (1..=N).collect();
+    assert_eq!(seqs, want, "device messages lost or out of order");
+    let d = device.join().unwrap();
+    assert_eq!(
+        d.session.unacked(),
+        0,
+        "the device still holds unacked messages"
+    );
+    let m = s.stats().total;
+    assert!(m.pushback_device_reads >= 1, "no push-back counted: {m:?}");
+    assert_eq!(m.agent_overflow, 0, "frames dropped: {m:?}");
+}

@@ -3,6 +3,9 @@
 //! (checked in constant time), then send to devices and receive every device message and
 //! presence change. Agents are few, so each gets a task (unlike devices), and a second task
 //! writes its outbound queue; the TLS handshake and the `AgentHello` each have 5 s.
+//!
+//! The outbound queue is bounded by push-back, not by dropping ([`AgentOut`]); presence
+//! changes it cannot hold are coalesced into a marked `PresenceSnapshot` ([`Resync`]).
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashSet;

@@ -9,7 +9,7 @@
 //! Cross-shard messages leave through one ordered, bounded outbox per peer ([`mesh`]); a
 //! device message whose agent's queue (or the outbox towards its shard) is full waits, with
 //! the rest of its connection's decoded events, and the connection is not read until room
-//! returns ([`Shard::room_returned`]). Messages received from a peer wait in that peer's
+//! returns (`Shard::room_returned`). Messages received from a peer wait in that peer's
 //! inbox while the agent they are for has no room.
 
 mod agent;
