@@ -35,7 +35,7 @@ use tether_net::detached::{
 };
 
 /// The core tests' in-memory TLS pairs: configs and the handshake loop.
-#[path = "../../core/tests/common/tls_pair.rs"]
+#[path = "../../net/tests/common/tls_pair.rs"]
 mod tls_pair;
 
 /// Operations past this many are ignored.

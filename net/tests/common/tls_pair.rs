@@ -12,7 +12,6 @@ use rustls::{
     ClientConfig, ClientConnection, HandshakeKind, ServerConfig, ServerConnection,
     SupportedCipherSuite,
 };
-use tether_core::pki::DevPki;
 use tether_net::detached::{ClientHandshake, DetachedClientTls, DetachedTls, Handshake};
 use tether_net::tls::{self, ClientTlsOptions, TlsOptions};
 
@@ -36,13 +35,56 @@ impl Drop for Dir {
     }
 }
 
+/// A throwaway CA and a server certificate it signed for `localhost`, written as PEM files
+/// under `dir/tls/` (the same shape as the server's dev PKI, made here so that these tests
+/// and the fuzz target need nothing of the server). Made once per directory: a second call
+/// finds the first one's files, so every config made from one directory trusts one CA.
+pub struct TestPki {
+    pub ca_cert: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+}
+
+impl TestPki {
+    pub fn make(dir: &Path) -> TestPki {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+        let tls_dir = dir.join("tls");
+        let pki = TestPki {
+            ca_cert: tls_dir.join("ca.pem"),
+            server_cert: tls_dir.join("server.pem"),
+            server_key: tls_dir.join("server.key"),
+        };
+        if pki.server_key.exists() {
+            return pki;
+        }
+        std::fs::create_dir_all(&tls_dir).unwrap();
+        let ca_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.distinguished_name
+            .push(DnType::CommonName, "Tether test CA");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca, ca_key);
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut leaf = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        leaf.distinguished_name
+            .push(DnType::CommonName, "localhost");
+        let cert = leaf.signed_by(&key, &issuer).unwrap();
+        std::fs::write(&pki.ca_cert, ca_cert.pem()).unwrap();
+        std::fs::write(&pki.server_cert, cert.pem()).unwrap();
+        // The key last: its presence says the set is complete.
+        std::fs::write(&pki.server_key, key.serialize_pem()).unwrap();
+        pki
+    }
+}
+
 /// The server config of `tls::server_config` (secret extraction on), optionally limited to
 /// one cipher suite; and the standard client config.
 pub fn configs(
     dir: &Path,
     suite: Option<SupportedCipherSuite>,
-) -> (Arc<ServerConfig>, Arc<ClientConfig>, DevPki) {
-    let pki = DevPki::ensure(dir).unwrap();
+) -> (Arc<ServerConfig>, Arc<ClientConfig>, TestPki) {
+    let pki = TestPki::make(dir);
     let opts = TlsOptions {
         secret_extraction: true,
         ..TlsOptions::default()
@@ -242,7 +284,7 @@ impl Pair {
 
 /// The standard client config with secret extraction on (the detached client needs it).
 pub fn detaching_client(dir: &Dir) -> Arc<ClientConfig> {
-    let pki = tether_core::pki::DevPki::ensure(&dir.0).unwrap();
+    let pki = TestPki::make(&dir.0);
     tls::client_config(
         &pki.ca_cert,
         &ClientTlsOptions {

@@ -316,7 +316,7 @@ fn handshake_error_hands_out_rustls_alert() {
 #[test]
 fn config_without_secret_extraction_is_refused() {
     let dir = Dir::new("det-no-extract");
-    let pki = tether_core::pki::DevPki::ensure(&dir.0).unwrap();
+    let pki = tls_pair::TestPki::make(&dir.0);
     let opts = tether_net::tls::TlsOptions::default();
     let server = tether_net::tls::server_config(&pki.server_cert, &pki.server_key, &opts).unwrap();
     let err = tether_net::detached::Handshake::new(server).unwrap_err();

@@ -4,7 +4,7 @@
 //! C allocations: `tether serve` runs mimalloc, whose 4 MiB segments make RSS grow in steps
 //! too coarse (≈ 400 B per connection at 10,000) for this measurement.
 //!
-//! `cargo run -p tether-core --example tls_state_rss -- <mode> [count]`, mode one of
+//! `cargo run -p tether-net --release --example tls_state_rss -- <mode> [count]`, mode one of
 //! (optionally followed by `chacha20` or `aes128` to pin the suite; default AES-256-GCM)
 //! `detached`, `detached-no-ks` (key schedule forgotten), `restored` (from bytes),
 //! `unbuffered` (handshake done, not detached), `buffered` (rustls `ServerConnection`);
