@@ -178,8 +178,22 @@ counters! {
     heartbeat_timeouts: Counter,
     /// Connections refused because the shard was overloaded.
     shed: Counter,
-    /// Panics caught while handling a connection.
+    /// Panics caught in a shard's steps, every site (each closed only what it concerned).
     panics_caught: Counter,
+    /// Panics caught starting a newly accepted connection.
+    panics_accept: Counter,
+    /// Panics caught handling an expired deadline of a connection.
+    panics_timer: Counter,
+    /// Panics caught adopting a connection moved from another shard.
+    panics_adopt: Counter,
+    /// Panics caught handling a message from another shard.
+    panics_mesh: Counter,
+    /// Panics caught handling a frame from an agent (its link was closed).
+    panics_agent: Counter,
+    /// Panics caught offering a deploy's code to a device.
+    panics_rollout: Counter,
+    /// Panics caught applying a registry change.
+    panics_registry: Counter,
     /// Device messages left unacknowledged because no agent was attached (the device resends).
     undeliverable: Counter,
     /// Presence changes not queued for an agent (its queue, or the mesh towards its shard,

@@ -14,8 +14,8 @@ use bytes::Bytes;
 use common::Server;
 use serde_json::Value;
 use tether_core::admin::admin_request;
+use tether_core::placement::home_shard;
 use tether_core::shard::STALL_TOPIC;
-use tether_core::shard::mesh::home_shard;
 use tether_protocol::DeviceId;
 use tether_protocol::device::DeviceEvent;
 

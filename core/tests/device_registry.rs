@@ -15,7 +15,7 @@ use common::{Agent, Device, Server};
 use tether_core::admin::{AdminError, admin_request};
 use tether_core::devices::{self, AddReport, DeviceInfo};
 use tether_core::fsutil::from_hex;
-use tether_core::shard::mesh::home_shard;
+use tether_core::placement::home_shard;
 use tether_protocol::auth::DeviceKey;
 use tether_protocol::device::{DeviceConfig, DeviceEvent};
 use tether_protocol::message::{ErrorCode, GoodbyeReason, SendStatus};

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use common::{Agent, Server};
 use tether_core::metrics::MetricsSnapshot;
-use tether_core::shard::mesh::home_shard;
+use tether_core::placement::home_shard;
 use tether_protocol::device::DeviceSession;
 use tether_protocol::{DeviceId, Message, Seq};
 

@@ -4,7 +4,7 @@
 mod common;
 
 use common::Server;
-use tether_core::shard::mesh::home_shard;
+use tether_core::placement::home_shard;
 use tether_protocol::DeviceId;
 
 #[test]

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::{Agent, Server};
-use tether_core::shard::mesh::home_shard;
+use tether_core::placement::home_shard;
 use tether_protocol::device::DeviceEvent;
 use tether_protocol::{DeviceId, Message};
 

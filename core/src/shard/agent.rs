@@ -20,7 +20,8 @@ use tether_protocol::codec::{DEFAULT_AGENT_MAX_FRAME, FrameDecoder};
 use tether_protocol::message::ErrorCode;
 use tether_protocol::{CodeVersion, DeviceId, Digest, Message, PROTOCOL_VERSION};
 
-use super::mesh::{AgentId, ShardMsg, home_shard};
+use super::contain::{self, Site};
+use super::route::{AgentId, ShardMsg, home_shard};
 use super::{Shard, now_ms, wake};
 use crate::deploy::{DEPLOY_TIMEOUT, DeployReport, DeployRequest};
 use crate::fsutil::from_hex;
@@ -129,7 +130,7 @@ impl AgentOut {
         self.wanted.replace(false)
     }
 
-    fn close(&self) {
+    pub(super) fn close(&self) {
         self.closed.set(true);
         if let Some(w) = self.waker.borrow_mut().take() {
             w.wake();
@@ -321,10 +322,27 @@ where
                 agent_deploy(&shard, out.clone(), group, blob);
             }
             Ok(Some(m)) => {
-                let mut s = shard.borrow_mut();
-                s.metrics.msgs_in += 1;
-                if let Some(reply) = s.on_agent_frame(agent, m) {
-                    out.push(&reply);
+                // Contained: a panic handling the frame closes this agent link only.
+                let handled = {
+                    let mut s = shard.borrow_mut();
+                    s.metrics.msgs_in += 1;
+                    let mut reply = None;
+                    s.contained(Site::Agent, |s| reply = s.on_agent_frame(agent, m))
+                        .then_some(reply)
+                };
+                match handled {
+                    Some(Some(reply)) => {
+                        out.push(&reply);
+                    }
+                    Some(None) => {}
+                    None => {
+                        out.push(&Message::Error {
+                            code: ErrorCode::Internal,
+                            message: Bytes::from_static(b"internal error handling that frame"),
+                        });
+                        glommio::timer::sleep(Duration::from_millis(50)).await;
+                        break;
+                    }
                 }
                 wake::wake_driver();
             }
@@ -582,6 +600,7 @@ impl Shard {
                 topic,
                 payload,
             } => {
+                contain::inject(Site::Agent, Some(device));
                 let home = home_shard(device, self.nshards);
                 self.route(
                     home,

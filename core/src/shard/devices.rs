@@ -9,7 +9,7 @@ use std::time::Instant;
 use tether_protocol::message::{GoodbyeReason, SendStatus};
 use tether_protocol::{CodeVersion, DeviceId};
 
-use super::mesh::home_shard;
+use super::route::home_shard;
 use super::{Shard, now_ms, wake};
 use crate::devices::{DeviceInfo, RegistryMsg, Revoked, ShardDevices};
 use crate::registry::GroupId;

@@ -17,6 +17,7 @@ use slab::Slab;
 
 use super::ServerCtx;
 use super::conn::Conn;
+use super::contain::{self, Site};
 use super::{Shard, wake};
 use crate::codestore::Deployed;
 use crate::deploy::GroupRollout;
@@ -110,6 +111,7 @@ impl Rollout {
 
     /// A new current version for `group`: offered to each of its connected devices here
     /// (`devices`: device and slot). Versions only go forward; an older one is ignored.
+    #[cfg(test)]
     pub(crate) fn set_code(
         &mut self,
         group: GroupId,
@@ -119,10 +121,28 @@ impl Rollout {
         devices: &[(DeviceId, usize)],
         out: &mut dyn Outlet,
     ) {
-        if self.code.get(&group).is_some_and(|c| c.version >= version) {
+        if !self.set_current(group, version, digest, blob) {
             return;
         }
-        let size = blob.len() as u64;
+        for &(device, idx) in devices {
+            self.offer_current(device, idx, group, out);
+        }
+        self.start_queued(out);
+    }
+
+    /// Makes `version` the current code of `group`; `false` (nothing changed) if it is not
+    /// newer than the current one. Its connected devices are then offered it one by one
+    /// ([`offer_current`](Self::offer_current)), then [`start_queued`](Self::start_queued).
+    pub(crate) fn set_current(
+        &mut self,
+        group: GroupId,
+        version: CodeVersion,
+        digest: Digest,
+        blob: Bytes,
+    ) -> bool {
+        if self.code.get(&group).is_some_and(|c| c.version >= version) {
+            return false;
+        }
         self.code.insert(
             group,
             Code {
@@ -131,23 +151,36 @@ impl Rollout {
                 blob,
             },
         );
-        for &(device, idx) in devices {
-            let s = self.stale.entry(device).or_insert(Stale {
-                idx,
-                group,
-                phase: Phase::Offered,
-                failed: false,
-            });
-            if matches!(s.phase, Phase::Active(_)) {
-                self.active -= 1;
-            }
-            s.phase = Phase::Offered;
-            s.failed = false;
-            self.counters.offers += 1;
-            out.send(idx, &offer(version, size, digest));
-            out.wake(idx);
+        true
+    }
+
+    /// Offers `group`'s current code to its device connected in slot `idx` (an offer in
+    /// progress or a transfer is replaced: the device starts over on the new version).
+    pub(crate) fn offer_current(
+        &mut self,
+        device: DeviceId,
+        idx: usize,
+        group: GroupId,
+        out: &mut dyn Outlet,
+    ) {
+        let Some(c) = self.code.get(&group) else {
+            return;
+        };
+        let offer = offer(c.version, c.blob.len() as u64, c.digest);
+        let s = self.stale.entry(device).or_insert(Stale {
+            idx,
+            group,
+            phase: Phase::Offered,
+            failed: false,
+        });
+        if matches!(s.phase, Phase::Active(_)) {
+            self.active -= 1;
         }
-        self.start_queued(out);
+        s.phase = Phase::Offered;
+        s.failed = false;
+        self.counters.offers += 1;
+        out.send(idx, &offer);
+        out.wake(idx);
     }
 
     /// A device's session was established here, running `running`.
@@ -308,7 +341,7 @@ impl Rollout {
     }
 
     /// Starts waiting transfers while slots are free.
-    fn start_queued(&mut self, out: &mut dyn Outlet) {
+    pub(crate) fn start_queued(&mut self, out: &mut dyn Outlet) {
         while self.active < self.max_transfers {
             let Some(device) = self.queue.pop_front() else {
                 return;
@@ -407,13 +440,12 @@ impl Shard {
     /// it later get its code).
     pub(super) fn new_rollout(ctx: &ServerCtx, registry: &mut LiveRegistry) -> Rollout {
         let mut r = Rollout::new(ctx.max_transfers_per_shard, SenderConfig::default());
-        let mut none = Conns(&mut Slab::new());
         for d in &ctx.code_at_start {
             if let Ok(g) = registry.intern(&d.group) {
                 // Our own copy: slicing a blob shared with other cores would bounce its
                 // reference count between them on every chunk.
                 let blob = Bytes::copy_from_slice(&d.blob);
-                r.set_code(g, d.version, d.digest, blob, &[], &mut none);
+                r.set_current(g, d.version, d.digest, blob);
             }
         }
         r
@@ -454,11 +486,18 @@ impl Shard {
     }
 
     /// A deploy: the group's new code, offered to its devices connected here (and kept for
-    /// devices that join the group later, even if it has none yet).
+    /// devices that join the group later, even if it has none yet). Each device's offer is a
+    /// contained step: a panic in one closes that device's connection only.
     pub(crate) fn on_deployed(&mut self, d: &Deployed) {
         let Ok(g) = self.registry.intern(&d.group) else {
             return; // the code store refuses such names; nothing can be in this group
         };
+        // Our own copy: slicing a blob shared with other cores would bounce its reference
+        // count between them on every chunk.
+        let blob = Bytes::copy_from_slice(&d.blob);
+        if !self.rollout.set_current(g, d.version, d.digest, blob) {
+            return;
+        }
         let registry = &self.registry;
         let devices: Vec<(DeviceId, usize)> = self
             .devices
@@ -466,10 +505,17 @@ impl Shard {
             .filter(|(dev, _)| registry.get(**dev).is_some_and(|e| e.group == g))
             .map(|(dev, idx)| (*dev, *idx))
             .collect();
-        let blob = Bytes::copy_from_slice(&d.blob);
-        let out = &mut Conns(&mut self.conns);
-        self.rollout
-            .set_code(g, d.version, d.digest, blob, &devices, out);
+        for (device, idx) in devices {
+            self.contained(Site::Rollout, |s| {
+                s.blame(idx);
+                contain::inject(Site::Rollout, Some(device));
+                s.rollout
+                    .offer_current(device, idx, g, &mut Conns(&mut s.conns));
+            });
+        }
+        self.contained(Site::Rollout, |s| {
+            s.rollout.start_queued(&mut Conns(&mut s.conns))
+        });
     }
 
     /// This shard's rollout per group, named.

@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use glommio::channels::channel_mesh::MeshBuilder;
 use glommio::net::TcpListener;
 
-use super::mesh::ShardMsg;
+use super::contain::{self, Site};
+use super::route::ShardMsg;
 use super::{ServerCtx, ShardHandle};
 use super::{Shard, agent, wake};
 use tether_net::ring::{self, Doorbell, Ring};
@@ -154,12 +155,16 @@ async fn serve_shard(
                 glommio::timer::sleep(TICK).await;
                 let now = Instant::now();
                 let mut s = shard.borrow_mut();
-                s.tick(now, &mut expired);
+                // Each connection's deadline is contained in `tick`; this catches the rest
+                // of it (admission, the guard's sweep), so a panic there skips one tick.
+                if contain::run(|| s.tick(now, &mut expired)).is_none() {
+                    s.count_panic(Site::Timer);
+                }
                 while let Ok(d) = deploys.try_recv() {
                     s.on_deployed(&d);
                 }
                 while let Ok(m) = registry.try_recv() {
-                    s.on_registry(m);
+                    s.contained(Site::Registry, |s| s.on_registry(m));
                 }
                 // After this tick's deploys and registry changes, so a scrape that waits for
                 // a newer snapshot sees them. A copy into this shard's own slot (skipped if a

@@ -49,6 +49,12 @@ impl Server {
     /// Starts `tether serve` with `count` devices spread round-robin over `groups`
     /// (comma-separated).
     pub fn start_with_groups(count: u64, groups: &str, extra: &[&str]) -> Server {
+        Self::start_env(count, groups, extra, &[])
+    }
+
+    /// [`start_with_groups`](Self::start_with_groups), with environment variables for the
+    /// server process.
+    pub fn start_env(count: u64, groups: &str, extra: &[&str], env: &[(&str, &str)]) -> Server {
         let dir = std::env::temp_dir().join(format!(
             "tether-test-{}-{}",
             std::process::id(),
@@ -71,7 +77,7 @@ impl Server {
             .status()
             .unwrap();
         assert!(st.success());
-        Self::spawn(dir, extra)
+        Self::spawn(dir, extra, env)
     }
 
     /// Stops this server (SIGTERM, then kill) and starts another on the same data directory
@@ -84,15 +90,15 @@ impl Server {
         let dir = std::mem::take(&mut self.dir);
         // `self` is dropped without removing the directory (its path is now empty).
         drop(self);
-        Self::spawn(dir, extra)
+        Self::spawn(dir, extra, &[])
     }
 
     /// Starts the server on free ports. A port picked free can be taken by a parallel test
     /// before the server binds it (the server then exits at once): try again with new ports.
-    fn spawn(dir: PathBuf, extra: &[&str]) -> Server {
+    fn spawn(dir: PathBuf, extra: &[&str], env: &[(&str, &str)]) -> Server {
         let mut last = Vec::new();
         for _ in 0..3 {
-            match Self::spawn_once(&dir, extra) {
+            match Self::spawn_once(&dir, extra, env) {
                 Ok(s) => return s,
                 Err(lines) => last = lines,
             }
@@ -100,7 +106,11 @@ impl Server {
         panic!("server did not start: {last:?}");
     }
 
-    fn spawn_once(dir: &std::path::Path, extra: &[&str]) -> Result<Server, Vec<String>> {
+    fn spawn_once(
+        dir: &std::path::Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Server, Vec<String>> {
         let dir = dir.to_path_buf();
         let bin = env!("CARGO_BIN_EXE_tether");
         let devices: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
@@ -114,6 +124,7 @@ impl Server {
             .args(["--agent-listen", &agents.to_string()])
             .args(["--admin-listen", &admin.to_string()])
             .args(extra)
+            .envs(env.iter().copied())
             .stderr(Stdio::piped())
             .stdout(Stdio::null())
             .spawn()
