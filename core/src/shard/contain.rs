@@ -52,7 +52,11 @@ pub enum Site {
 }
 
 impl Site {
-    /// Every site.
+    /// Every site (the test hook parses names against it).
+    #[cfg_attr(
+        not(debug_assertions),
+        expect(dead_code, reason = "used by the debug-build test hook")
+    )]
     pub const ALL: [Site; 8] = [
         Site::Drive,
         Site::Accept,
@@ -129,6 +133,12 @@ impl Shard {
 
     /// Counts a caught panic at `site`.
     pub(super) fn count_panic(&mut self, site: Site) {
+        // The panic hook printed the message and where; this says what was closed for it.
+        eprintln!(
+            "tether: shard {}: panic caught in a {} step; what it concerned was closed",
+            self.id,
+            site.name()
+        );
         let m = &mut self.metrics;
         m.panics_caught += 1;
         m.error(ErrorKind::Panic);
