@@ -16,12 +16,11 @@ use tether_protocol::{DeviceId, Message};
 
 const T: Duration = Duration::from_secs(5);
 
-/// A two-shard server whose step at `site` panics for `victim`.
-fn server(site: &str, victim: u64, extra: &[&str]) -> Server {
-    let spec = format!("{site}:{victim}");
+/// A two-shard server with the faults `spec` (`site:device,…`).
+fn server(spec: &str, extra: &[&str]) -> Server {
     let mut args = vec!["--shards", "2"];
     args.extend_from_slice(extra);
-    Server::start_env(40, "default", &args, &[("TETHER_TEST_PANIC", &spec)])
+    Server::start_env(40, "default", &args, &[("TETHER_TEST_PANIC", spec)])
 }
 
 /// The server still serves on both shards: a device homed on each connects, and every shard
@@ -81,7 +80,7 @@ fn send_result(a: &mut Agent, want: u64) -> Option<SendStatus> {
 
 #[test]
 fn a_panic_in_a_connections_step_closes_it_only() {
-    let s = server("drive", 3, &[]);
+    let s = server("drive:3", &[]);
     let mut victim = s.device(3);
     let mut bystander = s.device(4);
     assert!(victim.established() && bystander.established());
@@ -98,7 +97,7 @@ fn a_panic_in_a_connections_step_closes_it_only() {
 #[test]
 fn a_panic_in_the_timer_tick_closes_its_connection_only() {
     // Heartbeat 1 s: the server's idle deadline (2.5 s) is the timer that fires.
-    let s = server("timer", 3, &["--heartbeat-s", "1"]);
+    let s = server("timer:3", &["--heartbeat-s", "1"]);
     let mut victim = s.device(3);
     let mut bystander = s.device(4);
     assert!(victim.established() && bystander.established());
@@ -118,7 +117,7 @@ fn a_panic_in_the_timer_tick_closes_its_connection_only() {
 
 #[test]
 fn a_panic_adopting_a_moved_connection_closes_it_only() {
-    let s = server("adopt", 3, &[]);
+    let s = server("adopt:3", &[]);
     let mut bystander = s.device(4);
     assert!(bystander.established());
     // A connection is moved when it was accepted on the other shard (the kernel's
@@ -144,12 +143,7 @@ fn a_panic_handling_a_mesh_message_closes_the_device_it_was_for_and_answers_the_
     // the mesh (the agent's shard is known only once it attached).
     let victims = one_per_shard(1);
     let spec = format!("mesh:{},mesh:{}", victims[0], victims[1]);
-    let s = Server::start_env(
-        40,
-        "default",
-        &["--shards", "2"],
-        &[("TETHER_TEST_PANIC", &spec)],
-    );
+    let s = server(&spec, &[]);
     let (mut agent, shard) = attach(&s);
     let victim = victims[1 - shard];
     let bystander = (victim + 1..)
@@ -173,7 +167,7 @@ fn a_panic_handling_a_mesh_message_closes_the_device_it_was_for_and_answers_the_
 
 #[test]
 fn a_panic_handling_an_agent_frame_closes_that_agent_link_only() {
-    let s = server("agent", 3, &[]);
+    let s = server("agent:3", &[]);
     let mut device = s.device(3);
     assert!(device.established());
     let (mut bad, _) = attach(&s);
@@ -212,7 +206,7 @@ fn a_panic_handling_an_agent_frame_closes_that_agent_link_only() {
 
 #[test]
 fn a_panic_in_the_rollout_closes_that_devices_connection_only() {
-    let s = server("rollout", 3, &[]);
+    let s = server("rollout:3", &[]);
     let mut victim = s.device(3);
     let mut other = s.device(4);
     assert!(victim.established() && other.established());

@@ -64,10 +64,6 @@ pub(crate) use ctx::{ServerCtx, ShardHandle};
 pub use guard::{Budget, GuardConfig};
 pub(crate) use run::run_shard;
 
-/// In debug builds, a device message on this topic panics its connection's handler (tests).
-#[cfg(debug_assertions)]
-pub const PANIC_TOPIC: &[u8] = b"__tether_test_panic__";
-
 /// In debug builds, a device message on this topic blocks its shard's executor thread for the
 /// milliseconds its payload spells in decimal (at most 10 s; 5 s if it spells none): a shard
 /// that stops answering, for the tests of the admin endpoint.

@@ -39,11 +39,11 @@ use tether_protocol::server::{ServerEvent, ServerSession};
 use tether_protocol::{AuthError, CloseReason, DecodeError, DeviceId, Message, PeerMisbehaved};
 use tether_protocol::{SendError, Seq, SessionId};
 
+#[cfg(debug_assertions)]
+use super::STALL_TOPIC;
 use super::conn::{CertDevice, TlsConn};
 use super::contain::{self, Site};
 use super::{INBOX_LIMIT, Shard, Step, devices, now_ms, peer_ip, retry_spread, wake};
-#[cfg(debug_assertions)]
-use super::{PANIC_TOPIC, STALL_TOPIC};
 use crate::metrics::ErrorKind;
 pub use crate::placement::home_shard;
 
@@ -294,12 +294,8 @@ impl Shard {
                     }
                 }
                 self.metrics.msgs_in += 1;
-                contain::inject(Site::Drive, device);
                 // Debug builds only: lets the tests prove a panic closes one connection only.
-                #[cfg(debug_assertions)]
-                if &topic[..] == PANIC_TOPIC {
-                    panic!("test hook: a device asked for a panic");
-                }
+                contain::inject(Site::Drive, device);
                 #[cfg(debug_assertions)]
                 if &topic[..] == STALL_TOPIC {
                     let ms = std::str::from_utf8(&payload)
