@@ -7,12 +7,12 @@ use bytes::{Bytes, BytesMut};
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use tether_protocol::auth::{Nonce, derive_device_key, prove};
 use tether_protocol::codec::{DEFAULT_MAX_FRAME, decode_frame};
-use tether_protocol::message::{Hello, Message, PROTOCOL_VERSION};
+use tether_protocol::message::{DeviceMessage, Hello, PROTOCOL_VERSION};
 use tether_protocol::server::{ServerConfig, ServerSession};
 use tether_protocol::{CodeVersion, DeviceId, Seq, SessionId};
 
-fn msg(size: usize) -> Message {
-    Message::Msg {
+fn msg(size: usize) -> DeviceMessage {
+    DeviceMessage::Msg {
         seq: Seq(12345),
         topic: Bytes::from_static(b"telemetry"),
         payload: Bytes::from(vec![0xa5; size]),
@@ -23,7 +23,7 @@ fn codec(c: &mut Criterion) {
     let cases = [
         ("msg_64", msg(64)),
         ("msg_1k", msg(1024)),
-        ("ping", Message::Ping { id: 7 }),
+        ("ping", DeviceMessage::Ping { id: 7 }),
     ];
     let mut g = c.benchmark_group("encode");
     for (name, m) in &cases {
@@ -49,7 +49,7 @@ fn codec(c: &mut Criterion) {
                 || BytesMut::from(&wire[..]),
                 |src| {
                     let f = decode_frame(src, DEFAULT_MAX_FRAME).unwrap().unwrap();
-                    std::hint::black_box(Message::decode(f).unwrap())
+                    std::hint::black_box(DeviceMessage::decode(f).unwrap())
                 },
                 BatchSize::SmallInput,
             )
@@ -69,7 +69,7 @@ fn established() -> ServerSession {
     let key = derive_device_key(b"bench", DeviceId(1));
     let mut s = ServerSession::new(&cfg, nonce, now);
     let mut hello = BytesMut::new();
-    Message::Hello(Hello {
+    DeviceMessage::Hello(Hello {
         version: PROTOCOL_VERSION,
         device: DeviceId(1),
         proof: prove(&key, &nonce, DeviceId(1), PROTOCOL_VERSION),
@@ -101,7 +101,7 @@ fn session_step(c: &mut Criterion) {
             b.iter(|| {
                 seq += 1;
                 wire.clear();
-                Message::Msg {
+                DeviceMessage::Msg {
                     seq: Seq(seq),
                     topic: Bytes::from_static(b"telemetry"),
                     payload: Bytes::from_static(&[0xa5; 1024][..size]),

@@ -200,6 +200,6 @@ fn an_agent_connection_is_a_stranger_until_its_token_verifies() {
     let mut agent = common::Agent::attach(&s);
     assert!(matches!(
         agent.recv(T),
-        Some(tether_protocol::Message::AgentWelcome { .. })
+        Some(tether_protocol::AgentMessage::AgentWelcome { .. })
     ));
 }

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use common::{Agent, Server};
 use tether_protocol::device::DeviceEvent;
 use tether_protocol::message::{ErrorCode, SendStatus};
-use tether_protocol::{DeviceId, Message};
+use tether_protocol::{AgentMessage, DeviceId};
 
 const T: Duration = Duration::from_secs(5);
 
@@ -27,13 +27,16 @@ fn messages_flow_both_ways_through_a_tls_agent() {
 fn messages_flow_both_ways(extra: &[&str]) {
     let s = Server::start(20, extra);
     let mut agent = Agent::attach(&s);
-    assert!(matches!(agent.recv(T), Some(Message::AgentWelcome { .. })));
+    assert!(matches!(
+        agent.recv(T),
+        Some(AgentMessage::AgentWelcome { .. })
+    ));
     let mut d = s.device(7);
     assert!(d.established());
     assert!(
         agent
             .recv_until(T, |m| *m
-                == Message::Presence {
+                == AgentMessage::Presence {
                     device: DeviceId(7),
                     online: true
                 })
@@ -51,11 +54,11 @@ fn messages_flow_both_ways(extra: &[&str]) {
         .unwrap();
     d.pump_until(Duration::from_millis(100), |_| false); // transmit it
     let got = agent
-        .recv_until(T, |m| matches!(m, Message::Deliver { .. }))
+        .recv_until(T, |m| matches!(m, AgentMessage::Deliver { .. }))
         .unwrap();
     assert_eq!(
         got,
-        Message::Deliver {
+        AgentMessage::Deliver {
             device: DeviceId(7),
             seq,
             topic: Bytes::from_static(b"temp"),
@@ -65,14 +68,14 @@ fn messages_flow_both_ways(extra: &[&str]) {
     assert!(!d.pump_until(Duration::from_millis(300), |ev| {
         ev.contains(&DeviceEvent::Acked { seq })
     }));
-    agent.send(&Message::DeliverAck {
+    agent.send(&AgentMessage::DeliverAck {
         device: DeviceId(7),
         seq,
     });
     assert!(d.pump_until(T, |ev| ev.contains(&DeviceEvent::Acked { seq })));
 
     // Agent → device: delivered, and the agent hears `Delivered` once the device acked.
-    agent.send(&Message::Send {
+    agent.send(&AgentMessage::Send {
         device: DeviceId(7),
         tag: 77,
         topic: Bytes::from_static(b"cmd"),
@@ -82,36 +85,36 @@ fn messages_flow_both_ways(extra: &[&str]) {
         |e| matches!(e, DeviceEvent::Message { payload, .. } if &payload[..] == b"reboot")
     )));
     assert_eq!(
-        agent.recv_until(T, |m| matches!(m, Message::SendResult { .. })),
-        Some(Message::SendResult {
+        agent.recv_until(T, |m| matches!(m, AgentMessage::SendResult { .. })),
+        Some(AgentMessage::SendResult {
             tag: 77,
             status: SendStatus::Delivered
         })
     );
 
     // To an offline or unknown device: a clear status, nothing silently dropped.
-    agent.send(&Message::Send {
+    agent.send(&AgentMessage::Send {
         device: DeviceId(8),
         tag: 1,
         topic: Bytes::new(),
         payload: Bytes::new(),
     });
     assert_eq!(
-        agent.recv_until(T, |m| matches!(m, Message::SendResult { .. })),
-        Some(Message::SendResult {
+        agent.recv_until(T, |m| matches!(m, AgentMessage::SendResult { .. })),
+        Some(AgentMessage::SendResult {
             tag: 1,
             status: SendStatus::Offline
         })
     );
-    agent.send(&Message::Send {
+    agent.send(&AgentMessage::Send {
         device: DeviceId(5000),
         tag: 2,
         topic: Bytes::new(),
         payload: Bytes::new(),
     });
     assert_eq!(
-        agent.recv_until(T, |m| matches!(m, Message::SendResult { .. })),
-        Some(Message::SendResult {
+        agent.recv_until(T, |m| matches!(m, AgentMessage::SendResult { .. })),
+        Some(AgentMessage::SendResult {
             tag: 2,
             status: SendStatus::UnknownDevice
         })
@@ -145,7 +148,7 @@ fn wrong_agent_token_is_refused() {
     let mut agent = Agent::attach_with(&s, b"guess");
     assert!(matches!(
         agent.recv(T),
-        Some(Message::Error {
+        Some(AgentMessage::Error {
             code: ErrorCode::BadToken,
             ..
         })

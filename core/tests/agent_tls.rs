@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use common::{Agent, Server};
-use tether_protocol::{Message, PROTOCOL_VERSION};
+use tether_protocol::{AgentMessage, PROTOCOL_VERSION};
 
 const T: Duration = Duration::from_secs(5);
 
@@ -29,7 +29,7 @@ fn a_plain_agent_on_the_tls_port_is_refused_cleanly() {
     );
     let token = std::fs::read_to_string(s.dir.join("agent.token")).unwrap();
     let mut hello = BytesMut::new();
-    Message::AgentHello {
+    AgentMessage::AgentHello {
         version: PROTOCOL_VERSION,
         token: Bytes::from(token.trim().to_owned()),
         name: Bytes::from_static(b"plain"),
@@ -62,7 +62,10 @@ fn a_plain_agent_on_the_tls_port_is_refused_cleanly() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let mut agent = Agent::attach(&s);
-    assert!(matches!(agent.recv(T), Some(Message::AgentWelcome { .. })));
+    assert!(matches!(
+        agent.recv(T),
+        Some(AgentMessage::AgentWelcome { .. })
+    ));
 }
 
 #[test]

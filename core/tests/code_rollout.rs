@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::{Agent, Device, Server};
 use tether_protocol::code::CodeUpdate;
-use tether_protocol::{CodeVersion, Digest, Message};
+use tether_protocol::{AgentMessage, CodeVersion, Digest};
 
 const T: Duration = Duration::from_secs(8);
 
@@ -96,13 +96,13 @@ fn deploy_reaches_every_connected_device_with_bounded_transfers() {
 
     // Through the agent link: v2 reaches them too.
     let mut agent = Agent::attach(&s);
-    agent.send(&Message::Deploy {
+    agent.send(&AgentMessage::Deploy {
         group: Bytes::from_static(b"lamps"),
         blob: Bytes::from(blob(50_000, 3)),
     });
-    let Some(Message::DeployResult {
+    let Some(AgentMessage::DeployResult {
         version, message, ..
-    }) = agent.recv_until(T, |m| matches!(m, Message::DeployResult { .. }))
+    }) = agent.recv_until(T, |m| matches!(m, AgentMessage::DeployResult { .. }))
     else {
         panic!("no DeployResult")
     };

@@ -23,7 +23,7 @@ use tether_protocol::auth::{DeviceKey, Nonce, Proof, derive_device_key, prove};
 use tether_protocol::codec::FrameDecoder;
 use tether_protocol::device::{DeviceConfig, DeviceEvent};
 use tether_protocol::message::{ErrorCode, Hello};
-use tether_protocol::{CloseReason, CodeVersion, DeviceId, Message, PROTOCOL_VERSION};
+use tether_protocol::{CloseReason, CodeVersion, DeviceId, DeviceMessage, PROTOCOL_VERSION};
 
 const T: Duration = Duration::from_secs(10);
 
@@ -223,7 +223,7 @@ fn have_openssl() -> bool {
 /// `frames`, decoded.
 struct SClient {
     child: Child,
-    frames: mpsc::Receiver<Message>,
+    frames: mpsc::Receiver<DeviceMessage>,
 }
 
 impl SClient {
@@ -252,7 +252,9 @@ impl SClient {
             while let Ok(n @ 1..) = stdout.read(&mut buf) {
                 dec.push(&buf[..n]);
                 while let Ok(Some(f)) = dec.next_frame() {
-                    let Ok(m) = Message::decode(f) else { return };
+                    let Ok(m) = DeviceMessage::decode(f) else {
+                        return;
+                    };
                     if tx.send(m).is_err() {
                         return;
                     }
@@ -262,7 +264,7 @@ impl SClient {
         SClient { child, frames }
     }
 
-    fn send(&mut self, m: &Message) {
+    fn send(&mut self, m: &DeviceMessage) {
         let mut b = BytesMut::new();
         m.encode(&mut b).unwrap();
         let stdin = self.child.stdin.as_mut().unwrap();
@@ -270,14 +272,14 @@ impl SClient {
         stdin.flush().unwrap();
     }
 
-    fn next(&self) -> Option<Message> {
+    fn next(&self) -> Option<DeviceMessage> {
         self.frames.recv_timeout(T).ok()
     }
 
     /// The server's `Challenge` nonce.
     fn challenge(&self) -> Nonce {
         match self.next() {
-            Some(Message::Challenge { nonce }) => nonce,
+            Some(DeviceMessage::Challenge { nonce }) => nonce,
             other => panic!("expected a Challenge, got {other:?}"),
         }
     }
@@ -302,8 +304,8 @@ impl Drop for SClient {
     }
 }
 
-fn hello(device: u64, proof: Proof) -> Message {
-    Message::Hello(Hello {
+fn hello(device: u64, proof: Proof) -> DeviceMessage {
+    DeviceMessage::Hello(Hello {
         version: PROTOCOL_VERSION,
         device: DeviceId(device),
         proof,
@@ -313,8 +315,8 @@ fn hello(device: u64, proof: Proof) -> Message {
     })
 }
 
-fn is_welcome(m: &Option<Message>) -> bool {
-    matches!(m, Some(Message::Welcome { .. }))
+fn is_welcome(m: &Option<DeviceMessage>) -> bool {
+    matches!(m, Some(DeviceMessage::Welcome { .. }))
 }
 
 fn openssl_devices(mode: &str) {
@@ -331,8 +333,8 @@ fn openssl_devices(mode: &str) {
     let m = c.next();
     assert!(is_welcome(&m), "{m:?}");
     // The session works: a ping is answered.
-    c.send(&Message::Ping { id: 7 });
-    assert_eq!(c.next(), Some(Message::Pong { id: 7 }));
+    c.send(&DeviceMessage::Ping { id: 7 });
+    assert_eq!(c.next(), Some(DeviceMessage::Pong { id: 7 }));
 
     // Device 3's certificate, a Hello for 4 with 4's valid proof: refused as a bad proof.
     let mut c = SClient::connect(&s.server, Some(&three));
@@ -342,7 +344,7 @@ fn openssl_devices(mode: &str) {
         prove(&s.key(4), &nonce, DeviceId(4), PROTOCOL_VERSION),
     ));
     match c.next() {
-        Some(Message::Error { code, message }) => {
+        Some(DeviceMessage::Error { code, message }) => {
             assert_eq!(code, ErrorCode::AuthFailed);
             assert_eq!(&message[..], b"authentication failed");
         }
@@ -357,7 +359,7 @@ fn openssl_devices(mode: &str) {
     assert!(
         matches!(
             c.next(),
-            Some(Message::Error {
+            Some(DeviceMessage::Error {
                 code: ErrorCode::AuthFailed,
                 ..
             })

@@ -13,19 +13,22 @@ use common::{Agent, Device, Server};
 use tether_protocol::auth::derive_device_key;
 use tether_protocol::device::{DeviceConfig, DeviceEvent};
 use tether_protocol::message::{ErrorCode, GoodbyeReason, SendStatus};
-use tether_protocol::{CloseReason, DeviceId, Message};
+use tether_protocol::{AgentMessage, CloseReason, DeviceId};
 
 const T: Duration = Duration::from_secs(5);
 const ID: u64 = 5;
 
 fn attached_agent(s: &Server) -> Agent {
     let mut agent = Agent::attach(s);
-    assert!(matches!(agent.recv(T), Some(Message::AgentWelcome { .. })));
+    assert!(matches!(
+        agent.recv(T),
+        Some(AgentMessage::AgentWelcome { .. })
+    ));
     agent
 }
 
 /// Every frame the agent receives within `d`.
-fn drain(agent: &mut Agent, d: Duration) -> Vec<Message> {
+fn drain(agent: &mut Agent, d: Duration) -> Vec<AgentMessage> {
     let end = Instant::now() + d;
     let mut got = Vec::new();
     while Instant::now() < end {
@@ -36,10 +39,10 @@ fn drain(agent: &mut Agent, d: Duration) -> Vec<Message> {
     got
 }
 
-fn presences(ms: &[Message]) -> Vec<bool> {
+fn presences(ms: &[AgentMessage]) -> Vec<bool> {
     ms.iter()
         .filter_map(|m| match m {
-            Message::Presence { device, online } if *device == DeviceId(ID) => Some(*online),
+            AgentMessage::Presence { device, online } if *device == DeviceId(ID) => Some(*online),
             _ => None,
         })
         .collect()
@@ -88,7 +91,7 @@ fn impostor_does_not_disturb(shards: &str) {
     }
 
     // The live session is untouched: no goodbye, and an agent's send still reaches it.
-    agent.send(&Message::Send {
+    agent.send(&AgentMessage::Send {
         device: DeviceId(ID),
         tag: 77,
         topic: Bytes::from_static(b"cmd"),
@@ -104,7 +107,7 @@ fn impostor_does_not_disturb(shards: &str) {
     assert!(!goodbye_replaced(&live.events), "{:?}", live.events);
     let after = drain(&mut agent, Duration::from_millis(500));
     assert!(
-        after.contains(&Message::SendResult {
+        after.contains(&AgentMessage::SendResult {
             tag: 77,
             status: SendStatus::Delivered
         }),
@@ -151,13 +154,13 @@ fn verified_newcomer_inherits(shards: &str) {
     assert!(
         before
             .iter()
-            .any(|m| matches!(m, Message::Deliver { seq: s, .. } if *s == seq)),
+            .any(|m| matches!(m, AgentMessage::Deliver { seq: s, .. } if *s == seq)),
         "{before:?}"
     );
     assert_eq!(presences(&before), [true]);
 
     // Agent → device: sent while the device stops reading, so it stays unacknowledged.
-    agent.send(&Message::Send {
+    agent.send(&AgentMessage::Send {
         device: DeviceId(ID),
         tag: 9,
         topic: Bytes::from_static(b"down"),
@@ -179,7 +182,7 @@ fn verified_newcomer_inherits(shards: &str) {
     );
     d.pump_until(Duration::from_millis(200), |_| false);
     // And the agent's late DeliverAck for the old connection's message reaches the new one.
-    agent.send(&Message::DeliverAck {
+    agent.send(&AgentMessage::DeliverAck {
         device: DeviceId(ID),
         seq,
     });
@@ -190,7 +193,7 @@ fn verified_newcomer_inherits(shards: &str) {
     );
     let after = drain(&mut agent, Duration::from_millis(500));
     assert!(
-        after.contains(&Message::SendResult {
+        after.contains(&AgentMessage::SendResult {
             tag: 9,
             status: SendStatus::Delivered
         }),
@@ -246,7 +249,7 @@ fn a_session_closed_by_the_server_releases_its_device() {
     assert!(d7.wait_closed(T));
     let seen = drain(&mut agent, Duration::from_millis(500));
     assert!(
-        seen.contains(&Message::Presence {
+        seen.contains(&AgentMessage::Presence {
             device: DeviceId(7),
             online: false
         }),

@@ -19,7 +19,7 @@ use tether_core::placement::home_shard;
 use tether_protocol::auth::DeviceKey;
 use tether_protocol::device::{DeviceConfig, DeviceEvent};
 use tether_protocol::message::{ErrorCode, GoodbyeReason, SendStatus};
-use tether_protocol::{CloseReason, CodeVersion, DeviceId, Message};
+use tether_protocol::{AgentMessage, CloseReason, CodeVersion, DeviceId};
 
 const T: Duration = Duration::from_secs(5);
 
@@ -43,13 +43,16 @@ fn refused(d: &mut Device) -> bool {
 
 fn attached_agent(s: &Server) -> Agent {
     let mut agent = Agent::attach(s);
-    assert!(matches!(agent.recv(T), Some(Message::AgentWelcome { .. })));
+    assert!(matches!(
+        agent.recv(T),
+        Some(AgentMessage::AgentWelcome { .. })
+    ));
     agent
 }
 
 /// An agent `Send` to device `id`.
 fn send(agent: &mut Agent, id: u64, tag: u64) {
-    agent.send(&Message::Send {
+    agent.send(&AgentMessage::Send {
         device: DeviceId(id),
         tag,
         topic: Bytes::from_static(b"cmd"),
@@ -61,9 +64,9 @@ fn send(agent: &mut Agent, id: u64, tag: u64) {
 fn send_result(agent: &mut Agent, tag: u64) -> Option<SendStatus> {
     match agent.recv_until(
         T,
-        |m| matches!(m, Message::SendResult { tag: t, .. } if *t == tag),
+        |m| matches!(m, AgentMessage::SendResult { tag: t, .. } if *t == tag),
     ) {
-        Some(Message::SendResult { status, .. }) => Some(status),
+        Some(AgentMessage::SendResult { status, .. }) => Some(status),
         _ => None,
     }
 }
@@ -167,7 +170,7 @@ fn a_provisioned_device_revoked_is_refused_and_offline_details_stay() {
     let off = agent.recv_until(T, |m| {
         matches!(
             m,
-            Message::Presence {
+            AgentMessage::Presence {
                 device: DeviceId(2),
                 online: false
             }

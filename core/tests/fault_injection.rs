@@ -12,7 +12,7 @@ use common::{Agent, Device, Server};
 use tether_core::placement::home_shard;
 use tether_protocol::device::DeviceEvent;
 use tether_protocol::message::{ErrorCode, SendStatus};
-use tether_protocol::{DeviceId, Message};
+use tether_protocol::{AgentMessage, DeviceId};
 
 const T: Duration = Duration::from_secs(5);
 
@@ -54,13 +54,13 @@ fn pongs(d: &mut Device) -> bool {
 fn attach(s: &Server) -> (Agent, usize) {
     let mut a = Agent::attach(s);
     match a.recv(T) {
-        Some(Message::AgentWelcome { agent, .. }) => (a, (agent >> 24) as usize),
+        Some(AgentMessage::AgentWelcome { agent, .. }) => (a, (agent >> 24) as usize),
         other => panic!("no welcome: {other:?}"),
     }
 }
 
-fn send(to: u64, tag: u64) -> Message {
-    Message::Send {
+fn send(to: u64, tag: u64) -> AgentMessage {
+    AgentMessage::Send {
         device: DeviceId(to),
         tag,
         topic: Bytes::from_static(b"cmd"),
@@ -71,9 +71,9 @@ fn send(to: u64, tag: u64) -> Message {
 fn send_result(a: &mut Agent, want: u64) -> Option<SendStatus> {
     match a.recv_until(
         T,
-        |m| matches!(m, Message::SendResult { tag, .. } if *tag == want),
+        |m| matches!(m, AgentMessage::SendResult { tag, .. } if *tag == want),
     ) {
-        Some(Message::SendResult { status, .. }) => Some(status),
+        Some(AgentMessage::SendResult { status, .. }) => Some(status),
         _ => None,
     }
 }
@@ -176,7 +176,7 @@ fn a_panic_handling_an_agent_frame_closes_that_agent_link_only() {
     assert!(
         bad.recv_until(T, |m| matches!(
             m,
-            Message::Error {
+            AgentMessage::Error {
                 code: ErrorCode::Internal,
                 ..
             }
@@ -196,7 +196,7 @@ fn a_panic_handling_an_agent_frame_closes_that_agent_link_only() {
         .unwrap();
     device.pump_until(Duration::from_millis(100), |_| false);
     assert!(
-        good.recv_until(T, |m| matches!(m, Message::Deliver { .. }))
+        good.recv_until(T, |m| matches!(m, AgentMessage::Deliver { .. }))
             .is_some()
     );
     let st = still_serving(&s, one_per_shard(10));

@@ -11,7 +11,7 @@ use common::{Agent, Server};
 use tether_core::placement::home_shard;
 use tether_protocol::device::DeviceEvent;
 use tether_protocol::message::SendStatus;
-use tether_protocol::{DeviceId, Message};
+use tether_protocol::{AgentMessage, DeviceId};
 
 const T: Duration = Duration::from_secs(20);
 /// Sends per burst: under the device's 64 unacknowledged messages, so none is `queue full`.
@@ -22,7 +22,7 @@ const BURSTS: u64 = 10;
 fn agent_sends_through_a_full_mesh_arrive_in_order_with_push_back() {
     let s = Server::start(64, &["--shards", "2", "--mesh-capacity", "2"]);
     let mut agent = Agent::attach(&s);
-    let Some(Message::AgentWelcome { agent: id, .. }) = agent.recv(T) else {
+    let Some(AgentMessage::AgentWelcome { agent: id, .. }) = agent.recv(T) else {
         panic!("no AgentWelcome");
     };
     // A device whose home is the other shard: every send crosses the mesh.
@@ -35,7 +35,7 @@ fn agent_sends_through_a_full_mesh_arrive_in_order_with_push_back() {
     assert!(
         agent
             .recv_until(T, |m| *m
-                == Message::Presence {
+                == AgentMessage::Presence {
                     device: DeviceId(dev),
                     online: true
                 })
@@ -60,8 +60,8 @@ fn agent_sends_through_a_full_mesh_arrive_in_order_with_push_back() {
             .collect::<Vec<u64>>()
     });
     for b in 0..BURSTS {
-        let sends: Vec<Message> = (b * BURST..(b + 1) * BURST)
-            .map(|tag| Message::Send {
+        let sends: Vec<AgentMessage> = (b * BURST..(b + 1) * BURST)
+            .map(|tag| AgentMessage::Send {
                 device: DeviceId(dev),
                 tag,
                 topic: Bytes::from_static(b"seq"),
@@ -73,7 +73,7 @@ fn agent_sends_through_a_full_mesh_arrive_in_order_with_push_back() {
         let mut answered = 0;
         let end = Instant::now() + T;
         while answered < BURST && Instant::now() < end {
-            if let Some(Message::SendResult { tag, status }) =
+            if let Some(AgentMessage::SendResult { tag, status }) =
                 agent.recv(Duration::from_millis(200))
             {
                 assert_eq!(status, SendStatus::Delivered, "send {tag}");
@@ -159,9 +159,11 @@ fn device_messages_for_a_full_agent_queue_wait_and_none_is_lost() {
     let mut seqs = Vec::new();
     let end = Instant::now() + T;
     while (seqs.len() as u64) < N && Instant::now() < end {
-        if let Some(Message::Deliver { device, seq, .. }) = agent.recv(Duration::from_millis(200)) {
+        if let Some(AgentMessage::Deliver { device, seq, .. }) =
+            agent.recv(Duration::from_millis(200))
+        {
             seqs.push(seq.0);
-            agent.send(&Message::DeliverAck { device, seq });
+            agent.send(&AgentMessage::DeliverAck { device, seq });
         }
     }
     let want: Vec<u64> = (1..=N).collect();

@@ -16,7 +16,7 @@ use common::{Agent, Server};
 use tether_core::metrics::MetricsSnapshot;
 use tether_core::placement::home_shard;
 use tether_protocol::device::DeviceSession;
-use tether_protocol::{DeviceId, Message, Seq};
+use tether_protocol::{AgentMessage, DeviceId, DeviceMessage, Seq};
 
 const T: Duration = Duration::from_secs(10);
 const DEVICES: u64 = 32;
@@ -63,7 +63,10 @@ fn pipelined(mode: &[&str]) {
     args.extend_from_slice(mode);
     let s = Server::start(DEVICES, &args);
     let mut agent = Agent::attach(&s);
-    assert!(matches!(agent.recv(T), Some(Message::AgentWelcome { .. })));
+    assert!(matches!(
+        agent.recv(T),
+        Some(AgentMessage::AgentWelcome { .. })
+    ));
     // Every shard knows the agent before a device speaks (the stats answer comes after).
     poll_stats(&s, "agent attached", |st| st.total.agents_attached == 1);
     let mut used = Vec::new();
@@ -77,10 +80,10 @@ fn pipelined(mode: &[&str]) {
     {
         let topic = format!("pipelined-{n}");
         let (device, _conn) = one_connection(&s, framing, &topic, &mut used);
-        let got = agent.recv_until(T, |m| matches!(m, Message::Deliver { .. }));
+        let got = agent.recv_until(T, |m| matches!(m, AgentMessage::Deliver { .. }));
         assert_eq!(
             got,
-            Some(Message::Deliver {
+            Some(AgentMessage::Deliver {
                 device,
                 seq: Seq(1),
                 topic: Bytes::from(topic),
@@ -141,7 +144,7 @@ fn one_connection(
         }
     }
     let mut msg = BytesMut::new();
-    Message::Msg {
+    DeviceMessage::Msg {
         seq: Seq(1),
         topic: Bytes::copy_from_slice(topic.as_bytes()),
         payload: Bytes::from_static(b"right behind hello"),

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{Agent, Device, Server};
-use tether_protocol::{DeviceId, Message};
+use tether_protocol::{AgentMessage, DeviceId};
 
 const DEVICES: u64 = 10_000;
 /// Client threads making the connections (each holds its share open).
@@ -46,9 +46,9 @@ struct View {
 }
 
 impl View {
-    fn apply(&mut self, m: Message) {
+    fn apply(&mut self, m: AgentMessage) {
         match m {
-            Message::Presence { device, online } => {
+            AgentMessage::Presence { device, online } => {
                 self.changes += 1;
                 if self.open_snapshot.is_some() {
                     self.anomalies
@@ -66,7 +66,7 @@ impl View {
                     self.devices.insert(device, Seen::OfflineByChange);
                 }
             }
-            Message::PresenceSnapshot {
+            AgentMessage::PresenceSnapshot {
                 first,
                 last,
                 devices,

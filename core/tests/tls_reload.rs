@@ -17,7 +17,7 @@ use tether_core::reload::ReloadReport;
 use tether_net::tls::{ClientTlsOptions, client_config};
 use tether_protocol::device::DeviceEvent;
 use tether_protocol::message::SendStatus;
-use tether_protocol::{DeviceId, Message};
+use tether_protocol::{AgentMessage, DeviceId};
 
 const T: Duration = Duration::from_secs(5);
 
@@ -102,7 +102,7 @@ fn device_trusting(s: &Server, id: u64, tls: Arc<rustls::ClientConfig>) -> Devic
 
 /// The agent's send reaches the device and the device's ack comes back: the session works.
 fn session_works(agent: &mut Agent, d: &mut Device, id: u64, tag: u64) {
-    agent.send(&Message::Send {
+    agent.send(&AgentMessage::Send {
         device: DeviceId(id),
         tag,
         topic: Bytes::from_static(b"t"),
@@ -118,11 +118,11 @@ fn session_works(agent: &mut Agent, d: &mut Device, id: u64, tag: u64) {
     d.pump_until(Duration::from_millis(200), |_| false);
     let got = agent.recv_until(
         T,
-        |m| matches!(m, Message::SendResult { tag: t, .. } if *t == tag),
+        |m| matches!(m, AgentMessage::SendResult { tag: t, .. } if *t == tag),
     );
     assert_eq!(
         got,
-        Some(Message::SendResult {
+        Some(AgentMessage::SendResult {
             tag,
             status: SendStatus::Delivered
         })
@@ -133,7 +133,10 @@ fn session_works(agent: &mut Agent, d: &mut Device, id: u64, tag: u64) {
 fn reload_to_a_new_ca(mode: &str) {
     let s = start(mode);
     let mut agent = Agent::attach(&s.server);
-    assert!(matches!(agent.recv(T), Some(Message::AgentWelcome { .. })));
+    assert!(matches!(
+        agent.recv(T),
+        Some(AgentMessage::AgentWelcome { .. })
+    ));
     let mut live = device_trusting(&s.server, 3, trusting(&s.old));
     assert!(live.established(), "{:?}", live.events);
     s.server.tls_handshake(trusting(&s.old)).unwrap();
@@ -251,7 +254,10 @@ fn broken_files_are_refused(mode: &str) {
     }
     assert!(s.server.log_lines("TLS reloaded").is_empty());
     let mut agent = Agent::attach(&s.server);
-    assert!(matches!(agent.recv(T), Some(Message::AgentWelcome { .. })));
+    assert!(matches!(
+        agent.recv(T),
+        Some(AgentMessage::AgentWelcome { .. })
+    ));
     session_works(&mut agent, &mut live, 3, 9);
     assert_eq!(s.server.stats().total.handshake_failures, 0);
 }

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use common::{Agent, Server};
 use tether_core::placement::home_shard;
 use tether_protocol::device::DeviceEvent;
-use tether_protocol::{DeviceId, Message};
+use tether_protocol::{AgentMessage, DeviceId};
 
 const T: Duration = Duration::from_secs(5);
 
@@ -18,7 +18,10 @@ const T: Duration = Duration::from_secs(5);
 fn detached_devices_authenticate_move_home_and_exchange_messages() {
     let s = Server::start(16, &["--tls-state", "detached", "--shards", "2"]);
     let mut agent = Agent::attach(&s);
-    assert!(matches!(agent.recv(T), Some(Message::AgentWelcome { .. })));
+    assert!(matches!(
+        agent.recv(T),
+        Some(AgentMessage::AgentWelcome { .. })
+    ));
     let mut devices: Vec<_> = (1..=16).map(|i| s.device(i)).collect();
     for d in &mut devices {
         assert!(d.established(), "{:?}", d.events);
@@ -48,9 +51,9 @@ fn detached_devices_authenticate_move_home_and_exchange_messages() {
         }
     }
     let mut delivered = 0;
-    while let Some(m) = agent.recv_until(T, |m| matches!(m, Message::Deliver { .. })) {
-        if let Message::Deliver { device, seq, .. } = m {
-            agent.send(&Message::DeliverAck { device, seq });
+    while let Some(m) = agent.recv_until(T, |m| matches!(m, AgentMessage::Deliver { .. })) {
+        if let AgentMessage::Deliver { device, seq, .. } = m {
+            agent.send(&AgentMessage::DeliverAck { device, seq });
         }
         delivered += 1;
         if delivered == 16 * 10 {
@@ -58,7 +61,7 @@ fn detached_devices_authenticate_move_home_and_exchange_messages() {
         }
     }
     assert_eq!(delivered, 160);
-    agent.send(&Message::Send {
+    agent.send(&AgentMessage::Send {
         device: DeviceId(3),
         tag: 9,
         topic: Bytes::from_static(b"cmd"),

@@ -30,9 +30,7 @@ use rustls::{
     ClientConfig, ContentType, KeyLog, ProtocolVersion, ServerConfig, SupportedCipherSuite,
     Tls13CipherSuite,
 };
-use tether_net::detached::{
-    DetachedError, DetachedTls, HEADER_LEN, MAX_CIPHERTEXT, MAX_PLAINTEXT,
-};
+use tether_net::detached::{DetachedError, DetachedTls, HEADER_LEN, MAX_CIPHERTEXT, MAX_PLAINTEXT};
 
 /// The core tests' in-memory TLS pairs: configs and the handshake loop.
 #[path = "../../net/tests/common/tls_pair.rs"]

@@ -32,8 +32,8 @@ use tether_protocol::codec::{DEFAULT_MAX_FRAME, FrameDecoder};
 use tether_protocol::message::{GoodbyeReason, Hello, Resume};
 use tether_protocol::server::{Carried, ServerConfig, ServerEvent, ServerSession};
 use tether_protocol::{
-    AuthError, CloseReason, CodeVersion, DeviceId, Digest, Message, MessageType, PROTOCOL_VERSION,
-    SendError, Seq, SessionId,
+    AgentMessage, AuthError, CloseReason, CodeVersion, DeviceId, DeviceMessage, Digest,
+    MessageType, PROTOCOL_VERSION, SendError, Seq, SessionId,
 };
 
 const SECRET: &[u8] = b"fuzz server secret";
@@ -253,7 +253,7 @@ enum Phase {
 
 struct Step {
     events: Vec<ServerEvent>,
-    frames: Vec<Message>,
+    frames: Vec<DeviceMessage>,
 }
 
 struct Harness {
@@ -326,7 +326,7 @@ impl Harness {
         assert!(self.s.poll_transmit(&mut buf), "a new session sends");
         assert_eq!(
             decode_output(&buf),
-            [Message::Challenge { nonce: self.nonce }],
+            [DeviceMessage::Challenge { nonce: self.nonce }],
             "a new session sends exactly its Challenge"
         );
         self.check_state();
@@ -421,11 +421,11 @@ impl Harness {
                     let last = frames.last();
                     match (reason, reason.wire_code()) {
                         (_, Some(code)) => assert!(
-                            matches!(last, Some(Message::Error { code: c, .. }) if *c == code),
+                            matches!(last, Some(DeviceMessage::Error { code: c, .. }) if *c == code),
                             "close for {reason} without its Error frame: {frames:?}"
                         ),
                         (CloseReason::Local(r), None) => assert!(
-                            matches!(last, Some(Message::Goodbye { reason: g, .. }) if g == r),
+                            matches!(last, Some(DeviceMessage::Goodbye { reason: g, .. }) if g == r),
                             "local close without Goodbye: {frames:?}"
                         ),
                         _ => {}
@@ -482,8 +482,8 @@ impl Harness {
         let mut d = FrameDecoder::new(self.cfg.max_frame);
         d.push(&self.fed);
         let frame = d.next_frame().expect("first frame decodes").expect("whole");
-        match Message::decode(frame) {
-            Ok(Message::Hello(h)) => h,
+        match DeviceMessage::decode(frame) {
+            Ok(DeviceMessage::Hello(h)) => h,
             other => panic!("Hello event, but the first frame was {other:?}"),
         }
     }
@@ -525,7 +525,7 @@ impl Harness {
                     }
                     ProofChoice::Garbage(p) => Proof(p),
                 };
-                Message::Hello(Hello {
+                DeviceMessage::Hello(Hello {
                     version,
                     device,
                     proof,
@@ -544,26 +544,26 @@ impl Harness {
             } => {
                 let seq = seq_from(self.dev_seq, *seq);
                 self.dev_seq = self.dev_seq.max(seq);
-                Message::Msg {
+                DeviceMessage::Msg {
                     seq: Seq(seq),
                     topic: Bytes::copy_from_slice(&topic[..topic.len().min(u16::MAX as usize)]),
                     payload: Bytes::copy_from_slice(payload),
                 }
             }
-            Frame::Ack(c) => Message::Ack {
+            Frame::Ack(c) => DeviceMessage::Ack {
                 seq: Seq(seq_from(self.stream.tx_seq, *c)),
             },
-            Frame::Ping(id) => Message::Ping { id: *id },
-            Frame::Pong(id) => Message::Pong { id: *id },
-            Frame::CodeRequest { version, offset } => Message::CodeRequest {
+            Frame::Ping(id) => DeviceMessage::Ping { id: *id },
+            Frame::Pong(id) => DeviceMessage::Pong { id: *id },
+            Frame::CodeRequest { version, offset } => DeviceMessage::CodeRequest {
                 version: CodeVersion(*version),
                 offset: *offset,
             },
-            Frame::CodeAck { version, offset } => Message::CodeAck {
+            Frame::CodeAck { version, offset } => DeviceMessage::CodeAck {
                 version: CodeVersion(*version),
                 offset: *offset,
             },
-            Frame::CodeDone { version, ok } => Message::CodeDone {
+            Frame::CodeDone { version, ok } => DeviceMessage::CodeDone {
                 version: CodeVersion(*version),
                 ok: *ok,
             },
@@ -586,7 +586,7 @@ impl Harness {
                 body.put_slice(message);
                 return raw_frame(dst, MessageType::Error, &body);
             }
-            Frame::Wrong(w) => wrong_message(w),
+            Frame::Wrong(w) => return wrong_message(w, dst),
         };
         m.encode(dst).expect("short fields were cut to length");
     }
@@ -681,7 +681,7 @@ impl Harness {
                 }
                 let st = self.step();
                 let sent = match got {
-                    Ok(seq) => vec![Message::Msg {
+                    Ok(seq) => vec![DeviceMessage::Msg {
                         seq,
                         topic,
                         payload,
@@ -701,7 +701,7 @@ impl Harness {
                 self.s.ack_received(Seq(seq));
                 let st = self.step();
                 let want = if acks {
-                    vec![Message::Ack { seq: Seq(seq) }]
+                    vec![DeviceMessage::Ack { seq: Seq(seq) }]
                 } else {
                     vec![]
                 };
@@ -710,7 +710,7 @@ impl Harness {
             Op::OfferCode { version, size } => {
                 let digest = Digest([3; 32]);
                 let got = self.s.offer_code(CodeVersion(*version), *size, digest);
-                let m = Message::CodeOffer {
+                let m = DeviceMessage::CodeOffer {
                     version: CodeVersion(*version),
                     size: *size,
                     digest,
@@ -722,7 +722,7 @@ impl Harness {
                 offset,
                 len,
             } => {
-                let m = Message::CodeChunk {
+                let m = DeviceMessage::CodeChunk {
                     version: CodeVersion(*version),
                     offset: *offset,
                     data: Bytes::from(vec![0x5a; usize::from(*len)]),
@@ -742,7 +742,7 @@ impl Harness {
                     assert_eq!(st.events, [ServerEvent::Closed(CloseReason::Local(r))]);
                     assert_eq!(
                         st.frames,
-                        [Message::Goodbye {
+                        [DeviceMessage::Goodbye {
                             reason: r,
                             retry_after_ms: *retry_after_ms,
                             redirect: Bytes::new(),
@@ -791,7 +791,7 @@ impl Harness {
         }
     }
 
-    fn control(&mut self, got: Result<(), SendError>, m: Message) {
+    fn control(&mut self, got: Result<(), SendError>, m: DeviceMessage) {
         let len = 1 + m.body_len();
         let want = if !self.established() {
             Err(SendError::Closed)
@@ -853,7 +853,7 @@ impl Harness {
         let st = self.step();
         match want {
             Ok(_) => {
-                let Some(Message::Welcome {
+                let Some(DeviceMessage::Welcome {
                     session,
                     heartbeat_s,
                     server_time_ms,
@@ -871,7 +871,7 @@ impl Harness {
                     .iter()
                     .take(resends.len())
                     .map(|m| match m {
-                        Message::Msg { seq, .. } => seq.0,
+                        DeviceMessage::Msg { seq, .. } => seq.0,
                         other => panic!("{other:?} where a resend belongs"),
                     })
                     .collect();
@@ -893,16 +893,18 @@ fn raw_frame(dst: &mut BytesMut, ty: MessageType, body: &[u8]) {
     dst.put_slice(body);
 }
 
-fn wrong_message(w: &WrongMsg) -> Message {
-    match w {
-        WrongMsg::Challenge(n) => Message::Challenge { nonce: Nonce(*n) },
-        WrongMsg::Welcome { session, rx_seq } => Message::Welcome {
+/// Encodes a message a device may not send: a server → device type, or one of the agent
+/// link's (which the device link refuses to decode).
+fn wrong_message(w: &WrongMsg, dst: &mut BytesMut) {
+    let device = match w {
+        WrongMsg::Challenge(n) => DeviceMessage::Challenge { nonce: Nonce(*n) },
+        WrongMsg::Welcome { session, rx_seq } => DeviceMessage::Welcome {
             session: SessionId(*session),
             heartbeat_s: 30,
             server_time_ms: 0,
             rx_seq: Seq(*rx_seq),
         },
-        WrongMsg::CodeOffer { version, size } => Message::CodeOffer {
+        WrongMsg::CodeOffer { version, size } => DeviceMessage::CodeOffer {
             version: CodeVersion(*version),
             size: *size,
             digest: Digest([0; 32]),
@@ -911,7 +913,7 @@ fn wrong_message(w: &WrongMsg) -> Message {
             version,
             offset,
             data,
-        } => Message::CodeChunk {
+        } => DeviceMessage::CodeChunk {
             version: CodeVersion(*version),
             offset: *offset,
             data: Bytes::copy_from_slice(data),
@@ -920,35 +922,60 @@ fn wrong_message(w: &WrongMsg) -> Message {
             device,
             tag,
             payload,
-        } => Message::Send {
-            device: DeviceId(*device),
-            tag: *tag,
-            topic: Bytes::from_static(b"t"),
-            payload: Bytes::copy_from_slice(payload),
-        },
-        WrongMsg::DeliverAck { device, seq } => Message::DeliverAck {
-            device: DeviceId(*device),
-            seq: Seq(*seq),
-        },
-        WrongMsg::AgentHello { token } => Message::AgentHello {
-            version: 1,
-            token: short(token),
-            name: Bytes::new(),
-        },
-        WrongMsg::Deploy { blob } => Message::Deploy {
-            group: Bytes::from_static(b"g"),
-            blob: Bytes::copy_from_slice(blob),
-        },
-    }
+        } => {
+            return agent_frame(
+                dst,
+                AgentMessage::Send {
+                    device: DeviceId(*device),
+                    tag: *tag,
+                    topic: Bytes::from_static(b"t"),
+                    payload: Bytes::copy_from_slice(payload),
+                },
+            );
+        }
+        WrongMsg::DeliverAck { device, seq } => {
+            return agent_frame(
+                dst,
+                AgentMessage::DeliverAck {
+                    device: DeviceId(*device),
+                    seq: Seq(*seq),
+                },
+            );
+        }
+        WrongMsg::AgentHello { token } => {
+            return agent_frame(
+                dst,
+                AgentMessage::AgentHello {
+                    version: 1,
+                    token: short(token),
+                    name: Bytes::new(),
+                },
+            );
+        }
+        WrongMsg::Deploy { blob } => {
+            return agent_frame(
+                dst,
+                AgentMessage::Deploy {
+                    group: Bytes::from_static(b"g"),
+                    blob: Bytes::copy_from_slice(blob),
+                },
+            );
+        }
+    };
+    device.encode(dst).expect("no short fields");
+}
+
+fn agent_frame(dst: &mut BytesMut, m: AgentMessage) {
+    m.encode(dst).expect("short fields were cut to length");
 }
 
 /// Decodes the server's output as a device would: whole frames only, every one valid.
-fn decode_output(buf: &[u8]) -> Vec<Message> {
+fn decode_output(buf: &[u8]) -> Vec<DeviceMessage> {
     let mut d = FrameDecoder::new(DEFAULT_MAX_FRAME);
     d.push(buf);
     let mut out = Vec::new();
     while let Some(frame) = d.next_frame().expect("server output frames decode") {
-        out.push(Message::decode(frame).expect("server output messages decode"));
+        out.push(DeviceMessage::decode(frame).expect("server output messages decode"));
     }
     assert_eq!(d.pending(), 0, "server output ends mid-frame");
     out

@@ -132,7 +132,7 @@ pub fn fuzz_decode(data: &[u8]) {
     let mut d = FrameDecoder::new(DEFAULT_MAX_FRAME);
     d.push(data);
     while let Ok(Some(frame)) = d.next_frame() {
-        let _ = crate::message::Message::decode(frame);
+        let _ = crate::message::DeviceMessage::decode(frame);
     }
 }
 

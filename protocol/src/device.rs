@@ -25,7 +25,7 @@ use crate::auth::{self, DeviceKey};
 use crate::codec::{DEFAULT_MAX_FRAME, FrameDecoder};
 use crate::error::{CloseReason, PeerMisbehaved, SendError};
 use crate::ids::{CodeVersion, DeviceId, Digest, Seq, SessionId};
-use crate::message::{GoodbyeReason, Hello, Message, PROTOCOL_VERSION, Resume};
+use crate::message::{DeviceMessage, GoodbyeReason, Hello, PROTOCOL_VERSION, Resume};
 use crate::stream::Stream;
 use crate::thin::{Output, Queue};
 
@@ -278,7 +278,7 @@ impl DeviceSession {
         self.decoder.push(data);
         while !self.is_disconnected() {
             match self.decoder.next_frame() {
-                Ok(Some(frame)) => match Message::decode(frame) {
+                Ok(Some(frame)) => match DeviceMessage::decode(frame) {
                     Ok(m) => self.on_message(now, m),
                     Err(e) => self.fail(PeerMisbehaved::Decode(e).into()),
                 },
@@ -288,16 +288,16 @@ impl DeviceSession {
         }
     }
 
-    fn on_message(&mut self, now: Instant, m: Message) {
+    fn on_message(&mut self, now: Instant, m: DeviceMessage) {
         match (self.state, m) {
-            (State::ExpectChallenge, Message::Challenge { nonce }) => {
+            (State::ExpectChallenge, DeviceMessage::Challenge { nonce }) => {
                 let c = &self.config;
                 let proof = auth::prove(&c.key, &nonce, c.device, PROTOCOL_VERSION);
                 let resume = self.session.map(|session| Resume {
                     session,
                     rx_seq: self.stream.rx_seq,
                 });
-                let _ = Message::Hello(Hello {
+                let _ = DeviceMessage::Hello(Hello {
                     version: PROTOCOL_VERSION,
                     device: c.device,
                     proof,
@@ -310,7 +310,7 @@ impl DeviceSession {
             }
             (
                 State::ExpectWelcome,
-                Message::Welcome {
+                DeviceMessage::Welcome {
                     session,
                     heartbeat_s,
                     rx_seq,
@@ -349,13 +349,13 @@ impl DeviceSession {
             }
             (
                 _,
-                Message::Goodbye {
+                DeviceMessage::Goodbye {
                     reason,
                     retry_after_ms,
                     redirect,
                 },
             ) => self.on_goodbye(reason, retry_after_ms, redirect),
-            (_, Message::Error { code, .. }) => self.close_with(CloseReason::PeerError(code)),
+            (_, DeviceMessage::Error { code, .. }) => self.close_with(CloseReason::PeerError(code)),
             (state, m) => self.fail(
                 PeerMisbehaved::UnexpectedMessage {
                     state: match state {
@@ -378,13 +378,13 @@ impl DeviceSession {
         self.resend_at = (self.stream.unacked() > 0).then(|| now + ms(self.config.resend_after_ms));
     }
 
-    fn on_established(&mut self, now: Instant, m: Message) {
+    fn on_established(&mut self, now: Instant, m: DeviceMessage) {
         match m {
-            Message::Ping { id } => {
-                let _ = Message::Pong { id }.encode(self.tx.buf());
+            DeviceMessage::Ping { id } => {
+                let _ = DeviceMessage::Pong { id }.encode(self.tx.buf());
             }
-            Message::Pong { id } => self.events.push_back(DeviceEvent::Pong { id }),
-            Message::Msg {
+            DeviceMessage::Pong { id } => self.events.push_back(DeviceEvent::Pong { id }),
+            DeviceMessage::Msg {
                 seq,
                 topic,
                 payload,
@@ -399,9 +399,9 @@ impl DeviceSession {
                 // The device application consumes messages synchronously: ack at once
                 // (duplicates are re-acked, in case our earlier ack was lost).
                 self.stream.rx_acked = self.stream.rx_seq;
-                let _ = Message::Ack { seq }.encode(self.tx.buf());
+                let _ = DeviceMessage::Ack { seq }.encode(self.tx.buf());
             }
-            Message::Ack { seq } => {
+            DeviceMessage::Ack { seq } => {
                 let events = &mut self.events;
                 match self
                     .stream
@@ -411,7 +411,7 @@ impl DeviceSession {
                     Err(e) => self.fail(e.into()),
                 }
             }
-            Message::CodeOffer {
+            DeviceMessage::CodeOffer {
                 version,
                 size,
                 digest,
@@ -420,7 +420,7 @@ impl DeviceSession {
                 size,
                 digest,
             }),
-            Message::CodeChunk {
+            DeviceMessage::CodeChunk {
                 version,
                 offset,
                 data,
@@ -429,12 +429,12 @@ impl DeviceSession {
                 offset,
                 data,
             }),
-            Message::Goodbye {
+            DeviceMessage::Goodbye {
                 reason,
                 retry_after_ms,
                 redirect,
             } => self.on_goodbye(reason, retry_after_ms, redirect),
-            Message::Error { code, .. } => self.close_with(CloseReason::PeerError(code)),
+            DeviceMessage::Error { code, .. } => self.close_with(CloseReason::PeerError(code)),
             other => self.fail(
                 PeerMisbehaved::UnexpectedMessage {
                     state: "established",
@@ -467,7 +467,7 @@ impl DeviceSession {
 
     fn fail(&mut self, reason: CloseReason) {
         if let Some(code) = reason.wire_code() {
-            let _ = Message::Error {
+            let _ = DeviceMessage::Error {
                 code,
                 message: Bytes::from(reason.to_string()),
             }
@@ -506,13 +506,13 @@ impl DeviceSession {
             return None;
         }
         self.ping_id += 1;
-        let _ = Message::Ping { id: self.ping_id }.encode(self.tx.buf());
+        let _ = DeviceMessage::Ping { id: self.ping_id }.encode(self.tx.buf());
         self.next_ping = Some(now + self.heartbeat());
         Some(self.ping_id)
     }
 
     /// Sends a code-transfer message (`CodeRequest`, `CodeAck`, `CodeDone`).
-    pub fn send_code(&mut self, m: &Message) -> Result<(), SendError> {
+    pub fn send_code(&mut self, m: &DeviceMessage) -> Result<(), SendError> {
         if self.state != State::Established {
             return Err(SendError::Closed);
         }
@@ -527,7 +527,7 @@ impl DeviceSession {
         if self.is_disconnected() {
             return;
         }
-        let _ = Message::Goodbye {
+        let _ = DeviceMessage::Goodbye {
             reason: GoodbyeReason::Normal,
             retry_after_ms: 0,
             redirect: Bytes::new(),

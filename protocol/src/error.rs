@@ -1,6 +1,6 @@
 //! Typed errors. Every variant's message tells a person what was wrong.
 
-use crate::message::MessageType;
+use crate::message::{Link, MessageType};
 
 /// A frame or message that could not be decoded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -20,6 +20,15 @@ pub enum DecodeError {
     /// The type byte names no known message.
     #[error("unknown message type 0x{0:02x}")]
     UnknownType(u8),
+    /// The type byte names a message of the other link (an agent-link type on a device
+    /// connection, or the reverse).
+    #[error("message type 0x{ty:02x} does not belong on the {link} link")]
+    WrongLink {
+        /// The message type byte.
+        ty: u8,
+        /// The link it arrived on.
+        link: Link,
+    },
     /// The body ends before the message's fields do.
     #[error("message type 0x{ty:02x} is truncated")]
     Truncated {

@@ -6,7 +6,8 @@
 //!
 //! - [`codec`]: length-prefixed frames with a hard size limit, decoded incrementally and
 //!   zero-copy.
-//! - [`message`]: every message of the device link and the agent link.
+//! - [`message`]: the device link's messages ([`DeviceMessage`]) and the agent link's
+//!   ([`AgentMessage`]), two enums over one type-byte table; neither link decodes the other's.
 //! - [`auth`]: device keys and the per-connection proof.
 //! - [`server`] and [`device`]: the two ends of a device session as state machines.
 //! - [`code`]: code transfer: the server's chunked, flow-controlled sender and the device's
@@ -27,7 +28,7 @@ mod thin;
 
 pub use error::{AuthError, CloseReason, DecodeError, PeerMisbehaved, SendError};
 pub use ids::{CodeVersion, DeviceId, Digest, Seq, SessionId};
-pub use message::{Message, MessageType, PROTOCOL_VERSION};
+pub use message::{AgentMessage, DeviceMessage, Link, MessageType, PROTOCOL_VERSION};
 
 #[cfg(test)]
 mod tests;

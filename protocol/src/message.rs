@@ -1,4 +1,6 @@
-//! Every message of the device link and the agent link, and their encoding.
+//! Every message of the device link ([`DeviceMessage`]) and of the agent link
+//! ([`AgentMessage`]), and their encoding: one type-byte table ([`MessageType`]) for both, each
+//! link decoding only its own types.
 //!
 //! Fields are big-endian; short strings carry a u8 length, topics a u16 length, and the last
 //! variable-length field of a message (payloads, chunks, blobs) runs to the end of the frame.
@@ -39,6 +41,8 @@ macro_rules! message_types {
     };
 }
 
+// The device link's types are 0x01..=0x0d, the agent link's 0x40..; Ping, Pong and Error
+// travel on both. `DeviceMessage::decode` and `AgentMessage::decode` each refuse the other's.
 message_types! {
     /// server → device: the per-connection nonce the device must prove against.
     Challenge = 0x01,
@@ -46,9 +50,9 @@ message_types! {
     Hello = 0x02,
     /// server → device: session accepted.
     Welcome = 0x03,
-    /// either way: keepalive.
+    /// either way, on both links: keepalive.
     Ping = 0x04,
-    /// either way: keepalive answer.
+    /// either way, on both links: keepalive answer.
     Pong = 0x05,
     /// either way: an application message.
     Msg = 0x06,
@@ -66,7 +70,7 @@ message_types! {
     CodeDone = 0x0c,
     /// either way: the session ends, with a reason and when to come back.
     Goodbye = 0x0d,
-    /// either way: a protocol error; the sender closes after it.
+    /// either way, on both links: a protocol error; the sender closes after it.
     Error = 0x0e,
     /// agent → server: attach with a token.
     AgentHello = 0x40,
@@ -87,7 +91,7 @@ message_types! {
     /// server → agent: outcome of a `Deploy`.
     DeployResult = 0x48,
     /// server → agent: one chunk of a presence snapshot, sent in place of presence changes
-    /// that were coalesced (see [`Message::PresenceSnapshot`]).
+    /// that were coalesced (see [`AgentMessage::PresenceSnapshot`]).
     PresenceSnapshot = 0x49,
 }
 
@@ -216,11 +220,32 @@ pub struct Hello {
     pub resume: Option<Resume>,
 }
 
-/// Every message of both links.
+/// Which link a message travels on: the device link (a device's TLS connection) or the agent
+/// link (a cloud-side agent's connection). Each link has its own message enum, and each enum's
+/// `decode` refuses the other link's types with [`DecodeError::WrongLink`], so a device frame
+/// can never decode as, say, `Deploy`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Link {
+    /// A device's connection: [`DeviceMessage`].
+    Device,
+    /// An agent's connection: [`AgentMessage`].
+    Agent,
+}
+
+impl fmt::Display for Link {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Link::Device => "device",
+            Link::Agent => "agent",
+        })
+    }
+}
+
+/// Every message of the device link.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 #[allow(missing_docs)] // reason: fields are described by each variant's message type
-pub enum Message {
+pub enum DeviceMessage {
     /// See [`MessageType::Challenge`].
     Challenge { nonce: Nonce },
     /// See [`MessageType::Hello`].
@@ -271,6 +296,13 @@ pub enum Message {
     },
     /// See [`MessageType::Error`].
     Error { code: ErrorCode, message: Bytes },
+}
+
+/// Every message of the agent link.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+#[allow(missing_docs)] // reason: fields are described by each variant's message type
+pub enum AgentMessage {
     /// See [`MessageType::AgentHello`].
     AgentHello {
         version: u16,
@@ -279,6 +311,10 @@ pub enum Message {
     },
     /// See [`MessageType::AgentWelcome`].
     AgentWelcome { agent: u32, server_time_ms: u64 },
+    /// See [`MessageType::Ping`].
+    Ping { id: u64 },
+    /// See [`MessageType::Pong`].
+    Pong { id: u64 },
     /// See [`MessageType::Send`]. `tag` is the agent's own correlation id.
     Send {
         device: DeviceId,
@@ -326,17 +362,19 @@ pub enum Message {
         last: bool,
         devices: Vec<DeviceId>,
     },
+    /// See [`MessageType::Error`].
+    Error { code: ErrorCode, message: Bytes },
 }
 
-/// Most device ids in one [`Message::PresenceSnapshot`] frame (32 KiB of ids).
+/// Most device ids in one [`AgentMessage::PresenceSnapshot`] frame (32 KiB of ids).
 pub const PRESENCE_SNAPSHOT_CHUNK: usize = 4096;
 
-impl Message {
+impl AgentMessage {
     /// The frames of a presence snapshot of `devices` (chunked, first and last marked; one
     /// frame with both marks when there are none).
-    pub fn presence_snapshot(devices: &[DeviceId]) -> Vec<Message> {
+    pub fn presence_snapshot(devices: &[DeviceId]) -> Vec<AgentMessage> {
         if devices.is_empty() {
-            return vec![Message::PresenceSnapshot {
+            return vec![AgentMessage::PresenceSnapshot {
                 first: true,
                 last: true,
                 devices: Vec::new(),
@@ -346,7 +384,7 @@ impl Message {
         devices
             .chunks(PRESENCE_SNAPSHOT_CHUNK)
             .enumerate()
-            .map(|(i, c)| Message::PresenceSnapshot {
+            .map(|(i, c)| AgentMessage::PresenceSnapshot {
                 first: i == 0,
                 last: i + 1 == n,
                 devices: c.to_vec(),
@@ -362,6 +400,13 @@ fn short(ty: MessageType, b: &Bytes, field: &'static str) -> Result<u8, DecodeEr
     })
 }
 
+fn topic16(ty: MessageType, topic: &Bytes) -> Result<u16, DecodeError> {
+    u16::try_from(topic.len()).map_err(|_| DecodeError::InvalidField {
+        ty: ty as u8,
+        field: "topic",
+    })
+}
+
 fn bool_field(ty: u8, v: u8, field: &'static str) -> Result<bool, DecodeError> {
     match v {
         0 => Ok(false),
@@ -370,64 +415,95 @@ fn bool_field(ty: u8, v: u8, field: &'static str) -> Result<bool, DecodeError> {
     }
 }
 
-impl Message {
+/// Starts a frame of `body_len` bytes: reserves room and writes the header.
+fn start(dst: &mut BytesMut, ty: MessageType, body_len: usize) {
+    dst.reserve(crate::codec::HEADER_LEN + body_len);
+    put_header(dst, ty as u8, body_len);
+}
+
+/// Checks the type byte of `frame` against `link` and hands the body reader to `body`, then
+/// checks that `body` read every byte: the part both links' decoders share.
+fn decode_on<M>(
+    frame: Frame,
+    link: Link,
+    body: impl FnOnce(MessageType, &mut Reader) -> Result<Option<M>, DecodeError>,
+) -> Result<M, DecodeError> {
+    let ty = MessageType::from_u8(frame.ty)?;
+    let mut r = Reader::new(frame.ty, frame.body);
+    let m = body(ty, &mut r)?.ok_or(DecodeError::WrongLink { ty: frame.ty, link })?;
+    r.finish()?;
+    Ok(m)
+}
+
+// Bodies both links share (Ping, Pong, Error) and the topic + payload tail of Msg, Send and
+// Deliver: encoded and decoded in one place.
+
+fn error_body_len(message: &Bytes) -> usize {
+    2 + message.len()
+}
+
+fn put_error(dst: &mut BytesMut, code: ErrorCode, message: &Bytes) {
+    dst.put_u16(code as u16);
+    dst.put_slice(message);
+}
+
+fn read_error(r: &mut Reader, t: u8) -> Result<(ErrorCode, Bytes), DecodeError> {
+    let code = ErrorCode::from_u16(r.u16()?).ok_or(DecodeError::InvalidField {
+        ty: t,
+        field: "error code",
+    })?;
+    Ok((code, r.rest()))
+}
+
+fn put_topic_payload(dst: &mut BytesMut, topic: &Bytes, payload: &Bytes) {
+    dst.put_u16(topic.len() as u16);
+    dst.put_slice(topic);
+    dst.put_slice(payload);
+}
+
+fn read_topic_payload(r: &mut Reader) -> Result<(Bytes, Bytes), DecodeError> {
+    let topic = r.bytes16()?;
+    Ok((topic, r.rest()))
+}
+
+impl DeviceMessage {
     /// This message's type.
     pub fn ty(&self) -> MessageType {
         use MessageType as T;
         match self {
-            Message::Challenge { .. } => T::Challenge,
-            Message::Hello(_) => T::Hello,
-            Message::Welcome { .. } => T::Welcome,
-            Message::Ping { .. } => T::Ping,
-            Message::Pong { .. } => T::Pong,
-            Message::Msg { .. } => T::Msg,
-            Message::Ack { .. } => T::Ack,
-            Message::CodeOffer { .. } => T::CodeOffer,
-            Message::CodeRequest { .. } => T::CodeRequest,
-            Message::CodeChunk { .. } => T::CodeChunk,
-            Message::CodeAck { .. } => T::CodeAck,
-            Message::CodeDone { .. } => T::CodeDone,
-            Message::Goodbye { .. } => T::Goodbye,
-            Message::Error { .. } => T::Error,
-            Message::AgentHello { .. } => T::AgentHello,
-            Message::AgentWelcome { .. } => T::AgentWelcome,
-            Message::Send { .. } => T::Send,
-            Message::SendResult { .. } => T::SendResult,
-            Message::Deliver { .. } => T::Deliver,
-            Message::DeliverAck { .. } => T::DeliverAck,
-            Message::Presence { .. } => T::Presence,
-            Message::Deploy { .. } => T::Deploy,
-            Message::DeployResult { .. } => T::DeployResult,
-            Message::PresenceSnapshot { .. } => T::PresenceSnapshot,
+            DeviceMessage::Challenge { .. } => T::Challenge,
+            DeviceMessage::Hello(_) => T::Hello,
+            DeviceMessage::Welcome { .. } => T::Welcome,
+            DeviceMessage::Ping { .. } => T::Ping,
+            DeviceMessage::Pong { .. } => T::Pong,
+            DeviceMessage::Msg { .. } => T::Msg,
+            DeviceMessage::Ack { .. } => T::Ack,
+            DeviceMessage::CodeOffer { .. } => T::CodeOffer,
+            DeviceMessage::CodeRequest { .. } => T::CodeRequest,
+            DeviceMessage::CodeChunk { .. } => T::CodeChunk,
+            DeviceMessage::CodeAck { .. } => T::CodeAck,
+            DeviceMessage::CodeDone { .. } => T::CodeDone,
+            DeviceMessage::Goodbye { .. } => T::Goodbye,
+            DeviceMessage::Error { .. } => T::Error,
         }
     }
 
     /// The encoded body length (without the 5-byte header).
     pub fn body_len(&self) -> usize {
         match self {
-            Message::Challenge { .. } => NONCE_LEN,
-            Message::Hello(h) => 2 + 8 + PROOF_LEN + 8 + 1 + h.fw_version.len() + 1 + 16,
-            Message::Welcome { .. } => 8 + 2 + 8 + 8,
-            Message::Ping { .. } | Message::Pong { .. } | Message::Ack { .. } => 8,
-            Message::Msg { topic, payload, .. } => 8 + 2 + topic.len() + payload.len(),
-            Message::CodeOffer { .. } => 8 + 8 + 32,
-            Message::CodeRequest { .. } | Message::CodeAck { .. } => 16,
-            Message::CodeChunk { data, .. } => 16 + data.len(),
-            Message::CodeDone { .. } => 9,
-            Message::Goodbye { redirect, .. } => 2 + 4 + 1 + redirect.len(),
-            Message::Error { message, .. } => 2 + message.len(),
-            Message::AgentHello { token, name, .. } => 2 + 1 + token.len() + 1 + name.len(),
-            Message::AgentWelcome { .. } => 12,
-            Message::Send { topic, payload, .. } => 16 + 2 + topic.len() + payload.len(),
-            Message::SendResult { .. } => 10,
-            Message::Deliver { topic, payload, .. } => 16 + 2 + topic.len() + payload.len(),
-            Message::DeliverAck { .. } => 16,
-            Message::Presence { .. } => 9,
-            Message::Deploy { group, blob } => 1 + group.len() + blob.len(),
-            Message::DeployResult { group, message, .. } => {
-                1 + group.len() + 8 + 32 + message.len()
+            DeviceMessage::Challenge { .. } => NONCE_LEN,
+            DeviceMessage::Hello(h) => 2 + 8 + PROOF_LEN + 8 + 1 + h.fw_version.len() + 1 + 16,
+            DeviceMessage::Welcome { .. } => 8 + 2 + 8 + 8,
+            DeviceMessage::Ping { .. } | DeviceMessage::Pong { .. } | DeviceMessage::Ack { .. } => {
+                8
             }
-            Message::PresenceSnapshot { devices, .. } => 1 + 8 * devices.len(),
+            DeviceMessage::Msg { topic, payload, .. } => 8 + 2 + topic.len() + payload.len(),
+            DeviceMessage::CodeOffer { .. } => 8 + 8 + 32,
+            DeviceMessage::CodeRequest { .. } | DeviceMessage::CodeAck { .. } => 16,
+            DeviceMessage::CodeChunk { data, .. } => 16 + data.len(),
+            DeviceMessage::CodeDone { .. } => 9,
+            DeviceMessage::Goodbye { redirect, .. } => 2 + 4 + 1 + redirect.len(),
+            DeviceMessage::Error { message, .. } => error_body_len(message),
         }
     }
 
@@ -438,40 +514,27 @@ impl Message {
 
     /// Appends this message as one frame to `dst`.
     ///
-    /// Fails only when a short field (firmware version, redirect, token, name, group) is longer
-    /// than 255 bytes or a topic longer than 65,535: nothing is written then.
+    /// Fails only when a short field (firmware version, redirect) is longer than 255 bytes or a
+    /// topic longer than 65,535: nothing is written then.
     pub fn encode(&self, dst: &mut BytesMut) -> Result<(), DecodeError> {
         let ty = self.ty();
         // Validate length-limited fields before writing anything.
         match self {
-            Message::Hello(h) => {
+            DeviceMessage::Hello(h) => {
                 short(ty, &h.fw_version, "fw_version")?;
             }
-            Message::Goodbye { redirect, .. } => {
+            DeviceMessage::Goodbye { redirect, .. } => {
                 short(ty, redirect, "redirect")?;
             }
-            Message::AgentHello { token, name, .. } => {
-                short(ty, token, "token")?;
-                short(ty, name, "name")?;
-            }
-            Message::Deploy { group, .. } | Message::DeployResult { group, .. } => {
-                short(ty, group, "group")?;
-            }
-            Message::Msg { topic, .. }
-            | Message::Send { topic, .. }
-            | Message::Deliver { topic, .. } => {
-                u16::try_from(topic.len()).map_err(|_| DecodeError::InvalidField {
-                    ty: ty as u8,
-                    field: "topic",
-                })?;
+            DeviceMessage::Msg { topic, .. } => {
+                topic16(ty, topic)?;
             }
             _ => {}
         }
-        dst.reserve(self.frame_len());
-        put_header(dst, ty as u8, self.body_len());
+        start(dst, ty, self.body_len());
         match self {
-            Message::Challenge { nonce } => dst.put_slice(&nonce.0),
-            Message::Hello(h) => {
+            DeviceMessage::Challenge { nonce } => dst.put_slice(&nonce.0),
+            DeviceMessage::Hello(h) => {
                 dst.put_u16(h.version);
                 dst.put_u64(h.device.0);
                 dst.put_slice(&h.proof.0);
@@ -490,7 +553,7 @@ impl Message {
                     }
                 }
             }
-            Message::Welcome {
+            DeviceMessage::Welcome {
                 session,
                 heartbeat_s,
                 server_time_ms,
@@ -501,19 +564,17 @@ impl Message {
                 dst.put_u64(*server_time_ms);
                 dst.put_u64(rx_seq.0);
             }
-            Message::Ping { id } | Message::Pong { id } => dst.put_u64(*id),
-            Message::Ack { seq } => dst.put_u64(seq.0),
-            Message::Msg {
+            DeviceMessage::Ping { id } | DeviceMessage::Pong { id } => dst.put_u64(*id),
+            DeviceMessage::Ack { seq } => dst.put_u64(seq.0),
+            DeviceMessage::Msg {
                 seq,
                 topic,
                 payload,
             } => {
                 dst.put_u64(seq.0);
-                dst.put_u16(topic.len() as u16);
-                dst.put_slice(topic);
-                dst.put_slice(payload);
+                put_topic_payload(dst, topic, payload);
             }
-            Message::CodeOffer {
+            DeviceMessage::CodeOffer {
                 version,
                 size,
                 digest,
@@ -522,11 +583,12 @@ impl Message {
                 dst.put_u64(*size);
                 dst.put_slice(&digest.0);
             }
-            Message::CodeRequest { version, offset } | Message::CodeAck { version, offset } => {
+            DeviceMessage::CodeRequest { version, offset }
+            | DeviceMessage::CodeAck { version, offset } => {
                 dst.put_u64(version.0);
                 dst.put_u64(*offset);
             }
-            Message::CodeChunk {
+            DeviceMessage::CodeChunk {
                 version,
                 offset,
                 data,
@@ -535,11 +597,11 @@ impl Message {
                 dst.put_u64(*offset);
                 dst.put_slice(data);
             }
-            Message::CodeDone { version, ok } => {
+            DeviceMessage::CodeDone { version, ok } => {
                 dst.put_u64(version.0);
                 dst.put_u8(*ok as u8);
             }
-            Message::Goodbye {
+            DeviceMessage::Goodbye {
                 reason,
                 retry_after_ms,
                 redirect,
@@ -549,11 +611,186 @@ impl Message {
                 dst.put_u8(redirect.len() as u8);
                 dst.put_slice(redirect);
             }
-            Message::Error { code, message } => {
-                dst.put_u16(*code as u16);
-                dst.put_slice(message);
+            DeviceMessage::Error { code, message } => put_error(dst, *code, message),
+        }
+        Ok(())
+    }
+
+    /// Decodes one device-link frame. Unknown types, agent-link types
+    /// ([`DecodeError::WrongLink`]), truncation, trailing bytes and out-of-range fields are
+    /// typed errors.
+    pub fn decode(frame: Frame) -> Result<DeviceMessage, DecodeError> {
+        use MessageType as T;
+        let t = frame.ty;
+        decode_on(frame, Link::Device, |ty, r| {
+            Ok(Some(match ty {
+                T::Challenge => DeviceMessage::Challenge {
+                    nonce: Nonce(r.array()?),
+                },
+                T::Hello => {
+                    let version = r.u16()?;
+                    let device = DeviceId(r.u64()?);
+                    let proof = Proof(r.array()?);
+                    let code_version = CodeVersion(r.u64()?);
+                    let fw_version = r.short_bytes()?;
+                    let has = bool_field(t, r.u8()?, "resume flag")?;
+                    let session = SessionId(r.u64()?);
+                    let rx_seq = Seq(r.u64()?);
+                    let resume = has.then_some(Resume { session, rx_seq });
+                    DeviceMessage::Hello(Hello {
+                        version,
+                        device,
+                        proof,
+                        code_version,
+                        fw_version,
+                        resume,
+                    })
+                }
+                T::Welcome => DeviceMessage::Welcome {
+                    session: SessionId(r.u64()?),
+                    heartbeat_s: r.u16()?,
+                    server_time_ms: r.u64()?,
+                    rx_seq: Seq(r.u64()?),
+                },
+                T::Ping => DeviceMessage::Ping { id: r.u64()? },
+                T::Pong => DeviceMessage::Pong { id: r.u64()? },
+                T::Ack => DeviceMessage::Ack { seq: Seq(r.u64()?) },
+                T::Msg => {
+                    let seq = Seq(r.u64()?);
+                    let (topic, payload) = read_topic_payload(r)?;
+                    DeviceMessage::Msg {
+                        seq,
+                        topic,
+                        payload,
+                    }
+                }
+                T::CodeOffer => DeviceMessage::CodeOffer {
+                    version: CodeVersion(r.u64()?),
+                    size: r.u64()?,
+                    digest: Digest(r.array()?),
+                },
+                T::CodeRequest => DeviceMessage::CodeRequest {
+                    version: CodeVersion(r.u64()?),
+                    offset: r.u64()?,
+                },
+                T::CodeAck => DeviceMessage::CodeAck {
+                    version: CodeVersion(r.u64()?),
+                    offset: r.u64()?,
+                },
+                T::CodeChunk => {
+                    let version = CodeVersion(r.u64()?);
+                    let offset = r.u64()?;
+                    DeviceMessage::CodeChunk {
+                        version,
+                        offset,
+                        data: r.rest(),
+                    }
+                }
+                T::CodeDone => DeviceMessage::CodeDone {
+                    version: CodeVersion(r.u64()?),
+                    ok: bool_field(t, r.u8()?, "ok flag")?,
+                },
+                T::Goodbye => {
+                    let code = r.u16()?;
+                    let reason =
+                        GoodbyeReason::from_u16(code).ok_or(DecodeError::InvalidField {
+                            ty: t,
+                            field: "goodbye reason",
+                        })?;
+                    DeviceMessage::Goodbye {
+                        reason,
+                        retry_after_ms: r.u32()?,
+                        redirect: r.short_bytes()?,
+                    }
+                }
+                T::Error => {
+                    let (code, message) = read_error(r, t)?;
+                    DeviceMessage::Error { code, message }
+                }
+                T::AgentHello
+                | T::AgentWelcome
+                | T::Send
+                | T::SendResult
+                | T::Deliver
+                | T::DeliverAck
+                | T::Presence
+                | T::Deploy
+                | T::DeployResult
+                | T::PresenceSnapshot => return Ok(None),
+            }))
+        })
+    }
+}
+
+impl AgentMessage {
+    /// This message's type.
+    pub fn ty(&self) -> MessageType {
+        use MessageType as T;
+        match self {
+            AgentMessage::AgentHello { .. } => T::AgentHello,
+            AgentMessage::AgentWelcome { .. } => T::AgentWelcome,
+            AgentMessage::Ping { .. } => T::Ping,
+            AgentMessage::Pong { .. } => T::Pong,
+            AgentMessage::Send { .. } => T::Send,
+            AgentMessage::SendResult { .. } => T::SendResult,
+            AgentMessage::Deliver { .. } => T::Deliver,
+            AgentMessage::DeliverAck { .. } => T::DeliverAck,
+            AgentMessage::Presence { .. } => T::Presence,
+            AgentMessage::Deploy { .. } => T::Deploy,
+            AgentMessage::DeployResult { .. } => T::DeployResult,
+            AgentMessage::PresenceSnapshot { .. } => T::PresenceSnapshot,
+            AgentMessage::Error { .. } => T::Error,
+        }
+    }
+
+    /// The encoded body length (without the 5-byte header).
+    pub fn body_len(&self) -> usize {
+        match self {
+            AgentMessage::AgentHello { token, name, .. } => 2 + 1 + token.len() + 1 + name.len(),
+            AgentMessage::AgentWelcome { .. } => 12,
+            AgentMessage::Ping { .. } | AgentMessage::Pong { .. } => 8,
+            AgentMessage::Send { topic, payload, .. }
+            | AgentMessage::Deliver { topic, payload, .. } => 16 + 2 + topic.len() + payload.len(),
+            AgentMessage::SendResult { .. } => 10,
+            AgentMessage::DeliverAck { .. } => 16,
+            AgentMessage::Presence { .. } => 9,
+            AgentMessage::Deploy { group, blob } => 1 + group.len() + blob.len(),
+            AgentMessage::DeployResult { group, message, .. } => {
+                1 + group.len() + 8 + 32 + message.len()
             }
-            Message::AgentHello {
+            AgentMessage::PresenceSnapshot { devices, .. } => 1 + 8 * devices.len(),
+            AgentMessage::Error { message, .. } => error_body_len(message),
+        }
+    }
+
+    /// The encoded frame length, header included.
+    pub fn frame_len(&self) -> usize {
+        crate::codec::HEADER_LEN + self.body_len()
+    }
+
+    /// Appends this message as one frame to `dst`.
+    ///
+    /// Fails only when a short field (token, name, group) is longer than 255 bytes or a topic
+    /// longer than 65,535: nothing is written then.
+    pub fn encode(&self, dst: &mut BytesMut) -> Result<(), DecodeError> {
+        let ty = self.ty();
+        // Validate length-limited fields before writing anything.
+        match self {
+            AgentMessage::AgentHello { token, name, .. } => {
+                short(ty, token, "token")?;
+                short(ty, name, "name")?;
+            }
+            AgentMessage::Deploy { group, .. } | AgentMessage::DeployResult { group, .. } => {
+                short(ty, group, "group")?;
+            }
+            AgentMessage::Send { topic, .. } | AgentMessage::Deliver { topic, .. } => {
+                topic16(ty, topic)?;
+            }
+            _ => {}
+        }
+        start(dst, ty, self.body_len());
+        match self {
+            AgentMessage::AgentHello {
                 version,
                 token,
                 name,
@@ -564,14 +801,15 @@ impl Message {
                 dst.put_u8(name.len() as u8);
                 dst.put_slice(name);
             }
-            Message::AgentWelcome {
+            AgentMessage::AgentWelcome {
                 agent,
                 server_time_ms,
             } => {
                 dst.put_u32(*agent);
                 dst.put_u64(*server_time_ms);
             }
-            Message::Send {
+            AgentMessage::Ping { id } | AgentMessage::Pong { id } => dst.put_u64(*id),
+            AgentMessage::Send {
                 device,
                 tag,
                 topic,
@@ -579,15 +817,13 @@ impl Message {
             } => {
                 dst.put_u64(device.0);
                 dst.put_u64(*tag);
-                dst.put_u16(topic.len() as u16);
-                dst.put_slice(topic);
-                dst.put_slice(payload);
+                put_topic_payload(dst, topic, payload);
             }
-            Message::SendResult { tag, status } => {
+            AgentMessage::SendResult { tag, status } => {
                 dst.put_u64(*tag);
                 dst.put_u16(*status as u16);
             }
-            Message::Deliver {
+            AgentMessage::Deliver {
                 device,
                 seq,
                 topic,
@@ -595,24 +831,22 @@ impl Message {
             } => {
                 dst.put_u64(device.0);
                 dst.put_u64(seq.0);
-                dst.put_u16(topic.len() as u16);
-                dst.put_slice(topic);
-                dst.put_slice(payload);
+                put_topic_payload(dst, topic, payload);
             }
-            Message::DeliverAck { device, seq } => {
+            AgentMessage::DeliverAck { device, seq } => {
                 dst.put_u64(device.0);
                 dst.put_u64(seq.0);
             }
-            Message::Presence { device, online } => {
+            AgentMessage::Presence { device, online } => {
                 dst.put_u64(device.0);
                 dst.put_u8(*online as u8);
             }
-            Message::Deploy { group, blob } => {
+            AgentMessage::Deploy { group, blob } => {
                 dst.put_u8(group.len() as u8);
                 dst.put_slice(group);
                 dst.put_slice(blob);
             }
-            Message::DeployResult {
+            AgentMessage::DeployResult {
                 group,
                 version,
                 digest,
@@ -624,7 +858,7 @@ impl Message {
                 dst.put_slice(&digest.0);
                 dst.put_slice(message);
             }
-            Message::PresenceSnapshot {
+            AgentMessage::PresenceSnapshot {
                 first,
                 last,
                 devices,
@@ -634,197 +868,127 @@ impl Message {
                     dst.put_u64(d.0);
                 }
             }
+            AgentMessage::Error { code, message } => put_error(dst, *code, message),
         }
         Ok(())
     }
 
-    /// Decodes one frame. Unknown types, truncation, trailing bytes and out-of-range fields are
+    /// Decodes one agent-link frame. Unknown types, device-link types
+    /// ([`DecodeError::WrongLink`]), truncation, trailing bytes and out-of-range fields are
     /// typed errors.
-    pub fn decode(frame: Frame) -> Result<Message, DecodeError> {
+    pub fn decode(frame: Frame) -> Result<AgentMessage, DecodeError> {
         use MessageType as T;
-        let ty = T::from_u8(frame.ty)?;
         let t = frame.ty;
-        let mut r = Reader::new(frame.ty, frame.body);
-        let m = match ty {
-            T::Challenge => Message::Challenge {
-                nonce: Nonce(r.array()?),
-            },
-            T::Hello => {
-                let version = r.u16()?;
-                let device = DeviceId(r.u64()?);
-                let proof = Proof(r.array()?);
-                let code_version = CodeVersion(r.u64()?);
-                let fw_version = r.short_bytes()?;
-                let has = bool_field(t, r.u8()?, "resume flag")?;
-                let session = SessionId(r.u64()?);
-                let rx_seq = Seq(r.u64()?);
-                let resume = has.then_some(Resume { session, rx_seq });
-                Message::Hello(Hello {
-                    version,
-                    device,
-                    proof,
-                    code_version,
-                    fw_version,
-                    resume,
-                })
-            }
-            T::Welcome => Message::Welcome {
-                session: SessionId(r.u64()?),
-                heartbeat_s: r.u16()?,
-                server_time_ms: r.u64()?,
-                rx_seq: Seq(r.u64()?),
-            },
-            T::Ping => Message::Ping { id: r.u64()? },
-            T::Pong => Message::Pong { id: r.u64()? },
-            T::Ack => Message::Ack { seq: Seq(r.u64()?) },
-            T::Msg => {
-                let seq = Seq(r.u64()?);
-                let topic = r.bytes16()?;
-                Message::Msg {
-                    seq,
-                    topic,
-                    payload: r.rest(),
+        decode_on(frame, Link::Agent, |ty, r| {
+            Ok(Some(match ty {
+                T::AgentHello => AgentMessage::AgentHello {
+                    version: r.u16()?,
+                    token: r.short_bytes()?,
+                    name: r.short_bytes()?,
+                },
+                T::AgentWelcome => AgentMessage::AgentWelcome {
+                    agent: r.u32()?,
+                    server_time_ms: r.u64()?,
+                },
+                T::Ping => AgentMessage::Ping { id: r.u64()? },
+                T::Pong => AgentMessage::Pong { id: r.u64()? },
+                T::Send => {
+                    let device = DeviceId(r.u64()?);
+                    let tag = r.u64()?;
+                    let (topic, payload) = read_topic_payload(r)?;
+                    AgentMessage::Send {
+                        device,
+                        tag,
+                        topic,
+                        payload,
+                    }
                 }
-            }
-            T::CodeOffer => Message::CodeOffer {
-                version: CodeVersion(r.u64()?),
-                size: r.u64()?,
-                digest: Digest(r.array()?),
-            },
-            T::CodeRequest => Message::CodeRequest {
-                version: CodeVersion(r.u64()?),
-                offset: r.u64()?,
-            },
-            T::CodeAck => Message::CodeAck {
-                version: CodeVersion(r.u64()?),
-                offset: r.u64()?,
-            },
-            T::CodeChunk => {
-                let version = CodeVersion(r.u64()?);
-                let offset = r.u64()?;
-                Message::CodeChunk {
-                    version,
-                    offset,
-                    data: r.rest(),
+                T::SendResult => {
+                    let tag = r.u64()?;
+                    let status =
+                        SendStatus::from_u16(r.u16()?).ok_or(DecodeError::InvalidField {
+                            ty: t,
+                            field: "send status",
+                        })?;
+                    AgentMessage::SendResult { tag, status }
                 }
-            }
-            T::CodeDone => Message::CodeDone {
-                version: CodeVersion(r.u64()?),
-                ok: bool_field(t, r.u8()?, "ok flag")?,
-            },
-            T::Goodbye => {
-                let code = r.u16()?;
-                let reason = GoodbyeReason::from_u16(code).ok_or(DecodeError::InvalidField {
-                    ty: t,
-                    field: "goodbye reason",
-                })?;
-                Message::Goodbye {
-                    reason,
-                    retry_after_ms: r.u32()?,
-                    redirect: r.short_bytes()?,
+                T::Deliver => {
+                    let device = DeviceId(r.u64()?);
+                    let seq = Seq(r.u64()?);
+                    let (topic, payload) = read_topic_payload(r)?;
+                    AgentMessage::Deliver {
+                        device,
+                        seq,
+                        topic,
+                        payload,
+                    }
                 }
-            }
-            T::Error => {
-                let code = ErrorCode::from_u16(r.u16()?).ok_or(DecodeError::InvalidField {
-                    ty: t,
-                    field: "error code",
-                })?;
-                Message::Error {
-                    code,
-                    message: r.rest(),
+                T::DeliverAck => AgentMessage::DeliverAck {
+                    device: DeviceId(r.u64()?),
+                    seq: Seq(r.u64()?),
+                },
+                T::Presence => AgentMessage::Presence {
+                    device: DeviceId(r.u64()?),
+                    online: bool_field(t, r.u8()?, "online flag")?,
+                },
+                T::Deploy => {
+                    let group = r.short_bytes()?;
+                    AgentMessage::Deploy {
+                        group,
+                        blob: r.rest(),
+                    }
                 }
-            }
-            T::AgentHello => Message::AgentHello {
-                version: r.u16()?,
-                token: r.short_bytes()?,
-                name: r.short_bytes()?,
-            },
-            T::AgentWelcome => Message::AgentWelcome {
-                agent: r.u32()?,
-                server_time_ms: r.u64()?,
-            },
-            T::Send => {
-                let device = DeviceId(r.u64()?);
-                let tag = r.u64()?;
-                let topic = r.bytes16()?;
-                Message::Send {
-                    device,
-                    tag,
-                    topic,
-                    payload: r.rest(),
+                T::DeployResult => {
+                    let group = r.short_bytes()?;
+                    let version = CodeVersion(r.u64()?);
+                    let digest = Digest(r.array()?);
+                    AgentMessage::DeployResult {
+                        group,
+                        version,
+                        digest,
+                        message: r.rest(),
+                    }
                 }
-            }
-            T::SendResult => {
-                let tag = r.u64()?;
-                let status = SendStatus::from_u16(r.u16()?).ok_or(DecodeError::InvalidField {
-                    ty: t,
-                    field: "send status",
-                })?;
-                Message::SendResult { tag, status }
-            }
-            T::Deliver => {
-                let device = DeviceId(r.u64()?);
-                let seq = Seq(r.u64()?);
-                let topic = r.bytes16()?;
-                Message::Deliver {
-                    device,
-                    seq,
-                    topic,
-                    payload: r.rest(),
+                T::PresenceSnapshot => {
+                    let flags = r.u8()?;
+                    if flags & !0b11 != 0 {
+                        return Err(DecodeError::InvalidField {
+                            ty: t,
+                            field: "snapshot flags",
+                        });
+                    }
+                    let ids = r.rest();
+                    if ids.len() % 8 != 0 {
+                        return Err(DecodeError::InvalidField {
+                            ty: t,
+                            field: "snapshot device ids",
+                        });
+                    }
+                    AgentMessage::PresenceSnapshot {
+                        first: flags & 1 != 0,
+                        last: flags & 2 != 0,
+                        devices: ids
+                            .chunks_exact(8)
+                            .map(|c| DeviceId(u64::from_be_bytes(c.try_into().expect("8 bytes"))))
+                            .collect(),
+                    }
                 }
-            }
-            T::DeliverAck => Message::DeliverAck {
-                device: DeviceId(r.u64()?),
-                seq: Seq(r.u64()?),
-            },
-            T::Presence => Message::Presence {
-                device: DeviceId(r.u64()?),
-                online: bool_field(t, r.u8()?, "online flag")?,
-            },
-            T::Deploy => {
-                let group = r.short_bytes()?;
-                Message::Deploy {
-                    group,
-                    blob: r.rest(),
+                T::Error => {
+                    let (code, message) = read_error(r, t)?;
+                    AgentMessage::Error { code, message }
                 }
-            }
-            T::DeployResult => {
-                let group = r.short_bytes()?;
-                let version = CodeVersion(r.u64()?);
-                let digest = Digest(r.array()?);
-                Message::DeployResult {
-                    group,
-                    version,
-                    digest,
-                    message: r.rest(),
-                }
-            }
-            T::PresenceSnapshot => {
-                let flags = r.u8()?;
-                if flags & !0b11 != 0 {
-                    return Err(DecodeError::InvalidField {
-                        ty: t,
-                        field: "snapshot flags",
-                    });
-                }
-                let ids = r.rest();
-                if ids.len() % 8 != 0 {
-                    return Err(DecodeError::InvalidField {
-                        ty: t,
-                        field: "snapshot device ids",
-                    });
-                }
-                Message::PresenceSnapshot {
-                    first: flags & 1 != 0,
-                    last: flags & 2 != 0,
-                    devices: ids
-                        .chunks_exact(8)
-                        .map(|c| DeviceId(u64::from_be_bytes(c.try_into().expect("8 bytes"))))
-                        .collect(),
-                }
-            }
-        };
-        r.finish()?;
-        Ok(m)
+                T::Challenge
+                | T::Hello
+                | T::Welcome
+                | T::Msg
+                | T::Ack
+                | T::CodeOffer
+                | T::CodeRequest
+                | T::CodeChunk
+                | T::CodeAck
+                | T::CodeDone
+                | T::Goodbye => return Ok(None),
+            }))
+        })
     }
 }

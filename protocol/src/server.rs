@@ -27,7 +27,7 @@ use crate::auth::{self, DeviceKey, Nonce};
 use crate::codec::{DEFAULT_MAX_FRAME, FrameDecoder};
 use crate::error::{AuthError, CloseReason, PeerMisbehaved, SendError};
 use crate::ids::{CodeVersion, DeviceId, Digest, Seq, SessionId};
-use crate::message::{GoodbyeReason, Hello, Message, PROTOCOL_VERSION, Resume};
+use crate::message::{DeviceMessage, GoodbyeReason, Hello, PROTOCOL_VERSION, Resume};
 use crate::stream::{Outgoing, Stream};
 use crate::thin::{Output, Queue};
 
@@ -211,7 +211,7 @@ impl ServerSession {
     /// A session for a freshly accepted connection; `nonce` must be fresh random bytes.
     pub fn new(config: &ServerConfig, nonce: Nonce, now: Instant) -> Self {
         let mut tx = Output::default();
-        let _ = Message::Challenge { nonce }.encode(tx.buf());
+        let _ = DeviceMessage::Challenge { nonce }.encode(tx.buf());
         ServerSession {
             state: State::ExpectHello { nonce },
             decoder: FrameDecoder::new(config.max_frame),
@@ -291,7 +291,7 @@ impl ServerSession {
         // While authenticating, input stays buffered undecoded.
         while !self.is_closed() && !self.awaiting_auth() {
             match self.decoder.next_frame() {
-                Ok(Some(frame)) => match Message::decode(frame) {
+                Ok(Some(frame)) => match DeviceMessage::decode(frame) {
                     Ok(m) => self.on_message(now, m),
                     Err(e) => self.fail(PeerMisbehaved::Decode(e).into()),
                 },
@@ -301,7 +301,7 @@ impl ServerSession {
         }
     }
 
-    fn on_message(&mut self, now: Instant, m: Message) {
+    fn on_message(&mut self, now: Instant, m: DeviceMessage) {
         if matches!(self.state, State::Established { .. }) {
             self.deadline = now + self.idle_timeout;
             self.on_established(m);
@@ -309,7 +309,7 @@ impl ServerSession {
         }
         let state = std::mem::replace(&mut self.state, State::Closed { device: None });
         match (state, m) {
-            (State::ExpectHello { nonce }, Message::Hello(hello)) => {
+            (State::ExpectHello { nonce }, DeviceMessage::Hello(hello)) => {
                 if hello.version != PROTOCOL_VERSION {
                     self.fail(
                         PeerMisbehaved::UnsupportedVersion {
@@ -341,13 +341,13 @@ impl ServerSession {
         }
     }
 
-    fn on_established(&mut self, m: Message) {
+    fn on_established(&mut self, m: DeviceMessage) {
         match m {
-            Message::Ping { id } => {
-                let _ = Message::Pong { id }.encode(self.tx.buf());
+            DeviceMessage::Ping { id } => {
+                let _ = DeviceMessage::Pong { id }.encode(self.tx.buf());
             }
-            Message::Pong { .. } => {}
-            Message::Msg {
+            DeviceMessage::Pong { .. } => {}
+            DeviceMessage::Msg {
                 seq,
                 topic,
                 payload,
@@ -360,10 +360,10 @@ impl ServerSession {
                     });
                 } else if seq <= self.stream.rx_acked {
                     // A resend of something already acknowledged: the ack was lost.
-                    let _ = Message::Ack { seq }.encode(self.tx.buf());
+                    let _ = DeviceMessage::Ack { seq }.encode(self.tx.buf());
                 }
             }
-            Message::Ack { seq } => {
+            DeviceMessage::Ack { seq } => {
                 let events = &mut self.events;
                 if let Err(e) = self.stream.ack(seq, |m| {
                     events.push_back(ServerEvent::Delivered {
@@ -374,21 +374,21 @@ impl ServerSession {
                     self.fail(e.into());
                 }
             }
-            Message::CodeRequest { version, offset } => self
+            DeviceMessage::CodeRequest { version, offset } => self
                 .events
                 .push_back(ServerEvent::Code(CodeEvent::Request { version, offset })),
-            Message::CodeAck { version, offset } => self
+            DeviceMessage::CodeAck { version, offset } => self
                 .events
                 .push_back(ServerEvent::Code(CodeEvent::Ack { version, offset })),
-            Message::CodeDone { version, ok } => self
+            DeviceMessage::CodeDone { version, ok } => self
                 .events
                 .push_back(ServerEvent::Code(CodeEvent::Done { version, ok })),
-            Message::Goodbye { reason, .. } => {
+            DeviceMessage::Goodbye { reason, .. } => {
                 self.set_closed();
                 self.events
                     .push_back(ServerEvent::Closed(CloseReason::PeerGoodbye(reason)));
             }
-            Message::Error { code, .. } => {
+            DeviceMessage::Error { code, .. } => {
                 self.set_closed();
                 self.events
                     .push_back(ServerEvent::Closed(CloseReason::PeerError(code)));
@@ -406,7 +406,7 @@ impl ServerSession {
     /// Closes with an `Error` frame telling the device why.
     fn fail(&mut self, reason: CloseReason) {
         if let Some(code) = reason.wire_code() {
-            let _ = Message::Error {
+            let _ = DeviceMessage::Error {
                 code,
                 message: Bytes::from(reason.wire_message()),
             }
@@ -477,7 +477,7 @@ impl ServerSession {
             None => (session, Stream::default()),
         };
         self.stream = stream;
-        let _ = Message::Welcome {
+        let _ = DeviceMessage::Welcome {
             session,
             heartbeat_s: self.heartbeat_s,
             server_time_ms,
@@ -544,13 +544,13 @@ impl ServerSession {
             return;
         }
         self.stream.rx_acked = seq;
-        let _ = Message::Ack { seq }.encode(self.tx.buf());
+        let _ = DeviceMessage::Ack { seq }.encode(self.tx.buf());
     }
 
     /// Queues a raw message (code offers and chunks). Fails if not established, or if the
     /// frame is over the session's frame limit (the device would drop the connection on it)
     /// or a field over its length limit: nothing is queued then.
-    pub fn send_control(&mut self, m: &Message) -> Result<(), SendError> {
+    pub fn send_control(&mut self, m: &DeviceMessage) -> Result<(), SendError> {
         if !matches!(self.state, State::Established { .. }) {
             return Err(SendError::Closed);
         }
@@ -574,7 +574,7 @@ impl ServerSession {
         size: u64,
         digest: Digest,
     ) -> Result<(), SendError> {
-        self.send_control(&Message::CodeOffer {
+        self.send_control(&DeviceMessage::CodeOffer {
             version,
             size,
             digest,
@@ -586,7 +586,7 @@ impl ServerSession {
         if self.is_closed() {
             return;
         }
-        let _ = Message::Goodbye {
+        let _ = DeviceMessage::Goodbye {
             reason,
             retry_after_ms,
             redirect: Bytes::new(),

@@ -9,7 +9,7 @@ use bytes::{Bytes, BytesMut};
 
 use crate::error::{PeerMisbehaved, SendError};
 use crate::ids::Seq;
-use crate::message::Message;
+use crate::message::DeviceMessage;
 use crate::thin::Queue;
 
 /// A message waiting for its `Ack`.
@@ -27,7 +27,7 @@ pub struct Outgoing {
 
 impl Outgoing {
     pub(crate) fn encode(&self, dst: &mut BytesMut) {
-        let m = Message::Msg {
+        let m = DeviceMessage::Msg {
             seq: self.seq,
             topic: self.topic.clone(),
             payload: self.payload.clone(),

@@ -11,7 +11,7 @@ use crate::device::{DeviceConfig, DeviceEvent, DeviceSession};
 use crate::error::{AuthError, CloseReason, DecodeError, PeerMisbehaved, SendError};
 use crate::ids::{CodeVersion, DeviceId, Seq, SessionId};
 use crate::message::PROTOCOL_VERSION;
-use crate::message::{ErrorCode, GoodbyeReason, Message, MessageType};
+use crate::message::{AgentMessage, DeviceMessage, ErrorCode, GoodbyeReason, MessageType};
 use crate::server::{ServerConfig, ServerEvent, ServerSession};
 
 const SECRET: &[u8] = b"test secret";
@@ -137,7 +137,7 @@ fn hex(b: &[u8]) -> String {
 #[test]
 fn ping_frame_wire_bytes() {
     let mut b = BytesMut::new();
-    Message::Ping { id: 0x0102 }.encode(&mut b).unwrap();
+    DeviceMessage::Ping { id: 0x0102 }.encode(&mut b).unwrap();
     assert_eq!(
         hex(&b),
         "00000009" /* len */
@@ -150,7 +150,7 @@ fn ping_frame_wire_bytes() {
 #[test]
 fn msg_frame_wire_bytes() {
     let mut b = BytesMut::new();
-    Message::Msg {
+    DeviceMessage::Msg {
         seq: Seq(1),
         topic: Bytes::from_static(b"t"),
         payload: Bytes::from_static(b"hi"),
@@ -166,7 +166,7 @@ fn msg_frame_wire_bytes() {
 #[test]
 fn presence_snapshot_wire_bytes_and_round_trip() {
     let mut b = BytesMut::new();
-    Message::PresenceSnapshot {
+    AgentMessage::PresenceSnapshot {
         first: true,
         last: false,
         devices: vec![DeviceId(1), DeviceId(0x0203)],
@@ -183,10 +183,10 @@ fn presence_snapshot_wire_bytes_and_round_trip() {
     );
     let mut dec = FrameDecoder::new(1 << 20);
     dec.push(&b);
-    let back = Message::decode(dec.next_frame().unwrap().unwrap()).unwrap();
+    let back = AgentMessage::decode(dec.next_frame().unwrap().unwrap()).unwrap();
     assert_eq!(
         back,
-        Message::PresenceSnapshot {
+        AgentMessage::PresenceSnapshot {
             first: true,
             last: false,
             devices: vec![DeviceId(1), DeviceId(0x0203)],
@@ -199,8 +199,8 @@ fn presence_snapshot_chunks_are_marked_and_cover_every_device() {
     use crate::message::PRESENCE_SNAPSHOT_CHUNK;
     // None online: one frame, both marks, no ids.
     assert_eq!(
-        Message::presence_snapshot(&[]),
-        vec![Message::PresenceSnapshot {
+        AgentMessage::presence_snapshot(&[]),
+        vec![AgentMessage::PresenceSnapshot {
             first: true,
             last: true,
             devices: vec![]
@@ -209,11 +209,11 @@ fn presence_snapshot_chunks_are_marked_and_cover_every_device() {
     let ids: Vec<DeviceId> = (0..2 * PRESENCE_SNAPSHOT_CHUNK as u64 + 5)
         .map(DeviceId)
         .collect();
-    let frames = Message::presence_snapshot(&ids);
+    let frames = AgentMessage::presence_snapshot(&ids);
     assert_eq!(frames.len(), 3);
     let mut all = Vec::new();
     for (i, f) in frames.iter().enumerate() {
-        let Message::PresenceSnapshot {
+        let AgentMessage::PresenceSnapshot {
             first,
             last,
             devices,
@@ -239,21 +239,21 @@ fn presence_snapshot_bad_flags_and_ragged_ids_are_typed_errors() {
         body: Bytes::from_static(body),
     };
     assert_eq!(
-        Message::decode(f(b"\x04")),
+        AgentMessage::decode(f(b"\x04")),
         Err(DecodeError::InvalidField {
             ty: 0x49,
             field: "snapshot flags"
         })
     );
     assert_eq!(
-        Message::decode(f(b"\x03\x00\x00\x00")),
+        AgentMessage::decode(f(b"\x03\x00\x00\x00")),
         Err(DecodeError::InvalidField {
             ty: 0x49,
             field: "snapshot device ids"
         })
     );
     assert_eq!(
-        Message::decode(f(b"")),
+        AgentMessage::decode(f(b"")),
         Err(DecodeError::Truncated { ty: 0x49 })
     );
 }
@@ -315,7 +315,7 @@ fn message_before_hello_is_a_protocol_violation() {
     let now = Instant::now();
     let mut s = ServerSession::new(&ServerConfig::default(), Nonce([0; 32]), now);
     let mut b = BytesMut::new();
-    Message::Ping { id: 1 }.encode(&mut b).unwrap();
+    DeviceMessage::Ping { id: 1 }.encode(&mut b).unwrap();
     s.handle_bytes(now, &b);
     assert_eq!(
         s.poll_event(),
@@ -332,10 +332,10 @@ fn message_before_hello_is_a_protocol_violation() {
     let mut d = crate::codec::FrameDecoder::new(1 << 16);
     d.push(&out);
     let _challenge = d.next_frame().unwrap().unwrap();
-    let err = Message::decode(d.next_frame().unwrap().unwrap()).unwrap();
+    let err = DeviceMessage::decode(d.next_frame().unwrap().unwrap()).unwrap();
     assert!(matches!(
         err,
-        Message::Error {
+        DeviceMessage::Error {
             code: ErrorCode::ProtocolViolation,
             ..
         }
@@ -367,7 +367,7 @@ fn unsupported_version_is_rejected() {
     let now = Instant::now();
     let mut s = ServerSession::new(&ServerConfig::default(), Nonce([0; 32]), now);
     let mut b = BytesMut::new();
-    Message::Hello(crate::message::Hello {
+    DeviceMessage::Hello(crate::message::Hello {
         version: 99,
         device: DeviceId(1),
         proof: crate::auth::Proof([0; 32]),
@@ -672,7 +672,7 @@ fn ack_of_unsent_seq_is_misbehaviour() {
     let mut p = Pair::new();
     p.established();
     let mut b = BytesMut::new();
-    Message::Ack { seq: Seq(5) }.encode(&mut b).unwrap();
+    DeviceMessage::Ack { seq: Seq(5) }.encode(&mut b).unwrap();
     p.server.handle_bytes(p.now, &b);
     let mut closed = None;
     while let Some(e) = p.server.poll_event() {
@@ -729,30 +729,105 @@ fn unknown_type_truncated_and_trailing_bytes_are_typed_errors() {
         body: Bytes::from_static(body),
     };
     assert_eq!(
-        Message::decode(f(0x7f, b"")),
+        DeviceMessage::decode(f(0x7f, b"")),
         Err(DecodeError::UnknownType(0x7f))
     );
     assert_eq!(
-        Message::decode(f(0x04, b"\x00\x01")),
+        DeviceMessage::decode(f(0x04, b"\x00\x01")),
         Err(DecodeError::Truncated { ty: 4 })
     );
     assert_eq!(
-        Message::decode(f(0x07, b"\x00\x00\x00\x00\x00\x00\x00\x01\xff")),
+        DeviceMessage::decode(f(0x07, b"\x00\x00\x00\x00\x00\x00\x00\x01\xff")),
         Err(DecodeError::TrailingBytes { ty: 7, extra: 1 })
     );
     assert_eq!(
-        Message::decode(f(0x46, b"\x00\x00\x00\x00\x00\x00\x00\x01\x02")),
+        AgentMessage::decode(f(0x46, b"\x00\x00\x00\x00\x00\x00\x00\x01\x02")),
         Err(DecodeError::InvalidField {
             ty: 0x46,
             field: "online flag"
         })
     );
     assert_eq!(
-        Message::decode(f(0x0e, b"\xff\xff")),
+        DeviceMessage::decode(f(0x0e, b"\xff\xff")),
         Err(DecodeError::InvalidField {
             ty: 0x0e,
             field: "error code"
         })
+    );
+}
+
+#[test]
+fn each_link_refuses_the_other_links_types() {
+    use crate::codec::Frame;
+    use crate::message::Link;
+    let frame_of = |encode: &dyn Fn(&mut BytesMut)| {
+        let mut b = BytesMut::new();
+        encode(&mut b);
+        let mut d = FrameDecoder::new(1 << 20);
+        d.push(&b);
+        d.next_frame().unwrap().unwrap()
+    };
+    // A well-formed Deploy on a device connection is not a Deploy there.
+    let deploy = frame_of(&|b| {
+        AgentMessage::Deploy {
+            group: Bytes::from_static(b"g"),
+            blob: Bytes::from_static(b"code"),
+        }
+        .encode(b)
+        .unwrap()
+    });
+    assert_eq!(
+        DeviceMessage::decode(deploy.clone()),
+        Err(DecodeError::WrongLink {
+            ty: 0x47,
+            link: Link::Device
+        })
+    );
+    assert!(matches!(
+        AgentMessage::decode(deploy),
+        Ok(AgentMessage::Deploy { .. })
+    ));
+    // A device's Ack on the agent link is refused the same way; Ping travels on both.
+    let ack = frame_of(&|b| DeviceMessage::Ack { seq: Seq(3) }.encode(b).unwrap());
+    assert_eq!(
+        AgentMessage::decode(ack),
+        Err(DecodeError::WrongLink {
+            ty: 0x07,
+            link: Link::Agent
+        })
+    );
+    let ping = frame_of(&|b| DeviceMessage::Ping { id: 1 }.encode(b).unwrap());
+    assert_eq!(AgentMessage::decode(ping), Ok(AgentMessage::Ping { id: 1 }));
+    for ty in 0u8..=255 {
+        let Ok(t) = MessageType::from_u8(ty) else {
+            continue;
+        };
+        // An empty body: each type decodes as truncated (or, for the other link, WrongLink)
+        // on exactly the links it belongs to.
+        let f = Frame {
+            ty,
+            body: Bytes::new(),
+        };
+        let dev = !matches!(
+            DeviceMessage::decode(f.clone()),
+            Err(DecodeError::WrongLink { .. })
+        );
+        let agent = !matches!(AgentMessage::decode(f), Err(DecodeError::WrongLink { .. }));
+        let both = matches!(
+            t,
+            MessageType::Ping | MessageType::Pong | MessageType::Error
+        );
+        assert!(dev || agent, "{t} belongs to no link");
+        assert_eq!(dev && agent, both, "{t} on both links: {}", dev && agent);
+        assert_eq!(dev, ty < 0x40 || both, "{t} on the device link");
+    }
+    assert_eq!(
+        DecodeError::WrongLink {
+            ty: 0x47,
+            link: Link::Device
+        }
+        .to_string(),
+        "message type 0x47 does not belong on the device link"
     );
 }
 
@@ -775,7 +850,7 @@ fn errors_read_well() {
 #[test]
 fn over_long_short_fields_are_refused_before_writing() {
     let mut b = BytesMut::new();
-    let m = Message::Goodbye {
+    let m = DeviceMessage::Goodbye {
         reason: GoodbyeReason::Redirect,
         retry_after_ms: 0,
         redirect: Bytes::from(vec![b'x'; 256]),
@@ -807,7 +882,7 @@ fn awaiting_hello(key: &DeviceKey) -> ServerSession {
     let mut out = BytesMut::new();
     let _ = s.poll_transmit(&mut out); // the Challenge
     let mut b = BytesMut::new();
-    Message::Hello(crate::message::Hello {
+    DeviceMessage::Hello(crate::message::Hello {
         version: PROTOCOL_VERSION,
         device: DeviceId(42),
         code_version: CodeVersion(0),
@@ -838,10 +913,10 @@ fn unknown_device_and_bad_proof_are_the_same_bytes_on_the_wire() {
     assert_eq!(answers[0], answers[1]);
     let mut frame = FrameDecoder::new(1 << 16);
     frame.push(&answers[0]);
-    let m = Message::decode(frame.next_frame().unwrap().unwrap()).unwrap();
+    let m = DeviceMessage::decode(frame.next_frame().unwrap().unwrap()).unwrap();
     assert_eq!(
         m,
-        Message::Error {
+        DeviceMessage::Error {
             code: ErrorCode::AuthFailed,
             message: Bytes::from_static(b"authentication failed")
         }
@@ -920,7 +995,7 @@ fn control_frames_over_the_frame_limit_are_refused_before_queueing() {
     let mut p = Pair::new();
     p.established();
     let limit = p.server_cfg.max_frame;
-    let chunk = |len: usize| Message::CodeChunk {
+    let chunk = |len: usize| DeviceMessage::CodeChunk {
         version: CodeVersion(2),
         offset: 0,
         data: Bytes::from(vec![7; len]),

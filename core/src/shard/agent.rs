@@ -18,7 +18,7 @@ use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use glommio::net::TcpStream;
 use tether_protocol::codec::{DEFAULT_AGENT_MAX_FRAME, FrameDecoder};
 use tether_protocol::message::ErrorCode;
-use tether_protocol::{CodeVersion, DeviceId, Digest, Message, PROTOCOL_VERSION};
+use tether_protocol::{AgentMessage, CodeVersion, DeviceId, Digest, PROTOCOL_VERSION};
 
 use super::contain::{self, Site};
 use super::route::{AgentId, ShardMsg, home_shard};
@@ -95,7 +95,7 @@ impl AgentOut {
 
     /// Queues a frame (whatever the limit: callers that can wait checked
     /// [`has_room`](Self::has_room)); `false` only if it does not encode.
-    pub(crate) fn push(&self, m: &Message) -> bool {
+    pub(crate) fn push(&self, m: &AgentMessage) -> bool {
         if self.closed.get() {
             return false; // the agent is gone
         }
@@ -142,10 +142,10 @@ async fn read_frame(
     stream: &mut (impl AsyncRead + Unpin),
     dec: &mut FrameDecoder,
     buf: &mut [u8],
-) -> Result<Option<Message>, String> {
+) -> Result<Option<AgentMessage>, String> {
     loop {
         match dec.next_frame() {
-            Ok(Some(f)) => return Message::decode(f).map(Some).map_err(|e| e.to_string()),
+            Ok(Some(f)) => return AgentMessage::decode(f).map(Some).map_err(|e| e.to_string()),
             Ok(None) => {}
             Err(e) => return Err(e.to_string()),
         }
@@ -159,7 +159,7 @@ async fn read_frame(
 
 async fn send_error(stream: &mut (impl AsyncWrite + Unpin), code: ErrorCode, text: String) {
     let mut b = BytesMut::new();
-    let _ = Message::Error {
+    let _ = AgentMessage::Error {
         code,
         message: Bytes::from(text),
     }
@@ -220,7 +220,7 @@ where
     })
     .await;
     let token_ok = match hello {
-        Ok(Ok(Some(Message::AgentHello { version, token, .. }))) => {
+        Ok(Ok(Some(AgentMessage::AgentHello { version, token, .. }))) => {
             if version != PROTOCOL_VERSION {
                 send_error(
                     &mut stream,
@@ -280,7 +280,7 @@ where
         s.broadcast(|| ShardMsg::AgentUp { agent });
         agent
     };
-    out.push(&Message::AgentWelcome {
+    out.push(&AgentMessage::AgentWelcome {
         agent,
         server_time_ms: now_ms(),
     });
@@ -317,7 +317,7 @@ where
             }
         }
         match frame {
-            Ok(Some(Message::Deploy { group, blob })) => {
+            Ok(Some(AgentMessage::Deploy { group, blob })) => {
                 shard.borrow_mut().metrics.msgs_in += 1;
                 agent_deploy(&shard, out.clone(), group, blob);
             }
@@ -336,7 +336,7 @@ where
                     }
                     Some(None) => {}
                     None => {
-                        out.push(&Message::Error {
+                        out.push(&AgentMessage::Error {
                             code: ErrorCode::Internal,
                             message: Bytes::from_static(b"internal error handling that frame"),
                         });
@@ -348,7 +348,7 @@ where
             }
             Ok(None) => break,
             Err(e) => {
-                out.push(&Message::Error {
+                out.push(&AgentMessage::Error {
                     code: ErrorCode::MalformedFrame,
                     message: Bytes::from(e),
                 });
@@ -368,9 +368,9 @@ where
 }
 
 /// The shard an agent's frame goes to, if it goes to a device's home shard.
-fn frame_shard(m: &Message, nshards: usize) -> Option<usize> {
+fn frame_shard(m: &AgentMessage, nshards: usize) -> Option<usize> {
     match m {
-        Message::Send { device, .. } | Message::DeliverAck { device, .. } => {
+        AgentMessage::Send { device, .. } | AgentMessage::DeliverAck { device, .. } => {
             Some(home_shard(*device, nshards))
         }
         _ => None,
@@ -411,7 +411,7 @@ fn agent_deploy(shard: &Rc<RefCell<Shard>>, out: Rc<AgentOut>, group: Bytes, blo
             Err(_) => Err("group name is not UTF-8".to_owned()),
         };
         let reply = match result {
-            Ok(report) => Message::DeployResult {
+            Ok(report) => AgentMessage::DeployResult {
                 group,
                 version: CodeVersion(report.version),
                 digest: from_hex::<32>(report.digest.as_bytes())
@@ -419,7 +419,7 @@ fn agent_deploy(shard: &Rc<RefCell<Shard>>, out: Rc<AgentOut>, group: Bytes, blo
                     .unwrap_or_default(),
                 message: Bytes::from(report.summary()),
             },
-            Err(e) => Message::DeployResult {
+            Err(e) => AgentMessage::DeployResult {
                 group,
                 version: CodeVersion(0),
                 digest: Digest::default(),
@@ -490,7 +490,7 @@ impl Shard {
             }
             return;
         }
-        let m = Message::Presence { device, online };
+        let m = AgentMessage::Presence { device, online };
         if out.fits(m.frame_len()) && out.push(&m) {
             self.metrics.msgs_out += 1;
             return;
@@ -570,8 +570,8 @@ impl Shard {
         };
         let mut ids: Vec<DeviceId> = r.online.iter().copied().collect();
         ids.sort_unstable_by_key(|d| d.0);
-        let frames = Message::presence_snapshot(&ids);
-        if !out.fits(frames.iter().map(Message::frame_len).sum()) {
+        let frames = AgentMessage::presence_snapshot(&ids);
+        if !out.fits(frames.iter().map(AgentMessage::frame_len).sum()) {
             return; // retried when the writer made room
         }
         for f in &frames {
@@ -592,9 +592,9 @@ impl Shard {
     }
 
     /// Handles one frame from an attached agent; returns an immediate reply, if any.
-    fn on_agent_frame(&mut self, agent: AgentId, m: Message) -> Option<Message> {
+    fn on_agent_frame(&mut self, agent: AgentId, m: AgentMessage) -> Option<AgentMessage> {
         match m {
-            Message::Send {
+            AgentMessage::Send {
                 device,
                 tag,
                 topic,
@@ -614,13 +614,13 @@ impl Shard {
                 );
                 None
             }
-            Message::DeliverAck { device, seq } => {
+            AgentMessage::DeliverAck { device, seq } => {
                 let home = home_shard(device, self.nshards);
                 self.route(home, ShardMsg::DeliverAck { device, seq });
                 None
             }
-            Message::Ping { id } => Some(Message::Pong { id }),
-            other => Some(Message::Error {
+            AgentMessage::Ping { id } => Some(AgentMessage::Pong { id }),
+            other => Some(AgentMessage::Error {
                 code: ErrorCode::ProtocolViolation,
                 message: Bytes::from(format!("{} is not an agent-to-server message", other.ty())),
             }),

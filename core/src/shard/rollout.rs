@@ -11,7 +11,7 @@ use std::collections::{HashMap, VecDeque};
 use bytes::Bytes;
 use tether_protocol::code::{CodeSender, SenderConfig};
 use tether_protocol::server::CodeEvent;
-use tether_protocol::{CodeVersion, DeviceId, Digest, Message};
+use tether_protocol::{CodeVersion, DeviceId, DeviceMessage, Digest};
 
 use slab::Slab;
 
@@ -26,7 +26,7 @@ use crate::registry::{GroupId, LiveRegistry};
 /// Where rollout messages go: the device connection in slab slot `idx`.
 pub(crate) trait Outlet {
     /// Queues `m` on connection `idx`; `false` if it is gone or closed.
-    fn send(&mut self, idx: usize, m: &Message) -> bool;
+    fn send(&mut self, idx: usize, m: &DeviceMessage) -> bool;
     /// Connection `idx` has output to write.
     fn wake(&mut self, idx: usize);
 }
@@ -363,7 +363,7 @@ impl Rollout {
         };
         let mut any = false;
         while let Some(chunk) = sender.poll_chunk() {
-            if let Message::CodeChunk { data, .. } = &chunk {
+            if let DeviceMessage::CodeChunk { data, .. } = &chunk {
                 self.counters.bytes_out += data.len() as u64;
             }
             if !out.send(s.idx, &chunk) {
@@ -411,8 +411,8 @@ impl Rollout {
     }
 }
 
-fn offer(version: CodeVersion, size: u64, digest: Digest) -> Message {
-    Message::CodeOffer {
+fn offer(version: CodeVersion, size: u64, digest: Digest) -> DeviceMessage {
+    DeviceMessage::CodeOffer {
         version,
         size,
         digest,
@@ -423,7 +423,7 @@ fn offer(version: CodeVersion, size: u64, digest: Digest) -> Message {
 struct Conns<'a>(&'a mut Slab<Conn>);
 
 impl Outlet for Conns<'_> {
-    fn send(&mut self, idx: usize, m: &Message) -> bool {
+    fn send(&mut self, idx: usize, m: &DeviceMessage) -> bool {
         self.0
             .get_mut(idx)
             .is_some_and(|c| c.session.send_control(m).is_ok())

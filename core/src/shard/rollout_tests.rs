@@ -3,11 +3,11 @@ use super::*;
 /// Records what the rollout sends, per connection slot.
 #[derive(Default)]
 struct Recorder {
-    sent: Vec<(usize, Message)>,
+    sent: Vec<(usize, DeviceMessage)>,
 }
 
 impl Outlet for Recorder {
-    fn send(&mut self, idx: usize, m: &Message) -> bool {
+    fn send(&mut self, idx: usize, m: &DeviceMessage) -> bool {
         self.sent.push((idx, m.clone()));
         true
     }
@@ -15,14 +15,14 @@ impl Outlet for Recorder {
 }
 
 impl Recorder {
-    fn take(&mut self) -> Vec<(usize, Message)> {
+    fn take(&mut self) -> Vec<(usize, DeviceMessage)> {
         std::mem::take(&mut self.sent)
     }
     fn chunk_offsets(&mut self, idx: usize) -> Vec<u64> {
         self.take()
             .into_iter()
             .filter_map(|(i, m)| match m {
-                Message::CodeChunk { offset, .. } if i == idx => Some(offset),
+                DeviceMessage::CodeChunk { offset, .. } if i == idx => Some(offset),
                 _ => None,
             })
             .collect()
@@ -72,7 +72,7 @@ fn stale_device_is_offered_on_connect_and_a_current_one_is_not() {
         sent[0],
         (
             1,
-            Message::CodeOffer {
+            DeviceMessage::CodeOffer {
                 version: V1,
                 size: 1000,
                 ..
@@ -151,13 +151,16 @@ fn a_reconnected_device_resumes_from_its_offset() {
     out.take();
     // Back in another slot, holding 300 bytes.
     r.on_connect(dev(1), 9, G, CodeVersion(0), &mut out);
-    assert!(matches!(out.take()[..], [(9, Message::CodeOffer { .. })]));
+    assert!(matches!(
+        out.take()[..],
+        [(9, DeviceMessage::CodeOffer { .. })]
+    ));
     request(&mut r, &mut out, 1, 300);
     let offsets: Vec<u64> = out
         .take()
         .into_iter()
         .filter_map(|(_, m)| match m {
-            Message::CodeChunk { offset, .. } => Some(offset),
+            DeviceMessage::CodeChunk { offset, .. } => Some(offset),
             _ => None,
         })
         .collect();
@@ -177,7 +180,7 @@ fn a_deploy_offers_every_connected_device_and_replaces_running_transfers() {
     let offers: Vec<usize> = out
         .take()
         .iter()
-        .filter(|(_, m)| matches!(m, Message::CodeOffer { version: V2, .. }))
+        .filter(|(_, m)| matches!(m, DeviceMessage::CodeOffer { version: V2, .. }))
         .map(|(i, _)| *i)
         .collect();
     assert_eq!(offers, [1, 2]);
@@ -191,6 +194,6 @@ fn a_deploy_offers_every_connected_device_and_replaces_running_transfers() {
     request(&mut r, &mut out, 2, 0);
     assert!(matches!(
         out.take()[..],
-        [(2, Message::CodeOffer { version: V2, .. })]
+        [(2, DeviceMessage::CodeOffer { version: V2, .. })]
     ));
 }

@@ -36,7 +36,9 @@ use std::time::Instant;
 use bytes::Bytes;
 use tether_protocol::message::{GoodbyeReason, SendStatus};
 use tether_protocol::server::{ServerEvent, ServerSession};
-use tether_protocol::{AuthError, CloseReason, DecodeError, DeviceId, Message, PeerMisbehaved};
+use tether_protocol::{
+    AgentMessage, AuthError, CloseReason, DecodeError, DeviceId, PeerMisbehaved,
+};
 use tether_protocol::{SendError, Seq, SessionId};
 
 #[cfg(debug_assertions)]
@@ -91,7 +93,7 @@ pub(crate) enum ShardMsg {
     /// An agent's `DeliverAck`, for the device's home shard.
     DeliverAck { device: DeviceId, seq: Seq },
     /// A frame for an agent attached on the receiving shard.
-    ToAgent { agent: AgentId, msg: Message },
+    ToAgent { agent: AgentId, msg: AgentMessage },
     /// The device home shard `from` could not queue presence changes for `agent` (its outbox
     /// towards the agent's shard was full): it withholds them until asked for a snapshot.
     PresenceGap { agent: AgentId, from: usize },
@@ -228,7 +230,7 @@ impl Shard {
         match m {
             ShardMsg::ToAgent {
                 agent,
-                msg: Message::Deliver { .. },
+                msg: AgentMessage::Deliver { .. },
             } => self.local_agents.get(agent).is_some_and(|a| !a.has_room()),
             _ => false,
         }
@@ -317,7 +319,7 @@ impl Shard {
                     agent_shard(agent),
                     ShardMsg::ToAgent {
                         agent,
-                        msg: Message::Deliver {
+                        msg: AgentMessage::Deliver {
                             device,
                             seq,
                             topic,
@@ -531,7 +533,7 @@ impl Shard {
                 to,
                 ShardMsg::ToAgent {
                     agent,
-                    msg: Message::Presence { device, online },
+                    msg: AgentMessage::Presence { device, online },
                 },
             );
         }
@@ -542,7 +544,7 @@ impl Shard {
             agent_shard(agent),
             ShardMsg::ToAgent {
                 agent,
-                msg: Message::SendResult { tag, status },
+                msg: AgentMessage::SendResult { tag, status },
             },
         );
     }
@@ -622,7 +624,7 @@ impl Shard {
             }
             ShardMsg::ToAgent {
                 agent,
-                msg: Message::Presence { device, online },
+                msg: AgentMessage::Presence { device, online },
             } => self.presence_to_local(agent, device, online),
             ShardMsg::ToAgent { agent, msg } => {
                 self.blame_agent(agent);

@@ -16,7 +16,7 @@ use tether_net::tls::{ClientTlsOptions, client_config};
 use tether_protocol::code::{CodeReceiver, CodeUpdate, ReceiverConfig};
 use tether_protocol::codec::{DEFAULT_AGENT_MAX_FRAME, FrameDecoder};
 use tether_protocol::device::{DeviceConfig, DeviceEvent, DeviceSession};
-use tether_protocol::{CodeVersion, DeviceId, Message, PROTOCOL_VERSION};
+use tether_protocol::{AgentMessage, CodeVersion, DeviceId, PROTOCOL_VERSION};
 
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -578,7 +578,7 @@ impl Agent {
             link,
             dec: FrameDecoder::new(DEFAULT_AGENT_MAX_FRAME),
         };
-        a.send(&Message::AgentHello {
+        a.send(&AgentMessage::AgentHello {
             version: PROTOCOL_VERSION,
             token: Bytes::copy_from_slice(token),
             name: Bytes::from_static(b"test-agent"),
@@ -596,7 +596,7 @@ impl Agent {
             link: Box::new(sock),
             dec: FrameDecoder::new(DEFAULT_AGENT_MAX_FRAME),
         };
-        a.send(&Message::AgentHello {
+        a.send(&AgentMessage::AgentHello {
             version: PROTOCOL_VERSION,
             token: Bytes::copy_from_slice(token.trim().as_bytes()),
             name: Bytes::from_static(b"test-agent"),
@@ -605,7 +605,7 @@ impl Agent {
     }
 
     /// Writes all of `ms` with one write (so the server reads them in a burst).
-    pub fn send_all(&mut self, ms: &[Message]) {
+    pub fn send_all(&mut self, ms: &[AgentMessage]) {
         let mut b = BytesMut::new();
         for m in ms {
             m.encode(&mut b).unwrap();
@@ -614,7 +614,7 @@ impl Agent {
         self.link.flush().unwrap();
     }
 
-    pub fn send(&mut self, m: &Message) {
+    pub fn send(&mut self, m: &AgentMessage) {
         let mut b = BytesMut::new();
         m.encode(&mut b).unwrap();
         self.link.write_all(&b).unwrap();
@@ -622,12 +622,12 @@ impl Agent {
     }
 
     /// The next frame within `d`, if any.
-    pub fn recv(&mut self, d: Duration) -> Option<Message> {
+    pub fn recv(&mut self, d: Duration) -> Option<AgentMessage> {
         let end = Instant::now() + d;
         let mut buf = [0u8; 16 * 1024];
         loop {
             if let Some(f) = self.dec.next_frame().unwrap() {
-                return Some(Message::decode(f).unwrap());
+                return Some(AgentMessage::decode(f).unwrap());
             }
             if Instant::now() >= end {
                 return None;
@@ -644,8 +644,8 @@ impl Agent {
     pub fn recv_until(
         &mut self,
         d: Duration,
-        mut f: impl FnMut(&Message) -> bool,
-    ) -> Option<Message> {
+        mut f: impl FnMut(&AgentMessage) -> bool,
+    ) -> Option<AgentMessage> {
         let end = Instant::now() + d;
         while Instant::now() < end {
             if let Some(m) = self.recv(end - Instant::now()) {

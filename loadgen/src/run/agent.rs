@@ -14,7 +14,7 @@ use futures_lite::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt a
 use glommio::net::TcpStream;
 use tether_protocol::codec::{DEFAULT_AGENT_MAX_FRAME, FrameDecoder};
 use tether_protocol::message::SendStatus;
-use tether_protocol::{Message, PROTOCOL_VERSION};
+use tether_protocol::{AgentMessage, PROTOCOL_VERSION};
 
 use super::device::TOPIC;
 use super::net::{kind_of, sleep_until, until};
@@ -66,7 +66,7 @@ where
     let m = &sh.campaign.messages;
     let agents = m.agents.max(1) as usize;
     let mut out = BytesMut::new();
-    let _ = Message::AgentHello {
+    let _ = AgentMessage::AgentHello {
         version: PROTOCOL_VERSION,
         token: Bytes::from(sh.agent_token.clone()),
         name: Bytes::from(format!("loadgen-{agent}")),
@@ -86,9 +86,9 @@ where
                 Ok(n) => decoder.push(&buf[..n]),
             }
             while let Ok(Some(f)) = decoder.next_frame() {
-                match Message::decode(f) {
-                    Ok(Message::AgentWelcome { .. }) => return Ok(()),
-                    Ok(Message::Error { .. }) => return Err("agent_rejected"),
+                match AgentMessage::decode(f) {
+                    Ok(AgentMessage::AgentWelcome { .. }) => return Ok(()),
+                    Ok(AgentMessage::Error { .. }) => return Err("agent_rejected"),
                     _ => {}
                 }
             }
@@ -146,7 +146,7 @@ where
                         Ok(None) => break,
                         Err(_) => return ctx.error("agent_bad_frame"),
                     };
-                    match Message::decode(frame) {
+                    match AgentMessage::decode(frame) {
                         Ok(msg) => on_message(&ctx, msg, now, &mut out, &mut tag),
                         Err(_) => return ctx.error("agent_bad_message"),
                     }
@@ -169,7 +169,7 @@ where
                         continue;
                     }
                     tag += 1;
-                    let _ = Message::Send {
+                    let _ = AgentMessage::Send {
                         device: sh.devices[index].id,
                         tag,
                         topic: Bytes::from_static(TOPIC),
@@ -193,16 +193,16 @@ async fn write_out(stream: &mut (impl AsyncWrite + Unpin), out: &mut BytesMut) -
     Ok(())
 }
 
-fn on_message(ctx: &ShardCtx, msg: Message, now: Instant, out: &mut BytesMut, tag: &mut u64) {
+fn on_message(ctx: &ShardCtx, msg: AgentMessage, now: Instant, out: &mut BytesMut, tag: &mut u64) {
     let epoch = ctx.shared.timeline.epoch;
     match msg {
-        Message::Deliver {
+        AgentMessage::Deliver {
             device,
             seq,
             topic,
             payload,
         } => {
-            let _ = Message::DeliverAck { device, seq }.encode(out);
+            let _ = AgentMessage::DeliverAck { device, seq }.encode(out);
             let mut st = ctx.stats.borrow_mut();
             st.counters.msgs_recv += 1;
             match stamp::read(&payload) {
@@ -212,7 +212,7 @@ fn on_message(ctx: &ShardCtx, msg: Message, now: Instant, out: &mut BytesMut, ta
                 }
                 Some((Kind::RoundTripOut, _)) => {
                     *tag += 1;
-                    let _ = Message::Send {
+                    let _ = AgentMessage::Send {
                         device,
                         tag: *tag,
                         topic,
@@ -227,7 +227,7 @@ fn on_message(ctx: &ShardCtx, msg: Message, now: Instant, out: &mut BytesMut, ta
                 }
             }
         }
-        Message::SendResult { status, .. } => match status {
+        AgentMessage::SendResult { status, .. } => match status {
             SendStatus::Delivered => {}
             SendStatus::Offline => ctx.sends_offline.set(ctx.sends_offline.get() + 1),
             SendStatus::QueueFull => ctx.error("agent_send_queue_full"),
@@ -235,8 +235,8 @@ fn on_message(ctx: &ShardCtx, msg: Message, now: Instant, out: &mut BytesMut, ta
             SendStatus::TooLarge => ctx.error("agent_send_too_large"),
             _ => ctx.error("agent_send_other"),
         },
-        Message::Presence { .. } | Message::AgentWelcome { .. } => {}
-        Message::Error { .. } => ctx.error("agent_error_frame"),
+        AgentMessage::Presence { .. } | AgentMessage::AgentWelcome { .. } => {}
+        AgentMessage::Error { .. } => ctx.error("agent_error_frame"),
         _ => ctx.error("agent_unexpected_message"),
     }
 }

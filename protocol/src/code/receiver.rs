@@ -10,7 +10,7 @@ use super::{CodeError, DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_CODE_SIZE};
 use crate::device::{DeviceEvent, DeviceSession};
 use crate::error::SendError;
 use crate::ids::{CodeVersion, Digest};
-use crate::message::Message;
+use crate::message::DeviceMessage;
 
 /// Limits and behaviour of a [`CodeReceiver`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -114,7 +114,7 @@ pub struct CodeReceiver {
     running: CodeVersion,
     transfer: Option<Box<Transfer>>,
     gave_up: Option<(CodeVersion, Digest)>,
-    out: VecDeque<Message>,
+    out: VecDeque<DeviceMessage>,
     events: VecDeque<CodeUpdate>,
 }
 
@@ -168,7 +168,8 @@ impl CodeReceiver {
     pub fn handle_offer(&mut self, now: Instant, version: CodeVersion, size: u64, digest: Digest) {
         if version == self.running {
             // Already running it (our `Done` may have been lost with a connection).
-            self.out.push_back(Message::CodeDone { version, ok: true });
+            self.out
+                .push_back(DeviceMessage::CodeDone { version, ok: true });
             return;
         }
         if version < self.running || self.gave_up == Some((version, digest)) {
@@ -187,7 +188,8 @@ impl CodeReceiver {
         };
         if let Some(error) = error {
             self.events.push_back(CodeUpdate::Rejected { error });
-            self.out.push_back(Message::CodeDone { version, ok: false });
+            self.out
+                .push_back(DeviceMessage::CodeDone { version, ok: false });
             self.gave_up = Some((version, digest));
             return;
         }
@@ -272,7 +274,7 @@ impl CodeReceiver {
                 data,
             });
         }
-        self.out.push_back(Message::CodeAck {
+        self.out.push_back(DeviceMessage::CodeAck {
             version,
             offset: t.held,
         });
@@ -289,7 +291,8 @@ impl CodeReceiver {
         let version = t.version;
         if got == t.digest {
             self.running = version;
-            self.out.push_back(Message::CodeDone { version, ok: true });
+            self.out
+                .push_back(DeviceMessage::CodeDone { version, ok: true });
             self.events.push_back(CodeUpdate::Installed {
                 version,
                 digest: got,
@@ -306,7 +309,8 @@ impl CodeReceiver {
                 got,
             },
         });
-        self.out.push_back(Message::CodeDone { version, ok: false });
+        self.out
+            .push_back(DeviceMessage::CodeDone { version, ok: false });
         if t.attempts >= self.config.max_attempts {
             self.gave_up = Some((version, t.digest));
             self.events.push_back(CodeUpdate::GaveUp {
@@ -328,7 +332,7 @@ impl CodeReceiver {
     }
 
     /// The next message for the server (`CodeRequest`, `CodeAck`, `CodeDone`).
-    pub fn poll_message(&mut self) -> Option<Message> {
+    pub fn poll_message(&mut self) -> Option<DeviceMessage> {
         self.out.pop_front()
     }
 
@@ -352,12 +356,12 @@ impl CodeReceiver {
     }
 }
 
-fn request(out: &mut VecDeque<Message>, t: &mut Transfer) {
+fn request(out: &mut VecDeque<DeviceMessage>, t: &mut Transfer) {
     if t.held == 0 {
         t.hasher = sha2::Sha256::new();
     }
     t.resync = true;
-    out.push_back(Message::CodeRequest {
+    out.push_back(DeviceMessage::CodeRequest {
         version: t.version,
         offset: t.held,
     });

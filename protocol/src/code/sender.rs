@@ -4,7 +4,7 @@ use bytes::Bytes;
 
 use super::{CodeError, DEFAULT_CHUNK, DEFAULT_WINDOW};
 use crate::ids::CodeVersion;
-use crate::message::Message;
+use crate::message::DeviceMessage;
 
 /// Chunking and flow control of a [`CodeSender`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -94,7 +94,7 @@ impl CodeSender {
 
     /// The next chunk to send, if the window allows one.
     #[must_use]
-    pub fn poll_chunk(&mut self) -> Option<Message> {
+    pub fn poll_chunk(&mut self) -> Option<DeviceMessage> {
         let size = self.size();
         if self.next >= size {
             return None;
@@ -107,7 +107,7 @@ impl CodeSender {
         let data = self.blob.slice(start..start + len as usize);
         let offset = self.next;
         self.next += len;
-        Some(Message::CodeChunk {
+        Some(DeviceMessage::CodeChunk {
             version: self.version,
             offset,
             data,

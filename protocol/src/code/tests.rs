@@ -10,7 +10,7 @@ use super::*;
 use crate::auth::{Nonce, derive_device_key};
 use crate::device::{DeviceConfig, DeviceSession};
 use crate::ids::{DeviceId, SessionId};
-use crate::message::Message;
+use crate::message::DeviceMessage;
 use crate::server::{CodeEvent, ServerConfig, ServerEvent, ServerSession};
 
 const V1: CodeVersion = CodeVersion(1);
@@ -30,7 +30,7 @@ fn small() -> SenderConfig {
     }
 }
 
-type Tamper = Box<dyn FnMut(usize, &mut Message)>;
+type Tamper = Box<dyn FnMut(usize, &mut DeviceMessage)>;
 
 /// The server's side of one device's transfers, in memory.
 struct Link {
@@ -41,7 +41,7 @@ struct Link {
     sender: Option<CodeSender>,
     rx: CodeReceiver,
     /// Chunks on their way to the device.
-    wire: VecDeque<Message>,
+    wire: VecDeque<DeviceMessage>,
     requests: Vec<u64>,
     done: Vec<(CodeVersion, bool)>,
     updates: Vec<CodeUpdate>,
@@ -85,7 +85,7 @@ impl Link {
             while let Some(m) = self.rx.poll_message() {
                 moved = true;
                 match m {
-                    Message::CodeRequest { version, offset } => {
+                    DeviceMessage::CodeRequest { version, offset } => {
                         assert_eq!(version, self.version);
                         self.requests.push(offset);
                         match self.sender.as_mut() {
@@ -103,12 +103,12 @@ impl Link {
                             }
                         }
                     }
-                    Message::CodeAck { offset, .. } => {
+                    DeviceMessage::CodeAck { offset, .. } => {
                         if let Some(s) = self.sender.as_mut() {
                             s.handle_ack(offset).unwrap();
                         }
                     }
-                    Message::CodeDone { version, ok } => self.done.push((version, ok)),
+                    DeviceMessage::CodeDone { version, ok } => self.done.push((version, ok)),
                     other => panic!("device sent {other:?}"),
                 }
             }
@@ -122,7 +122,7 @@ impl Link {
                 self.max_in_flight = self.max_in_flight.max(s.sent() - s.acked());
             }
             if budget > 0 {
-                if let Some(Message::CodeChunk {
+                if let Some(DeviceMessage::CodeChunk {
                     version,
                     offset,
                     data,
@@ -171,20 +171,20 @@ impl Link {
 fn sender_respects_chunk_size_and_window() {
     let mut s = CodeSender::new(V1, blob(10_500, 1), 0, small()).unwrap();
     let mut got = vec![];
-    while let Some(Message::CodeChunk { offset, data, .. }) = s.poll_chunk() {
+    while let Some(DeviceMessage::CodeChunk { offset, data, .. }) = s.poll_chunk() {
         got.push((offset, data.len()));
     }
     assert_eq!(got, [(0, 1000), (1000, 1000), (2000, 1000)]);
     s.handle_ack(1000).unwrap();
     assert!(matches!(
         s.poll_chunk(),
-        Some(Message::CodeChunk { offset: 3000, .. })
+        Some(DeviceMessage::CodeChunk { offset: 3000, .. })
     ));
     assert!(s.poll_chunk().is_none());
     // The last chunk is short; the transfer completes when it is acknowledged.
     s.restart(10_000).unwrap();
     assert!(
-        matches!(s.poll_chunk(), Some(Message::CodeChunk { offset: 10_000, data, .. }) if data.len() == 500)
+        matches!(s.poll_chunk(), Some(DeviceMessage::CodeChunk { offset: 10_000, data, .. }) if data.len() == 500)
     );
     assert!(!s.is_complete());
     s.handle_ack(10_500).unwrap();
@@ -274,7 +274,7 @@ impl Link {
 fn corrupt_chunk_fails_the_digest_and_the_transfer_is_retried_from_zero() {
     let mut l = Link::new(5000, small(), ReceiverConfig::default());
     l.tamper = Box::new(|i, m| {
-        if let (2, Message::CodeChunk { data, .. }) = (i, m) {
+        if let (2, DeviceMessage::CodeChunk { data, .. }) = (i, m) {
             let mut b = BytesMut::from(&data[..]);
             b[10] ^= 0xff;
             *data = b.freeze();
@@ -298,7 +298,7 @@ fn out_of_order_chunk_is_rejected_and_the_gap_requested_again() {
     let mut l = Link::new(8000, small(), ReceiverConfig::default());
     // The second chunk claims a later offset: a gap at 1000.
     l.tamper = Box::new(|i, m| {
-        if let (1, Message::CodeChunk { offset, .. }) = (i, m) {
+        if let (1, DeviceMessage::CodeChunk { offset, .. }) = (i, m) {
             *offset = 2000;
         }
     });
@@ -325,7 +325,7 @@ fn overlapping_and_oversized_chunks_are_rejected() {
     rx.handle_offer(now, V1, 3000, Digest::of(&data));
     assert_eq!(
         rx.poll_message(),
-        Some(Message::CodeRequest {
+        Some(DeviceMessage::CodeRequest {
             version: V1,
             offset: 0
         })
@@ -347,11 +347,11 @@ fn overlapping_and_oversized_chunks_are_rejected() {
     assert_eq!(
         msgs,
         [
-            Message::CodeAck {
+            DeviceMessage::CodeAck {
                 version: V1,
                 offset: 1000
             },
-            Message::CodeRequest {
+            DeviceMessage::CodeRequest {
                 version: V1,
                 offset: 1000
             },
@@ -379,7 +379,7 @@ fn overlapping_and_oversized_chunks_are_rejected() {
     // A pure duplicate leaves nothing missing: no request.
     assert_eq!(
         rx.poll_message(),
-        Some(Message::CodeAck {
+        Some(DeviceMessage::CodeAck {
             version: V1,
             offset: 2000
         })
@@ -392,7 +392,7 @@ fn overlapping_and_oversized_chunks_are_rejected() {
 fn device_gives_up_after_bounded_attempts_until_a_new_version() {
     let mut l = Link::new(2000, small(), ReceiverConfig::default());
     l.tamper = Box::new(|_, m| {
-        if let Message::CodeChunk { data, .. } = m {
+        if let DeviceMessage::CodeChunk { data, .. } = m {
             *data = Bytes::from(vec![0u8; data.len()]);
         }
     });
@@ -430,15 +430,15 @@ fn empty_oversized_current_and_older_offers() {
     assert_eq!(
         msgs,
         [
-            Message::CodeDone {
+            DeviceMessage::CodeDone {
                 version: CodeVersion(3),
                 ok: false
             },
-            Message::CodeDone {
+            DeviceMessage::CodeDone {
                 version: CodeVersion(4),
                 ok: false
             },
-            Message::CodeDone {
+            DeviceMessage::CodeDone {
                 version: V2,
                 ok: true
             },
@@ -506,7 +506,7 @@ fn a_newer_offer_mid_transfer_replaces_it_and_old_chunks_are_ignored() {
     let old: Vec<_> = l.wire.drain(..).collect();
     l.offer_partial(0);
     for m in old {
-        if let Message::CodeChunk {
+        if let DeviceMessage::CodeChunk {
             version,
             offset,
             data,
