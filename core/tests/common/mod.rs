@@ -614,6 +614,12 @@ impl Agent {
         self.link.flush().unwrap();
     }
 
+    /// Writes raw bytes on the link (to inject frames the agent link does not speak).
+    pub fn write_raw(&mut self, b: &[u8]) {
+        self.link.write_all(b).unwrap();
+        self.link.flush().unwrap();
+    }
+
     pub fn send(&mut self, m: &AgentMessage) {
         let mut b = BytesMut::new();
         m.encode(&mut b).unwrap();
