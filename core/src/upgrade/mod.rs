@@ -1,0 +1,7 @@
+//! Zero-downtime upgrade: the control channel over which a running `tether` hands its
+//! listening sockets and live sessions to a new binary (issue 15). This is the channel only;
+//! the server does not use it yet.
+//!
+//! - [`scm`]: message framing with descriptors (SCM_RIGHTS) over a Unix stream socket.
+
+pub mod scm;
