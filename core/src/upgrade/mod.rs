@@ -2,6 +2,9 @@
 //! listening sockets and live sessions to a new binary (issue 15). This is the channel only;
 //! the server does not use it yet.
 //!
-//! - [`scm`]: message framing with descriptors (SCM_RIGHTS) over a Unix stream socket.
+//! - [`scm`]: message framing with descriptors (SCM_RIGHTS) over a Unix stream socket;
+//! - [`wire`]: the versioned handoff messages and their checks (format negotiation, batch
+//!   answers).
 
 pub mod scm;
+pub mod wire;
