@@ -4,7 +4,10 @@
 //!
 //! - [`scm`]: message framing with descriptors (SCM_RIGHTS) over a Unix stream socket;
 //! - [`wire`]: the versioned handoff messages and their checks (format negotiation, batch
-//!   answers).
+//!   answers);
+//! - [`control`]: `upgrade.sock` in the data directory — the listener the running process
+//!   holds, the connection its successor opens, the handshake.
 
+pub mod control;
 pub mod scm;
 pub mod wire;
