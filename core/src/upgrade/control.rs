@@ -413,7 +413,8 @@ impl ControlConn {
                 let abort = Msg::Abort {
                     reason: e.to_string(),
                 };
-                if let Ok(bytes) = abort.encode(formats.format.min(ours.format)) {
+                // An abort's layout is frozen: the peer reads it whatever format it speaks.
+                if let Ok(bytes) = abort.encode(ours.format) {
                     let _ = scm::send_msg(&self.stream, &bytes, &[]);
                 }
                 Err(e.into())
@@ -449,7 +450,7 @@ impl ControlConn {
         let (payload, fds) = scm::recv_msg(&self.stream, Some(Instant::now() + timeout))?;
         let (format, msg) = Msg::decode(&payload)?;
         match (self.format, &msg) {
-            (_, Msg::Hello { .. }) => {}
+            (_, Msg::Hello { .. } | Msg::Abort { .. }) => {}
             (Some(negotiated), _) if format != negotiated => {
                 return Err(WireError::FormatChanged {
                     got: format,
@@ -457,7 +458,7 @@ impl ControlConn {
                 }
                 .into());
             }
-            (None, Msg::Abort { .. }) | (Some(_), _) => {}
+            (Some(_), _) => {}
             (None, other) => {
                 return Err(ControlError::Unexpected {
                     expected: "Hello",
@@ -717,6 +718,14 @@ mod tests {
                 .contains("peer speaks format 1 (reads 1..=1), we read 7..=7"),
             "{theirs}"
         );
+        // Its abort, written in format 7, is still readable here (the layout is frozen).
+        match server.recv(T) {
+            Ok((Msg::Abort { reason }, fds)) => {
+                assert!(fds.is_empty());
+                assert!(reason.contains("we read 7..=7"), "{reason}");
+            }
+            other => panic!("expected the peer's abort, got {other:?}"),
+        }
     }
 
     #[test]

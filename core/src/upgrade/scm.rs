@@ -7,8 +7,9 @@
 //! next message's descriptors.
 //!
 //! Every received descriptor is close-on-exec (`MSG_CMSG_CLOEXEC`) and owned (`OwnedFd`), so an
-//! error path drops — closes — whatever arrived. After any error but a timeout before the first
-//! byte, the stream's framing is lost: the caller closes the connection.
+//! error path drops — closes — whatever arrived. A send refused by its checks sends nothing;
+//! after any other error but a receive that timed out before the first byte
+//! ([`ScmError::TimedOut`]), the stream's framing is lost and the caller closes the connection.
 
 use std::io;
 use std::mem;

@@ -2,9 +2,9 @@
 //!
 //! Every message is `TUPG` (magic), the format version it is written in (u16 BE), a tag byte
 //! and the tag's body. Integers are big-endian; byte strings and lists are a u32 length then
-//! their content. [`Msg::Hello`]'s layout is frozen across all formats, so two binaries can
-//! always read each other's hello, compare the ranges they speak ([`negotiate`]) and then use
-//! the newest format both read. Descriptors are not part of the bytes: they travel as
+//! their content. [`Msg::Hello`]'s and [`Msg::Abort`]'s layouts are frozen across all formats,
+//! so two binaries can always read each other's hello, compare the ranges they speak
+//! ([`negotiate`]) and then use the newest format both read — or tell each other why not. Descriptors are not part of the bytes: they travel as
 //! ancillary data beside them (see [`super::scm`]) and a message names them by index.
 //!
 //! Decoding treats every byte as hostile: lengths are checked against what is left before
@@ -368,10 +368,11 @@ impl Msg {
         Ok(())
     }
 
-    /// Encodes the message in `format`. A hello encodes in any format (its layout is frozen);
-    /// other messages only in a format this binary writes.
+    /// Encodes the message in `format`. A hello or an abort encodes in any format (their
+    /// layouts are frozen); other messages only in a format this binary writes.
     pub fn encode(&self, format: u16) -> Result<Vec<u8>, WireError> {
-        if !matches!(self, Msg::Hello { .. }) && !(OLDEST_READABLE..=FORMAT).contains(&format) {
+        let frozen = matches!(self, Msg::Hello { .. } | Msg::Abort { .. });
+        if !frozen && !(OLDEST_READABLE..=FORMAT).contains(&format) {
             return Err(WireError::UnsupportedFormat {
                 got: format,
                 oldest: OLDEST_READABLE,
@@ -452,8 +453,8 @@ impl Msg {
         Ok(w)
     }
 
-    /// Decodes a message, returning the format it is written in with it. A hello decodes
-    /// whatever its format; any other message must be in a format this binary reads.
+    /// Decodes a message, returning the format it is written in with it. A hello or an abort
+    /// decodes whatever its format; any other message must be in a format this binary reads.
     pub fn decode(bytes: &[u8]) -> Result<(u16, Msg), WireError> {
         let mut r = Reader(bytes);
         let magic: [u8; 4] = r.array("magic")?;
@@ -462,7 +463,8 @@ impl Msg {
         }
         let format = r.u16("format")?;
         let tag = r.u8("tag")?;
-        if tag != TAG_HELLO && !(OLDEST_READABLE..=FORMAT).contains(&format) {
+        let frozen = tag == TAG_HELLO || tag == TAG_ABORT;
+        if !frozen && !(OLDEST_READABLE..=FORMAT).contains(&format) {
             return Err(WireError::UnsupportedFormat {
                 got: format,
                 oldest: OLDEST_READABLE,
@@ -748,7 +750,7 @@ mod tests {
     }
 
     #[test]
-    fn a_hello_in_any_format_is_readable() {
+    fn a_hello_or_an_abort_in_any_format_is_readable() {
         let hello = Msg::Hello {
             format: 40,
             oldest_readable: 30,
@@ -757,6 +759,11 @@ mod tests {
         };
         let bytes = hello.encode(40).unwrap();
         assert_eq!(Msg::decode(&bytes).unwrap(), (40, hello));
+        let abort = Msg::Abort {
+            reason: "we read 30..=40".into(),
+        };
+        let bytes = abort.encode(40).unwrap();
+        assert_eq!(Msg::decode(&bytes).unwrap(), (40, abort));
     }
 
     #[test]
