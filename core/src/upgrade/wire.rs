@@ -64,7 +64,7 @@ pub struct SessionEntry {
     pub partial: Vec<u8>,
 }
 
-/// A handoff message. Descriptors travel beside it; [`Msg::fds_expected`] says how many.
+/// A handoff message. Descriptors travel beside it; [`Msg::check_fds`] checks they match.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Msg {
     /// Both sides' first message: what they speak and who they are.
