@@ -20,7 +20,9 @@
 //!   routes, `tether devices`), [`deploy`] (deploys and rollout status), [`reload`]
 //!   (certificate reload); [`client`] is the public client surface other programs use;
 //! - the data path: [`shard`] (one per core: connections, sessions, agents, rollout);
-//! - [`server`]: starts the shards and the admin side, and stops them.
+//! - [`server`]: starts the shards and the admin side, and stops them;
+//! - [`upgrade`]: the control channel a new binary takes listeners and sessions over (not yet
+//!   used by the server).
 
 pub mod admin;
 pub mod client;
@@ -36,6 +38,7 @@ pub mod registry;
 pub mod reload;
 pub mod server;
 pub mod shard;
+pub mod upgrade;
 
 #[cfg(test)]
 mod testdir;
