@@ -510,12 +510,26 @@ pub fn read_admin_token(data_dir: &Path) -> Result<String, AdminError> {
 
 /// Sends one request to the admin endpoint and returns the status and body of the answer.
 /// `token` (the admin token's hex, see [`read_admin_token`]) goes in `Authorization: Bearer`.
+/// The answer must come within 10 s.
 pub fn admin_request(
     addr: impl ToSocketAddrs + std::fmt::Display,
     token: Option<&str>,
     method: &str,
     path: &str,
     body: &[u8],
+) -> Result<(u16, Vec<u8>), AdminError> {
+    admin_request_within(addr, token, method, path, body, Duration::from_secs(10))
+}
+
+/// [`admin_request`] for a request that takes longer (an upgrade): the answer must come
+/// within `wait`.
+pub fn admin_request_within(
+    addr: impl ToSocketAddrs + std::fmt::Display,
+    token: Option<&str>,
+    method: &str,
+    path: &str,
+    body: &[u8],
+    wait: Duration,
 ) -> Result<(u16, Vec<u8>), AdminError> {
     let name = addr.to_string();
     let io_err = |source| AdminError::Io {
@@ -544,9 +558,7 @@ pub fn admin_request(
         addr: name.clone(),
         source: last,
     })?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(io_err)?;
+    stream.set_read_timeout(Some(wait)).map_err(io_err)?;
     // A token with a line break would add headers of its own: refuse it rather than send it.
     let auth = match token {
         Some(t) if t.bytes().any(|b| b.is_ascii_control()) => {

@@ -2,7 +2,8 @@
 //! outside needs — the load generator, tests, scripts. Everything else in this crate is the
 //! server's own business and may change shape without notice; these calls keep theirs.
 //!
-//! - the admin endpoint: [`admin_request`] (raw), [`admin_json`] (typed), [`read_admin_token`]
+//! - the admin endpoint: [`admin_request`] (raw; [`admin_request_within`] for a slow one such as
+//!   an upgrade), [`admin_json`] (typed), [`read_admin_token`]
 //!   (the token from the data directory, for requests that change state);
 //! - the device registry as the data directory holds it: [`device_keys`], every device's id and
 //!   key, for a client that simulates devices.
@@ -12,7 +13,9 @@ use std::path::Path;
 use tether_protocol::DeviceId;
 use tether_protocol::auth::DeviceKey;
 
-pub use crate::admin::{AdminError, admin_json, admin_request, read_admin_token};
+pub use crate::admin::{
+    AdminError, admin_json, admin_request, admin_request_within, read_admin_token,
+};
 pub use crate::registry::RegistryError;
 use crate::registry::{FILE_NAME, Registry};
 

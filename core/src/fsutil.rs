@@ -113,6 +113,20 @@ impl FileLock {
             e => Err(e),
         }
     }
+
+    /// A lock held through `fd`, a descriptor of the locked open file (handed over by the
+    /// process that took it: an `flock` belongs to the open file, not to the process).
+    pub fn from_fd(fd: std::os::fd::OwnedFd) -> FileLock {
+        FileLock {
+            _file: File::from(fd),
+        }
+    }
+
+    /// The locked file's descriptor (to hand the lock on).
+    pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self._file.as_fd()
+    }
 }
 
 /// Creates `path` with `bytes` and `mode` unless it exists, atomically: the content is written

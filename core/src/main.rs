@@ -52,6 +52,18 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Upgrade a running server without downtime: it starts the new binary (its own by
+    /// default) with its own arguments, hands it the listening sockets (the same sockets: no
+    /// connect is refused), then sends its devices there. If the new binary fails to start or
+    /// to take the listeners, the running server keeps serving and this says why. SIGUSR2
+    /// does the same with the server's own binary.
+    Upgrade {
+        /// The new binary.
+        #[arg(long)]
+        binary: Option<PathBuf>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Print a running server's counters as a table (from its admin port).
     Stats {
         #[command(flatten)]
@@ -190,6 +202,15 @@ struct ServeArgs {
     /// Seconds a graceful shutdown may take.
     #[arg(long, default_value_t = 5)]
     shutdown_grace_s: u64,
+    /// When this server is upgraded (`tether upgrade`, SIGUSR2): the window over which its
+    /// devices are told to reconnect to the new process (Goodbye{upgrade}, retry_after
+    /// spread over it).
+    #[arg(long, default_value_t = 5000)]
+    upgrade_window_ms: u64,
+    /// Take over the listeners of the server running on --data-dir (through its
+    /// upgrade.sock) instead of binding them: how `tether upgrade` starts the new binary.
+    #[arg(long)]
+    take_over: bool,
     /// Most concurrent code transfers per shard; further devices wait in line (FIFO). Fewer
     /// means slower convergence but less message latency during a rollout (measured with
     /// 10,000 devices and 64 KiB on 2 cores: 8 → 2.65 s, round-trip p99 62 ms; 64 → 2.19 s,
@@ -470,9 +491,17 @@ fn main() -> ExitCode {
             max_code_size: a.max_code_size,
             mesh_capacity: a.mesh_capacity as usize,
             agent_queue_limit: a.agent_queue_limit as usize,
+            take_over: a.take_over,
+            upgrade_window: Duration::from_millis(a.upgrade_window_ms),
+            // A successor starts with the same arguments (and `--take-over` of its own).
+            args: std::env::args_os()
+                .skip(1)
+                .filter(|a| a != "--take-over")
+                .collect(),
         })
         .map_err(|e| e.to_string()),
         Command::Devices { command } => devices_command(command),
+        Command::Upgrade { binary, admin } => upgrade_command(binary, &admin),
         Command::Reload { admin } => admin
             .token()
             .and_then(|t| {
@@ -526,5 +555,37 @@ fn main() -> ExitCode {
             eprintln!("tether: error: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `tether upgrade`: asks the running server to upgrade and prints what it answered.
+fn upgrade_command(binary: Option<PathBuf>, admin: &AdminArgs) -> Result<(), String> {
+    let binary = match binary {
+        // The server starts it: give it an absolute path.
+        Some(b) => {
+            Some(std::fs::canonicalize(&b).map_err(|e| format!("--binary {}: {e}", b.display()))?)
+        }
+        None => None,
+    };
+    let body = binary
+        .as_ref()
+        .map(|b| b.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let token = admin.token()?;
+    let (status, answer) = tether_core::client::admin_request_within(
+        admin.admin.as_str(),
+        Some(&token),
+        "POST",
+        "/upgrade",
+        body.as_bytes(),
+        Duration::from_secs(60),
+    )
+    .map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&answer);
+    if status == 200 {
+        print!("{text}");
+        Ok(())
+    } else {
+        Err(text.trim_end().to_string())
     }
 }

@@ -240,6 +240,9 @@ counters! {
     ring_deferred: Counter,
     /// Readiness-ring operations waiting now for the kernel to take them.
     ring_backlog: Gauge,
+    /// Sessions told to reconnect (`Goodbye{upgrade}`) because an upgrade handed the
+    /// listeners to a new process that could not take them live.
+    upgrade_goodbyes: Counter,
 }
 
 impl ShardMetrics {

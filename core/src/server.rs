@@ -5,9 +5,10 @@
 //! SIGHUP (like `POST /reload`) reloads the TLS certificates, see [`crate::reload`].
 
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use glommio::channels::channel_mesh::MeshBuilder;
@@ -27,8 +28,9 @@ use crate::registry::{
 };
 use crate::reload::{Reloader, reload_logged, reload_routes};
 pub use crate::shard::TlsState;
-use crate::shard::run_shard;
 use crate::shard::{Budget, GuardConfig, ServerCtx, ShardHandle};
+use crate::shard::{ShardListeners, run_shard};
+use crate::upgrade::handoff::{Handover, TakenOver, Upgrader, take_over};
 use tether_net::tls::TlsOptions;
 
 /// Everything `tether serve` can be told.
@@ -98,6 +100,15 @@ pub struct ServeOptions {
     /// Bytes queued towards one agent before the server pushes back (stops reading the
     /// agent and the devices with messages for it; presence changes become a snapshot).
     pub agent_queue_limit: usize,
+    /// Start by taking over the listeners of the server running on `data_dir` (through its
+    /// `upgrade.sock`) instead of binding: how `tether upgrade` starts the new binary.
+    pub take_over: bool,
+    /// When this process is upgraded, the window over which its devices are told to come
+    /// back (to the new process).
+    pub upgrade_window: Duration,
+    /// The `serve` arguments to start a successor with on `tether upgrade` (this process's
+    /// own, without the program name).
+    pub args: Vec<std::ffi::OsString>,
 }
 
 impl Default for ServeOptions {
@@ -131,6 +142,9 @@ impl Default for ServeOptions {
             max_code_size: crate::codestore::DEFAULT_MAX_CODE_SIZE,
             mesh_capacity: 1024,
             agent_queue_limit: crate::shard::AGENT_QUEUE_LIMIT,
+            take_over: false,
+            upgrade_window: Duration::from_secs(5),
+            args: Vec::new(),
         }
     }
 }
@@ -153,16 +167,32 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     block_signals();
     check_agent_link(&opts)?;
     std::fs::create_dir_all(&opts.data_dir).map_err(setup("cannot create the data directory"))?;
+    // An upgrade's new process: the running server hands over its listeners and its lock.
+    let mut taken = if opts.take_over {
+        Some(take_over(&opts.data_dir).map_err(ServeError::Setup)?)
+    } else {
+        None
+    };
+    // Test-only (debug builds): die holding the listeners, before taking them, as a new binary
+    // that crashes mid-handoff would.
+    #[cfg(debug_assertions)]
+    if taken.is_some() && std::env::var_os("TETHER_TEST_UPGRADE_EXIT").is_some() {
+        eprintln!("tether: TETHER_TEST_UPGRADE_EXIT: exiting with the listeners in hand");
+        std::process::exit(3);
+    }
     let lock_path = opts.data_dir.join(SERVE_LOCK);
-    let _lock = FileLock::try_lock(&lock_path)
-        .map_err(setup(&format!("cannot lock {}", lock_path.display())))?
-        .ok_or_else(|| {
-            ServeError::Setup(format!(
-                "another tether server runs on {} (it holds {})",
-                opts.data_dir.display(),
-                lock_path.display()
-            ))
-        })?;
+    let lock = match taken.as_mut().and_then(|t| t.lock.take()) {
+        Some(fd) => FileLock::from_fd(fd),
+        None => FileLock::try_lock(&lock_path)
+            .map_err(setup(&format!("cannot lock {}", lock_path.display())))?
+            .ok_or_else(|| {
+                ServeError::Setup(format!(
+                    "another tether server runs on {} (it holds {})",
+                    opts.data_dir.display(),
+                    lock_path.display()
+                ))
+            })?,
+    };
     let (cert, key) = match &opts.cert {
         Some((c, k)) => (c.clone(), k.clone()),
         None => {
@@ -251,8 +281,6 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         registry,
         agent_token,
         agent_tls,
-        listen: opts.listen,
-        agent_listen: opts.agent_listen,
         max_connections_per_shard: (opts.max_connections as usize).div_ceil(nshards),
         guard: guard_config(&opts),
         accept_rate_per_shard: opts.accept_rate.div_ceil(nshards as u32),
@@ -260,14 +288,19 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         agent_queue_limit: opts.agent_queue_limit.max(1),
         shutdown: AtomicBool::new(false),
         shutdown_grace: opts.shutdown_grace,
+        draining: AtomicBool::new(false),
+        upgrade_window: opts.upgrade_window.max(Duration::from_millis(1)),
         max_transfers_per_shard: opts.max_transfers.max(1),
         code_at_start,
         deployer: deployer.clone(),
     });
 
+    // Set once the shards serve: `tether upgrade` and SIGUSR2 go through it.
+    let upgrader: Arc<OnceLock<Arc<Upgrader>>> = Arc::new(OnceLock::new());
     {
         let ctx = ctx.clone();
         let reloader = reloader.clone();
+        let upgrader = upgrader.clone();
         std::thread::Builder::new()
             .name("tether-signals".into())
             .spawn(move || {
@@ -276,6 +309,21 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
                         libc::SIGHUP => {
                             let _ = reload_logged(&reloader, "SIGHUP");
                         }
+                        libc::SIGUSR2 => match upgrader.get() {
+                            // Off this thread: a stop signal must still be heard meanwhile.
+                            Some(u) => {
+                                let u = u.clone();
+                                let _ = std::thread::Builder::new()
+                                    .name("tether-upgrade".into())
+                                    .spawn(move || {
+                                        // Both outcomes are logged by `upgrade`.
+                                        let _ = u.upgrade(None, "SIGUSR2");
+                                    });
+                            }
+                            None => eprintln!(
+                                "tether: SIGUSR2: upgrade refused: the server is still starting"
+                            ),
+                        },
                         sig => break sig,
                     }
                 };
@@ -291,16 +339,25 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
             .map_err(setup("signal thread"))?;
     }
 
-    // Checked and bound before the shards start, so a taken port fails fast.
-    tether_net::ring::ensure_no_listener(opts.listen).map_err(setup(&format!(
-        "cannot listen on {} (devices): another process listens there (a second `tether \
-         serve` would share the port and take part of the devices)",
-        opts.listen
-    )))?;
-    let admin = std::net::TcpListener::bind(opts.admin_listen).map_err(setup(&format!(
-        "cannot listen on {} (admin)",
-        opts.admin_listen
-    )))?;
+    // Bound (or taken over) before the shards start, so a taken port fails fast.
+    let (listeners, admin) = match &mut taken {
+        Some(t) => match taken_listeners(t, nshards, &opts) {
+            Ok(l) => l,
+            Err(e) => {
+                if let Some(t) = taken.take() {
+                    t.refuse(&e.to_string());
+                }
+                return Err(e);
+            }
+        },
+        None => bind_listeners(nshards, &opts)?,
+    };
+    let handover = Handover {
+        device: dup_all(listeners.iter().map(|l| &l.device))?,
+        agent: dup_all(listeners.iter().map(|l| &l.agent))?,
+        admin: dup(admin.as_fd())?,
+        lock: dup(lock.as_fd())?,
+    };
     let mesh = MeshBuilder::full(nshards, opts.mesh_capacity.max(1));
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let (done_tx, done_rx) = std::sync::mpsc::channel();
@@ -308,10 +365,11 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     let mut rollout_slots = Vec::new();
     let mut executors = Vec::new();
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    for (id, ((deploys, registry), tls)) in deploy_rxs
+    for (id, (((deploys, registry), tls), listeners)) in deploy_rxs
         .into_iter()
         .zip(registry_rxs)
         .zip(tls_rxs)
+        .zip(listeners)
         .enumerate()
     {
         let metrics = Arc::new(Slot::new());
@@ -333,7 +391,9 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
             .name(&format!("tether-shard-{id}"))
             // We do no file DMA: keep glommio's registered I/O memory small.
             .io_memory(512 * 1024)
-            .spawn(move || async move { run_shard(id, nshards, ctx, mesh, handle).await })
+            .spawn(
+                move || async move { run_shard(id, nshards, ctx, mesh, handle, listeners).await },
+            )
             .map_err(setup("starting a shard executor"))?;
         executors.push(ex);
     }
@@ -353,6 +413,20 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
             }
         }
     }
+
+    // Every shard accepts: the process being upgraded may stop.
+    let took_over_from = taken.as_ref().map(|t| t.from_pid);
+    if let Some(t) = taken.take() {
+        t.taken().map_err(ServeError::Setup)?;
+    }
+    let live_slots = metrics_slots.clone();
+    let _ = upgrader.set(Arc::new(Upgrader::new(
+        &opts.data_dir,
+        opts.args.clone(),
+        handover,
+        ctx.clone(),
+        Box::new(move || collect(&live_slots).total.connections_open),
+    )));
 
     let admin_opts = AdminOptions {
         max_body: AdminOptions::default()
@@ -379,10 +453,14 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
                 )
             })
             .or_else(|| reload_routes(req, &reloader))
+            .or_else(|| upgrade_routes(req, &upgrader))
             .unwrap_or_else(|| AdminResponse::not_found(req))
     })
     .map_err(setup("admin endpoint"))?;
 
+    if let Some(pid) = took_over_from {
+        eprintln!("tether: took over the listeners of pid {pid} (upgrade)");
+    }
     eprintln!(
         "tether: listening for devices on {} ({nshards} shards, {} devices registered, open-file limit {soft}); agents on {} ({}); admin on {}",
         opts.listen,
@@ -409,6 +487,121 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     } else {
         Err(ServeError::Setup(failed.join("; ")))
     }
+}
+
+/// Binds one device and one agent listener per shard (`SO_REUSEPORT`) and the admin listener.
+fn bind_listeners(
+    nshards: usize,
+    opts: &ServeOptions,
+) -> Result<(Vec<ShardListeners>, std::net::TcpListener), ServeError> {
+    tether_net::ring::ensure_no_listener(opts.listen).map_err(setup(&format!(
+        "cannot listen on {} (devices): another process listens there (a second `tether \
+         serve` would share the port and take part of the devices)",
+        opts.listen
+    )))?;
+    let listeners = (0..nshards)
+        .map(|_| bind_shard(opts))
+        .collect::<Result<Vec<_>, _>>()?;
+    let admin = std::net::TcpListener::bind(opts.admin_listen).map_err(setup(&format!(
+        "cannot listen on {} (admin)",
+        opts.admin_listen
+    )))?;
+    Ok((listeners, admin))
+}
+
+fn bind_shard(opts: &ServeOptions) -> Result<ShardListeners, ServeError> {
+    Ok(ShardListeners {
+        device: tether_net::ring::listener(opts.listen, 4096).map_err(setup(&format!(
+            "cannot listen on {} (devices)",
+            opts.listen
+        )))?,
+        agent: tether_net::ring::listener(opts.agent_listen, 1024).map_err(setup(&format!(
+            "cannot listen on {} (agents)",
+            opts.agent_listen
+        )))?,
+    })
+}
+
+/// The listeners an upgrade handed over, one pair per shard of the old process; a new process
+/// with more shards binds the rest (joining the same `SO_REUSEPORT` group). Fewer shards than
+/// the old process is refused: the surplus sockets would have no one accepting on them, and
+/// closing them resets the connections queued there.
+fn taken_listeners(
+    t: &mut TakenOver,
+    nshards: usize,
+    opts: &ServeOptions,
+) -> Result<(Vec<ShardListeners>, std::net::TcpListener), ServeError> {
+    let old = t.device.len();
+    if nshards < old || t.agent.len() != old {
+        return Err(ServeError::Setup(format!(
+            "--take-over: the running server has {old} shards and this one {nshards}: a new \
+             process takes at least as many shards as the old (pass --shards {old} or more)"
+        )));
+    }
+    let admin = t
+        .admin
+        .take()
+        .map(std::net::TcpListener::from)
+        .ok_or_else(|| {
+            ServeError::Setup(
+                "--take-over: the running server handed over no admin listener".into(),
+            )
+        })?;
+    let mut listeners: Vec<ShardListeners> = t
+        .device
+        .drain(..)
+        .zip(t.agent.drain(..))
+        .map(|(device, agent)| ShardListeners { device, agent })
+        .collect();
+    while listeners.len() < nshards {
+        listeners.push(bind_shard(opts)?);
+    }
+    Ok((listeners, admin))
+}
+
+/// A copy of a descriptor (the same open socket or file), for the upgrade to hand over.
+fn dup(fd: BorrowedFd<'_>) -> Result<OwnedFd, ServeError> {
+    fd.try_clone_to_owned()
+        .map_err(setup("duplicating a listener for upgrades"))
+}
+
+fn dup_all<'a, F: AsFd + 'a>(fds: impl Iterator<Item = &'a F>) -> Result<Vec<OwnedFd>, ServeError> {
+    fds.map(|f| dup(f.as_fd())).collect()
+}
+
+/// `POST /upgrade` (body: the new binary's path, or empty for this binary): upgrades, and
+/// answers once the new process accepts on every listener (200) or why not (409 while one is
+/// in progress, 500 otherwise; the server keeps serving).
+fn upgrade_routes(
+    req: &crate::admin::AdminRequest,
+    upgrader: &OnceLock<Arc<Upgrader>>,
+) -> Option<AdminResponse> {
+    if req.path != "/upgrade" {
+        return None;
+    }
+    if req.method != "POST" {
+        return Some(AdminResponse::text(405, "/upgrade only answers POST\n"));
+    }
+    let Some(u) = upgrader.get() else {
+        return Some(AdminResponse::text(503, "the server is still starting\n"));
+    };
+    let binary = match std::str::from_utf8(&req.body) {
+        Ok(b) if b.trim().is_empty() => None,
+        Ok(b) => Some(PathBuf::from(b.trim())),
+        Err(_) => {
+            return Some(AdminResponse::text(400, "the binary path must be UTF-8\n"));
+        }
+    };
+    Some(match u.upgrade(binary, "POST /upgrade") {
+        Ok(text) => AdminResponse::text(200, text),
+        Err(e) if e.0.contains("already in progress") => {
+            AdminResponse::text(409, format!("upgrade refused: {e}\n"))
+        }
+        Err(e) => AdminResponse::text(
+            500,
+            format!("upgrade refused: {e}; this server keeps serving\n"),
+        ),
+    })
 }
 
 /// Refuses a plain-TCP agent link off loopback: the agent token and every device message would
@@ -571,7 +764,8 @@ fn collect(slots: &[Arc<Slot<ShardMetrics>>]) -> MetricsSnapshot {
     MetricsSnapshot::from_published(slots.iter().map(|slot| slot.read(now)).collect())
 }
 
-/// The signals the signal thread waits for: SIGINT and SIGTERM stop, SIGHUP reloads TLS.
+/// The signals the signal thread waits for: SIGINT and SIGTERM stop, SIGHUP reloads TLS,
+/// SIGUSR2 upgrades (starts this binary anew and hands it the listeners).
 fn signal_set() -> libc::sigset_t {
     // SAFETY: plain libc calls on a local signal set, initialised by sigemptyset.
     unsafe {
@@ -580,11 +774,12 @@ fn signal_set() -> libc::sigset_t {
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGTERM);
         libc::sigaddset(&mut set, libc::SIGHUP);
+        libc::sigaddset(&mut set, libc::SIGUSR2);
         set
     }
 }
 
-/// Blocks SIGINT, SIGTERM and SIGHUP in this thread and every thread it starts after, so only
+/// Blocks SIGINT, SIGTERM, SIGHUP and SIGUSR2 in this thread and every thread it starts after, so only
 /// the signal thread receives them.
 fn block_signals() {
     let set = signal_set();

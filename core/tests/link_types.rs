@@ -18,19 +18,10 @@ use tether_protocol::{
 
 const T: Duration = Duration::from_secs(5);
 
-fn attached(s: &Server) -> Agent {
-    let mut agent = Agent::attach(s);
-    assert!(matches!(
-        agent.recv(T),
-        Some(AgentMessage::AgentWelcome { .. })
-    ));
-    agent
-}
-
 #[test]
 fn a_deploy_from_a_device_is_refused_and_deploys_nothing() {
     let s = Server::start(4, &[]);
-    let mut agent = attached(&s);
+    let mut agent = Agent::attach_welcomed(&s);
     let mut bad = s.device(1);
     assert!(bad.established());
     let before: Vec<u64> = s.rollout().groups.iter().map(|g| g.version).collect();
@@ -77,8 +68,8 @@ fn a_deploy_from_a_device_is_refused_and_deploys_nothing() {
 #[test]
 fn a_hello_from_an_agent_is_refused_and_closes_only_that_link() {
     let s = Server::start(2, &[]);
-    let mut bad = attached(&s);
-    let mut good = attached(&s);
+    let mut bad = Agent::attach_welcomed(&s);
+    let mut good = Agent::attach_welcomed(&s);
 
     let mut b = BytesMut::new();
     DeviceMessage::Hello(Hello {

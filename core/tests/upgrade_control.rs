@@ -115,6 +115,7 @@ fn the_new_process_accepts_on_the_very_listener_the_old_one_passed() {
             device,
             agent,
             admin,
+            ..
         } = msg
         else {
             panic!("expected listeners, got {msg:?}");
@@ -154,6 +155,7 @@ fn the_new_process_accepts_on_the_very_listener_the_old_one_passed() {
             device: vec![0],
             agent: vec![1],
             admin: None,
+            lock: None,
         },
         &[device.as_fd(), agent.as_fd()],
     )
@@ -353,6 +355,7 @@ fn a_new_process_that_dies_mid_handoff_leaves_the_old_one_serving() {
         device: vec![0],
         agent: vec![],
         admin: None,
+        lock: None,
     };
     conn.send(&listeners, &[device.as_fd()]).unwrap();
     new.join().unwrap();

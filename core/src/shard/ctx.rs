@@ -28,7 +28,7 @@ pub enum TlsState {
 }
 
 /// Read-only state every shard shares (no locks: nothing in it changes after start, except
-/// the shutdown flag). Code deployed, devices added or revoked and TLS reloaded at run time
+/// the shutdown and drain flags). Code deployed, devices added or revoked and TLS reloaded at run time
 /// reach shards as messages, not through here.
 pub(crate) struct ServerCtx {
     /// The TLS config at start; each shard keeps its own current one (reloads replace it).
@@ -41,8 +41,6 @@ pub(crate) struct ServerCtx {
     pub agent_token: Token,
     /// The agent port's TLS config (`--agent-tls`); `None`: plain TCP.
     pub agent_tls: Option<Arc<rustls::ServerConfig>>,
-    pub listen: SocketAddr,
-    pub agent_listen: SocketAddr,
     pub max_connections_per_shard: usize,
     /// What strangers may cost a shard (per shard).
     pub guard: GuardConfig,
@@ -54,6 +52,13 @@ pub(crate) struct ServerCtx {
     pub agent_queue_limit: usize,
     pub shutdown: AtomicBool,
     pub shutdown_grace: Duration,
+    /// Set while an upgrade hands this process's listeners and sessions to a new process:
+    /// shards stop accepting and send their sessions away; cleared again if the upgrade
+    /// fails (shards accept again).
+    pub draining: AtomicBool,
+    /// The window over which drained devices are told to come back (`Goodbye{upgrade}`'s
+    /// `retry_after` is spread over it).
+    pub upgrade_window: Duration,
     pub max_transfers_per_shard: usize,
     /// Each group's current code at start.
     pub code_at_start: Vec<Deployed>,

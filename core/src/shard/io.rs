@@ -210,7 +210,7 @@ impl Shard {
             }
         }
         self.start_waiting(now);
-        let room = self.guard.has_room() && !self.shutting_down;
+        let room = self.guard.has_room() && !self.shutting_down && !self.draining;
         match (&self.listener, self.accepting, room) {
             (Some(l), false, true) if self.bucket.ready(now) => {
                 if self.bucket.limited() {
@@ -538,6 +538,38 @@ impl Shard {
                 .close(GoodbyeReason::Shutdown, retry_spread());
             wake::notify(idx);
         }
+    }
+
+    /// An upgrade took the listeners: stop accepting (the listening socket stays open, the new
+    /// process accepts on it), tell every session to reconnect within `window`
+    /// (`Goodbye{upgrade}`, its `retry_after` spread over the window so the new process is not
+    /// hit by all at once), and close the agent links (agents re-attach to the new process).
+    pub(crate) fn begin_drain(&mut self, window: std::time::Duration) {
+        self.draining = true;
+        if self.accepting {
+            self.ring.cancel_accept(0);
+            self.accepting = false;
+        }
+        let window_ms = u32::try_from(window.as_millis()).unwrap_or(u32::MAX).max(1);
+        let idxs: Vec<usize> = self.conns.iter().map(|(i, _)| i).collect();
+        self.metrics.upgrade_goodbyes += idxs.len() as u64;
+        for idx in idxs {
+            let mut b = [0u8; 4];
+            crate::fsutil::random_bytes(&mut b);
+            self.conns[idx]
+                .session
+                .close(GoodbyeReason::Upgrade, u32::from_le_bytes(b) % window_ms);
+            wake::notify(idx);
+        }
+        for out in self.local_agents.values() {
+            out.close();
+        }
+    }
+
+    /// The upgrade failed after the drain began: accept again (the next `admit` re-arms).
+    pub(crate) fn end_drain(&mut self) {
+        self.draining = false;
+        self.admit(Instant::now());
     }
 
     pub(crate) fn is_empty(&self) -> bool {

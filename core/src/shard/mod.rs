@@ -62,7 +62,7 @@ pub use agent::AGENT_QUEUE_LIMIT;
 pub use ctx::TlsState;
 pub(crate) use ctx::{ServerCtx, ShardHandle};
 pub use guard::{Budget, GuardConfig};
-pub(crate) use run::run_shard;
+pub(crate) use run::{ShardListeners, run_shard};
 
 /// In debug builds, a device message on this topic blocks its shard's executor thread for the
 /// milliseconds its payload spells in decimal (at most 10 s; 5 s if it spells none): a shard
@@ -138,6 +138,8 @@ pub(crate) struct Shard {
     /// When the last guard log line was written (they are rate-limited).
     guard_logged: Option<Instant>,
     shutting_down: bool,
+    /// An upgrade is handing this shard's sessions to a new process (see `begin_drain`).
+    draining: bool,
     // Shard-local buffers, lent per operation.
     read_buf: Box<[u8]>,
     plain_buf: Box<[u8]>,
@@ -211,6 +213,7 @@ impl Shard {
             guard,
             guard_logged: None,
             shutting_down: false,
+            draining: false,
             read_buf: vec![0; READ_BUF].into_boxed_slice(),
             plain_buf: vec![0; READ_BUF].into_boxed_slice(),
             scratch: BytesMut::with_capacity(16 * 1024),

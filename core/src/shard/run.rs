@@ -9,6 +9,8 @@ use std::sync::atomic::Ordering;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
+
 use glommio::channels::channel_mesh::MeshBuilder;
 use glommio::net::TcpListener;
 
@@ -16,10 +18,19 @@ use super::contain::{self, Site};
 use super::route::ShardMsg;
 use super::{ServerCtx, ShardHandle};
 use super::{Shard, agent, wake};
-use tether_net::ring::{self, Doorbell, Ring};
+use tether_net::ring::{Doorbell, Ring};
 
 /// Timer task period: deadlines are coarse (seconds), so 100 ms is plenty.
 const TICK: Duration = Duration::from_millis(100);
+
+/// A shard's listening sockets, bound by the server before the shards start (or taken over
+/// from the process being upgraded: the very sockets it accepted on, never re-bound).
+pub(crate) struct ShardListeners {
+    /// The device port (`SO_REUSEPORT`, non-blocking), accepted from through the ring.
+    pub device: OwnedFd,
+    /// The agent port (`SO_REUSEPORT`), accepted from by glommio.
+    pub agent: OwnedFd,
+}
 
 /// Runs shard `id` until shutdown completes.
 pub(crate) async fn run_shard(
@@ -28,8 +39,9 @@ pub(crate) async fn run_shard(
     ctx: Arc<ServerCtx>,
     mesh: MeshBuilder<ShardMsg, glommio::channels::channel_mesh::Full>,
     handle: ShardHandle,
+    listeners: ShardListeners,
 ) -> Result<(), String> {
-    let r = serve_shard(id, nshards, ctx, mesh, &handle).await;
+    let r = serve_shard(id, nshards, ctx, mesh, &handle, listeners).await;
     if let Err(msg) = &r {
         let _ = handle.ready.send(Err(msg.clone()));
     }
@@ -43,21 +55,22 @@ async fn serve_shard(
     ctx: Arc<ServerCtx>,
     mesh: MeshBuilder<ShardMsg, glommio::channels::channel_mesh::Full>,
     handle: &ShardHandle,
+    listeners: ShardListeners,
 ) -> Result<(), String> {
     let (senders, mut receivers) = mesh
         .join()
         .await
         .map_err(|_| format!("shard {id}: joining the channel mesh failed"))?;
-    let device_listener = ring::listener(ctx.listen, 4096)
-        .map_err(|e| format!("shard {id}: cannot listen on {}: {e}", ctx.listen))?;
+    let device_listener = listeners.device;
     let local = socket2::SockRef::from(&device_listener)
         .local_addr()
         .ok()
         .and_then(|a| a.as_socket());
     let ring = Ring::new(4096).map_err(|e| format!("shard {id}: io_uring setup failed: {e}"))?;
     let doorbell = Doorbell::new(&ring).map_err(|e| format!("shard {id}: eventfd: {e}"))?;
-    let agent_listener = TcpListener::bind(ctx.agent_listen)
-        .map_err(|e| format!("shard {id}: cannot listen on {}: {e}", ctx.agent_listen))?;
+    // SAFETY: the descriptor is a bound, listening TCP socket this shard now owns alone.
+    let agent_listener =
+        Rc::new(unsafe { TcpListener::from_raw_fd(listeners.agent.into_raw_fd()) });
     let shard = Rc::new(RefCell::new(Shard::new(
         id,
         nshards,
@@ -122,20 +135,7 @@ async fn serve_shard(
         .detach();
     }
 
-    let accept_agents = glommio::spawn_local({
-        let shard = shard.clone();
-        async move {
-            loop {
-                match agent_listener.accept().await {
-                    Ok(s) => {
-                        glommio::spawn_local(agent::serve_agent(shard.clone(), s)).detach();
-                    }
-                    Err(_) => glommio::timer::sleep(Duration::from_millis(10)).await,
-                }
-            }
-        }
-    });
-
+    let agents_accepting = accept_agents(&shard, &agent_listener);
     // The timer task: expire deadlines, apply deploys, registry changes and reloaded TLS
     // configs, answer registry requests, publish the counters and the rollout state, watch
     // for shutdown.
@@ -150,7 +150,8 @@ async fn serve_shard(
         async move {
             let mut expired = Vec::new();
             let mut shutdown_at: Option<Instant> = None;
-            let mut accepts = Some(accept_agents);
+            let mut accepts = Some(agents_accepting);
+            let mut draining = false;
             loop {
                 glommio::timer::sleep(TICK).await;
                 let now = Instant::now();
@@ -178,6 +179,19 @@ async fn serve_shard(
                     s.tls = swap.config;
                     let _ = swap.applied.send(());
                 }
+                // An upgrade hands the listeners to a new process: stop accepting and send
+                // every session to it; if the upgrade fails after that, accept again.
+                let drain = ctx.draining.load(Ordering::Relaxed);
+                if drain != draining && shutdown_at.is_none() {
+                    draining = drain;
+                    if drain {
+                        drop(accepts.take());
+                        s.begin_drain(ctx.upgrade_window);
+                    } else {
+                        s.end_drain();
+                        accepts = Some(accept_agents(&shard, &agent_listener));
+                    }
+                }
                 if shutdown_at.is_none() && ctx.shutdown.load(Ordering::Relaxed) {
                     // Stop accepting, say goodbye to everyone, then wait for the flush.
                     drop(accepts.take());
@@ -203,6 +217,23 @@ async fn serve_shard(
     });
     futures_lite::future::or(driver, timer).await;
     Ok(())
+}
+
+/// The agent accept loop: each attached agent is served by a task of its own. Dropping the
+/// returned task stops accepting (the listener stays open).
+fn accept_agents(shard: &Rc<RefCell<Shard>>, listener: &Rc<TcpListener>) -> glommio::Task<()> {
+    let shard = shard.clone();
+    let listener = listener.clone();
+    glommio::spawn_local(async move {
+        loop {
+            match listener.accept().await {
+                Ok(s) => {
+                    glommio::spawn_local(agent::serve_agent(shard.clone(), s)).detach();
+                }
+                Err(_) => glommio::timer::sleep(Duration::from_millis(10)).await,
+            }
+        }
+    })
 }
 
 /// A shard's share of the accept rate (`--accept-rate` is per process): one token per accepted

@@ -759,6 +759,7 @@ mod tests {
             device: vec![0, 1],
             agent: vec![],
             admin: None,
+            lock: None,
         };
         scm::send_msg(
             &server.stream,

@@ -89,6 +89,9 @@ pub enum Msg {
         agent: Vec<u16>,
         /// The admin listener, if there is one.
         admin: Option<u16>,
+        /// The data directory's lock (`serve.lock`, an `flock` on the shared open file): the
+        /// new process holds it from then on, so no third server starts on the directory.
+        lock: Option<u16>,
     },
     /// The new process accepts on the listeners.
     ListenersTaken,
@@ -345,10 +348,11 @@ impl Msg {
                 device,
                 agent,
                 admin,
+                lock,
                 ..
             } => {
                 let mut used = vec![false; fds];
-                for &i in device.iter().chain(agent).chain(admin) {
+                for &i in device.iter().chain(agent).chain(admin).chain(lock) {
                     match used.get_mut(usize::from(i)) {
                         None => return Err(bad(format!("descriptor {i}"))),
                         Some(true) => return Err(bad(format!("descriptor {i} twice"))),
@@ -400,16 +404,19 @@ impl Msg {
                 device,
                 agent,
                 admin,
+                lock,
             } => {
                 w.push(TAG_LISTENERS);
                 w.extend_from_slice(&shards.to_be_bytes());
                 put_u16s(&mut w, device, "device listeners")?;
                 put_u16s(&mut w, agent, "agent listeners")?;
-                match admin {
-                    None => w.push(0),
-                    Some(i) => {
-                        w.push(1);
-                        w.extend_from_slice(&i.to_be_bytes());
+                for fd in [admin, lock] {
+                    match fd {
+                        None => w.push(0),
+                        Some(i) => {
+                            w.push(1);
+                            w.extend_from_slice(&i.to_be_bytes());
+                        }
                     }
                 }
             }
@@ -482,16 +489,8 @@ impl Msg {
                 shards: r.u16("shards")?,
                 device: r.u16s("device listeners")?,
                 agent: r.u16s("agent listeners")?,
-                admin: match r.u8("admin flag")? {
-                    0 => None,
-                    1 => Some(r.u16("admin listener")?),
-                    value => {
-                        return Err(WireError::BadFlag {
-                            field: "admin flag",
-                            value,
-                        });
-                    }
-                },
+                admin: r.optional_u16("admin flag", "admin listener")?,
+                lock: r.optional_u16("lock flag", "lock")?,
             },
             TAG_LISTENERS_TAKEN => Msg::ListenersTaken,
             TAG_SESSIONS => {
@@ -593,6 +592,19 @@ impl<'a> Reader<'a> {
         Ok(u16::from_be_bytes(self.array(field)?))
     }
 
+    /// A flag byte (0 or 1) and, when 1, a u16.
+    fn optional_u16(
+        &mut self,
+        flag: &'static str,
+        field: &'static str,
+    ) -> Result<Option<u16>, WireError> {
+        match self.u8(flag)? {
+            0 => Ok(None),
+            1 => Ok(Some(self.u16(field)?)),
+            value => Err(WireError::BadFlag { field: flag, value }),
+        }
+    }
+
     fn u32(&mut self, field: &'static str) -> Result<u32, WireError> {
         Ok(u32::from_be_bytes(self.array(field)?))
     }
@@ -659,12 +671,14 @@ mod tests {
                 device: vec![0, 1],
                 agent: vec![2, 3],
                 admin: Some(4),
+                lock: None,
             },
             Msg::Listeners {
                 shards: 1,
                 device: vec![0],
                 agent: vec![],
                 admin: None,
+                lock: None,
             },
             Msg::ListenersTaken,
             Msg::Sessions {
@@ -795,15 +809,27 @@ mod tests {
             device: vec![0],
             agent: vec![],
             admin: None,
+            lock: None,
         }
         .encode(FORMAT)
         .unwrap();
-        *bytes.last_mut().unwrap() = 2;
+        // The last two bytes are the admin and lock flags (both absent).
+        let n = bytes.len();
+        let mut lock = bytes.clone();
+        bytes[n - 2] = 2;
         assert_eq!(
             Msg::decode(&bytes),
             Err(WireError::BadFlag {
                 field: "admin flag",
                 value: 2
+            })
+        );
+        lock[n - 1] = 7;
+        assert_eq!(
+            Msg::decode(&lock),
+            Err(WireError::BadFlag {
+                field: "lock flag",
+                value: 7
             })
         );
     }
@@ -886,6 +912,7 @@ mod tests {
             device: vec![0, 1],
             agent: vec![2],
             admin: None,
+            lock: None,
         };
         assert_eq!(listeners.check_fds(3), Ok(()));
         assert!(listeners.check_fds(2).is_err(), "index 2 out of range");
@@ -895,6 +922,7 @@ mod tests {
             device: vec![0],
             agent: vec![0],
             admin: None,
+            lock: None,
         };
         assert!(twice.check_fds(1).is_err());
         assert_eq!(Msg::Done.check_fds(0), Ok(()));

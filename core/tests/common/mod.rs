@@ -226,6 +226,22 @@ impl Server {
         (status, String::from_utf8_lossy(&body).into_owned())
     }
 
+    /// `POST /upgrade` on the admin port (`binary`: the new binary, or this one): the status
+    /// and the body.
+    pub fn upgrade(&self, binary: Option<&std::path::Path>) -> (u16, String) {
+        let body = binary.map(|b| b.display().to_string()).unwrap_or_default();
+        let (status, body) = tether_core::client::admin_request_within(
+            self.admin,
+            Some(&self.admin_token),
+            "POST",
+            "/upgrade",
+            body.as_bytes(),
+            Duration::from_secs(60),
+        )
+        .unwrap();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
     /// Sends the server a signal (our own child).
     pub fn signal(&self, sig: i32) {
         // SAFETY: signalling our own child process.
@@ -253,17 +269,7 @@ impl Server {
     /// A full TLS handshake with `tls` and the server's first flight read (its `Challenge`):
     /// `Err` with rustls' reason if the handshake fails.
     pub fn tls_handshake(&self, tls: Arc<rustls::ClientConfig>) -> Result<(), String> {
-        let mut s = open_tls(self.devices, &tls);
-        s.sock
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
-        let mut byte = [0u8; 1];
-        // The Challenge arrives as half-RTT data: reading one byte completes the handshake.
-        match s.read(&mut byte) {
-            Ok(1) => Ok(()),
-            Ok(_) => Err("closed before the Challenge".into()),
-            Err(e) => Err(e.to_string()),
-        }
+        tls_handshake_to(self.devices, &tls)
     }
 
     /// SIGTERM, then wait up to `bound` for the exit.
@@ -278,6 +284,36 @@ impl Server {
             std::thread::sleep(Duration::from_millis(20));
         }
         None
+    }
+}
+
+/// [`Server::tls_handshake`] to `devices`; a refused or reset connect is an `Err` too.
+pub fn tls_handshake_to(
+    devices: SocketAddr,
+    tls: &Arc<rustls::ClientConfig>,
+) -> Result<(), String> {
+    let sock = TcpStream::connect(devices).map_err(|e| format!("connect: {e}"))?;
+    let mut s = open_tls_on(sock, tls);
+    s.sock
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut byte = [0u8; 1];
+    // The Challenge arrives as half-RTT data: reading one byte completes the handshake.
+    match s.read(&mut byte) {
+        Ok(1) => Ok(()),
+        Ok(_) => Err("closed before the Challenge".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// A process the test did not spawn but must not leave behind (an upgrade's new server):
+/// killed when dropped.
+pub struct KillOnDrop(pub i32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // SAFETY: signalling a process this test caused to exist.
+        unsafe { libc_kill(self.0, 9) };
     }
 }
 
@@ -560,6 +596,17 @@ pub fn agent_tls_stream(
 }
 
 impl Agent {
+    /// [`attach`](Self::attach), and its `AgentWelcome` received.
+    pub fn attach_welcomed(server: &Server) -> Agent {
+        let mut agent = Self::attach(server);
+        let w = agent.recv(Duration::from_secs(10));
+        assert!(
+            matches!(w, Some(AgentMessage::AgentWelcome { .. })),
+            "no AgentWelcome: {w:?}"
+        );
+        agent
+    }
+
     pub fn attach(server: &Server) -> Agent {
         let token = std::fs::read_to_string(server.dir.join("agent.token")).unwrap();
         Self::attach_with(server, token.trim().as_bytes())
@@ -618,6 +665,14 @@ impl Agent {
     pub fn write_raw(&mut self, b: &[u8]) {
         self.link.write_all(b).unwrap();
         self.link.flush().unwrap();
+    }
+
+    /// [`send`](Self::send) that tolerates a link the server has closed.
+    pub fn send_or_closed(&mut self, m: &AgentMessage) {
+        let mut b = BytesMut::new();
+        m.encode(&mut b).unwrap();
+        let _ = self.link.write_all(&b);
+        let _ = self.link.flush();
     }
 
     pub fn send(&mut self, m: &AgentMessage) {
