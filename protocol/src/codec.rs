@@ -115,6 +115,11 @@ impl FrameDecoder {
         r
     }
 
+    /// The bytes buffered towards an incomplete frame (to hand a session on).
+    pub fn pending_bytes(&self) -> &[u8] {
+        self.buf.as_deref().map_or(&[], |b| &b[..])
+    }
+
     /// Bytes buffered towards an incomplete frame.
     pub fn pending(&self) -> usize {
         self.buf.as_ref().map_or(0, |b| b.len())

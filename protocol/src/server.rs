@@ -667,3 +667,201 @@ impl ServerSession {
         }
     }
 }
+
+/// Why a session cannot be handed to another process ([`ServerSession::export`]) or taken
+/// from one ([`ServerSession::import`]).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum HandoffError {
+    /// Only an established session moves; one still authenticating reconnects instead.
+    #[error("the session is {0}, not established")]
+    NotEstablished(&'static str),
+    /// Its driver has not taken every event yet.
+    #[error("the session has events its driver has not taken")]
+    PendingEvents,
+    /// Not a handed-over session.
+    #[error("not a handed-over session (bad magic)")]
+    BadMagic,
+    /// Written by a format this build does not read.
+    #[error("handed-over session in format {0}; this build reads format {HANDOFF_FORMAT}")]
+    UnsupportedFormat(u8),
+    /// The bytes end before the session does.
+    #[error("handed-over session truncated at {0}")]
+    Truncated(&'static str),
+    /// A field out of its range.
+    #[error("handed-over session: invalid {0}")]
+    Invalid(&'static str),
+    /// Bytes past the end of the session.
+    #[error("handed-over session has {0} trailing bytes")]
+    Trailing(usize),
+}
+
+/// The layout [`ServerSession::export`] writes (after the magic `TSES`).
+pub const HANDOFF_FORMAT: u8 = 1;
+const HANDOFF_MAGIC: &[u8; 4] = b"TSES";
+
+impl ServerSession {
+    /// The established session as bytes, for another process to continue it with
+    /// [`import`](Self::import): device and session id, heartbeat and limits, sequence
+    /// numbers, the messages the device has not acknowledged, a partial frame read and
+    /// output not yet taken, and the idle deadline (relative to `now`).
+    ///
+    /// Messages received but not yet acknowledged to the device (waiting for an agent's
+    /// `DeliverAck`) are not counted as received in the copy: the device still has them and
+    /// resends them, and the successor accepts the resend.
+    pub fn export(&self, now: Instant) -> Result<Vec<u8>, HandoffError> {
+        let State::Established { device, session } = self.state else {
+            return Err(HandoffError::NotEstablished(self.state.name()));
+        };
+        if self.events.len() != 0 {
+            return Err(HandoffError::PendingEvents);
+        }
+        let mut w = Vec::with_capacity(96);
+        w.extend_from_slice(HANDOFF_MAGIC);
+        w.push(HANDOFF_FORMAT);
+        w.extend_from_slice(&device.0.to_be_bytes());
+        w.extend_from_slice(&session.0.to_be_bytes());
+        w.extend_from_slice(&self.heartbeat_s.to_be_bytes());
+        let ms = |d: Duration| u32::try_from(d.as_millis()).unwrap_or(u32::MAX);
+        w.extend_from_slice(&ms(self.idle_timeout).to_be_bytes());
+        w.extend_from_slice(&self.outbox_limit.to_be_bytes());
+        w.extend_from_slice(&self.decoder.max_frame().to_be_bytes());
+        w.extend_from_slice(&ms(self.deadline.saturating_duration_since(now)).to_be_bytes());
+        let s = &self.stream;
+        for seq in [s.tx_seq, s.rx_acked, s.rx_acked] {
+            w.extend_from_slice(&seq.0.to_be_bytes());
+        }
+        for b in [self.decoder.pending_bytes(), self.tx.bytes()] {
+            w.extend_from_slice(&(b.len() as u32).to_be_bytes());
+            w.extend_from_slice(b);
+        }
+        w.extend_from_slice(&(s.outbox.len() as u32).to_be_bytes());
+        for m in s.outbox.iter() {
+            w.extend_from_slice(&m.seq.0.to_be_bytes());
+            w.extend_from_slice(&m.tag.to_be_bytes());
+            w.extend_from_slice(&(m.topic.len() as u16).to_be_bytes());
+            w.extend_from_slice(&m.topic);
+            w.extend_from_slice(&(m.payload.len() as u32).to_be_bytes());
+            w.extend_from_slice(&m.payload);
+        }
+        Ok(w)
+    }
+
+    /// Continues a session [`export`](Self::export)ed by another process. Every field is
+    /// checked (lengths against the bytes there, the outbox against its limit, sequence
+    /// numbers against each other): a bad copy is an error, never a panic.
+    pub fn import(bytes: &[u8], now: Instant) -> Result<ServerSession, HandoffError> {
+        let mut r = HandoffReader(bytes);
+        if r.take(4, "magic")? != HANDOFF_MAGIC {
+            return Err(HandoffError::BadMagic);
+        }
+        let format = r.take(1, "format")?[0];
+        if format != HANDOFF_FORMAT {
+            return Err(HandoffError::UnsupportedFormat(format));
+        }
+        let device = DeviceId(r.u64("device")?);
+        let session = SessionId(r.u64("session")?);
+        let heartbeat_s = r.u16("heartbeat")?.max(1);
+        let idle_timeout = Duration::from_millis(r.u32("idle timeout")?.into());
+        let outbox_limit = r.u32("outbox limit")?;
+        let max_frame = r.u32("max frame")?;
+        if max_frame < 64 {
+            return Err(HandoffError::Invalid("max frame"));
+        }
+        let deadline = now + Duration::from_millis(r.u32("deadline")?.into());
+        let tx_seq = Seq(r.u64("tx seq")?);
+        let rx_seq = Seq(r.u64("rx seq")?);
+        let rx_acked = Seq(r.u64("rx acked")?);
+        if rx_acked > rx_seq {
+            return Err(HandoffError::Invalid("rx acked past rx seq"));
+        }
+        let partial = r.bytes32("partial frame")?;
+        if partial.len() > 4 + max_frame as usize {
+            return Err(HandoffError::Invalid("partial frame"));
+        }
+        let pending_out = r.bytes32("output")?;
+        let n = r.u32("outbox length")?;
+        if n > outbox_limit {
+            return Err(HandoffError::Invalid("outbox length"));
+        }
+        let mut stream = Stream {
+            tx_seq,
+            rx_seq,
+            rx_acked,
+            ..Stream::default()
+        };
+        let mut last = Seq(0);
+        for _ in 0..n {
+            let seq = Seq(r.u64("message seq")?);
+            if seq <= last || seq > tx_seq {
+                return Err(HandoffError::Invalid("message seq"));
+            }
+            last = seq;
+            let tag = r.u64("message tag")?;
+            let topic_len = r.u16("topic length")?;
+            let topic = Bytes::copy_from_slice(r.take(topic_len.into(), "topic")?);
+            let payload = r.bytes32("payload")?;
+            stream.outbox.push_back(Outgoing {
+                seq,
+                tag,
+                topic,
+                payload: Bytes::copy_from_slice(payload),
+            });
+        }
+        if !r.0.is_empty() {
+            return Err(HandoffError::Trailing(r.0.len()));
+        }
+        let mut decoder = FrameDecoder::new(max_frame);
+        decoder.push(partial);
+        let mut tx = Output::default();
+        if !pending_out.is_empty() {
+            tx.buf().extend_from_slice(pending_out);
+        }
+        Ok(ServerSession {
+            state: State::Established { device, session },
+            decoder,
+            tx,
+            events: Queue::default(),
+            deadline,
+            idle_timeout,
+            heartbeat_s,
+            outbox_limit,
+            stream,
+        })
+    }
+}
+
+/// A cursor over a handed-over session with bounds-checked reads.
+struct HandoffReader<'a>(&'a [u8]);
+
+impl<'a> HandoffReader<'a> {
+    fn take(&mut self, n: usize, field: &'static str) -> Result<&'a [u8], HandoffError> {
+        if self.0.len() < n {
+            return Err(HandoffError::Truncated(field));
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+
+    fn array<const N: usize>(&mut self, field: &'static str) -> Result<[u8; N], HandoffError> {
+        Ok(self.take(N, field)?.try_into().expect("N bytes"))
+    }
+
+    fn u16(&mut self, field: &'static str) -> Result<u16, HandoffError> {
+        Ok(u16::from_be_bytes(self.array(field)?))
+    }
+
+    fn u32(&mut self, field: &'static str) -> Result<u32, HandoffError> {
+        Ok(u32::from_be_bytes(self.array(field)?))
+    }
+
+    fn u64(&mut self, field: &'static str) -> Result<u64, HandoffError> {
+        Ok(u64::from_be_bytes(self.array(field)?))
+    }
+
+    fn bytes32(&mut self, field: &'static str) -> Result<&'a [u8], HandoffError> {
+        let n = self.u32(field)? as usize;
+        self.take(n, field)
+    }
+}

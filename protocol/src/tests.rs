@@ -1021,3 +1021,72 @@ fn control_frames_over_the_frame_limit_are_refused_before_queueing() {
         Some(DeviceEvent::CodeChunk { data, .. }) if data.len() == limit as usize - 17
     ));
 }
+
+#[test]
+fn an_exported_session_continues_in_another_process() {
+    use crate::server::HandoffError;
+    let mut p = Pair::new();
+    p.established();
+    // The agent has not acknowledged the device's message yet; the device has not
+    // acknowledged one of the server's two.
+    p.auto_ack = false;
+    let mine = p
+        .device
+        .send(p.now, Bytes::from_static(b"t"), Bytes::from_static(b"up"))
+        .unwrap();
+    p.server
+        .send(Bytes::from_static(b"cmd"), Bytes::from_static(b"one"), 7)
+        .unwrap();
+    p.step();
+    p.server_events.clear();
+    p.device_events.clear();
+    let pending = p
+        .server
+        .send(Bytes::from_static(b"cmd"), Bytes::from_static(b"two"), 8)
+        .unwrap();
+    let bytes = p.server.export(p.now).unwrap();
+    // The copy continues the session: same device and id, its pending output, its outbox.
+    let next = ServerSession::import(&bytes, p.now).unwrap();
+    assert_eq!(next.device(), p.server.device());
+    assert_eq!(next.session_id(), p.server.session_id());
+    assert!(next.poll_timeout().is_some());
+    p.server = next;
+    p.auto_ack = true;
+    p.step();
+    assert!(p.server_events.contains(&ServerEvent::Delivered {
+        seq: pending,
+        tag: 8
+    }));
+    // The device's message that the old process had not acknowledged: its resend is taken.
+    p.advance(Duration::from_secs(11));
+    assert!(
+        p.server_events
+            .iter()
+            .any(|e| matches!(e, ServerEvent::Message { seq, .. } if *seq == mine)),
+        "{:?}",
+        p.server_events
+    );
+    assert!(p.device_events.contains(&DeviceEvent::Acked { seq: mine }));
+    // Every cut of the copy is a typed error, never a panic or a session.
+    for cut in 0..bytes.len() {
+        assert!(ServerSession::import(&bytes[..cut], p.now).is_err());
+    }
+    let mut long = bytes.clone();
+    long.push(0);
+    assert_eq!(
+        ServerSession::import(&long, p.now).err(),
+        Some(HandoffError::Trailing(1))
+    );
+    let mut other = bytes.clone();
+    other[4] = 9;
+    assert_eq!(
+        ServerSession::import(&other, p.now).err(),
+        Some(HandoffError::UnsupportedFormat(9))
+    );
+    // Only an established session moves.
+    let key = derive_device_key(SECRET, DeviceId(42));
+    assert!(matches!(
+        awaiting_hello(&key).export(p.now),
+        Err(HandoffError::NotEstablished(_))
+    ));
+}

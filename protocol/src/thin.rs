@@ -70,6 +70,11 @@ impl Output {
         self.0.get_or_insert_with(Box::default)
     }
 
+    /// What waits to be taken.
+    pub(crate) fn bytes(&self) -> &[u8] {
+        self.0.as_deref().map_or(&[], |b| &b[..])
+    }
+
     /// Moves everything to `dst` and releases the buffer; false if there was nothing.
     pub(crate) fn drain_into(&mut self, dst: &mut BytesMut) -> bool {
         match self.0.take() {
