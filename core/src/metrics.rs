@@ -243,6 +243,13 @@ counters! {
     /// Sessions told to reconnect (`Goodbye{upgrade}`) because an upgrade handed the
     /// listeners to a new process that could not take them live.
     upgrade_goodbyes: Counter,
+    /// Sessions handed live to the process taking over at an upgrade (socket, TLS state and
+    /// session intact; the device notices nothing).
+    sessions_handed_out: Counter,
+    /// Sessions paused for a handoff and carried on here (the new process did not take them).
+    sessions_handed_back: Counter,
+    /// Sessions taken over live from the process being upgraded.
+    sessions_handed_in: Counter,
 }
 
 impl ShardMetrics {

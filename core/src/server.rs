@@ -30,7 +30,7 @@ use crate::reload::{Reloader, reload_logged, reload_routes};
 pub use crate::shard::TlsState;
 use crate::shard::{Budget, GuardConfig, ServerCtx, ShardHandle};
 use crate::shard::{ShardListeners, run_shard};
-use crate::upgrade::handoff::{Handover, TakenOver, Upgrader, take_over};
+use crate::upgrade::handoff::{Adopter, Handover, TakenOver, Upgrader, take_over};
 use tether_net::tls::TlsOptions;
 
 /// Everything `tether serve` can be told.
@@ -173,12 +173,8 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     } else {
         None
     };
-    // Test-only (debug builds): die holding the listeners, before taking them, as a new binary
-    // that crashes mid-handoff would.
-    #[cfg(debug_assertions)]
-    if taken.is_some() && std::env::var_os("TETHER_TEST_UPGRADE_EXIT").is_some() {
-        eprintln!("tether: TETHER_TEST_UPGRADE_EXIT: exiting with the listeners in hand");
-        std::process::exit(3);
+    if taken.is_some() {
+        crate::upgrade::handoff::test_exit("listeners");
     }
     let lock_path = opts.data_dir.join(SERVE_LOCK);
     let lock = match taken.as_mut().and_then(|t| t.lock.take()) {
@@ -359,17 +355,23 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         lock: dup(lock.as_fd())?,
     };
     let mesh = MeshBuilder::full(nshards, opts.mesh_capacity.max(1));
+    // An upgrade's sessions: out of the shards (old process), and back or in (both).
+    let (handed_tx, handed_rx) = crossbeam::channel::unbounded();
+    let (handoff_txs, handoff_rxs): (Vec<_>, Vec<_>) = (0..nshards)
+        .map(|_| crossbeam::channel::unbounded())
+        .unzip();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let (done_tx, done_rx) = std::sync::mpsc::channel();
     let mut metrics_slots = Vec::new();
     let mut rollout_slots = Vec::new();
     let mut executors = Vec::new();
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    for (id, (((deploys, registry), tls), listeners)) in deploy_rxs
+    for (id, ((((deploys, registry), tls), listeners), handoff)) in deploy_rxs
         .into_iter()
         .zip(registry_rxs)
         .zip(tls_rxs)
         .zip(listeners)
+        .zip(handoff_rxs)
         .enumerate()
     {
         let metrics = Arc::new(Slot::new());
@@ -384,6 +386,8 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
             deploys,
             registry,
             tls,
+            handed_out: handed_tx.clone(),
+            handoff,
         };
         let ctx = ctx.clone();
         let mesh = mesh.clone();
@@ -417,7 +421,12 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     // Every shard accepts: the process being upgraded may stop.
     let took_over_from = taken.as_ref().map(|t| t.from_pid);
     if let Some(t) = taken.take() {
-        t.taken().map_err(ServeError::Setup)?;
+        let adopter = Adopter {
+            shards: handoff_txs.clone(),
+            provider: ctx.tls.crypto_provider().clone(),
+            nofile: soft,
+        };
+        t.taken(adopter).map_err(ServeError::Setup)?;
     }
     let live_slots = metrics_slots.clone();
     let _ = upgrader.set(Arc::new(Upgrader::new(
@@ -425,7 +434,9 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         opts.args.clone(),
         handover,
         ctx.clone(),
-        Box::new(move || collect(&live_slots).total.connections_open),
+        Box::new(move || collect(&live_slots).total),
+        handed_rx,
+        handoff_txs,
     )));
 
     let admin_opts = AdminOptions {

@@ -6,14 +6,14 @@
 mod common;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::{Agent, Device, KillOnDrop, Server, tls_handshake_to};
 use tether_protocol::device::DeviceEvent;
-use tether_protocol::message::{GoodbyeReason, SendStatus};
-use tether_protocol::{AgentMessage, CloseReason, DeviceId};
+use tether_protocol::message::SendStatus;
+use tether_protocol::{AgentMessage, DeviceId};
 
 const T: Duration = Duration::from_secs(10);
 const DEVICES: u64 = 200;
@@ -87,8 +87,43 @@ fn send(d: &mut Device, text: &'static str) -> Option<tether_protocol::Seq> {
         .ok()
 }
 
+/// Devices 1..=n, established, their reads waiting at most 1 ms (so many are pumped in turn).
+fn established(s: &Server, n: u64) -> Vec<Device> {
+    let mut devs: Vec<Device> = (1..=n).map(|id| s.device(id)).collect();
+    for d in &mut devs {
+        assert!(d.established());
+        d.tls
+            .sock
+            .set_read_timeout(Some(Duration::from_millis(1)))
+            .unwrap();
+    }
+    devs
+}
+
+/// Pumps every device once (their reads wait 1 ms) and acknowledges what reaches the agent;
+/// true while no device has lost its connection.
+fn round(devs: &mut [Device], agent: &mut Agent) -> bool {
+    ack_some(agent);
+    for d in devs.iter_mut() {
+        d.pump_until(Duration::from_millis(1), |_| false);
+    }
+    devs.iter().all(|d| !d.closed)
+}
+
+fn closed_events(devs: &[Device]) -> Vec<(usize, DeviceEvent)> {
+    devs.iter()
+        .enumerate()
+        .flat_map(|(i, d)| {
+            d.events
+                .iter()
+                .filter(|e| matches!(e, DeviceEvent::Closed(_)))
+                .map(move |e| (i, e.clone()))
+        })
+        .collect()
+}
+
 #[test]
-fn an_upgrade_moves_every_device_to_the_new_process_and_loses_nothing() {
+fn an_upgrade_hands_every_session_over_live_and_loses_nothing() {
     let s = Server::start(
         DEVICES,
         &[
@@ -101,79 +136,65 @@ fn an_upgrade_moves_every_device_to_the_new_process_and_loses_nothing() {
         ],
     );
     let mut agent = Agent::attach_welcomed(&s);
-    let mut devs: Vec<Device> = (1..=DEVICES).map(|id| s.device(id)).collect();
-    for d in &mut devs {
-        assert!(d.established());
-    }
+    let mut devs = established(&s, DEVICES);
     // Traffic before: one message each, acknowledged end to end.
-    let seqs: Vec<_> = devs
+    let before: Vec<_> = devs
         .iter_mut()
         .map(|d| send(d, "before").unwrap())
         .collect();
-    for d in &mut devs {
-        d.pump_until(Duration::from_millis(20), |_| false);
+    let end = Instant::now() + T;
+    while Instant::now() < end
+        && !devs
+            .iter()
+            .zip(&before)
+            .all(|(d, seq)| d.events.contains(&DeviceEvent::Acked { seq: *seq }))
+    {
+        assert!(round(&mut devs, &mut agent));
     }
-    assert_eq!(deliver_all(&mut agent, DEVICES), DEVICES);
-    for (d, seq) in devs.iter_mut().zip(&seqs) {
-        assert!(d.pump_until(T, |ev| ev.contains(&DeviceEvent::Acked { seq: *seq })));
-    }
-
     let (stop, probe) = prober(&s);
     let (status, answer) = s.upgrade(None);
     assert_eq!(status, 200, "{answer}");
     let _new = successor(&answer);
 
-    // Messages sent now: the old process delivers them to its agent while the link lasts,
-    // and whatever is not acknowledged by the time the device leaves is sent again on its
-    // next connection — at least once, nothing acknowledged lost.
-    let during: Vec<_> = devs.iter_mut().map(|d| send(d, "during")).collect();
-    let mut acked = vec![false; devs.len()];
-    let mut told = 0;
-    for (i, d) in devs.iter_mut().enumerate() {
-        // Both at once: the device's goodbye and the old agent link's deliveries.
-        let end = Instant::now() + T;
-        while Instant::now() < end && !d.closed {
-            ack_some(&mut agent);
-            if d.pump_until(Duration::from_millis(5), |ev| {
-                ev.iter().any(|e| matches!(e, DeviceEvent::Closed(_)))
-            }) {
-                break;
-            }
-        }
-        acked[i] = during[i].is_some_and(|seq| d.events.contains(&DeviceEvent::Acked { seq }));
-        if d.events.iter().any(|e| {
-            matches!(
-                e,
-                DeviceEvent::Closed(CloseReason::PeerGoodbye(GoodbyeReason::Upgrade))
-            )
-        }) {
-            told += 1;
-        }
-    }
-    assert_eq!(told, DEVICES, "every device is told Goodbye{{upgrade}}");
-    // The old agent link closes; the agent attaches again (to the new process).
+    // Messages sent while the sessions move: the old agent link closes (the agent attaches
+    // again, to the new process); what it had not acknowledged the device sends again, and
+    // the new process takes the resend. Nothing acknowledged is lost; no device notices.
+    let during: Vec<_> = devs
+        .iter_mut()
+        .map(|d| send(d, "during").unwrap())
+        .collect();
     let end = Instant::now() + T;
-    while ack_some(&mut agent) && Instant::now() < end {}
+    while Instant::now() < end && s.log_lines("live in").is_empty() {
+        assert!(round(&mut devs, &mut agent), "{:?}", closed_events(&devs));
+    }
+    let moved = s.wait_log("sessions handed to pid", 1, T);
+    assert!(
+        moved
+            .first()
+            .is_some_and(|l| l.contains(&format!(": {DEVICES} sessions handed"))),
+        "{moved:?}"
+    );
+    // The old link is closed by now (the old process closed it when the drain began).
+    while ack_some(&mut agent) {}
     let mut agent = Agent::attach_welcomed(&s);
-    for d in &mut devs {
-        d.reconnect(&s);
-        assert!(d.established(), "a device reconnects to the new process");
+    // Within a resend period (10 s) every message sent during the upgrade is acknowledged.
+    let end = Instant::now() + Duration::from_secs(25);
+    while Instant::now() < end
+        && !devs
+            .iter()
+            .zip(&during)
+            .all(|(d, seq)| d.events.contains(&DeviceEvent::Acked { seq: *seq }))
+    {
+        assert!(round(&mut devs, &mut agent), "{:?}", closed_events(&devs));
     }
-    let end = Instant::now() + T;
-    while Instant::now() < end && acked.iter().zip(&during).any(|(a, s)| !a && s.is_some()) {
-        ack_some(&mut agent);
-        for (i, d) in devs.iter_mut().enumerate() {
-            d.pump_until(Duration::from_millis(1), |_| false);
-            if let Some(seq) = during[i] {
-                acked[i] |= d.events.contains(&DeviceEvent::Acked { seq });
-            }
-        }
-    }
-    let sent = during.iter().flatten().count();
-    let done = acked.iter().filter(|a| **a).count();
+    let acked = devs
+        .iter()
+        .zip(&during)
+        .filter(|(d, seq)| d.events.contains(&DeviceEvent::Acked { seq: **seq }))
+        .count();
     assert_eq!(
-        done, sent,
-        "messages sent during the upgrade acknowledged end to end"
+        acked, DEVICES as usize,
+        "messages sent during the upgrade acknowledged"
     );
     // And the other way: the agent reaches every device through the new process.
     for id in 1..=DEVICES {
@@ -184,24 +205,23 @@ fn an_upgrade_moves_every_device_to_the_new_process_and_loses_nothing() {
             payload: Bytes::from_static(b"after"),
         });
     }
-    let delivered = AtomicU64::new(0);
-    for d in &mut devs {
-        d.pump_until(T, |ev| {
-            ev.iter().any(|e| matches!(e, DeviceEvent::Message { .. }))
-        });
-    }
+    let mut delivered = 0;
     let end = Instant::now() + T;
-    while delivered.load(Ordering::Relaxed) < DEVICES && Instant::now() < end {
-        if let Some(AgentMessage::SendResult { status, .. }) = agent
-            .recv_until(Duration::from_millis(200), |m| {
-                matches!(m, AgentMessage::SendResult { .. })
-            })
-        {
-            assert_eq!(status, SendStatus::Delivered);
-            delivered.fetch_add(1, Ordering::Relaxed);
+    while delivered < DEVICES && Instant::now() < end {
+        for d in devs.iter_mut() {
+            d.pump_until(Duration::from_millis(1), |_| false);
+        }
+        while let Some(m) = agent.recv(Duration::from_millis(5)) {
+            if let AgentMessage::SendResult { status, .. } = m {
+                assert_eq!(status, SendStatus::Delivered);
+                delivered += 1;
+            }
         }
     }
-    assert_eq!(delivered.load(Ordering::Relaxed), DEVICES);
+    assert_eq!(delivered, DEVICES);
+    // No device saw a goodbye or lost its connection: same TCP connection, same TLS session.
+    assert_eq!(closed_events(&devs), vec![]);
+    assert!(devs.iter().all(|d| !d.closed));
 
     stop.store(true, Ordering::Relaxed);
     let (ok, failed) = probe.join().unwrap();
@@ -210,7 +230,7 @@ fn an_upgrade_moves_every_device_to_the_new_process_and_loses_nothing() {
         "connects failed during the upgrade: {failed:?}"
     );
     assert!(ok > 0, "the prober never connected");
-    // The old process exits by itself once its devices are gone.
+    // The old process exits by itself once its sessions are gone.
     let mut s = s;
     let end = Instant::now() + T;
     let exited = loop {
@@ -273,7 +293,7 @@ fn a_new_process_that_dies_holding_the_listeners_leaves_the_old_one_serving() {
         4,
         "default",
         &["--shards", "2"],
-        &[("TETHER_TEST_UPGRADE_EXIT", "1")],
+        &[("TETHER_TEST_UPGRADE_EXIT", "listeners")],
     );
     let mut d = s.device(1);
     assert!(d.established());
@@ -285,42 +305,123 @@ fn a_new_process_that_dies_holding_the_listeners_leaves_the_old_one_serving() {
     assert!(!s.dir.join("upgrade.sock").exists());
 }
 
-#[test]
-fn a_new_process_killed_during_the_drain_hands_everything_back() {
-    let s = Server::start(
-        4,
-        &[
-            "--shards",
-            "2",
-            "--upgrade-window-ms",
-            "4000",
-            "--shutdown-grace-s",
-            "5",
-        ],
+/// The new process dies on receiving session batch `die_at` (batches hold 253 sessions):
+/// every batch before it was committed (those devices lose their connection with the dead
+/// process and reconnect), every session from it on carries on in the old process with its
+/// connection intact, and the old process accepts again.
+fn killed_mid_handoff(die_at: u32, devices: u64) {
+    let s = Server::start_env(
+        devices,
+        "default",
+        &["--shards", "2", "--shutdown-grace-s", "3"],
+        &[("TETHER_TEST_UPGRADE_EXIT", &format!("batch:{die_at}"))],
     );
-    let mut d = s.device(1);
-    assert!(d.established());
-    let (status, answer) = s.upgrade(None);
-    assert_eq!(status, 200, "{answer}");
-    drop(successor(&answer)); // kill -9 the new process at once
-    assert_eq!(
-        s.wait_log("accepts again", 1, T).len(),
-        1,
-        "{:?}",
-        s.log_lines("upgrade")
-    );
-    // The device told to leave comes back to the old process, and new devices connect.
-    d.pump_until(T, |ev| {
-        ev.iter().any(|e| matches!(e, DeviceEvent::Closed(_)))
-    });
-    d.reconnect(&s);
-    assert!(d.established(), "the old process accepts again");
-    let mut fresh = s.device(3);
-    assert!(fresh.established());
-    // It is still the same process, and a later upgrade may run.
-    let mut s = s;
-    assert!(s.child.try_wait().unwrap().is_none());
+    let mut devs = established(&s, devices);
     let (status, answer) = s.upgrade(None);
     assert_eq!(status, 200, "{answer}");
     let _new = successor(&answer);
+    assert_eq!(
+        s.wait_log("keeps the rest and accepts again", 1, T).len(),
+        1
+    );
+    let committed = die_at as usize * 253;
+    // Those committed went with the dead process; the rest carry on here, untouched.
+    let end = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < end {
+        for d in devs.iter_mut() {
+            d.pump_until(Duration::from_millis(1), |_| false);
+        }
+    }
+    let lost = devs.iter().filter(|d| d.closed).count();
+    assert_eq!(lost, committed, "devices whose connection ended");
+    let mut agent = Agent::attach_welcomed(&s);
+    let mut kept: Vec<&mut Device> = devs.iter_mut().filter(|d| !d.closed).collect();
+    let seqs: Vec<_> = kept.iter_mut().map(|d| send(d, "kept").unwrap()).collect();
+    let end = Instant::now() + T;
+    while Instant::now() < end
+        && !kept
+            .iter()
+            .zip(&seqs)
+            .all(|(d, seq)| d.events.contains(&DeviceEvent::Acked { seq: *seq }))
+    {
+        ack_some(&mut agent);
+        for d in kept.iter_mut() {
+            d.pump_until(Duration::from_millis(1), |_| false);
+        }
+    }
+    for (d, seq) in kept.iter().zip(&seqs) {
+        assert!(
+            d.events.contains(&DeviceEvent::Acked { seq: *seq }),
+            "a kept session works"
+        );
+        assert!(!d.events.iter().any(|e| matches!(e, DeviceEvent::Closed(_))));
+    }
+    // The lost ones come back (to the old process, which accepts again).
+    for d in devs.iter_mut().filter(|d| d.closed).take(5) {
+        d.reconnect(&s);
+        assert!(d.established());
+    }
+    let mut s = s;
+    assert!(
+        s.child.try_wait().unwrap().is_none(),
+        "the old process still serves"
+    );
+}
+
+#[test]
+fn a_new_process_dying_at_the_first_session_batch_leaves_every_session_in_place() {
+    killed_mid_handoff(0, 40);
+}
+
+#[test]
+fn a_new_process_dying_at_the_second_batch_keeps_the_first_and_hands_back_the_rest() {
+    killed_mid_handoff(1, 260);
+}
+
+#[test]
+fn sessions_that_cannot_move_are_told_to_reconnect_and_counted() {
+    use tether_protocol::CloseReason;
+    use tether_protocol::message::GoodbyeReason;
+    // Buffered TLS keeps rustls' connection, which does not leave the process.
+    let s = Server::start(
+        20,
+        &[
+            "--shards",
+            "2",
+            "--tls-state",
+            "buffered",
+            "--upgrade-window-ms",
+            "500",
+        ],
+    );
+    let mut devs: Vec<Device> = (1..=20).map(|id| s.device(id)).collect();
+    for d in &mut devs {
+        assert!(d.established());
+    }
+    let (status, answer) = s.upgrade(None);
+    assert_eq!(status, 200, "{answer}");
+    let _new = successor(&answer);
+    for d in &mut devs {
+        d.pump_until(T, |ev| {
+            ev.iter().any(|e| matches!(e, DeviceEvent::Closed(_)))
+        });
+        assert!(
+            d.events
+                .contains(&DeviceEvent::Closed(CloseReason::PeerGoodbye(
+                    GoodbyeReason::Upgrade
+                ))),
+            "{:?}",
+            d.events
+        );
+    }
+    let line = s.wait_log("could not move", 1, T);
+    assert!(
+        line.first()
+            .is_some_and(|l| l.contains("0 sessions handed") && l.contains("20 could not move")),
+        "{line:?}"
+    );
+    for d in &mut devs {
+        d.reconnect(&s);
+        assert!(d.established(), "a device reconnects to the new process");
+    }
 }

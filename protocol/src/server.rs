@@ -203,6 +203,11 @@ pub struct ServerSession {
     deadline: Instant,
     idle_timeout: Duration,
     heartbeat_s: u16,
+    /// A received message was refused ([`refuse_received`](Self::refuse_received)), or the
+    /// session was handed over: until the device resends from the first message not
+    /// acknowledged, only the next seq in order is taken, so nothing is acknowledged —
+    /// cumulatively — past one that was not handed on.
+    rx_gap: bool,
     outbox_limit: u32,
     stream: Stream,
 }
@@ -220,6 +225,7 @@ impl ServerSession {
             deadline: now + config.hello_timeout,
             idle_timeout: config.idle_timeout,
             heartbeat_s: config.heartbeat.as_secs().clamp(1, u16::MAX as u64) as u16,
+            rx_gap: false,
             outbox_limit: config.outbox_limit,
             stream: Stream::default(),
         }
@@ -352,7 +358,9 @@ impl ServerSession {
                 topic,
                 payload,
             } => {
-                if self.stream.receive(seq) {
+                let in_order = !self.rx_gap || seq == self.stream.rx_seq.next();
+                if in_order && self.stream.receive(seq) {
+                    self.rx_gap = false;
                     self.events.push_back(ServerEvent::Message {
                         seq,
                         topic,
@@ -536,6 +544,16 @@ impl ServerSession {
         let seq = m.seq;
         m.encode(self.tx.buf());
         Ok(seq)
+    }
+
+    /// The driver could not hand on the [`ServerEvent::Message`] with `seq` (no agent to take
+    /// it): count it as not received, so the device's resend of it is delivered. Messages
+    /// after it are refused too until that resend (in order, so nothing is acknowledged past
+    /// it).
+    pub fn refuse_received(&mut self, seq: Seq) {
+        if self.stream.refuse(seq) {
+            self.rx_gap = true;
+        }
     }
 
     /// Acknowledges device messages up to `seq` (cumulative), once they are safely handed on.
@@ -784,6 +802,8 @@ impl ServerSession {
         if n > outbox_limit {
             return Err(HandoffError::Invalid("outbox length"));
         }
+        // What the old process received and had not acknowledged, the device resends: in
+        // order from the first of them, so nothing is acknowledged past one lost in the move.
         let mut stream = Stream {
             tx_seq,
             rx_seq,
@@ -825,6 +845,7 @@ impl ServerSession {
             deadline,
             idle_timeout,
             heartbeat_s,
+            rx_gap: true,
             outbox_limit,
             stream,
         })

@@ -110,6 +110,17 @@ impl Stream {
         true
     }
 
+    /// Counts `seq` (and anything received after it) as not received: the peer still has it
+    /// (it was never acknowledged) and resends it, and the resend is taken. False if it was
+    /// acknowledged already (nothing changes).
+    pub(crate) fn refuse(&mut self, seq: Seq) -> bool {
+        if seq <= self.rx_acked {
+            return false;
+        }
+        self.rx_seq = self.rx_seq.min(Seq(seq.0 - 1)).max(self.rx_acked);
+        true
+    }
+
     /// Re-encodes every unacknowledged message (after a reconnect).
     pub(crate) fn resend_all(&self, dst: &mut BytesMut) {
         for m in self.outbox.iter() {

@@ -123,6 +123,17 @@ impl Pair {
         self.step();
     }
 
+    /// The device sends a message on topic `t`.
+    fn device_send(&mut self, payload: &'static [u8]) -> Seq {
+        self.device
+            .send(
+                self.now,
+                Bytes::from_static(b"t"),
+                Bytes::from_static(payload),
+            )
+            .unwrap()
+    }
+
     fn established(&mut self) {
         self.step();
         assert!(self.device.is_established(), "{:?}", self.device_events);
@@ -1030,10 +1041,7 @@ fn an_exported_session_continues_in_another_process() {
     // The agent has not acknowledged the device's message yet; the device has not
     // acknowledged one of the server's two.
     p.auto_ack = false;
-    let mine = p
-        .device
-        .send(p.now, Bytes::from_static(b"t"), Bytes::from_static(b"up"))
-        .unwrap();
+    let mine = p.device_send(b"up");
     p.server
         .send(Bytes::from_static(b"cmd"), Bytes::from_static(b"one"), 7)
         .unwrap();
@@ -1089,4 +1097,43 @@ fn an_exported_session_continues_in_another_process() {
         awaiting_hello(&key).export(p.now),
         Err(HandoffError::NotEstablished(_))
     ));
+}
+
+#[test]
+fn a_refused_message_is_taken_when_resent_and_nothing_is_acked_past_it() {
+    let mut p = Pair::new();
+    p.established();
+    p.auto_ack = false;
+    let one = p.device_send(b"1");
+    let two = p.device_send(b"2");
+    p.step();
+    // The driver takes 1, but finds no agent for 2.
+    p.server.ack_received(one);
+    p.server.refuse_received(two);
+    p.step();
+    assert!(p.device_events.contains(&DeviceEvent::Acked { seq: one }));
+    // 3 arrives before 2 is resent: not taken (an ack of 3 would cover 2).
+    let three = p.device_send(b"3");
+    p.server_events.clear();
+    p.step();
+    assert!(
+        !p.server_events
+            .iter()
+            .any(|e| matches!(e, ServerEvent::Message { .. })),
+        "{:?}",
+        p.server_events
+    );
+    // The device's resend timer sends 2 and 3 again: both taken, in order.
+    p.auto_ack = true;
+    p.advance(Duration::from_secs(11));
+    let got: Vec<u64> = p
+        .server_events
+        .iter()
+        .filter_map(|e| match e {
+            ServerEvent::Message { seq, .. } => Some(seq.0),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(got, vec![two.0, three.0]);
+    assert_eq!(p.device.unacked(), 0);
 }

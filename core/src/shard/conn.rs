@@ -61,6 +61,8 @@ pub(crate) struct Conn {
     pub registered: bool,
     /// A write-readiness watch is armed on the ring.
     pub writing: bool,
+    /// Paused while an upgrade hands it to the new process: not read, written or timed.
+    pub handing: bool,
     /// The code version the device runs (its `Hello`'s, or what it installed since), for
     /// `tether devices show`.
     pub code_version: CodeVersion,

@@ -80,4 +80,8 @@ pub(crate) struct ShardHandle {
     pub registry: crossbeam::channel::Receiver<RegistryMsg>,
     /// Reloaded TLS configs.
     pub tls: crossbeam::channel::Receiver<TlsSwap>,
+    /// At an upgrade: where this shard hands out its sessions (old process)...
+    pub handed_out: crossbeam::channel::Sender<super::HandedOut>,
+    /// ... and what it is told about them, or handed in (new process).
+    pub handoff: crossbeam::channel::Receiver<super::HandoffCmd>,
 }

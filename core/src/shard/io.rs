@@ -139,6 +139,7 @@ impl Shard {
             closing: false,
             registered: false,
             writing: false,
+            handing: false,
             code_version: CodeVersion(0),
         });
         self.metrics.connections_open += 1;
@@ -271,6 +272,9 @@ impl Shard {
         if !self.conns.contains(idx) {
             return; // a stale wake for a slot since freed
         }
+        if self.conns[idx].handing {
+            return; // paused for an upgrade's handoff
+        }
         self.contained(Site::Drive, |s| {
             s.blame(idx);
             s.drive_inner(idx, now);
@@ -310,6 +314,9 @@ impl Shard {
 
     /// Handles the session's events, then writes its output and re-arms its timer.
     pub(super) fn after_input(&mut self, idx: usize, now: Instant) {
+        if self.conns.get(idx).is_some_and(|c| c.handing) {
+            return; // paused for an upgrade's handoff: its state is being copied out
+        }
         // Handling an event can raise more (authentication closes a session): loop until
         // the session has nothing more to say.
         let mut events = std::mem::take(&mut self.events);
@@ -382,6 +389,9 @@ impl Shard {
     /// Makes sure the wheel holds the connection's earliest deadline.
     pub(super) fn arm(&mut self, idx: usize) {
         let conn = &mut self.conns[idx];
+        if conn.handing {
+            return;
+        }
         let want = if conn.closing {
             // A closing connection gets a short grace to flush, then is dropped.
             Some(Instant::now() + std::time::Duration::from_secs(2))
@@ -463,10 +473,21 @@ impl Shard {
         let device = m.session.pending_device();
         let idx = self.insert(m.fd, m.tls, m.session, m.out, m.tls_done, m.cert);
         contain::inject(Site::Adopt, device);
-        // What the other shard read but TLS had not consumed is processed before the socket is
-        // read again (the device may have sent everything already: no new readiness).
+        if !self.open_carried(idx, m.partial, now) {
+            return;
+        }
+        if let Some(device) = device {
+            self.authenticate(idx, device, now);
+            self.after_input(idx, now);
+        }
+    }
+
+    /// Processes what the connection's previous owner read but TLS had not consumed, before
+    /// the socket is read again (the device may have sent everything already: no new
+    /// readiness). False if that ended the connection (it is removed).
+    pub(super) fn open_carried(&mut self, idx: usize, partial: Vec<u8>, now: Instant) -> bool {
         let conn = &mut self.conns[idx];
-        conn.partial = m.partial;
+        conn.partial = partial;
         if let IoOutcome::Dead(kind) = conn.open_carried(
             now,
             &mut self.plain_buf,
@@ -477,12 +498,9 @@ impl Shard {
                 self.metrics.error(k);
             }
             self.remove(idx);
-            return;
+            return false;
         }
-        if let Some(device) = device {
-            self.authenticate(idx, device, now);
-            self.after_input(idx, now);
-        }
+        true
     }
 
     /// Drops a connection.
@@ -541,26 +559,21 @@ impl Shard {
     }
 
     /// An upgrade took the listeners: stop accepting (the listening socket stays open, the new
-    /// process accepts on it), tell every session to reconnect within `window`
-    /// (`Goodbye{upgrade}`, its `retry_after` spread over the window so the new process is not
-    /// hit by all at once), and close the agent links (agents re-attach to the new process).
-    pub(crate) fn begin_drain(&mut self, window: std::time::Duration) {
+    /// process accepts on it), hand every session that can move to the upgrade thread (see
+    /// `handoff.rs`; the rest are told to reconnect within `window`, `Goodbye{upgrade}` with
+    /// its `retry_after` spread over the window), and close the agent links (agents re-attach
+    /// to the new process).
+    pub(crate) fn begin_drain(
+        &mut self,
+        window: std::time::Duration,
+        out: &crossbeam::channel::Sender<super::handoff::HandedOut>,
+    ) {
         self.draining = true;
         if self.accepting {
             self.ring.cancel_accept(0);
             self.accepting = false;
         }
-        let window_ms = u32::try_from(window.as_millis()).unwrap_or(u32::MAX).max(1);
-        let idxs: Vec<usize> = self.conns.iter().map(|(i, _)| i).collect();
-        self.metrics.upgrade_goodbyes += idxs.len() as u64;
-        for idx in idxs {
-            let mut b = [0u8; 4];
-            crate::fsutil::random_bytes(&mut b);
-            self.conns[idx]
-                .session
-                .close(GoodbyeReason::Upgrade, u32::from_le_bytes(b) % window_ms);
-            wake::notify(idx);
-        }
+        self.hand_out(window, out, Instant::now());
         for out in self.local_agents.values() {
             out.close();
         }

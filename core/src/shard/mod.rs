@@ -31,6 +31,7 @@ mod contain;
 mod ctx;
 mod devices;
 mod guard;
+mod handoff;
 mod io;
 mod rollout;
 pub mod route;
@@ -62,6 +63,7 @@ pub use agent::AGENT_QUEUE_LIMIT;
 pub use ctx::TlsState;
 pub(crate) use ctx::{ServerCtx, ShardHandle};
 pub use guard::{Budget, GuardConfig};
+pub(crate) use handoff::{HandedOut, HandedSession, HandoffCmd, rebuild};
 pub(crate) use run::{ShardListeners, run_shard};
 
 /// In debug builds, a device message on this topic blocks its shard's executor thread for the

@@ -311,8 +311,10 @@ impl Shard {
                     return Step::Done;
                 };
                 let Some(agent) = agent else {
-                    // No agent to take it: leave it unacknowledged; the device resends.
+                    // No agent to take it: unacknowledged and not counted as received, so the
+                    // device's resend (every 10 s, and after a reconnect) is delivered.
                     self.metrics.undeliverable += 1;
+                    self.conns[idx].session.refuse_received(seq);
                     return Step::Done;
                 };
                 self.route(

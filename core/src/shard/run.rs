@@ -144,6 +144,8 @@ async fn serve_shard(
     let rollout = handle.rollout.clone();
     let registry = handle.registry.clone();
     let tls = handle.tls.clone();
+    let handed_out = handle.handed_out.clone();
+    let handoff = handle.handoff.clone();
     let timer = glommio::spawn_local({
         let shard = shard.clone();
         let ctx = ctx.clone();
@@ -174,6 +176,9 @@ async fn serve_shard(
                 published.publish(|m| m.clone_from(&s.metrics));
                 let status = s.rollout_status();
                 rollout.publish(|r| *r = status);
+                while let Ok(cmd) = handoff.try_recv() {
+                    s.contained(Site::Adopt, |s| s.on_handoff(cmd, now));
+                }
                 while let Ok(swap) = tls.try_recv() {
                     // Handshakes accepted from now on use it; open connections keep theirs.
                     s.tls = swap.config;
@@ -186,7 +191,7 @@ async fn serve_shard(
                     draining = drain;
                     if drain {
                         drop(accepts.take());
-                        s.begin_drain(ctx.upgrade_window);
+                        s.begin_drain(ctx.upgrade_window, &handed_out);
                     } else {
                         s.end_drain();
                         accepts = Some(accept_agents(&shard, &agent_listener));

@@ -9,12 +9,15 @@
 //! (the binary does not start, exits, speaks another format, or is too slow) leaves it
 //! serving as before, and it says why in one line.
 //!
-//! Sessions are not handed over live yet: after `ListenersTaken` the old process tells each
-//! of its devices to come back (`Goodbye{upgrade}`, `retry_after` spread over
-//! `--upgrade-window-ms`) and closes its agent links; devices and agents reconnect to the
-//! same port and reach the new process. If the new process dies during that drain, the old
-//! one accepts again and keeps the sessions it still has. When its sessions are gone (or
-//! the window and a grace have passed) it sends `Done`, waits for `Confirmed`, and exits.
+//! Then the sessions move, live: each shard pauses its established detached-TLS sessions and
+//! hands their state out (`shard::handoff`); this thread sends them in batches of at most 253
+//! (one socket each), and each batch is committed only when the new process answers which it
+//! took — those the old shards forget quietly, the rest carry on there or say goodbye. If the
+//! new process dies or stops answering, every session not yet committed carries on in the old
+//! process and it accepts again. A session that cannot move gets `Goodbye{upgrade}` with its
+//! `retry_after` spread over `--upgrade-window-ms`; agent links are closed (agents re-attach
+//! to the new process). When the old process's sessions are gone it sends `Done`, waits for
+//! `Confirmed`, and exits.
 
 use std::ffi::OsString;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -24,9 +27,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use crossbeam::channel::{Receiver, Sender};
+use tether_protocol::DeviceId;
+
 use super::control::{ControlConn, ControlListener};
-use super::wire::Msg;
-use crate::shard::ServerCtx;
+use super::wire::{Msg, SessionEntry, batch_ranges, check_taken};
+use crate::metrics::ShardMetrics;
+use crate::shard::{HandedOut, HandedSession, HandoffCmd, ServerCtx, rebuild};
 
 /// This binary's version, told to the other side in the handshake.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -57,9 +64,21 @@ pub(crate) struct Upgrader {
     args: Vec<OsString>,
     fds: Handover,
     ctx: Arc<ServerCtx>,
-    /// Sessions this process still holds (open device connections, every shard).
-    live: Box<dyn Fn() -> u64 + Send + Sync>,
+    /// Every shard's counters, summed (as last published).
+    totals: Box<dyn Fn() -> ShardMetrics + Send + Sync>,
+    /// Sessions the shards hand out at the drain.
+    handed: Receiver<HandedOut>,
+    /// Each shard's channel for what became of them.
+    shards: Vec<Sender<HandoffCmd>>,
     busy: AtomicBool,
+}
+
+/// A paused session on its way out, and where it came from.
+struct Outgoing {
+    shard: usize,
+    conn: (usize, u32),
+    state: HandedSession,
+    fd: OwnedFd,
 }
 
 /// Why an upgrade did not happen; the running process keeps serving.
@@ -78,14 +97,18 @@ impl Upgrader {
         args: Vec<OsString>,
         fds: Handover,
         ctx: Arc<ServerCtx>,
-        live: Box<dyn Fn() -> u64 + Send + Sync>,
+        totals: Box<dyn Fn() -> ShardMetrics + Send + Sync>,
+        handed: Receiver<HandedOut>,
+        shards: Vec<Sender<HandoffCmd>>,
     ) -> Upgrader {
         Upgrader {
             data_dir: data_dir.to_path_buf(),
             args,
             fds,
             ctx,
-            live,
+            totals,
+            handed,
+            shards,
             busy: AtomicBool::new(false),
         }
     }
@@ -105,12 +128,11 @@ impl Upgrader {
         match self.hand_listeners(binary) {
             Ok((child, conn, peer_version)) => {
                 let pid = child.id();
-                let live = (self.live)();
+                let live = self.live();
                 eprintln!(
                     "tether: upgrade ({why}): pid {pid} ({peer_version}) accepts on every \
-                     listener; this process stopped accepting and sends its {live} sessions \
-                     there (Goodbye{{upgrade}} spread over {} ms)",
-                    self.ctx.upgrade_window.as_millis()
+                     listener; this process stopped accepting and hands its {live} sessions \
+                     over"
                 );
                 let this = self.clone();
                 let spawned = std::thread::Builder::new()
@@ -229,16 +251,54 @@ impl Upgrader {
         }
     }
 
-    /// After `ListenersTaken`: drain this process's sessions towards the new one, then stop.
-    /// If the new process dies meanwhile, accept again and keep what is left.
+    /// After `ListenersTaken`: hand the sessions over, then stop. If the new process dies or
+    /// stops answering meanwhile, keep every session not yet committed and accept again.
     fn drain(&self, mut child: Child, mut conn: ControlConn) {
-        self.ctx.draining.store(true, Ordering::Relaxed);
         let pid = child.id();
-        // Devices leave as their goodbyes are written; the window bounds when they come
-        // back, the grace how long a slow one may hold on.
+        let started = Instant::now();
+        self.ctx.draining.store(true, Ordering::Relaxed);
+        let (out, goodbyes, silent) = self.gather();
+        let n = out.len();
+        let mut moved = 0;
+        let mut refused = 0;
+        let mut pending = out.into_iter().peekable();
+        for (batch, range) in batch_ranges(n).enumerate() {
+            let chunk: Vec<Outgoing> = pending.by_ref().take(range.len()).collect();
+            match self.send_batch(&mut conn, batch as u32, &chunk) {
+                Ok((taken, no)) => {
+                    moved += taken;
+                    refused += no;
+                }
+                Err(reason) => {
+                    // Every session not committed carries on here.
+                    let rest: Vec<Outgoing> = pending.by_ref().collect();
+                    self.resume(chunk.iter().chain(&rest), false);
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    self.ctx.draining.store(false, Ordering::Relaxed);
+                    self.busy.store(false, Ordering::Release);
+                    eprintln!(
+                        "tether: upgrade: {reason}; {moved} sessions had moved to pid {pid}, \
+                         this process keeps the rest and accepts again"
+                    );
+                    return;
+                }
+            }
+        }
+        let handoff_ms = started.elapsed().as_millis();
+        eprintln!(
+            "tether: upgrade: {moved} sessions handed to pid {pid} live in {handoff_ms} ms \
+             ({refused} refused by it, {} could not move and were told to reconnect){}",
+            goodbyes,
+            if silent.is_empty() {
+                String::new()
+            } else {
+                format!("; shards {silent:?} did not hand out in time")
+            }
+        );
+        // What could not move leaves as its goodbye is written (and reconnects within the
+        // window); the grace bounds how long a slow one may hold on.
         let end = Instant::now() + self.ctx.upgrade_window + self.ctx.shutdown_grace;
-        // Give the shards a tick to see the flag before counting.
-        std::thread::sleep(Duration::from_millis(300));
         loop {
             if let Ok(Some(status)) = child.try_wait() {
                 self.ctx.draining.store(false, Ordering::Relaxed);
@@ -246,16 +306,16 @@ impl Upgrader {
                 eprintln!(
                     "tether: upgrade: the new process (pid {pid}) exited ({status}) during the \
                      handoff; this process accepts again and keeps its {} sessions",
-                    (self.live)()
+                    self.live()
                 );
                 return;
             }
-            if (self.live)() == 0 || Instant::now() >= end {
+            if self.live() == 0 || Instant::now() >= end {
                 break;
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        let left = (self.live)();
+        let left = self.live();
         let confirmed = conn
             .send(&Msg::Done, &[])
             .map_err(|e| e.to_string())
@@ -276,6 +336,108 @@ impl Upgrader {
             ),
         }
         self.ctx.shutdown.store(true, Ordering::Relaxed);
+    }
+
+    /// The sessions every shard hands out (each says when it is done), how many could not
+    /// move, and the shards that did not say so within 10 s (their sessions stay with them).
+    fn gather(&self) -> (Vec<Outgoing>, usize, Vec<usize>) {
+        let mut out = Vec::new();
+        let mut goodbyes = 0;
+        let mut done = vec![false; self.shards.len()];
+        let end = Instant::now() + Duration::from_secs(10);
+        while done.contains(&false) && Instant::now() < end {
+            match self.handed.recv_timeout(Duration::from_millis(100)) {
+                Ok(HandedOut::Session {
+                    shard,
+                    conn,
+                    state,
+                    fd,
+                }) => out.push(Outgoing {
+                    shard,
+                    conn,
+                    state,
+                    fd,
+                }),
+                Ok(HandedOut::Done { shard, goodbyes: g }) => {
+                    done[shard] = true;
+                    goodbyes += g;
+                }
+                Err(_) => {}
+            }
+        }
+        let silent = (0..done.len()).filter(|&i| !done[i]).collect();
+        (out, goodbyes, silent)
+    }
+
+    /// Sends one batch and applies the answer: the taken are committed (their shards forget
+    /// them), the refused carry on with a goodbye. An error leaves the batch uncommitted.
+    fn send_batch(
+        &self,
+        conn: &mut ControlConn,
+        batch: u32,
+        chunk: &[Outgoing],
+    ) -> Result<(usize, usize), String> {
+        let msg = Msg::Sessions {
+            batch,
+            entries: chunk
+                .iter()
+                .map(|o| SessionEntry {
+                    device: o.state.device,
+                    tls: o.state.tls.clone(),
+                    session: o.state.session.clone(),
+                    out: o.state.out.clone(),
+                    partial: o.state.partial.clone(),
+                })
+                .collect(),
+        };
+        let fds: Vec<BorrowedFd<'_>> = chunk.iter().map(|o| o.fd.as_fd()).collect();
+        conn.send(&msg, &fds)
+            .map_err(|e| format!("sending sessions: {e}"))?;
+        let (answer, _) = conn
+            .recv(STEP_WAIT)
+            .map_err(|e| format!("no answer to session batch {batch}: {e}"))?;
+        check_taken(&msg, &answer).map_err(|e| e.to_string())?;
+        let Msg::SessionsTaken { taken, refused, .. } = answer else {
+            unreachable!("check_taken accepted it");
+        };
+        let taken: std::collections::HashSet<u64> = taken.into_iter().collect();
+        let mut commit: Vec<Vec<(usize, u32)>> = vec![Vec::new(); self.shards.len()];
+        let mut back = Vec::new();
+        for o in chunk {
+            if taken.contains(&o.state.device) {
+                commit[o.shard].push(o.conn);
+            } else {
+                back.push(o);
+            }
+        }
+        for (shard, conns) in commit.into_iter().enumerate() {
+            if !conns.is_empty() {
+                let _ = self.shards[shard].send(HandoffCmd::Commit(conns));
+            }
+        }
+        for (device, why) in &refused {
+            eprintln!("tether: upgrade: the new process refused device {device}: {why}");
+        }
+        self.resume(back.into_iter(), true);
+        Ok((taken.len(), refused.len()))
+    }
+
+    /// Tells the shards to carry on with these paused sessions (or say goodbye).
+    fn resume<'a>(&self, sessions: impl Iterator<Item = &'a Outgoing>, goodbye: bool) {
+        let mut per: Vec<Vec<(usize, u32)>> = vec![Vec::new(); self.shards.len()];
+        for o in sessions {
+            per[o.shard].push(o.conn);
+        }
+        for (shard, conns) in per.into_iter().enumerate() {
+            if !conns.is_empty() {
+                let _ = self.shards[shard].send(HandoffCmd::Resume { conns, goodbye });
+            }
+        }
+    }
+
+    /// Sessions this process still holds (open device connections, every shard).
+    fn live(&self) -> u64 {
+        (self.totals)().connections_open
     }
 }
 
@@ -347,8 +509,9 @@ pub(crate) fn take_over(data_dir: &Path) -> Result<TakenOver, String> {
 }
 
 impl TakenOver {
-    /// Every shard accepts: tell the old process, then answer its `Done` in the background.
-    pub(crate) fn taken(mut self) -> Result<(), String> {
+    /// Every shard accepts: tell the old process, then take its sessions (each to its home
+    /// shard through `adopt`) and answer its `Done`, in the background.
+    pub(crate) fn taken(mut self, adopt: Adopter) -> Result<(), String> {
         self.conn
             .send(&Msg::ListenersTaken, &[])
             .map_err(|e| format!("--take-over: telling the old process: {e}"))?;
@@ -357,13 +520,30 @@ impl TakenOver {
         std::thread::Builder::new()
             .name("tether-take-over".into())
             .spawn(move || {
+                let mut took = 0;
                 // The old process drains for its window and grace; wait well past that.
                 let end = Instant::now() + Duration::from_secs(600);
                 while Instant::now() < end {
                     match conn.recv(Duration::from_secs(1)) {
+                        Ok((Msg::Sessions { batch, entries }, fds)) => {
+                            test_exit(&format!("batch:{batch}"));
+                            let (taken, refused) = adopt.take(entries, fds);
+                            took += taken.len();
+                            let answer = Msg::SessionsTaken {
+                                batch,
+                                taken,
+                                refused,
+                            };
+                            if conn.send(&answer, &[]).is_err() {
+                                return;
+                            }
+                        }
                         Ok((Msg::Done, _)) => {
                             let _ = conn.send(&Msg::Confirmed, &[]);
-                            eprintln!("tether: took over from pid {from}: it has handed over");
+                            eprintln!(
+                                "tether: took over from pid {from}: {took} sessions live, it \
+                                 has handed over"
+                            );
                             return;
                         }
                         Ok(_) => {}
@@ -386,4 +566,79 @@ impl TakenOver {
             &[],
         );
     }
+}
+
+/// (New process) where handed-over sessions go: each to its home shard.
+pub(crate) struct Adopter {
+    /// Each shard's channel.
+    pub shards: Vec<Sender<HandoffCmd>>,
+    /// The AEADs the TLS state is rebuilt with.
+    pub provider: Arc<rustls::crypto::CryptoProvider>,
+    /// The open-file limit (soft).
+    pub nofile: u64,
+}
+
+impl Adopter {
+    /// Takes a batch: rebuilds each session and queues it for its home shard, or refuses it
+    /// with a reason (the old process keeps it). Refused whole when the sockets would not fit
+    /// under the open-file limit.
+    fn take(
+        &self,
+        entries: Vec<SessionEntry>,
+        fds: Vec<OwnedFd>,
+    ) -> (Vec<u64>, Vec<(u64, String)>) {
+        let open = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64);
+        if open + 64 > self.nofile {
+            let why = format!(
+                "open-file limit: {open} open of {} (raise it, `ulimit -n`)",
+                self.nofile
+            );
+            return (
+                Vec::new(),
+                entries.iter().map(|e| (e.device, why.clone())).collect(),
+            );
+        }
+        let mut taken = Vec::with_capacity(entries.len());
+        let mut refused = Vec::new();
+        let now = Instant::now();
+        for (e, fd) in entries.into_iter().zip(fds) {
+            let device = e.device;
+            let state = HandedSession {
+                device,
+                tls: e.tls,
+                session: e.session,
+                out: e.out,
+                partial: e.partial,
+            };
+            match rebuild(state, fd, &self.provider, now) {
+                Ok((moved, code_version)) => {
+                    let home = crate::placement::home_shard(DeviceId(device), self.shards.len());
+                    if self.shards[home]
+                        .send(HandoffCmd::Adopt(moved, code_version))
+                        .is_ok()
+                    {
+                        taken.push(device);
+                    } else {
+                        refused.push((device, "its shard is gone".into()));
+                    }
+                }
+                Err(why) => refused.push((device, why)),
+            }
+        }
+        (taken, refused)
+    }
+}
+
+/// Test-only (debug builds; compiled out of release): the new process dies at `point` of the
+/// handoff — `listeners` (holding them, before taking them) or `batch:N` (on receiving session
+/// batch N, before answering) — when `TETHER_TEST_UPGRADE_EXIT` names it, as a new binary that
+/// crashes mid-handoff would.
+pub(crate) fn test_exit(point: &str) {
+    #[cfg(debug_assertions)]
+    if std::env::var("TETHER_TEST_UPGRADE_EXIT").is_ok_and(|p| p == point) {
+        eprintln!("tether: TETHER_TEST_UPGRADE_EXIT: exiting at {point}");
+        std::process::exit(3);
+    }
+    #[cfg(not(debug_assertions))]
+    let _ = point;
 }

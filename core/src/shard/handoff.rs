@@ -1,0 +1,271 @@
+//! Live session handoff at an upgrade, on a shard: handing established connections out to the
+//! process taking over (and taking them back if it fails), and adopting them there.
+//!
+//! On the old process, at the drain, every established detached-TLS session is *paused* —
+//! its ring watches removed (the kernel has them before anything else happens), its timer
+//! cancelled, nothing read or written — and its state copied out ([`HandedSession`]: the
+//! TLS record state, the protocol session, the ciphertext not yet written, the bytes read
+//! but not yet opened) with a duplicate of its socket. The connection stays in the table
+//! until the upgrade thread says: `Commit` (the new process has it: drop our copy without a
+//! FIN or close_notify — the socket lives on in the new process) or `Resume` (it does not:
+//! watch the socket again and carry on, or say goodbye). A session that cannot move (still
+//! in its handshake, buffered TLS, a cipher whose state cannot leave, events waiting for
+//! room) gets `Goodbye{upgrade}` instead, counted.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use tether_net::detached::DetachedTls;
+use tether_protocol::message::GoodbyeReason;
+use tether_protocol::server::ServerSession;
+use tether_protocol::{CodeVersion, DeviceId};
+
+use super::conn::{CertDevice, TlsConn};
+use super::route::Moved;
+use super::{Shard, wake};
+
+/// One session's state as it leaves a process (the socket travels beside it).
+#[derive(Debug)]
+pub(crate) struct HandedSession {
+    pub device: u64,
+    /// `DetachedTls::to_bytes`: key material, sent only over the local control socket.
+    pub tls: Vec<u8>,
+    /// The code version the device runs (8 bytes) and `ServerSession::export`.
+    pub session: Vec<u8>,
+    pub out: Vec<u8>,
+    pub partial: Vec<u8>,
+}
+
+/// What a shard tells the upgrade thread during a drain.
+pub(crate) enum HandedOut {
+    /// A paused session, ready to go.
+    Session {
+        shard: usize,
+        /// Its slot and generation on that shard.
+        conn: (usize, u32),
+        state: HandedSession,
+        /// A duplicate of its socket.
+        fd: OwnedFd,
+    },
+    /// The shard has handed out everything it can; `goodbyes` sessions could not move and
+    /// were told to reconnect.
+    Done { shard: usize, goodbyes: usize },
+}
+
+/// What the upgrade thread tells a shard.
+pub(crate) enum HandoffCmd {
+    /// The new process took these: forget them quietly.
+    Commit(Vec<(usize, u32)>),
+    /// It did not: carry on with them (or, with `goodbye`, close them with `Goodbye{upgrade}`).
+    Resume {
+        conns: Vec<(usize, u32)>,
+        goodbye: bool,
+    },
+    /// (New process) a session handed over from the old one, for this, its home shard.
+    Adopt(Box<Moved>, CodeVersion),
+}
+
+/// Rebuilds a handed-over session (new process): its TLS state with `provider`'s AEADs, its
+/// protocol session, what was buffered. The connection's home shard adopts it.
+pub(crate) fn rebuild(
+    s: HandedSession,
+    fd: OwnedFd,
+    provider: &rustls::crypto::CryptoProvider,
+    now: Instant,
+) -> Result<(Box<Moved>, CodeVersion), String> {
+    let tls = DetachedTls::from_bytes(&s.tls, provider).map_err(|e| format!("TLS state: {e}"))?;
+    let (cv, session) = s
+        .session
+        .split_first_chunk::<8>()
+        .ok_or("session state truncated")?;
+    let session = ServerSession::import(session, now).map_err(|e| e.to_string())?;
+    if session.device() != Some(DeviceId(s.device)) {
+        return Err("session state names another device".into());
+    }
+    Ok((
+        Box::new(Moved {
+            fd,
+            tls: TlsConn::Detached(Box::new(tls)),
+            session,
+            partial: s.partial,
+            out: s.out,
+            tls_done: true,
+            cert: CertDevice::default(),
+        }),
+        CodeVersion(u64::from_be_bytes(*cv)),
+    ))
+}
+
+impl Shard {
+    /// The drain's first step: pause and hand out every session that can move; the rest are
+    /// told to reconnect within `window`.
+    pub(crate) fn hand_out(
+        &mut self,
+        window: Duration,
+        out: &crossbeam::channel::Sender<HandedOut>,
+        now: Instant,
+    ) {
+        let idxs: Vec<usize> = self.conns.iter().map(|(i, _)| i).collect();
+        let mut goodbyes = 0;
+        for idx in idxs {
+            match self.pause(idx, now) {
+                Ok((state, fd)) => {
+                    let conn = (idx, self.conns[idx].generation);
+                    let shard = self.id;
+                    if out
+                        .send(HandedOut::Session {
+                            shard,
+                            conn,
+                            state,
+                            fd,
+                        })
+                        .is_err()
+                    {
+                        self.resume(idx, true, window);
+                    }
+                }
+                Err(_) => {
+                    goodbyes += 1;
+                    self.goodbye_upgrade(idx, window);
+                }
+            }
+        }
+        let _ = out.send(HandedOut::Done {
+            shard: self.id,
+            goodbyes,
+        });
+    }
+
+    /// Pauses connection `idx` and copies its state out, or says why it cannot move.
+    fn pause(&mut self, idx: usize, now: Instant) -> Result<(HandedSession, OwnedFd), String> {
+        if self.stalled.contains_key(&idx) {
+            return Err("events waiting for room".into());
+        }
+        let conn = &self.conns[idx];
+        if conn.closing || !conn.registered {
+            return Err("not an established session".into());
+        }
+        let TlsConn::Detached(tls) = &conn.tls else {
+            return Err("not detached TLS".into());
+        };
+        let tls = tls.to_bytes().map_err(|e| e.to_string())?;
+        let mut session = conn.code_version.0.to_be_bytes().to_vec();
+        session.extend(conn.session.export(now).map_err(|e| e.to_string())?);
+        let fd = conn.fd.try_clone().map_err(|e| e.to_string())?;
+        let device = conn.session.device().map_or(0, |d| d.0);
+        let state = HandedSession {
+            device,
+            tls: tls.to_vec(),
+            session,
+            out: conn.out.clone(),
+            partial: conn.partial.clone(),
+        };
+        // Nothing more happens on it here: the watches go (to the kernel now, before the
+        // socket leaves), and its timer.
+        let conn = &mut self.conns[idx];
+        conn.handing = true;
+        self.ring.unwatch(idx, conn.generation, conn.writing);
+        conn.writing = false;
+        if let Some((_, id)) = conn.armed.take() {
+            self.wheel.cancel(id);
+        }
+        self.submit();
+        Ok((state, fd))
+    }
+
+    fn goodbye_upgrade(&mut self, idx: usize, window: Duration) {
+        self.metrics.upgrade_goodbyes += 1;
+        let window_ms = u32::try_from(window.as_millis()).unwrap_or(u32::MAX).max(1);
+        let mut b = [0u8; 4];
+        crate::fsutil::random_bytes(&mut b);
+        self.conns[idx]
+            .session
+            .close(GoodbyeReason::Upgrade, u32::from_le_bytes(b) % window_ms);
+        wake::notify(idx);
+    }
+
+    /// Carries on with a paused connection (or closes it with `Goodbye{upgrade}`).
+    fn resume(&mut self, idx: usize, goodbye: bool, window: Duration) {
+        let conn = &mut self.conns[idx];
+        conn.handing = false;
+        self.ring
+            .watch_read(conn.fd.as_raw_fd(), idx, conn.generation);
+        self.metrics.sessions_handed_back += 1;
+        if goodbye {
+            self.goodbye_upgrade(idx, window);
+        }
+        self.arm(idx);
+        wake::notify(idx);
+    }
+
+    /// Applies the upgrade thread's word on handed-out sessions, or adopts a handed-in one.
+    pub(crate) fn on_handoff(&mut self, cmd: HandoffCmd, now: Instant) {
+        let live = |s: &Shard, (idx, generation): (usize, u32)| {
+            s.conns
+                .get(idx)
+                .is_some_and(|c| c.generation == generation && c.handing)
+        };
+        match cmd {
+            HandoffCmd::Commit(conns) => {
+                for c in conns {
+                    if live(self, c) {
+                        self.forget_handed(c.0);
+                    }
+                }
+            }
+            HandoffCmd::Resume { conns, goodbye } => {
+                for c in conns {
+                    if live(self, c) {
+                        self.resume(c.0, goodbye, self.ctx.upgrade_window);
+                    }
+                }
+            }
+            HandoffCmd::Adopt(m, code_version) => self.adopt_handed(*m, code_version, now),
+        }
+    }
+
+    /// The new process has the session: drop our copy of the socket without a FIN or a
+    /// close_notify, and the device's registration here without telling agents it left.
+    fn forget_handed(&mut self, idx: usize) {
+        if let Some(device) = self.conns[idx].session.device() {
+            if self.devices.get(&device) == Some(&idx) {
+                self.devices.remove(&device);
+                self.code_disconnected(device);
+            }
+        }
+        self.conns[idx].registered = false;
+        self.metrics.sessions_handed_out += 1;
+        // The watches went at the pause; the descriptor closes on drop (the socket stays
+        // open: the new process holds it).
+        drop(self.remove_quietly(idx));
+    }
+
+    /// (New process) continues a session the old process handed over, on its home shard.
+    fn adopt_handed(&mut self, m: Moved, code_version: CodeVersion, now: Instant) {
+        let Some(device) = m.session.device() else {
+            return;
+        };
+        let idx = self.insert(m.fd, m.tls, m.session, m.out, m.tls_done, m.cert);
+        self.metrics.sessions_handed_in += 1;
+        if !self.open_carried(idx, m.partial, now) {
+            return;
+        }
+        if let Some(&other) = self.devices.get(&device) {
+            if other != idx && self.conns.contains(other) {
+                // The device connected here anew meanwhile: the newer session stays.
+                self.conns[idx].session.close(GoodbyeReason::Replaced, 0);
+                self.after_input(idx, now);
+                return;
+            }
+        }
+        let conn = &mut self.conns[idx];
+        conn.registered = true;
+        conn.code_version = code_version;
+        self.devices.insert(device, idx);
+        self.offline.remove(&device);
+        self.presence(device, true);
+        self.code_connected(idx, device, code_version);
+        self.after_input(idx, now);
+        self.arm(idx);
+    }
+}
