@@ -5,6 +5,7 @@
 //! - the admin endpoint: [`admin_request`] (raw; [`admin_request_within`] for a slow one such as
 //!   an upgrade), [`admin_json`] (typed), [`read_admin_token`]
 //!   (the token from the data directory, for requests that change state);
+//! - upgrades: [`request_upgrade`], what `tether upgrade` does, and its [`UpgradeReport`];
 //! - the device registry as the data directory holds it: [`device_keys`], every device's id and
 //!   key, for a client that simulates devices.
 
@@ -18,6 +19,7 @@ pub use crate::admin::{
 };
 pub use crate::registry::RegistryError;
 use crate::registry::{FILE_NAME, Registry};
+pub use crate::upgrade::handoff::{UpgradeReport, request_upgrade};
 
 /// Every device in `data_dir`'s registry (`devices.csv`) with its key, sorted by id.
 pub fn device_keys(data_dir: &Path) -> Result<Vec<(DeviceId, DeviceKey)>, RegistryError> {

@@ -558,7 +558,7 @@ fn main() -> ExitCode {
     }
 }
 
-/// `tether upgrade`: asks the running server to upgrade and prints what it answered.
+/// `tether upgrade`: asks the running server to upgrade and prints what it did.
 fn upgrade_command(binary: Option<PathBuf>, admin: &AdminArgs) -> Result<(), String> {
     let binary = match binary {
         // The server starts it: give it an absolute path.
@@ -567,25 +567,10 @@ fn upgrade_command(binary: Option<PathBuf>, admin: &AdminArgs) -> Result<(), Str
         }
         None => None,
     };
-    let body = binary
-        .as_ref()
-        .map(|b| b.to_string_lossy().into_owned())
-        .unwrap_or_default();
     let token = admin.token()?;
-    let (status, answer) = tether_core::client::admin_request_within(
-        admin.admin.as_str(),
-        Some(&token),
-        "POST",
-        "/upgrade",
-        body.as_bytes(),
-        Duration::from_secs(60),
-    )
-    .map_err(|e| e.to_string())?;
-    let text = String::from_utf8_lossy(&answer);
-    if status == 200 {
-        print!("{text}");
-        Ok(())
-    } else {
-        Err(text.trim_end().to_string())
-    }
+    let report =
+        tether_core::client::request_upgrade(admin.admin.as_str(), Some(&token), binary.as_deref())
+            .map_err(|e| e.to_string())?;
+    println!("{}", report.summary());
+    Ok(())
 }

@@ -581,8 +581,8 @@ fn dup_all<'a, F: AsFd + 'a>(fds: impl Iterator<Item = &'a F>) -> Result<Vec<Own
 }
 
 /// `POST /upgrade` (body: the new binary's path, or empty for this binary): upgrades, and
-/// answers once the new process accepts on every listener (200) or why not (409 while one is
-/// in progress, 500 otherwise; the server keeps serving).
+/// answers once the sessions are handed over (200, an `UpgradeReport`) or why not (409 while
+/// one is in progress, 500 otherwise; the server keeps serving).
 fn upgrade_routes(
     req: &crate::admin::AdminRequest,
     upgrader: &OnceLock<Arc<Upgrader>>,
@@ -604,7 +604,7 @@ fn upgrade_routes(
         }
     };
     Some(match u.upgrade(binary, "POST /upgrade") {
-        Ok(text) => AdminResponse::text(200, text),
+        Ok(report) => AdminResponse::json(&report),
         Err(e) if e.0.contains("already in progress") => {
             AdminResponse::text(409, format!("upgrade refused: {e}\n"))
         }

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::{Agent, Device, KillOnDrop, Server, tls_handshake_to};
+use tether_core::client::UpgradeReport;
 use tether_protocol::device::DeviceEvent;
 use tether_protocol::message::SendStatus;
 use tether_protocol::{AgentMessage, DeviceId};
@@ -18,15 +19,14 @@ use tether_protocol::{AgentMessage, DeviceId};
 const T: Duration = Duration::from_secs(10);
 const DEVICES: u64 = 200;
 
-/// The new server's pid, from the upgrade's answer ("upgraded: pid N ...").
+/// The upgrade's answer (`UpgradeReport`).
+fn report(answer: &str) -> UpgradeReport {
+    serde_json::from_str(answer).unwrap_or_else(|e| panic!("{e}: {answer:?}"))
+}
+
+/// The new server, from the upgrade's answer: killed when the test ends.
 fn successor(answer: &str) -> KillOnDrop {
-    let pid = answer
-        .split_whitespace()
-        .skip_while(|w| *w != "pid")
-        .nth(1)
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no pid in {answer:?}"));
-    KillOnDrop(pid)
+    KillOnDrop(report(answer).new_pid as i32)
 }
 
 /// Connects in a loop until stopped: every TLS handshake must complete.
@@ -155,6 +155,16 @@ fn an_upgrade_hands_every_session_over_live_and_loses_nothing() {
     let (status, answer) = s.upgrade(None);
     assert_eq!(status, 200, "{answer}");
     let _new = successor(&answer);
+    let r = report(&answer);
+    assert_eq!(
+        (
+            r.sessions_handed,
+            r.sessions_refused,
+            r.sessions_told_to_reconnect
+        ),
+        (DEVICES, 0, 0),
+        "{r:?}"
+    );
 
     // Messages sent while the sessions move: the old agent link closes (the agent attaches
     // again, to the new process); what it had not acknowledged the device sends again, and
@@ -318,8 +328,14 @@ fn killed_mid_handoff(die_at: u32, devices: u64) {
     );
     let mut devs = established(&s, devices);
     let (status, answer) = s.upgrade(None);
-    assert_eq!(status, 200, "{answer}");
-    let _new = successor(&answer);
+    // Refused, with what happened: the new process is gone (the old one killed and reaped it).
+    assert_eq!(status, 500, "{answer}");
+    assert!(
+        answer.contains("exited") && answer.contains("mid-handoff"),
+        "{answer}"
+    );
+    let had_moved = format!("{} sessions had moved", die_at as usize * 253);
+    assert!(answer.contains(&had_moved), "{answer}");
     assert_eq!(
         s.wait_log("keeps the rest and accepts again", 1, T).len(),
         1
@@ -414,12 +430,13 @@ fn sessions_that_cannot_move_are_told_to_reconnect_and_counted() {
             d.events
         );
     }
-    let line = s.wait_log("could not move", 1, T);
-    assert!(
-        line.first()
-            .is_some_and(|l| l.contains("0 sessions handed") && l.contains("20 could not move")),
-        "{line:?}"
+    let r = report(&answer);
+    assert_eq!(
+        (r.sessions_handed, r.sessions_told_to_reconnect),
+        (0, 20),
+        "{r:?}"
     );
+    assert_eq!(s.wait_log("20 could not move", 1, T).len(), 1);
     for d in &mut devs {
         d.reconnect(&s);
         assert!(d.established(), "a device reconnects to the new process");

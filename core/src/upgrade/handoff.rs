@@ -81,6 +81,74 @@ struct Outgoing {
     fd: OwnedFd,
 }
 
+/// What an upgrade did, as `POST /upgrade` answers it (JSON) and `tether upgrade` prints it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct UpgradeReport {
+    /// The process that was upgraded (it exits once its remaining sessions are gone).
+    pub old_pid: u32,
+    /// The process that serves now.
+    pub new_pid: u32,
+    /// The new binary's version.
+    pub new_version: String,
+    /// From the request to the new process accepting on every listener.
+    pub listeners_ms: u64,
+    /// Sessions handed over live (the devices noticed nothing).
+    pub sessions_handed: u64,
+    /// Sessions the new process refused (they were told to reconnect).
+    pub sessions_refused: u64,
+    /// Sessions that could not move (buffered TLS, a cipher whose state cannot leave, still
+    /// in their handshake) and were told to reconnect (`Goodbye{upgrade}`).
+    pub sessions_told_to_reconnect: u64,
+    /// From stopping accepting to the last batch committed.
+    pub handoff_ms: u64,
+}
+
+impl UpgradeReport {
+    /// One line for people.
+    pub fn summary(&self) -> String {
+        format!(
+            "upgraded: pid {} ({}) serves, it took the listeners in {} ms; {} sessions handed \
+             over live in {} ms, {} refused, {} told to reconnect; pid {} exits",
+            self.new_pid,
+            self.new_version,
+            self.listeners_ms,
+            self.sessions_handed,
+            self.handoff_ms,
+            self.sessions_refused,
+            self.sessions_told_to_reconnect,
+            self.old_pid
+        )
+    }
+}
+
+/// `tether upgrade`: asks the server at `addr` to upgrade to `binary` (its own binary if
+/// `None`; the server starts it, so give an absolute path) and waits for the outcome.
+pub fn request_upgrade(
+    addr: impl std::net::ToSocketAddrs + std::fmt::Display,
+    token: Option<&str>,
+    binary: Option<&Path>,
+) -> Result<UpgradeReport, crate::admin::AdminError> {
+    let name = addr.to_string();
+    let body = binary.map(|b| b.display().to_string()).unwrap_or_default();
+    let (status, answer) = crate::admin::admin_request_within(
+        addr,
+        token,
+        "POST",
+        "/upgrade",
+        body.as_bytes(),
+        Duration::from_secs(90),
+    )?;
+    if status != 200 {
+        return Err(crate::admin::AdminError::Status {
+            addr: name,
+            status,
+            message: String::from_utf8_lossy(&answer).trim().to_owned(),
+        });
+    }
+    serde_json::from_slice(&answer)
+        .map_err(|source| crate::admin::AdminError::Json { addr: name, source })
+}
+
 /// Why an upgrade did not happen; the running process keeps serving.
 #[derive(Debug)]
 pub struct UpgradeRefused(pub String);
@@ -119,44 +187,53 @@ impl Upgrader {
         self: &Arc<Self>,
         binary: Option<PathBuf>,
         why: &str,
-    ) -> Result<String, UpgradeRefused> {
+    ) -> Result<UpgradeReport, UpgradeRefused> {
         if self.busy.swap(true, Ordering::AcqRel) {
             return Err(UpgradeRefused(
                 "an upgrade is already in progress".to_string(),
             ));
         }
-        match self.hand_listeners(binary) {
-            Ok((child, conn, peer_version)) => {
-                let pid = child.id();
-                let live = self.live();
-                eprintln!(
-                    "tether: upgrade ({why}): pid {pid} ({peer_version}) accepts on every \
-                     listener; this process stopped accepting and hands its {live} sessions \
-                     over"
-                );
-                let this = self.clone();
-                let spawned = std::thread::Builder::new()
-                    .name("tether-upgrade".into())
-                    .spawn(move || this.drain(child, conn));
-                if let Err(e) = spawned {
-                    // Cannot watch the drain: stay the server (the new one shares the ports).
-                    self.busy.store(false, Ordering::Release);
-                    return Err(UpgradeRefused(format!(
-                        "cannot start the drain thread: {e}"
-                    )));
-                }
-                Ok(format!(
-                    "upgraded: pid {pid} ({peer_version}) accepts on every listener; this \
-                     process (pid {}) sends its {live} sessions there and exits\n",
-                    std::process::id()
-                ))
-            }
+        let started = Instant::now();
+        let (mut child, mut conn, new_version) = match self.hand_listeners(binary) {
+            Ok(x) => x,
             Err(reason) => {
                 self.busy.store(false, Ordering::Release);
                 eprintln!("tether: upgrade ({why}) refused, this process keeps serving: {reason}");
-                Err(UpgradeRefused(reason))
+                return Err(UpgradeRefused(reason));
             }
+        };
+        let listeners_ms = started.elapsed().as_millis() as u64;
+        let new_pid = child.id();
+        eprintln!(
+            "tether: upgrade ({why}): pid {new_pid} ({new_version}) accepts on every listener \
+             ({listeners_ms} ms); this process stopped accepting and hands its {} sessions over",
+            self.live()
+        );
+        let sessions = match self.hand_sessions(&mut child, &mut conn) {
+            Ok(s) => s,
+            Err(reason) => {
+                self.busy.store(false, Ordering::Release);
+                return Err(UpgradeRefused(reason));
+            }
+        };
+        let report = UpgradeReport {
+            old_pid: std::process::id(),
+            new_pid,
+            new_version,
+            listeners_ms,
+            ..sessions
+        };
+        let this = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("tether-upgrade".into())
+            .spawn(move || this.finish(child, conn));
+        if let Err(e) = spawned {
+            // The sessions have moved; without the thread this process cannot hand over the
+            // rest, so it ends now (the new one accepts on every listener).
+            eprintln!("tether: upgrade: cannot start the finishing thread ({e}); stopping");
+            self.ctx.shutdown.store(true, Ordering::Relaxed);
         }
+        Ok(report)
     }
 
     /// Starts the new binary and hands it the listeners; on any failure the child is killed
@@ -251,9 +328,14 @@ impl Upgrader {
         }
     }
 
-    /// After `ListenersTaken`: hand the sessions over, then stop. If the new process dies or
-    /// stops answering meanwhile, keep every session not yet committed and accept again.
-    fn drain(&self, mut child: Child, mut conn: ControlConn) {
+    /// After `ListenersTaken`: hands the sessions over in committed batches. On failure every
+    /// session not yet committed carries on here, this process accepts again, and the error
+    /// says what happened.
+    fn hand_sessions(
+        &self,
+        child: &mut Child,
+        conn: &mut ControlConn,
+    ) -> Result<UpgradeReport, String> {
         let pid = child.id();
         let started = Instant::now();
         self.ctx.draining.store(true, Ordering::Relaxed);
@@ -261,10 +343,10 @@ impl Upgrader {
         let n = out.len();
         let mut moved = 0;
         let mut refused = 0;
-        let mut pending = out.into_iter().peekable();
+        let mut pending = out.into_iter();
         for (batch, range) in batch_ranges(n).enumerate() {
             let chunk: Vec<Outgoing> = pending.by_ref().take(range.len()).collect();
-            match self.send_batch(&mut conn, batch as u32, &chunk) {
+            match self.send_batch(conn, batch as u32, &chunk) {
                 Ok((taken, no)) => {
                     moved += taken;
                     refused += no;
@@ -273,29 +355,45 @@ impl Upgrader {
                     // Every session not committed carries on here.
                     let rest: Vec<Outgoing> = pending.by_ref().collect();
                     self.resume(chunk.iter().chain(&rest), false);
+                    let reason = match exited_soon(child) {
+                        Some(x) => format!("{x} mid-handoff ({reason})"),
+                        None => reason,
+                    };
                     let _ = child.kill();
                     let _ = child.wait();
                     self.ctx.draining.store(false, Ordering::Relaxed);
-                    self.busy.store(false, Ordering::Release);
-                    eprintln!(
-                        "tether: upgrade: {reason}; {moved} sessions had moved to pid {pid}, \
-                         this process keeps the rest and accepts again"
+                    let line = format!(
+                        "{reason}; {moved} sessions had moved to pid {pid}, this process keeps \
+                         the rest and accepts again"
                     );
-                    return;
+                    eprintln!("tether: upgrade: {line}");
+                    return Err(line);
                 }
             }
         }
-        let handoff_ms = started.elapsed().as_millis();
+        let handoff_ms = started.elapsed().as_millis() as u64;
         eprintln!(
             "tether: upgrade: {moved} sessions handed to pid {pid} live in {handoff_ms} ms \
-             ({refused} refused by it, {} could not move and were told to reconnect){}",
-            goodbyes,
+             ({refused} refused by it, {goodbyes} could not move and were told to reconnect){}",
             if silent.is_empty() {
                 String::new()
             } else {
                 format!("; shards {silent:?} did not hand out in time")
             }
         );
+        Ok(UpgradeReport {
+            sessions_handed: moved as u64,
+            sessions_refused: refused as u64,
+            sessions_told_to_reconnect: goodbyes as u64,
+            handoff_ms,
+            ..UpgradeReport::default()
+        })
+    }
+
+    /// After the handoff: wait for the sessions that could not move to leave, then hand over
+    /// and stop. If the new process dies meanwhile, accept again and keep what is left.
+    fn finish(&self, mut child: Child, mut conn: ControlConn) {
+        let pid = child.id();
         // What could not move leaves as its goodbye is written (and reconnects within the
         // window); the grace bounds how long a slow one may hold on.
         let end = Instant::now() + self.ctx.upgrade_window + self.ctx.shutdown_grace;
@@ -304,7 +402,7 @@ impl Upgrader {
                 self.ctx.draining.store(false, Ordering::Relaxed);
                 self.busy.store(false, Ordering::Release);
                 eprintln!(
-                    "tether: upgrade: the new process (pid {pid}) exited ({status}) during the \
+                    "tether: upgrade: the new process (pid {pid}) exited ({status}) after the \
                      handoff; this process accepts again and keeps its {} sessions",
                     self.live()
                 );
