@@ -65,6 +65,9 @@ pub struct Campaign {
     pub storm: Vec<Storm>,
     /// Code deploys to a device group, posted to the admin endpoint during the run.
     pub deploy: Vec<Deploy>,
+    /// Zero-downtime upgrades of the server during the run (`tether upgrade`), posted to the
+    /// admin endpoint.
+    pub upgrade: Vec<Upgrade>,
     /// Hostile clients, each in its time window (see [`Attack`]).
     pub attack: Vec<Attack>,
     /// Abort and timeout limits.
@@ -88,6 +91,7 @@ impl Default for Campaign {
             messages: Messages::default(),
             storm: Vec::new(),
             deploy: Vec::new(),
+            upgrade: Vec::new(),
             attack: Vec::new(),
             limits: Limits::default(),
         }
@@ -226,6 +230,18 @@ pub struct Storm {
     pub at_s: f64,
     /// Share of connected devices to drop, in percent (0 < p ≤ 100).
     pub drop_percent: f64,
+}
+
+/// A zero-downtime upgrade of the server (`POST /upgrade`): it starts the new binary, hands
+/// it the listeners and every session, and exits; the run carries on against the new process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Upgrade {
+    /// Seconds from the start of the ramp (whole seconds).
+    pub at_s: u64,
+    /// The new binary (absolute path); default: the server's own binary, started anew.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub binary: Option<std::path::PathBuf>,
 }
 
 /// A code deploy to a device group.
@@ -470,6 +486,18 @@ impl Campaign {
                     format!("deploy[{i}].size_bytes"),
                     format!("must be 1..={MAX_DEPLOY_BYTES} (got {})", d.size_bytes),
                 );
+            }
+        }
+        for (i, u) in self.upgrade.iter().enumerate() {
+            p.within(&format!("upgrade[{i}].at_s"), u.at_s as f64, end);
+            if i > 0 && u.at_s <= self.upgrade[i - 1].at_s {
+                p.add(
+                    format!("upgrade[{i}].at_s"),
+                    "must come after the previous upgrade's",
+                );
+            }
+            if u.binary.as_ref().is_some_and(|b| !b.is_absolute()) {
+                p.add(format!("upgrade[{i}].binary"), "must be an absolute path");
             }
         }
         self.validate_attacks(&mut p, end);

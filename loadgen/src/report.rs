@@ -64,6 +64,9 @@ pub struct Report {
     /// Code deploys: how many devices installed each and how long the rollout took.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub deploys: Vec<DeploySummary>,
+    /// Server upgrades: what each handed over, and round trips around it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upgrade: Option<UpgradeTotals>,
     /// How this run differed from its campaign (parts not implemented yet), in words.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
@@ -111,6 +114,47 @@ pub struct AttackSummary {
     pub counts: AttackCounts,
     /// How long connections were open when the server closed or reset them.
     pub closed_after: LatencySummary,
+}
+
+/// One server upgrade's outcome (`[[upgrade]]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UpgradeSummary {
+    /// When it was due, seconds from the start of the ramp.
+    pub at_s: u64,
+    /// When it was posted, seconds from the start of the ramp.
+    pub posted_s: Option<f64>,
+    /// The server's answer.
+    pub report: Option<tether_core::client::UpgradeReport>,
+    /// Why it failed, if it did.
+    pub error: Option<String>,
+    /// Round-trip p99 over the 10 s before it.
+    pub rtt_p99_before_us: Option<u64>,
+    /// Round-trip p99 over the 10 s after it was posted.
+    pub rtt_p99_window_us: Option<u64>,
+    /// The longest round trip completed in that window: the longest a device waited.
+    pub rtt_max_window_us: Option<u64>,
+    /// Round trips completed in that window.
+    pub rtt_count_window: u64,
+}
+
+/// The run's upgrades and what the devices saw of them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UpgradeTotals {
+    /// Each upgrade.
+    pub upgrades: Vec<UpgradeSummary>,
+    /// Connects beyond each device's first: devices that had to reconnect (storms included).
+    pub device_reconnects: u64,
+    /// Connect errors of any kind (refused, reset, timed out, TLS), the whole run.
+    pub refused_connects: u64,
+    /// TLS errors, the whole run.
+    pub tls_errors: u64,
+    /// Agent links the server closed and the agents attached again.
+    pub agent_reattaches: u64,
+    /// Messages acknowledged to their sender that the other side did not receive (device →
+    /// agent: acks the devices got beyond the agents' deliveries; agent → device: `delivered`
+    /// results beyond the devices' receipts). A lower bound: a duplicate delivery could hide
+    /// a loss.
+    pub acked_lost: u64,
 }
 
 /// One code deploy's outcome.
@@ -447,6 +491,8 @@ pub struct ReportInputs<'a> {
     pub storms: Vec<StormSummary>,
     /// Code deploys.
     pub deploys: Vec<DeploySummary>,
+    /// Server upgrades.
+    pub upgrade: Option<UpgradeTotals>,
     /// See [`Report::notes`].
     pub notes: Vec<String>,
     /// See [`MessageCounts::agent_sends_offline`].
@@ -556,6 +602,7 @@ impl Report {
             machine: i.machine,
             storms: i.storms,
             deploys: i.deploys,
+            upgrade: i.upgrade,
             notes: i.notes,
             goodbyes: i.stats.goodbyes.by_kind().clone(),
             session_ready,
@@ -676,6 +723,7 @@ impl Report {
                 count(d.installed)
             );
         }
+        self.upgrade_lines(&mut t);
         self.hostile_table(&mut t);
         let _ = writeln!(t);
         let mut mem = |who: &str, rss: u64, per: Option<f64>, per_what: &str| {
@@ -1018,3 +1066,62 @@ fn bytes_f(b: f64) -> String {
 
 #[cfg(test)]
 mod tests;
+
+impl Report {
+    /// One line per upgrade, and what the devices saw of them.
+    fn upgrade_lines(&self, t: &mut String) {
+        let Some(u) = &self.upgrade else { return };
+        let ms = |us: Option<u64>| us.map_or_else(|| "-".to_owned(), micros);
+        for s in &u.upgrades {
+            match (&s.report, &s.error) {
+                (Some(r), _) => {
+                    let per_k = if r.sessions_handed > 0 {
+                        format!(
+                            " ({:.1} ms per 1,000)",
+                            r.handoff_ms as f64 * 1000.0 / r.sessions_handed as f64
+                        )
+                    } else {
+                        String::new()
+                    };
+                    let _ = writeln!(
+                        t,
+                        "upgrade at {}s  pid {} -> {}  listeners {} ms  handed live {} in {} ms{per_k}  refused {}  told to reconnect {}",
+                        s.at_s,
+                        r.old_pid,
+                        r.new_pid,
+                        r.listeners_ms,
+                        count(r.sessions_handed),
+                        r.handoff_ms,
+                        count(r.sessions_refused),
+                        count(r.sessions_told_to_reconnect)
+                    );
+                }
+                (None, e) => {
+                    let _ = writeln!(
+                        t,
+                        "upgrade at {}s  FAILED: {}",
+                        s.at_s,
+                        e.as_deref().unwrap_or("unknown")
+                    );
+                }
+            }
+            let _ = writeln!(
+                t,
+                "  round trip p99 {} before, {} in the 10 s after ({} round trips); longest {}",
+                ms(s.rtt_p99_before_us),
+                ms(s.rtt_p99_window_us),
+                count(s.rtt_count_window),
+                ms(s.rtt_max_window_us)
+            );
+        }
+        let _ = writeln!(
+            t,
+            "upgrades: device reconnects {}  connect errors {}  TLS errors {}  agent re-attaches {}  acknowledged messages lost {}",
+            count(u.device_reconnects),
+            count(u.refused_connects),
+            count(u.tls_errors),
+            count(u.agent_reattaches),
+            count(u.acked_lost)
+        );
+    }
+}

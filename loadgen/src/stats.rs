@@ -226,6 +226,16 @@ pub struct Counters {
     pub msgs_sent: u64,
     /// Messages received by devices and agents.
     pub msgs_recv: u64,
+    /// Device messages the devices got an `Ack` for (end to end: the agent had them).
+    pub device_acked: u64,
+    /// Device messages the agents received (`Deliver`).
+    pub agent_received: u64,
+    /// Agent sends answered `SendResult{delivered}` (end to end: the device had them).
+    pub agent_delivered: u64,
+    /// Agent messages the devices received.
+    pub device_received: u64,
+    /// Agent links the server closed after their welcome, attached again (an upgrade).
+    pub agent_reattaches: u64,
 }
 
 impl Counters {
@@ -255,6 +265,11 @@ impl Counters {
         self.disconnects += o.disconnects;
         self.msgs_sent += o.msgs_sent;
         self.msgs_recv += o.msgs_recv;
+        self.device_acked += o.device_acked;
+        self.agent_received += o.agent_received;
+        self.agent_delivered += o.agent_delivered;
+        self.device_received += o.device_received;
+        self.agent_reattaches += o.agent_reattaches;
     }
 }
 

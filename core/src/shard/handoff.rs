@@ -5,14 +5,15 @@
 //! its ring watches removed (the kernel has them before anything else happens), its timer
 //! cancelled, nothing read or written — and its state copied out ([`HandedSession`]: the
 //! TLS record state, the protocol session, the ciphertext not yet written, the bytes read
-//! but not yet opened) with a duplicate of its socket. The connection stays in the table
-//! until the upgrade thread says: `Commit` (the new process has it: drop our copy without a
+//! but not yet opened) with its socket's descriptor (lent, not duplicated: it stays open while
+//! the connection is paused). The connection stays in the table until the upgrade thread says: `Commit` (the new process has it: drop our copy without a
 //! FIN or close_notify — the socket lives on in the new process) or `Resume` (it does not:
 //! watch the socket again and carry on, or say goodbye). A session that cannot move (still
 //! in its handshake, buffered TLS, a cipher whose state cannot leave, events waiting for
-//! room) gets `Goodbye{upgrade}` instead, counted.
+//! room) gets `Goodbye{upgrade}` instead, counted. One still in its handshake at the drain is
+//! handed out once established (`hand_out_late`, from the timer tick).
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 use tether_net::detached::DetachedTls;
@@ -44,12 +45,19 @@ pub(crate) enum HandedOut {
         /// Its slot and generation on that shard.
         conn: (usize, u32),
         state: HandedSession,
-        /// A duplicate of its socket.
-        fd: OwnedFd,
+        /// Its socket, still owned by the shard: the descriptor stays open (the connection is
+        /// paused, nothing closes it) until the shard hears `Commit` or `Resume` for it from
+        /// the upgrade thread, which only sends it before that. No duplicate: a process near
+        /// its open-file limit could not duplicate every socket at once.
+        fd: RawFd,
     },
     /// The shard has handed out everything it can; `goodbyes` sessions could not move and
-    /// were told to reconnect.
-    Done { shard: usize, goodbyes: usize },
+    /// were told to reconnect, for these reasons (each with how many).
+    Done {
+        shard: usize,
+        goodbyes: usize,
+        why: Vec<(String, usize)>,
+    },
 }
 
 /// What the upgrade thread tells a shard.
@@ -105,39 +113,82 @@ impl Shard {
         out: &crossbeam::channel::Sender<HandedOut>,
         now: Instant,
     ) {
+        self.handed_out = Some(out.clone());
         let idxs: Vec<usize> = self.conns.iter().map(|(i, _)| i).collect();
         let mut goodbyes = 0;
+        let mut why: Vec<(String, usize)> = Vec::new();
         for idx in idxs {
-            match self.pause(idx, now) {
-                Ok((state, fd)) => {
-                    let conn = (idx, self.conns[idx].generation);
-                    let shard = self.id;
-                    if out
-                        .send(HandedOut::Session {
-                            shard,
-                            conn,
-                            state,
-                            fd,
-                        })
-                        .is_err()
-                    {
-                        self.resume(idx, true, window);
-                    }
-                }
-                Err(_) => {
-                    goodbyes += 1;
-                    self.goodbye_upgrade(idx, window);
+            let c = &self.conns[idx];
+            if c.closing || !c.registered {
+                // Closing anyway; or still in its handshake (or on its way to its home
+                // shard): handed out once established (`hand_out_late`).
+                continue;
+            }
+            if let Err(reason) = self.hand_out_one(idx, window, now) {
+                goodbyes += 1;
+                match why.iter_mut().find(|(r, _)| *r == reason) {
+                    Some((_, n)) => *n += 1,
+                    None => why.push((reason, 1)),
                 }
             }
         }
         let _ = out.send(HandedOut::Done {
             shard: self.id,
             goodbyes,
+            why,
         });
     }
 
+    /// Pauses one session and hands it to the upgrade thread, or says why it cannot move
+    /// (and tells it `Goodbye{upgrade}`).
+    fn hand_out_one(&mut self, idx: usize, window: Duration, now: Instant) -> Result<(), String> {
+        let Some(out) = self.handed_out.clone() else {
+            return Err("no upgrade in progress".into());
+        };
+        match self.pause(idx, now) {
+            Ok((state, fd)) => {
+                let conn = (idx, self.conns[idx].generation);
+                let shard = self.id;
+                let sent = out.send(HandedOut::Session {
+                    shard,
+                    conn,
+                    state,
+                    fd,
+                });
+                if sent.is_err() {
+                    self.resume(idx, true, window);
+                    return Err("the upgrade thread is gone".into());
+                }
+                Ok(())
+            }
+            Err(reason) => {
+                if !self.conns[idx].closing {
+                    self.goodbye_upgrade(idx, window);
+                }
+                Err(reason)
+            }
+        }
+    }
+
+    /// During a drain, sessions established after the hand-out (their handshake was under
+    /// way, or they were on their way here from another shard) are handed out too, from the
+    /// timer tick (never in the middle of their events).
+    pub(crate) fn hand_out_late(&mut self, now: Instant) {
+        let late = std::mem::take(&mut self.late);
+        for (idx, generation) in late {
+            let live = self
+                .conns
+                .get(idx)
+                .is_some_and(|c| c.generation == generation && !c.handing && c.registered);
+            if live {
+                // A failure said its goodbye; the count is the shard's `upgrade_goodbyes`.
+                let _ = self.hand_out_one(idx, self.ctx.upgrade_window, now);
+            }
+        }
+    }
+
     /// Pauses connection `idx` and copies its state out, or says why it cannot move.
-    fn pause(&mut self, idx: usize, now: Instant) -> Result<(HandedSession, OwnedFd), String> {
+    fn pause(&mut self, idx: usize, now: Instant) -> Result<(HandedSession, RawFd), String> {
         if self.stalled.contains_key(&idx) {
             return Err("events waiting for room".into());
         }
@@ -151,7 +202,7 @@ impl Shard {
         let tls = tls.to_bytes().map_err(|e| e.to_string())?;
         let mut session = conn.code_version.0.to_be_bytes().to_vec();
         session.extend(conn.session.export(now).map_err(|e| e.to_string())?);
-        let fd = conn.fd.try_clone().map_err(|e| e.to_string())?;
+        let fd = conn.fd.as_raw_fd();
         let device = conn.session.device().map_or(0, |d| d.0);
         let state = HandedSession {
             device,
@@ -173,7 +224,7 @@ impl Shard {
         Ok((state, fd))
     }
 
-    fn goodbye_upgrade(&mut self, idx: usize, window: Duration) {
+    pub(super) fn goodbye_upgrade(&mut self, idx: usize, window: Duration) {
         self.metrics.upgrade_goodbyes += 1;
         let window_ms = u32::try_from(window.as_millis()).unwrap_or(u32::MAX).max(1);
         let mut b = [0u8; 4];

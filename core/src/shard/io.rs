@@ -582,6 +582,8 @@ impl Shard {
     /// The upgrade failed after the drain began: accept again (the next `admit` re-arms).
     pub(crate) fn end_drain(&mut self) {
         self.draining = false;
+        self.handed_out = None;
+        self.late.clear();
         self.admit(Instant::now());
     }
 

@@ -142,6 +142,10 @@ pub(crate) struct Shard {
     shutting_down: bool,
     /// An upgrade is handing this shard's sessions to a new process (see `begin_drain`).
     draining: bool,
+    /// During that drain: where sessions go, and those established since (handed out from
+    /// the next tick).
+    handed_out: Option<crossbeam::channel::Sender<handoff::HandedOut>>,
+    late: Vec<(usize, u32)>,
     // Shard-local buffers, lent per operation.
     read_buf: Box<[u8]>,
     plain_buf: Box<[u8]>,
@@ -216,6 +220,8 @@ impl Shard {
             guard_logged: None,
             shutting_down: false,
             draining: false,
+            handed_out: None,
+            late: Vec::new(),
             read_buf: vec![0; READ_BUF].into_boxed_slice(),
             plain_buf: vec![0; READ_BUF].into_boxed_slice(),
             scratch: BytesMut::with_capacity(16 * 1024),

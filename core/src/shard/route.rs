@@ -467,6 +467,10 @@ impl Shard {
             self.presence(device, true);
         }
         self.code_connected(idx, device, running);
+        if self.draining {
+            // An upgrade is handing sessions over: this one goes too, from the next tick.
+            self.late.push((idx, self.conns[idx].generation));
+        }
     }
 
     /// Forgets a connection's device registration (presence offline, undelivered sends).

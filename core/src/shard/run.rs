@@ -176,6 +176,9 @@ async fn serve_shard(
                 published.publish(|m| m.clone_from(&s.metrics));
                 let status = s.rollout_status();
                 rollout.publish(|r| *r = status);
+                if draining {
+                    s.hand_out_late(now);
+                }
                 while let Ok(cmd) = handoff.try_recv() {
                     s.contained(Site::Adopt, |s| s.on_handoff(cmd, now));
                 }

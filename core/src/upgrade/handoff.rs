@@ -20,7 +20,7 @@
 //! `Confirmed`, and exits.
 
 use std::ffi::OsString;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::sync::Arc;
@@ -78,7 +78,8 @@ struct Outgoing {
     shard: usize,
     conn: (usize, u32),
     state: HandedSession,
-    fd: OwnedFd,
+    /// Its socket, owned by the shard (see `HandedOut::Session`).
+    fd: RawFd,
 }
 
 /// What an upgrade did, as `POST /upgrade` answers it (JSON) and `tether upgrade` prints it.
@@ -397,7 +398,38 @@ impl Upgrader {
         // What could not move leaves as its goodbye is written (and reconnects within the
         // window); the grace bounds how long a slow one may hold on.
         let end = Instant::now() + self.ctx.upgrade_window + self.ctx.shutdown_grace;
+        let mut batch = u32::MAX / 2;
+        let mut late_moved = 0;
         loop {
+            // Sessions established since the hand-out (their handshake was under way) follow.
+            let late: Vec<Outgoing> = self
+                .handed
+                .try_iter()
+                .filter_map(|h| match h {
+                    HandedOut::Session {
+                        shard,
+                        conn,
+                        state,
+                        fd,
+                    } => Some(Outgoing {
+                        shard,
+                        conn,
+                        state,
+                        fd,
+                    }),
+                    HandedOut::Done { .. } => None,
+                })
+                .collect();
+            for chunk in late.chunks(super::scm::MAX_FDS) {
+                batch += 1;
+                match self.send_batch(&mut conn, batch, chunk) {
+                    Ok((taken, _)) => late_moved += taken,
+                    Err(reason) => {
+                        self.resume(chunk.iter(), false);
+                        eprintln!("tether: upgrade: handing late sessions over: {reason}");
+                    }
+                }
+            }
             if let Ok(Some(status)) = child.try_wait() {
                 self.ctx.draining.store(false, Ordering::Relaxed);
                 self.busy.store(false, Ordering::Release);
@@ -414,6 +446,12 @@ impl Upgrader {
             std::thread::sleep(Duration::from_millis(100));
         }
         let left = self.live();
+        if late_moved > 0 {
+            eprintln!(
+                "tether: upgrade: {late_moved} more sessions, established during the handoff, \
+                 handed to pid {pid} live"
+            );
+        }
         let confirmed = conn
             .send(&Msg::Done, &[])
             .map_err(|e| e.to_string())
@@ -441,6 +479,7 @@ impl Upgrader {
     fn gather(&self) -> (Vec<Outgoing>, usize, Vec<usize>) {
         let mut out = Vec::new();
         let mut goodbyes = 0;
+        let mut reasons: Vec<(String, usize)> = Vec::new();
         let mut done = vec![false; self.shards.len()];
         let end = Instant::now() + Duration::from_secs(10);
         while done.contains(&false) && Instant::now() < end {
@@ -456,14 +495,31 @@ impl Upgrader {
                     state,
                     fd,
                 }),
-                Ok(HandedOut::Done { shard, goodbyes: g }) => {
+                Ok(HandedOut::Done {
+                    shard,
+                    goodbyes: g,
+                    why,
+                }) => {
                     done[shard] = true;
                     goodbyes += g;
+                    for (r, n) in why {
+                        match reasons.iter_mut().find(|(x, _)| *x == r) {
+                            Some((_, m)) => *m += n,
+                            None => reasons.push((r, n)),
+                        }
+                    }
                 }
                 Err(_) => {}
             }
         }
         let silent = (0..done.len()).filter(|&i| !done[i]).collect();
+        if !reasons.is_empty() {
+            let list: Vec<String> = reasons.iter().map(|(r, n)| format!("{n} {r}")).collect();
+            eprintln!(
+                "tether: upgrade: sessions that cannot move (told to reconnect): {}",
+                list.join(", ")
+            );
+        }
         (out, goodbyes, silent)
     }
 
@@ -488,7 +544,12 @@ impl Upgrader {
                 })
                 .collect(),
         };
-        let fds: Vec<BorrowedFd<'_>> = chunk.iter().map(|o| o.fd.as_fd()).collect();
+        // SAFETY: each descriptor belongs to a paused connection that its shard keeps open
+        // until this thread sends it `Commit` or `Resume`, which happens only after this send.
+        let fds: Vec<BorrowedFd<'_>> = chunk
+            .iter()
+            .map(|o| unsafe { BorrowedFd::borrow_raw(o.fd) })
+            .collect();
         conn.send(&msg, &fds)
             .map_err(|e| format!("sending sessions: {e}"))?;
         let (answer, _) = conn

@@ -60,6 +60,7 @@ fn report() -> Report {
             model_name: "Test CPU".into(),
         },
         deploys: Vec::new(),
+        upgrade: None,
         storms: vec![StormSummary {
             at_s: 5.0,
             dropped: 200,
@@ -139,6 +140,7 @@ fn bare_inputs<'a>(c: &'a Campaign, s: &'a Stats) -> ReportInputs<'a> {
         kernel_after: None,
         machine: Machine::probe(),
         deploys: Vec::new(),
+        upgrade: None,
         storms: Vec::new(),
         notes: Vec::new(),
         agent_sends_offline: 0,

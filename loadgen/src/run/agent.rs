@@ -28,36 +28,75 @@ enum Wake {
     Stop,
 }
 
-/// Runs agent `agent` (shard-local `slot`) until the end of the run.
+/// Runs agent `agent` (shard-local `slot`) until the end of the run. A link the server closes
+/// after its welcome (an upgrade closes agent links: agents attach again, to the new process)
+/// is attached again while the run lasts, counted (`agent_reattaches`), not an error.
 pub async fn run(ctx: Rc<ShardCtx>, slot: usize, agent: usize) {
     let sh = ctx.shared.clone();
-    let Some(addr) = sh.agent_server else { return };
+    // Bounded: at most this many re-attaches, and none after the run's end.
+    for _ in 0..100 {
+        match attach(&ctx, slot, agent).await {
+            Ok(()) => return,
+            Err(kind) => {
+                if Instant::now() >= sh.timeline.end || ctx.stop.fired() {
+                    return;
+                }
+                ctx.stats.borrow_mut().counters.agent_reattaches += 1;
+                if ctx.stats.borrow().counters.agent_reattaches > 50 {
+                    return ctx.error(kind);
+                }
+                glommio::timer::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+/// One attach: connect (TLS if asked), then the link. `Err` if the server closed the link
+/// after its welcome; every other failure is counted here and ends the agent (`Ok`).
+async fn attach(ctx: &Rc<ShardCtx>, slot: usize, agent: usize) -> Result<(), &'static str> {
+    let sh = ctx.shared.clone();
+    let Some(addr) = sh.agent_server else {
+        return Ok(());
+    };
     let deadline = Instant::now() + Duration::from_secs(10);
     let stream = match until(deadline, TcpStream::connect(addr)).await {
         Some(Ok(s)) => s,
         Some(Err(e)) => {
             ctx.error(&kind_of(&io::Error::from(e), "agent_connect"));
-            return;
+            return Ok(());
         }
         None => {
             ctx.error("agent_connect_timeout");
-            return;
+            return Ok(());
         }
     };
     let _ = stream.set_nodelay(true);
     let Some(config) = sh.agent_tls.clone() else {
-        return link(ctx, slot, agent, stream, deadline).await;
+        return link(ctx.clone(), slot, agent, stream, deadline).await;
     };
     let connector = futures_rustls::TlsConnector::from(config);
     match until(deadline, connector.connect(sh.server_name.clone(), stream)).await {
-        Some(Ok(tls)) => link(ctx, slot, agent, tls, deadline).await,
-        Some(Err(e)) => ctx.error(&kind_of(&e, "agent_tls")),
-        None => ctx.error("agent_tls_timeout"),
+        Some(Ok(tls)) => link(ctx.clone(), slot, agent, tls, deadline).await,
+        Some(Err(e)) => {
+            ctx.error(&kind_of(&e, "agent_tls"));
+            Ok(())
+        }
+        None => {
+            ctx.error("agent_tls_timeout");
+            Ok(())
+        }
     }
 }
 
-/// The agent protocol over a connected stream (plain or TLS), until the end of the run.
-async fn link<S>(ctx: Rc<ShardCtx>, slot: usize, agent: usize, mut stream: S, deadline: Instant)
+/// The agent protocol over a connected stream (plain or TLS), until the end of the run; `Err`
+/// if the server closed it after the welcome.
+async fn link<S>(
+    ctx: Rc<ShardCtx>,
+    slot: usize,
+    agent: usize,
+    mut stream: S,
+    deadline: Instant,
+) -> Result<(), &'static str>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -76,7 +115,7 @@ where
     let mut buf = vec![0u8; 64 * 1024];
     if let Err(e) = write_out(&mut stream, &mut out).await {
         ctx.error(&kind_of(&e, "agent_write"));
-        return;
+        return Ok(());
     }
     // Wait for AgentWelcome (bounded by the deadline).
     let welcomed = until(deadline, async {
@@ -97,8 +136,14 @@ where
     .await;
     match welcomed {
         Some(Ok(())) => {}
-        Some(Err(kind)) => return ctx.error(kind),
-        None => return ctx.error("agent_welcome_timeout"),
+        Some(Err(kind)) => {
+            ctx.error(kind);
+            return Ok(());
+        }
+        None => {
+            ctx.error("agent_welcome_timeout");
+            return Ok(());
+        }
     }
     // This agent's share of agent→device traffic: devices agent, agent + agents, ...
     let share: Vec<usize> = (agent..sh.devices.len()).step_by(agents).collect();
@@ -107,6 +152,11 @@ where
         tl.epoch.0,
         0.5,
     );
+    // A link attached again starts at the timetable's present: sends whose time passed while
+    // no link was up are not made (counted as offline).
+    while a2d.due(Instant::now()).is_some() {
+        ctx.sends_offline.set(ctx.sends_offline.get() + 1);
+    }
     let mut cursor = 0usize;
     let mut tag = 0u64;
     let len = m.payload_bytes as usize;
@@ -114,8 +164,9 @@ where
     loop {
         if !out.is_empty() {
             if let Err(e) = write_out(&mut stream, &mut out).await {
-                ctx.error(&kind_of(&e, "agent_write"));
-                return;
+                // The server closed the link (its read side first): attach again.
+                let _ = e;
+                return Err("agent_write");
             }
         }
         let wake_at = a2d
@@ -136,25 +187,31 @@ where
         .await;
         let now = Instant::now();
         match wake {
-            Wake::Read(Ok(0)) => return ctx.error("agent_eof"),
-            Wake::Read(Err(e)) => return ctx.error(&kind_of(&e, "agent_read")),
+            Wake::Read(Ok(0)) => return Err("agent_eof"),
+            Wake::Read(Err(_)) => return Err("agent_read"),
             Wake::Read(Ok(n)) => {
                 decoder.push(&buf[..n]);
                 loop {
                     let frame = match decoder.next_frame() {
                         Ok(Some(f)) => f,
                         Ok(None) => break,
-                        Err(_) => return ctx.error("agent_bad_frame"),
+                        Err(_) => {
+                            ctx.error("agent_bad_frame");
+                            return Ok(());
+                        }
                     };
                     match AgentMessage::decode(frame) {
                         Ok(msg) => on_message(&ctx, msg, now, &mut out, &mut tag),
-                        Err(_) => return ctx.error("agent_bad_message"),
+                        Err(_) => {
+                            ctx.error("agent_bad_message");
+                            return Ok(());
+                        }
                     }
                 }
             }
             Wake::Timer => {
                 if now >= tl.end {
-                    return;
+                    return Ok(());
                 }
                 let until_t = now.min(tl.sends_end);
                 // Bounded by the timetable up to now.
@@ -179,7 +236,7 @@ where
                     ctx.stats.borrow_mut().counters.msgs_sent += 1;
                 }
             }
-            Wake::Stop => return,
+            Wake::Stop => return Ok(()),
         }
     }
 }
@@ -205,6 +262,7 @@ fn on_message(ctx: &ShardCtx, msg: AgentMessage, now: Instant, out: &mut BytesMu
             let _ = AgentMessage::DeliverAck { device, seq }.encode(out);
             let mut st = ctx.stats.borrow_mut();
             st.counters.msgs_recv += 1;
+            st.counters.agent_received += 1;
             match stamp::read(&payload) {
                 Some((Kind::DeviceToAgent, us)) => {
                     st.hist
@@ -228,14 +286,16 @@ fn on_message(ctx: &ShardCtx, msg: AgentMessage, now: Instant, out: &mut BytesMu
             }
         }
         AgentMessage::SendResult { status, .. } => match status {
-            SendStatus::Delivered => {}
+            SendStatus::Delivered => ctx.stats.borrow_mut().counters.agent_delivered += 1,
             SendStatus::Offline => ctx.sends_offline.set(ctx.sends_offline.get() + 1),
             SendStatus::QueueFull => ctx.error("agent_send_queue_full"),
             SendStatus::UnknownDevice => ctx.error("agent_send_unknown_device"),
             SendStatus::TooLarge => ctx.error("agent_send_too_large"),
             _ => ctx.error("agent_send_other"),
         },
-        AgentMessage::Presence { .. } | AgentMessage::AgentWelcome { .. } => {}
+        AgentMessage::Presence { .. }
+        | AgentMessage::PresenceSnapshot { .. }
+        | AgentMessage::AgentWelcome { .. } => {}
         AgentMessage::Error { .. } => ctx.error("agent_error_frame"),
         _ => ctx.error("agent_unexpected_message"),
     }

@@ -744,6 +744,7 @@ impl Device {
                 DeviceEvent::Message { payload, .. } => {
                     let mut st = ctx.stats.borrow_mut();
                     st.counters.msgs_recv += 1;
+                    st.counters.device_received += 1;
                     match stamp::read(&payload) {
                         Some((Kind::AgentToDevice, us)) => st.hist.record_since(
                             Metric::AgentToDevice,
@@ -802,7 +803,7 @@ impl Device {
                 DeviceEvent::CodeOffer { .. } | DeviceEvent::CodeChunk { .. } => {
                     self.code_event(now, &ev, ctx)
                 }
-                DeviceEvent::Acked { .. } => {}
+                DeviceEvent::Acked { .. } => ctx.stats.borrow_mut().counters.device_acked += 1,
             }
         }
     }
@@ -916,6 +917,7 @@ fn close_kind(r: &CloseReason) -> Option<&'static str> {
         CloseReason::PeerGoodbye(GoodbyeReason::Overloaded) => "goodbye_overloaded",
         CloseReason::PeerGoodbye(GoodbyeReason::Replaced) => "goodbye_replaced",
         CloseReason::PeerGoodbye(GoodbyeReason::Revoked) => "goodbye_revoked",
+        CloseReason::PeerGoodbye(GoodbyeReason::Upgrade) => "goodbye_upgrade",
         CloseReason::PeerGoodbye(_) => "goodbye_other",
         CloseReason::PeerError(E::AuthFailed) => "server_error_auth_failed",
         CloseReason::PeerError(E::UnknownDevice) => "server_error_unknown_device",

@@ -24,6 +24,7 @@ pub mod shard;
 pub mod spawn;
 pub mod stamp;
 mod tls;
+mod upgrade;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -142,8 +143,25 @@ pub fn run(c: &Campaign, opts: &RunOptions) -> Result<Report, RunError> {
         }
         (None, None) => None,
     };
-    let result = run_against(c, &data_dir, server_pid, &plans, notes, opts);
+    let mut successor = None;
+    let result = run_against(
+        c,
+        &data_dir,
+        server_pid,
+        &plans,
+        notes,
+        opts,
+        &mut successor,
+    );
     if let Some(s) = server.as_mut() {
+        if let Some(pid) = successor {
+            s.upgraded_to(pid);
+        }
+        if opts.progress && !c.upgrade.is_empty() {
+            for line in s.upgrade_lines() {
+                eprintln!("  server: {line}");
+            }
+        }
         let how = s.stop();
         if opts.progress {
             eprintln!("server {how}");
@@ -164,15 +182,18 @@ fn run_against(
     plans: &[crate::campaign::WorkerPlan],
     mut notes: Vec<String>,
     opts: &RunOptions,
+    successor: &mut Option<u32>,
 ) -> Result<Report, RunError> {
     let admin = c.server.admin_link_address();
-    if !c.deploy.is_empty() && admin.is_none() {
+    let steps = !c.deploy.is_empty() || !c.upgrade.is_empty();
+    if steps && admin.is_none() {
         return Err(setup(
-            "deploy steps need the server's admin endpoint: set server.admin_address",
+            "deploy and upgrade steps need the server's admin endpoint: set server.admin_address",
         ));
     }
-    // Deploys change state: the admin endpoint wants its token.
-    let admin_token = if c.deploy.is_empty() {
+    let mut server_pid = server_pid;
+    // Deploys and upgrades change state: the admin endpoint wants its token.
+    let admin_token = if !steps {
         None
     } else {
         Some(tether_core::client::read_admin_token(data_dir).map_err(|e| setup(e.to_string()))?)
@@ -337,6 +358,8 @@ fn run_against(
     // Deploys: when each was posted, and the admin answers coming back from their threads.
     let mut deployed: Vec<Option<Instant>> = vec![None; c.deploy.len()];
     let (deploy_tx, deploy_rx) = mpsc::channel::<(usize, String)>();
+    let mut upgrades =
+        upgrade::Upgrades::new(c, admin.map(|a| (a, admin_token.clone())), opts.progress);
     loop {
         let next_deploy = c
             .deploy
@@ -345,9 +368,11 @@ fn run_against(
             .filter(|(_, at)| at.is_none())
             .map(|(d, _)| timeline.at(d.at_s as f64))
             .min();
+        let next_upgrade = upgrades.next_due(c, &timeline);
         let wait = next_tick
             .min(next_sample)
             .min(next_deploy.unwrap_or(next_tick))
+            .min(next_upgrade.unwrap_or(next_tick))
             .saturating_duration_since(Instant::now());
         match rx.recv_timeout(wait) {
             Ok(s) => {
@@ -398,6 +423,18 @@ fn run_against(
                 c.deploy[k].at_s
             ));
         }
+        if !c.upgrade.is_empty() && !shared.abort.load(Ordering::Relaxed) {
+            let merged = merge(&latest);
+            let rtt = merged.hist.get(crate::stats::Metric::RoundTrip);
+            upgrades.post_due(c, &timeline, now, rtt);
+        }
+        // The server is another process after an upgrade: sample that one from now on.
+        for pid in upgrades.answers() {
+            if server_pid.is_some() {
+                server_pid = Some(pid);
+            }
+            *successor = Some(pid);
+        }
         if now >= next_sample {
             cpu.sample(server_pid);
             next_sample = now + CPU_SAMPLE;
@@ -407,6 +444,7 @@ fn run_against(
         }
         next_tick = now + Duration::from_secs(1);
         let merged = merge(&latest);
+        upgrades.tick(now, merged.hist.get(crate::stats::Metric::RoundTrip));
         peak = peak.max(merged.counters.connected_now);
         if ramp_done.is_none()
             && (merged.counters.connected_now >= c.devices
@@ -482,6 +520,26 @@ fn run_against(
         ));
     }
     let deploys = deploy_summaries(c, &latest, &timeline, &deployed);
+    for pid in upgrades.answers() {
+        *successor = Some(pid);
+    }
+    let upgrade = (!c.upgrade.is_empty()).then(|| {
+        let rtt = stats.hist.get(crate::stats::Metric::RoundTrip);
+        let errors = stats.errors.by_kind();
+        let sum = |f: &dyn Fn(&str) -> bool| -> u64 {
+            errors.iter().filter(|(k, _)| f(k)).map(|(_, n)| n).sum()
+        };
+        let k = &stats.counters;
+        crate::report::UpgradeTotals {
+            upgrades: upgrades.summaries(c, &timeline, rtt),
+            device_reconnects: k.connects.saturating_sub(first.min(c.devices)),
+            refused_connects: sum(&|k| k.contains("connect") || k.contains("tls")),
+            tls_errors: sum(&|k| k.contains("tls")),
+            agent_reattaches: k.agent_reattaches,
+            acked_lost: k.device_acked.saturating_sub(k.agent_received)
+                + k.agent_delivered.saturating_sub(k.device_received),
+        }
+    });
     let mut attacks = vec![crate::stats::AttackTally::default(); c.attack.len()];
     for snap in latest.iter().flatten() {
         for (mine, theirs) in attacks.iter_mut().zip(&snap.attacks) {
@@ -511,6 +569,7 @@ fn run_against(
         machine: Machine::probe(),
         storms,
         deploys,
+        upgrade,
         notes,
         agent_sends_offline,
         resumed,

@@ -63,6 +63,11 @@ pub struct ServerProcess {
     pub temp: bool,
     lines: mpsc::Receiver<String>,
     tail: Vec<String>,
+    /// What the server (and its successors) said about upgrades (at most 100 lines).
+    upgrade_lines: Vec<String>,
+    /// The process an upgrade handed the server to (not our child: the old server started
+    /// it); stopped with it.
+    successor: Option<u32>,
 }
 
 impl ServerProcess {
@@ -164,6 +169,8 @@ impl ServerProcess {
             temp,
             lines,
             tail: Vec::new(),
+            successor: None,
+            upgrade_lines: Vec::new(),
         };
         p.wait_listening()?;
         Ok(p)
@@ -209,6 +216,9 @@ impl ServerProcess {
     }
 
     fn keep(&mut self, line: String) {
+        if line.contains("tether: upgrade") && self.upgrade_lines.len() < 100 {
+            self.upgrade_lines.push(line.clone());
+        }
         if self.tail.len() >= 20 {
             self.tail.remove(0);
         }
@@ -224,6 +234,17 @@ impl ServerProcess {
     /// The server's pid.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// What the server said about its upgrades, in order.
+    pub fn upgrade_lines(&mut self) -> Vec<String> {
+        self.drain();
+        self.upgrade_lines.clone()
+    }
+
+    /// An upgrade handed the server to process `pid`: [`stop`](Self::stop) stops it too.
+    pub fn upgraded_to(&mut self, pid: u32) {
+        self.successor = Some(pid);
     }
 
     /// The last lines the server printed (up to 20).
@@ -256,6 +277,10 @@ impl ServerProcess {
                 }
             }
         };
+        let ended = match self.successor.take() {
+            Some(pid) => format!("{ended}; its successor pid {pid} {}", stop_successor(pid)),
+            None => ended,
+        };
         self.drain();
         if self.temp {
             let _ = std::fs::remove_dir_all(&self.data_dir);
@@ -279,14 +304,44 @@ fn cmd_err(what: &str, detail: String) -> SpawnError {
     }
 }
 
-#[allow(unsafe_code)] // reason: libc::kill is the one way to send SIGTERM without a new dependency
+/// Stops an upgrade's successor (not our child, so it is watched through `/proc`): SIGTERM,
+/// up to 10 s, then SIGKILL. Only a process that is still a `tether` is signalled.
+fn stop_successor(pid: u32) -> &'static str {
+    let is_tether = || {
+        std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+            c.split(|&b| b == 0)
+                .next()
+                .is_some_and(|a| a.ends_with(b"tether"))
+        })
+    };
+    if !is_tether() {
+        return "had already exited";
+    }
+    sigterm(pid);
+    let deadline = Instant::now() + STOP_TIMEOUT;
+    while Instant::now() < deadline {
+        if !is_tether() {
+            return "stopped";
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    signal(pid, libc::SIGKILL);
+    "killed: no exit within 10 s of SIGTERM"
+}
+
 fn sigterm(pid: u32) {
+    signal(pid, libc::SIGTERM);
+}
+
+#[allow(unsafe_code)] // reason: libc::kill is the one way to send a signal without a new dependency
+fn signal(pid: u32, sig: libc::c_int) {
     let Ok(pid) = libc::pid_t::try_from(pid) else {
         return;
     };
     // SAFETY: kill(2) has no memory-safety preconditions; `pid` is our own child, not yet
-    // reaped (we hold its `Child` and have not waited on it), so the pid cannot be reused.
+    // reaped (we hold its `Child` and have not waited on it), or the successor an upgrade
+    // named, checked to be a `tether` just before.
     unsafe {
-        libc::kill(pid, libc::SIGTERM);
+        libc::kill(pid, sig);
     }
 }
