@@ -349,8 +349,8 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         None => bind_listeners(nshards, &opts)?,
     };
     let handover = Handover {
-        device: dup_all(listeners.iter().map(|l| &l.device))?,
-        agent: dup_all(listeners.iter().map(|l| &l.agent))?,
+        device: dup_all(listeners.iter().flat_map(|l| &l.device))?,
+        agent: dup_all(listeners.iter().flat_map(|l| &l.agent))?,
         admin: dup(admin.as_fd())?,
         lock: dup(lock.as_fd())?,
     };
@@ -521,33 +521,29 @@ fn bind_listeners(
 }
 
 fn bind_shard(opts: &ServeOptions) -> Result<ShardListeners, ServeError> {
+    let bind = |addr: SocketAddr, backlog: i32, what: &str| {
+        tether_net::ring::listener(addr, backlog)
+            .map_err(setup(&format!("cannot listen on {addr} ({what})")))
+    };
     Ok(ShardListeners {
-        device: tether_net::ring::listener(opts.listen, 4096).map_err(setup(&format!(
-            "cannot listen on {} (devices)",
-            opts.listen
-        )))?,
-        agent: tether_net::ring::listener(opts.agent_listen, 1024).map_err(setup(&format!(
-            "cannot listen on {} (agents)",
-            opts.agent_listen
-        )))?,
+        device: vec![bind(opts.listen, 4096, "devices")?],
+        agent: vec![bind(opts.agent_listen, 1024, "agents")?],
     })
 }
 
-/// The listeners an upgrade handed over, one pair per shard of the old process; a new process
-/// with more shards binds the rest (joining the same `SO_REUSEPORT` group). Fewer shards than
-/// the old process is refused: the surplus sockets would have no one accepting on them, and
-/// closing them resets the connections queued there.
+/// The listeners an upgrade handed over: the same sockets, spread over this process's shards
+/// (with more shards than the old process, the rest bind new sockets that join the same
+/// `SO_REUSEPORT` group; with fewer, a shard accepts on several, so no socket is closed —
+/// closing one would reset the connections queued on it).
 fn taken_listeners(
     t: &mut TakenOver,
     nshards: usize,
     opts: &ServeOptions,
 ) -> Result<(Vec<ShardListeners>, std::net::TcpListener), ServeError> {
-    let old = t.device.len();
-    if nshards < old || t.agent.len() != old {
-        return Err(ServeError::Setup(format!(
-            "--take-over: the running server has {old} shards and this one {nshards}: a new \
-             process takes at least as many shards as the old (pass --shards {old} or more)"
-        )));
+    if t.device.is_empty() || t.agent.is_empty() {
+        return Err(ServeError::Setup(
+            "--take-over: the running server handed over no device or agent listener".into(),
+        ));
     }
     let admin = t
         .admin
@@ -558,14 +554,28 @@ fn taken_listeners(
                 "--take-over: the running server handed over no admin listener".into(),
             )
         })?;
-    let mut listeners: Vec<ShardListeners> = t
-        .device
-        .drain(..)
-        .zip(t.agent.drain(..))
-        .map(|(device, agent)| ShardListeners { device, agent })
+    let mut listeners: Vec<ShardListeners> = (0..nshards)
+        .map(|_| ShardListeners {
+            device: Vec::new(),
+            agent: Vec::new(),
+        })
         .collect();
-    while listeners.len() < nshards {
-        listeners.push(bind_shard(opts)?);
+    for (i, fd) in t.device.drain(..).enumerate() {
+        listeners[i % nshards].device.push(fd);
+    }
+    for (i, fd) in t.agent.drain(..).enumerate() {
+        listeners[i % nshards].agent.push(fd);
+    }
+    for l in &mut listeners {
+        if l.device.is_empty() || l.agent.is_empty() {
+            let fresh = bind_shard(opts)?;
+            if l.device.is_empty() {
+                l.device = fresh.device;
+            }
+            if l.agent.is_empty() {
+                l.agent = fresh.agent;
+            }
+        }
     }
     Ok((listeners, admin))
 }

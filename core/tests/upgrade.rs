@@ -14,7 +14,7 @@ use common::{Agent, Device, KillOnDrop, Server, tls_handshake_to};
 use tether_core::client::UpgradeReport;
 use tether_protocol::device::DeviceEvent;
 use tether_protocol::message::SendStatus;
-use tether_protocol::{AgentMessage, DeviceId};
+use tether_protocol::{AgentMessage, DeviceId, Seq};
 
 const T: Duration = Duration::from_secs(10);
 const DEVICES: u64 = 200;
@@ -110,6 +110,28 @@ fn round(devs: &mut [Device], agent: &mut Agent) -> bool {
     devs.iter().all(|d| !d.closed)
 }
 
+/// Pumps the devices and acknowledges at the agent until each device with a seq in `seqs` has
+/// it acknowledged, or `within` passes; how many are.
+fn until_acked(
+    devs: &mut [Device],
+    agent: &mut Agent,
+    seqs: &[Option<Seq>],
+    within: Duration,
+) -> usize {
+    let acked = |devs: &[Device]| {
+        devs.iter()
+            .zip(seqs)
+            .filter(|(d, s)| s.is_some_and(|seq| d.events.contains(&DeviceEvent::Acked { seq })))
+            .count()
+    };
+    let want = seqs.iter().flatten().count();
+    let end = Instant::now() + within;
+    while Instant::now() < end && acked(devs) < want {
+        round(devs, agent);
+    }
+    acked(devs)
+}
+
 fn closed_events(devs: &[Device]) -> Vec<(usize, DeviceEvent)> {
     devs.iter()
         .enumerate()
@@ -142,15 +164,11 @@ fn an_upgrade_hands_every_session_over_live_and_loses_nothing() {
         .iter_mut()
         .map(|d| send(d, "before").unwrap())
         .collect();
-    let end = Instant::now() + T;
-    while Instant::now() < end
-        && !devs
-            .iter()
-            .zip(&before)
-            .all(|(d, seq)| d.events.contains(&DeviceEvent::Acked { seq: *seq }))
-    {
-        assert!(round(&mut devs, &mut agent));
-    }
+    let before: Vec<_> = before.into_iter().map(Some).collect();
+    assert_eq!(
+        until_acked(&mut devs, &mut agent, &before, T),
+        DEVICES as usize
+    );
     let (stop, probe) = prober(&s);
     let (status, answer) = s.upgrade(None);
     assert_eq!(status, 200, "{answer}");
@@ -188,20 +206,8 @@ fn an_upgrade_hands_every_session_over_live_and_loses_nothing() {
     while ack_some(&mut agent) {}
     let mut agent = Agent::attach_welcomed(&s);
     // Within a resend period (10 s) every message sent during the upgrade is acknowledged.
-    let end = Instant::now() + Duration::from_secs(25);
-    while Instant::now() < end
-        && !devs
-            .iter()
-            .zip(&during)
-            .all(|(d, seq)| d.events.contains(&DeviceEvent::Acked { seq: *seq }))
-    {
-        assert!(round(&mut devs, &mut agent), "{:?}", closed_events(&devs));
-    }
-    let acked = devs
-        .iter()
-        .zip(&during)
-        .filter(|(d, seq)| d.events.contains(&DeviceEvent::Acked { seq: **seq }))
-        .count();
+    let during: Vec<_> = during.into_iter().map(Some).collect();
+    let acked = until_acked(&mut devs, &mut agent, &during, Duration::from_secs(25));
     assert_eq!(
         acked, DEVICES as usize,
         "messages sent during the upgrade acknowledged"
@@ -351,25 +357,17 @@ fn killed_mid_handoff(die_at: u32, devices: u64) {
     let lost = devs.iter().filter(|d| d.closed).count();
     assert_eq!(lost, committed, "devices whose connection ended");
     let mut agent = Agent::attach_welcomed(&s);
-    let mut kept: Vec<&mut Device> = devs.iter_mut().filter(|d| !d.closed).collect();
-    let seqs: Vec<_> = kept.iter_mut().map(|d| send(d, "kept").unwrap()).collect();
-    let end = Instant::now() + T;
-    while Instant::now() < end
-        && !kept
-            .iter()
-            .zip(&seqs)
-            .all(|(d, seq)| d.events.contains(&DeviceEvent::Acked { seq: *seq }))
-    {
-        ack_some(&mut agent);
-        for d in kept.iter_mut() {
-            d.pump_until(Duration::from_millis(1), |_| false);
-        }
-    }
-    for (d, seq) in kept.iter().zip(&seqs) {
-        assert!(
-            d.events.contains(&DeviceEvent::Acked { seq: *seq }),
-            "a kept session works"
-        );
+    let seqs: Vec<_> = devs
+        .iter_mut()
+        .map(|d| if d.closed { None } else { send(d, "kept") })
+        .collect();
+    let kept = devices as usize - committed;
+    assert_eq!(
+        until_acked(&mut devs, &mut agent, &seqs, T),
+        kept,
+        "kept sessions work"
+    );
+    for d in devs.iter().filter(|d| !d.closed) {
         assert!(!d.events.iter().any(|e| matches!(e, DeviceEvent::Closed(_))));
     }
     // The lost ones come back (to the old process, which accepts again).
@@ -441,4 +439,67 @@ fn sessions_that_cannot_move_are_told_to_reconnect_and_counted() {
         d.reconnect(&s);
         assert!(d.established(), "a device reconnects to the new process");
     }
+}
+
+#[test]
+fn sigusr2_upgrades_to_the_same_binary() {
+    let s = Server::start(10, &["--shards", "2"]);
+    let mut devs = established(&s, 10);
+    s.signal(12); // SIGUSR2
+    let line = s.wait_log("sessions handed to pid", 1, T);
+    let pid: i32 = line
+        .first()
+        .and_then(|l| l.split("handed to pid ").nth(1))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("{:?}", s.log_lines("upgrade")));
+    let _new = KillOnDrop(pid);
+    assert!(line[0].contains("10 sessions handed"), "{line:?}");
+    assert_eq!(s.log_lines("upgrade (SIGUSR2)").len(), 1);
+    // The devices carry on with the new process.
+    let mut agent = Agent::attach_welcomed(&s);
+    let seqs: Vec<_> = devs.iter_mut().map(|d| send(d, "after")).collect();
+    assert_eq!(until_acked(&mut devs, &mut agent, &seqs, T), 10);
+    assert_eq!(closed_events(&devs), vec![]);
+}
+
+/// A "new binary" that is this tether started with `--shards n` instead of the old process's
+/// count (an upgrade keeps the arguments; a new build may well change the shard count).
+fn with_shards(dir: &std::path::Path, n: usize) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(format!("tether-{n}-shards.sh"));
+    let script = format!(
+        "#!/bin/bash\nout=(); next=0\nfor a in \"$@\"; do\n  if [ $next = 1 ]; then out+=({n}); next=0; continue; fi\n  [ \"$a\" = --shards ] && next=1\n  out+=(\"$a\")\ndone\nexec {} \"${{out[@]}}\"\n",
+        env!("CARGO_BIN_EXE_tether")
+    );
+    std::fs::write(&path, script).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+#[test]
+fn the_new_process_may_have_fewer_or_more_shards() {
+    let s = Server::start(40, &["--shards", "2"]);
+    let mut devs = established(&s, 40);
+    let mut agent = Agent::attach_welcomed(&s);
+    let mut keep = Vec::new();
+    // 2 → 1 → 3 shards: the same sockets each time, sessions re-homed by the new count.
+    for (i, n) in [1usize, 3].into_iter().enumerate() {
+        let (status, answer) = s.upgrade(Some(&with_shards(&s.dir, n)));
+        assert_eq!(status, 200, "{answer}");
+        keep.push(successor(&answer));
+        assert_eq!(report(&answer).sessions_handed, 40, "{answer}");
+        let listening = s.wait_log(&format!("({n} shards"), 1, T);
+        assert_eq!(listening.len(), 1, "{:?}", s.log_lines("listening"));
+        while ack_some(&mut agent) {}
+        agent = Agent::attach_welcomed(&s);
+        let seqs: Vec<_> = devs.iter_mut().map(|d| send(d, "moved")).collect();
+        let acked = until_acked(&mut devs, &mut agent, &seqs, Duration::from_secs(25));
+        assert_eq!(acked, 40, "after upgrade {i} to {n} shards");
+        // New devices connect too (every listener is accepted on).
+        for _ in 0..20 {
+            assert!(s.tls_handshake(s.tls.clone()).is_ok());
+        }
+    }
+    assert_eq!(closed_events(&devs), vec![]);
 }

@@ -184,7 +184,9 @@ impl Shard {
                         self.metrics.error(ErrorKind::Io);
                     }
                     if !c.more {
-                        self.accepting = false;
+                        if let Some(l) = self.listeners.get_mut(c.idx) {
+                            l.accepting = false;
+                        }
                     }
                 }
                 Kind::Control => {}
@@ -212,20 +214,33 @@ impl Shard {
         }
         self.start_waiting(now);
         let room = self.guard.has_room() && !self.shutting_down && !self.draining;
-        match (&self.listener, self.accepting, room) {
-            (Some(l), false, true) if self.bucket.ready(now) => {
-                if self.bucket.limited() {
-                    self.ring.accept_one(l.as_raw_fd(), 0);
-                } else {
-                    self.ring.accept(l.as_raw_fd(), 0);
+        // Usually one listener; more after an upgrade from a process with more shards.
+        for (which, l) in self.listeners.iter_mut().enumerate() {
+            match (l.accepting, room) {
+                (false, true) if self.bucket.ready(now) => {
+                    if self.bucket.limited() {
+                        self.ring.accept_one(l.fd.as_raw_fd(), which);
+                    } else {
+                        self.ring.accept(l.fd.as_raw_fd(), which);
+                    }
+                    l.accepting = true;
                 }
-                self.accepting = true;
+                (true, false) => {
+                    self.ring.cancel_accept(which);
+                    l.accepting = false;
+                }
+                _ => {}
             }
-            (Some(_), true, false) => {
-                self.ring.cancel_accept(0);
-                self.accepting = false;
+        }
+    }
+
+    /// Stops accepting on every listener (they stay open).
+    fn stop_accepting(&mut self) {
+        for (which, l) in self.listeners.iter_mut().enumerate() {
+            if l.accepting {
+                self.ring.cancel_accept(which);
+                l.accepting = false;
             }
-            _ => {}
         }
     }
 
@@ -544,11 +559,8 @@ impl Shard {
     /// `retry_after`, so the fleet does not come back all at once.
     pub(crate) fn begin_shutdown(&mut self) {
         self.shutting_down = true;
-        if self.accepting {
-            self.ring.cancel_accept(0);
-            self.accepting = false;
-        }
-        self.listener = None;
+        self.stop_accepting();
+        self.listeners.clear();
         let idxs: Vec<usize> = self.conns.iter().map(|(i, _)| i).collect();
         for idx in idxs {
             self.conns[idx]
@@ -569,10 +581,7 @@ impl Shard {
         out: &crossbeam::channel::Sender<super::handoff::HandedOut>,
     ) {
         self.draining = true;
-        if self.accepting {
-            self.ring.cancel_accept(0);
-            self.accepting = false;
-        }
+        self.stop_accepting();
         self.hand_out(window, out, Instant::now());
         for out in self.local_agents.values() {
             out.close();

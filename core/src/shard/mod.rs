@@ -155,10 +155,9 @@ pub(crate) struct Shard {
     /// The readiness ring: device sockets and the device listener.
     pub(crate) ring: Ring,
     completions: Vec<Completion>,
-    /// The device listener, accepted from through the ring.
-    listener: Option<OwnedFd>,
-    /// A multishot accept is armed.
-    accepting: bool,
+    /// The device listeners (one, or more after an upgrade from more shards), accepted from
+    /// through the ring.
+    listeners: Vec<Listener>,
     /// Accept-rate limiter.
     bucket: run::TokenBucket,
     /// The connection the contained step in progress concerns (slot, generation).
@@ -167,13 +166,20 @@ pub(crate) struct Shard {
     blamed_agent: Option<AgentId>,
 }
 
+/// A device listener the shard accepts from through its ring.
+struct Listener {
+    fd: OwnedFd,
+    /// An accept is armed on it.
+    accepting: bool,
+}
+
 impl Shard {
     pub(crate) fn new(
         id: usize,
         nshards: usize,
         ctx: std::sync::Arc<ServerCtx>,
         ring: Ring,
-        listener: OwnedFd,
+        listeners: Vec<OwnedFd>,
     ) -> Self {
         let bucket = run::TokenBucket::new(ctx.accept_rate_per_shard);
         let mesh_out = Outboxes::new(nshards, ctx.mesh_capacity);
@@ -229,8 +235,13 @@ impl Shard {
             ready: Vec::new(),
             ring,
             completions: Vec::new(),
-            listener: Some(listener),
-            accepting: false,
+            listeners: listeners
+                .into_iter()
+                .map(|fd| Listener {
+                    fd,
+                    accepting: false,
+                })
+                .collect(),
             bucket,
             blamed: None,
             blamed_agent: None,

@@ -26,10 +26,11 @@ const TICK: Duration = Duration::from_millis(100);
 /// A shard's listening sockets, bound by the server before the shards start (or taken over
 /// from the process being upgraded: the very sockets it accepted on, never re-bound).
 pub(crate) struct ShardListeners {
-    /// The device port (`SO_REUSEPORT`, non-blocking), accepted from through the ring.
-    pub device: OwnedFd,
-    /// The agent port (`SO_REUSEPORT`), accepted from by glommio.
-    pub agent: OwnedFd,
+    /// The device port (`SO_REUSEPORT`, non-blocking), accepted from through the ring: one
+    /// socket, or more when an upgrade came from a process with more shards.
+    pub device: Vec<OwnedFd>,
+    /// The agent port (`SO_REUSEPORT`), accepted from by glommio; as many.
+    pub agent: Vec<OwnedFd>,
 }
 
 /// Runs shard `id` until shutdown completes.
@@ -61,22 +62,25 @@ async fn serve_shard(
         .join()
         .await
         .map_err(|_| format!("shard {id}: joining the channel mesh failed"))?;
-    let device_listener = listeners.device;
-    let local = socket2::SockRef::from(&device_listener)
-        .local_addr()
-        .ok()
+    let local = listeners
+        .device
+        .first()
+        .and_then(|l| socket2::SockRef::from(l).local_addr().ok())
         .and_then(|a| a.as_socket());
     let ring = Ring::new(4096).map_err(|e| format!("shard {id}: io_uring setup failed: {e}"))?;
     let doorbell = Doorbell::new(&ring).map_err(|e| format!("shard {id}: eventfd: {e}"))?;
-    // SAFETY: the descriptor is a bound, listening TCP socket this shard now owns alone.
-    let agent_listener =
-        Rc::new(unsafe { TcpListener::from_raw_fd(listeners.agent.into_raw_fd()) });
+    let agent_listeners: Vec<Rc<TcpListener>> = listeners
+        .agent
+        .into_iter()
+        // SAFETY: each descriptor is a bound, listening TCP socket this shard now owns alone.
+        .map(|fd| Rc::new(unsafe { TcpListener::from_raw_fd(fd.into_raw_fd()) }))
+        .collect();
     let shard = Rc::new(RefCell::new(Shard::new(
         id,
         nshards,
         ctx.clone(),
         ring,
-        device_listener,
+        listeners.device,
     )));
     let senders = Rc::new(senders);
     shard.borrow_mut().senders = Some(senders.clone());
@@ -135,7 +139,7 @@ async fn serve_shard(
         .detach();
     }
 
-    let agents_accepting = accept_agents(&shard, &agent_listener);
+    let agents_accepting = accept_agents(&shard, &agent_listeners);
     // The timer task: expire deadlines, apply deploys, registry changes and reloaded TLS
     // configs, answer registry requests, publish the counters and the rollout state, watch
     // for shutdown.
@@ -197,7 +201,7 @@ async fn serve_shard(
                         s.begin_drain(ctx.upgrade_window, &handed_out);
                     } else {
                         s.end_drain();
-                        accepts = Some(accept_agents(&shard, &agent_listener));
+                        accepts = Some(accept_agents(&shard, &agent_listeners));
                     }
                 }
                 if shutdown_at.is_none() && ctx.shutdown.load(Ordering::Relaxed) {
@@ -227,21 +231,29 @@ async fn serve_shard(
     Ok(())
 }
 
-/// The agent accept loop: each attached agent is served by a task of its own. Dropping the
-/// returned task stops accepting (the listener stays open).
-fn accept_agents(shard: &Rc<RefCell<Shard>>, listener: &Rc<TcpListener>) -> glommio::Task<()> {
-    let shard = shard.clone();
-    let listener = listener.clone();
-    glommio::spawn_local(async move {
-        loop {
-            match listener.accept().await {
-                Ok(s) => {
-                    glommio::spawn_local(agent::serve_agent(shard.clone(), s)).detach();
+/// The agent accept loops, one per listener: each attached agent is served by a task of its
+/// own. Dropping the returned tasks stops accepting (the listeners stay open).
+fn accept_agents(
+    shard: &Rc<RefCell<Shard>>,
+    listeners: &[Rc<TcpListener>],
+) -> Vec<glommio::Task<()>> {
+    listeners
+        .iter()
+        .map(|listener| {
+            let shard = shard.clone();
+            let listener = listener.clone();
+            glommio::spawn_local(async move {
+                loop {
+                    match listener.accept().await {
+                        Ok(s) => {
+                            glommio::spawn_local(agent::serve_agent(shard.clone(), s)).detach();
+                        }
+                        Err(_) => glommio::timer::sleep(Duration::from_millis(10)).await,
+                    }
                 }
-                Err(_) => glommio::timer::sleep(Duration::from_millis(10)).await,
-            }
-        }
-    })
+            })
+        })
+        .collect()
 }
 
 /// A shard's share of the accept rate (`--accept-rate` is per process): one token per accepted
