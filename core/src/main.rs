@@ -207,6 +207,11 @@ struct ServeArgs {
     /// spread over it).
     #[arg(long, default_value_t = 5000)]
     upgrade_window_ms: u64,
+    /// When this server is upgraded: the longest its shards stop reading devices, before the
+    /// sessions move, so that agents answer what they were given (a message in flight to an
+    /// agent when its link closes waits for its device's resend, 10 s). 0: no wait.
+    #[arg(long, default_value_t = 200)]
+    upgrade_quiet_ms: u64,
     /// Take over the listeners of the server running on --data-dir (through its
     /// upgrade.sock) instead of binding them: how `tether upgrade` starts the new binary.
     #[arg(long)]
@@ -493,6 +498,7 @@ fn main() -> ExitCode {
             agent_queue_limit: a.agent_queue_limit as usize,
             take_over: a.take_over,
             upgrade_window: Duration::from_millis(a.upgrade_window_ms),
+            upgrade_quiet: Duration::from_millis(a.upgrade_quiet_ms),
             // A successor starts with the same arguments (and `--take-over` of its own).
             args: std::env::args_os()
                 .skip(1)

@@ -106,6 +106,9 @@ pub struct ServeOptions {
     /// When this process is upgraded, the window over which its devices are told to come
     /// back (to the new process).
     pub upgrade_window: Duration,
+    /// When this process is upgraded, the longest its shards stop reading devices so that the
+    /// agents answer what they were given before the sessions move.
+    pub upgrade_quiet: Duration,
     /// The `serve` arguments to start a successor with on `tether upgrade` (this process's
     /// own, without the program name).
     pub args: Vec<std::ffi::OsString>,
@@ -144,6 +147,7 @@ impl Default for ServeOptions {
             agent_queue_limit: crate::shard::AGENT_QUEUE_LIMIT,
             take_over: false,
             upgrade_window: Duration::from_secs(5),
+            upgrade_quiet: Duration::from_millis(200),
             args: Vec::new(),
         }
     }
@@ -286,6 +290,8 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         shutdown_grace: opts.shutdown_grace,
         draining: AtomicBool::new(false),
         upgrade_window: opts.upgrade_window.max(Duration::from_millis(1)),
+        upgrade_quiet: opts.upgrade_quiet,
+        took_over: taken.is_some(),
         max_transfers_per_shard: opts.max_transfers.max(1),
         code_at_start,
         deployer: deployer.clone(),

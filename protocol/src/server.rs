@@ -676,6 +676,12 @@ impl ServerSession {
         self.stream.unacked()
     }
 
+    /// Whether a message of the device was handed up ([`ServerEvent::Message`]) and not yet
+    /// acknowledged ([`ack_received`](Self::ack_received)): its agent still has to answer.
+    pub fn awaiting_ack_received(&self) -> bool {
+        self.stream.rx_seq > self.stream.rx_acked
+    }
+
     /// When the device was last heard from (any frame, or its authentication), once
     /// established.
     pub fn last_heard(&self) -> Option<Instant> {

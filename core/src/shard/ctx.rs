@@ -59,6 +59,11 @@ pub(crate) struct ServerCtx {
     /// The window over which drained devices are told to come back (`Goodbye{upgrade}`'s
     /// `retry_after` is spread over it).
     pub upgrade_window: Duration,
+    /// At an upgrade, the longest a shard stops reading its devices for its agents to answer
+    /// what they were given, before it hands its sessions over (0: no wait).
+    pub upgrade_quiet: Duration,
+    /// This process took over from an upgraded one (`--take-over`).
+    pub took_over: bool,
     pub max_transfers_per_shard: usize,
     /// Each group's current code at start.
     pub code_at_start: Vec<Deployed>,

@@ -1,7 +1,10 @@
 //! Live session handoff at an upgrade, on a shard: handing established connections out to the
 //! process taking over (and taking them back if it fails), and adopting them there.
 //!
-//! On the old process, at the drain, every established detached-TLS session is *paused* —
+//! On the old process the drain starts with a short quiet (`begin_drain`, at most 200 ms):
+//! nothing more is read from the devices while the agents answer what they were given, so no
+//! device message is in flight to an agent link when it closes. Then every established
+//! detached-TLS session is *paused* —
 //! its ring watches removed (the kernel has them before anything else happens), its timer
 //! cancelled, nothing read or written — and its state copied out ([`HandedSession`]: the
 //! TLS record state, the protocol session, the ciphertext not yet written, the bytes read
@@ -113,7 +116,6 @@ impl Shard {
         out: &crossbeam::channel::Sender<HandedOut>,
         now: Instant,
     ) {
-        self.handed_out = Some(out.clone());
         let idxs: Vec<usize> = self.conns.iter().map(|(i, _)| i).collect();
         let mut goodbyes = 0;
         let mut why: Vec<(String, usize)> = Vec::new();

@@ -305,6 +305,14 @@ impl Shard {
             }
             return;
         }
+        if self.draining && self.conns[idx].registered {
+            // An upgrade hands the sessions over (the agent links close): no new input from
+            // established sessions, which would find no agent (handshakes go on, and a session
+            // established meanwhile is handed out from the next tick), but what the agents
+            // answer (acks) still goes out.
+            self.after_input(idx, now);
+            return;
+        }
         let conn = &mut self.conns[idx];
         let outcome = conn.read_step(
             now,
@@ -577,12 +585,33 @@ impl Shard {
     /// to the new process).
     pub(crate) fn begin_drain(
         &mut self,
-        window: std::time::Duration,
         out: &crossbeam::channel::Sender<super::handoff::HandedOut>,
+        now: Instant,
     ) {
         self.draining = true;
         self.stop_accepting();
-        self.hand_out(window, out, Instant::now());
+        self.handed_out = Some(out.clone());
+        // First a short quiet: nothing more is read from the devices, while the agents answer
+        // what they were given (their acks still reach the devices), so that no message is in
+        // flight to an agent link when it closes. Then the hand-out (`tick`).
+        self.quiesce = Some(now + self.ctx.upgrade_quiet);
+    }
+
+    /// The drain's second step, once the quiet is over (or every agent has answered): hand
+    /// out the sessions and close the agent links (agents re-attach to the new process).
+    pub(crate) fn end_quiesce(&mut self, now: Instant) {
+        let answered = self
+            .conns
+            .iter()
+            .all(|(_, c)| !c.registered || !c.session.awaiting_ack_received());
+        match self.quiesce {
+            Some(until) if answered || now >= until => {}
+            _ => return,
+        }
+        self.quiesce = None;
+        if let Some(out) = self.handed_out.clone() {
+            self.hand_out(self.ctx.upgrade_window, &out, now);
+        }
         for out in self.local_agents.values() {
             out.close();
         }
@@ -591,6 +620,7 @@ impl Shard {
     /// The upgrade failed after the drain began: accept again (the next `admit` re-arms).
     pub(crate) fn end_drain(&mut self) {
         self.draining = false;
+        self.quiesce = None;
         self.handed_out = None;
         self.late.clear();
         self.admit(Instant::now());

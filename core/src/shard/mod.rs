@@ -74,6 +74,8 @@ pub const STALL_TOPIC: &[u8] = b"__tether_test_stall__";
 
 /// Read buffer lent to one connection at a time.
 const READ_BUF: usize = 32 * 1024;
+/// After a take-over, how long device messages wait for an agent to re-attach.
+const AGENT_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Most messages received from one peer that wait to be handled; past it, that peer's
 /// receiver stops taking from the channel (which then fills and pushes back on the peer).
@@ -146,6 +148,11 @@ pub(crate) struct Shard {
     /// the next tick).
     handed_out: Option<crossbeam::channel::Sender<handoff::HandedOut>>,
     late: Vec<(usize, u32)>,
+    /// The drain's quiet before the hand-out ends at this instant (see `begin_drain`).
+    quiesce: Option<Instant>,
+    /// After a take-over, until this instant a device message that finds no agent waits for
+    /// one (the agents of the upgraded process are re-attaching) instead of being refused.
+    agent_grace: Option<Instant>,
     // Shard-local buffers, lent per operation.
     read_buf: Box<[u8]>,
     plain_buf: Box<[u8]>,
@@ -182,6 +189,7 @@ impl Shard {
         listeners: Vec<OwnedFd>,
     ) -> Self {
         let bucket = run::TokenBucket::new(ctx.accept_rate_per_shard);
+        let agent_grace = ctx.took_over.then(|| Instant::now() + AGENT_GRACE);
         let mesh_out = Outboxes::new(nshards, ctx.mesh_capacity);
         let mut registry = LiveRegistry::new(ctx.registry.clone());
         let rollout = Shard::new_rollout(&ctx, &mut registry);
@@ -228,6 +236,8 @@ impl Shard {
             draining: false,
             handed_out: None,
             late: Vec::new(),
+            quiesce: None,
+            agent_grace,
             read_buf: vec![0; READ_BUF].into_boxed_slice(),
             plain_buf: vec![0; READ_BUF].into_boxed_slice(),
             scratch: BytesMut::with_capacity(16 * 1024),

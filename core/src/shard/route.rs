@@ -285,6 +285,16 @@ impl Shard {
                     ),
                     _ => None,
                 };
+                if agent.is_none() && self.agent_grace.is_some_and(|until| now < until) {
+                    // Just took over from an upgraded process: its agents are re-attaching.
+                    // Hold the message (and the device's reading) until one is here, rather
+                    // than have the device resend it 10 s later.
+                    return Step::Wait(ServerEvent::Message {
+                        seq,
+                        topic,
+                        payload,
+                    });
+                }
                 if let Some(agent) = agent {
                     if !self.agent_room(agent) {
                         // Acknowledged only once its agent has it: wait, never drop.
@@ -607,6 +617,10 @@ impl Shard {
             ShardMsg::AgentUp { agent } => {
                 if !self.agents.contains(&agent) {
                     self.agents.push(agent);
+                    // Messages held for want of an agent (just after a take-over) go now.
+                    if !self.stalled.is_empty() {
+                        self.room_returned();
+                    }
                 }
             }
             ShardMsg::AgentDown { agent } => {

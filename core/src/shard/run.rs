@@ -180,8 +180,16 @@ async fn serve_shard(
                 published.publish(|m| m.clone_from(&s.metrics));
                 let status = s.rollout_status();
                 rollout.publish(|r| *r = status);
+                if s.agent_grace.is_some_and(|until| now >= until) {
+                    // Messages still waiting for an agent are refused now (the device resends).
+                    s.agent_grace = None;
+                    s.room_returned();
+                }
                 if draining {
-                    s.hand_out_late(now);
+                    s.end_quiesce(now);
+                    if s.quiesce.is_none() {
+                        s.hand_out_late(now);
+                    }
                 }
                 while let Ok(cmd) = handoff.try_recv() {
                     s.contained(Site::Adopt, |s| s.on_handoff(cmd, now));
@@ -198,7 +206,7 @@ async fn serve_shard(
                     draining = drain;
                     if drain {
                         drop(accepts.take());
-                        s.begin_drain(ctx.upgrade_window, &handed_out);
+                        s.begin_drain(&handed_out, now);
                     } else {
                         s.end_drain();
                         accepts = Some(accept_agents(&shard, &agent_listeners));
