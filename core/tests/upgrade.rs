@@ -321,6 +321,29 @@ fn a_new_process_that_dies_holding_the_listeners_leaves_the_old_one_serving() {
     assert!(!s.dir.join("upgrade.sock").exists());
 }
 
+#[test]
+fn a_new_process_that_does_not_take_the_listeners_in_time_leaves_the_old_one_serving() {
+    let s = Server::start_env(
+        4,
+        "default",
+        &["--shards", "2"],
+        &[("TETHER_TEST_UPGRADE_EXIT", "hang:listeners")],
+    );
+    let mut d = s.device(1);
+    assert!(d.established());
+    let started = Instant::now();
+    let (status, answer) = s.upgrade(None);
+    assert_eq!(status, 500, "{answer}");
+    assert!(
+        answer.contains("did not take the listeners within 20 s"),
+        "{answer}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(40));
+    // The hanging process was killed; this one still serves, its device untouched.
+    still_serving(&s, &mut d);
+    assert!(!s.dir.join("upgrade.sock").exists());
+}
+
 /// The new process dies on receiving session batch `die_at` (batches hold 253 sessions):
 /// every batch before it was committed (those devices lose their connection with the dead
 /// process and reconnect), every session from it on carries on in the old process with its

@@ -792,11 +792,21 @@ impl Adopter {
 /// handoff — `listeners` (holding them, before taking them) or `batch:N` (on receiving session
 /// batch N, before answering) — when `TETHER_TEST_UPGRADE_EXIT` names it, as a new binary that
 /// crashes mid-handoff would.
+///
+/// `hang:POINT` makes it hang there instead (for a minute, then exit), as a new binary that
+/// stops answering would.
 pub(crate) fn test_exit(point: &str) {
     #[cfg(debug_assertions)]
-    if std::env::var("TETHER_TEST_UPGRADE_EXIT").is_ok_and(|p| p == point) {
-        eprintln!("tether: TETHER_TEST_UPGRADE_EXIT: exiting at {point}");
-        std::process::exit(3);
+    if let Ok(p) = std::env::var("TETHER_TEST_UPGRADE_EXIT") {
+        if p.strip_prefix("hang:") == Some(point) {
+            eprintln!("tether: TETHER_TEST_UPGRADE_EXIT: hanging at {point}");
+            std::thread::sleep(Duration::from_secs(60));
+            std::process::exit(3);
+        }
+        if p == point {
+            eprintln!("tether: TETHER_TEST_UPGRADE_EXIT: exiting at {point}");
+            std::process::exit(3);
+        }
     }
     #[cfg(not(debug_assertions))]
     let _ = point;
