@@ -30,7 +30,7 @@ use crate::reload::{Reloader, reload_logged, reload_routes};
 pub use crate::shard::TlsState;
 use crate::shard::{Budget, GuardConfig, ServerCtx, ShardHandle};
 use crate::shard::{ShardListeners, run_shard};
-use crate::upgrade::handoff::{Adopter, Handover, TakenOver, Upgrader, take_over};
+use crate::upgrade::handoff::{Adopter, Handover, TakenOver, UpgradeRefused, Upgrader, take_over};
 use tether_net::tls::TlsOptions;
 
 /// Everything `tether serve` can be told.
@@ -621,7 +621,7 @@ fn upgrade_routes(
     };
     Some(match u.upgrade(binary, "POST /upgrade") {
         Ok(report) => AdminResponse::json(&report),
-        Err(e) if e.0.contains("already in progress") => {
+        Err(e @ UpgradeRefused::Busy) => {
             AdminResponse::text(409, format!("upgrade refused: {e}\n"))
         }
         Err(e) => AdminResponse::text(

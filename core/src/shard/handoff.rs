@@ -40,20 +40,23 @@ pub(crate) struct HandedSession {
     pub partial: Vec<u8>,
 }
 
+/// A paused session on its way out, and where it came from.
+pub(crate) struct Outgoing {
+    pub shard: usize,
+    /// Its slot and generation on that shard.
+    pub conn: (usize, u32),
+    pub state: HandedSession,
+    /// Its socket, still owned by the shard: the descriptor stays open (the connection is
+    /// paused, nothing closes it) until the shard hears `Commit` or `Resume` for it from the
+    /// upgrade thread, which only sends it before that. No duplicate: a process near its
+    /// open-file limit could not duplicate every socket at once.
+    pub fd: RawFd,
+}
+
 /// What a shard tells the upgrade thread during a drain.
 pub(crate) enum HandedOut {
     /// A paused session, ready to go.
-    Session {
-        shard: usize,
-        /// Its slot and generation on that shard.
-        conn: (usize, u32),
-        state: HandedSession,
-        /// Its socket, still owned by the shard: the descriptor stays open (the connection is
-        /// paused, nothing closes it) until the shard hears `Commit` or `Resume` for it from
-        /// the upgrade thread, which only sends it before that. No duplicate: a process near
-        /// its open-file limit could not duplicate every socket at once.
-        fd: RawFd,
-    },
+    Session(Outgoing),
     /// The shard has handed out everything it can; `goodbyes` sessions could not move and
     /// were told to reconnect, for these reasons (each with how many).
     Done {
@@ -151,12 +154,12 @@ impl Shard {
             Ok((state, fd)) => {
                 let conn = (idx, self.conns[idx].generation);
                 let shard = self.id;
-                let sent = out.send(HandedOut::Session {
+                let sent = out.send(HandedOut::Session(Outgoing {
                     shard,
                     conn,
                     state,
                     fd,
-                });
+                }));
                 if sent.is_err() {
                     self.resume(idx, true, window);
                     return Err("the upgrade thread is gone".into());

@@ -63,7 +63,7 @@ pub use agent::AGENT_QUEUE_LIMIT;
 pub use ctx::TlsState;
 pub(crate) use ctx::{ServerCtx, ShardHandle};
 pub use guard::{Budget, GuardConfig};
-pub(crate) use handoff::{HandedOut, HandedSession, HandoffCmd, rebuild};
+pub(crate) use handoff::{HandedOut, HandedSession, HandoffCmd, Outgoing, rebuild};
 pub(crate) use run::{ShardListeners, run_shard};
 
 /// In debug builds, a device message on this topic blocks its shard's executor thread for the

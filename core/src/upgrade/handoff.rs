@@ -20,7 +20,7 @@
 //! `Confirmed`, and exits.
 
 use std::ffi::OsString;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::sync::Arc;
@@ -33,7 +33,7 @@ use tether_protocol::DeviceId;
 use super::control::{ControlConn, ControlListener};
 use super::wire::{Msg, SessionEntry, batch_ranges, check_taken};
 use crate::metrics::ShardMetrics;
-use crate::shard::{HandedOut, HandedSession, HandoffCmd, ServerCtx, rebuild};
+use crate::shard::{HandedOut, HandedSession, HandoffCmd, Outgoing, ServerCtx, rebuild};
 
 /// This binary's version, told to the other side in the handshake.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -71,15 +71,6 @@ pub(crate) struct Upgrader {
     /// Each shard's channel for what became of them.
     shards: Vec<Sender<HandoffCmd>>,
     busy: AtomicBool,
-}
-
-/// A paused session on its way out, and where it came from.
-struct Outgoing {
-    shard: usize,
-    conn: (usize, u32),
-    state: HandedSession,
-    /// Its socket, owned by the shard (see `HandedOut::Session`).
-    fd: RawFd,
 }
 
 /// What an upgrade did, as `POST /upgrade` answers it (JSON) and `tether upgrade` prints it.
@@ -151,13 +142,14 @@ pub fn request_upgrade(
 }
 
 /// Why an upgrade did not happen; the running process keeps serving.
-#[derive(Debug)]
-pub struct UpgradeRefused(pub String);
-
-impl std::fmt::Display for UpgradeRefused {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
+#[derive(Debug, thiserror::Error)]
+pub enum UpgradeRefused {
+    /// Another upgrade is in progress.
+    #[error("an upgrade is already in progress")]
+    Busy,
+    /// It was tried and failed, for this reason.
+    #[error("{0}")]
+    Failed(String),
 }
 
 impl Upgrader {
@@ -190,9 +182,7 @@ impl Upgrader {
         why: &str,
     ) -> Result<UpgradeReport, UpgradeRefused> {
         if self.busy.swap(true, Ordering::AcqRel) {
-            return Err(UpgradeRefused(
-                "an upgrade is already in progress".to_string(),
-            ));
+            return Err(UpgradeRefused::Busy);
         }
         let started = Instant::now();
         let (mut child, mut conn, new_version) = match self.hand_listeners(binary) {
@@ -200,7 +190,7 @@ impl Upgrader {
             Err(reason) => {
                 self.busy.store(false, Ordering::Release);
                 eprintln!("tether: upgrade ({why}) refused, this process keeps serving: {reason}");
-                return Err(UpgradeRefused(reason));
+                return Err(UpgradeRefused::Failed(reason));
             }
         };
         let listeners_ms = started.elapsed().as_millis() as u64;
@@ -214,7 +204,7 @@ impl Upgrader {
             Ok(s) => s,
             Err(reason) => {
                 self.busy.store(false, Ordering::Release);
-                return Err(UpgradeRefused(reason));
+                return Err(UpgradeRefused::Failed(reason));
             }
         };
         let report = UpgradeReport {
@@ -406,17 +396,7 @@ impl Upgrader {
                 .handed
                 .try_iter()
                 .filter_map(|h| match h {
-                    HandedOut::Session {
-                        shard,
-                        conn,
-                        state,
-                        fd,
-                    } => Some(Outgoing {
-                        shard,
-                        conn,
-                        state,
-                        fd,
-                    }),
+                    HandedOut::Session(o) => Some(o),
                     HandedOut::Done { .. } => None,
                 })
                 .collect();
@@ -484,17 +464,7 @@ impl Upgrader {
         let end = Instant::now() + Duration::from_secs(10);
         while done.contains(&false) && Instant::now() < end {
             match self.handed.recv_timeout(Duration::from_millis(100)) {
-                Ok(HandedOut::Session {
-                    shard,
-                    conn,
-                    state,
-                    fd,
-                }) => out.push(Outgoing {
-                    shard,
-                    conn,
-                    state,
-                    fd,
-                }),
+                Ok(HandedOut::Session(o)) => out.push(o),
                 Ok(HandedOut::Done {
                     shard,
                     goodbyes: g,
