@@ -8,22 +8,18 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
-use common::{Device, Server};
+use common::{Device, SClient, Server, have_openssl, hello};
 use tether_core::reload::ReloadReport;
 use tether_net::tls::{ClientTlsOptions, client_config_with_cert};
-use tether_protocol::auth::{DeviceKey, Nonce, Proof, derive_device_key, prove};
-use tether_protocol::codec::FrameDecoder;
+use tether_protocol::auth::{DeviceKey, Proof, derive_device_key, prove};
 use tether_protocol::device::{DeviceConfig, DeviceEvent};
-use tether_protocol::message::{ErrorCode, Hello};
-use tether_protocol::{CloseReason, CodeVersion, DeviceId, DeviceMessage, PROTOCOL_VERSION};
+use tether_protocol::message::ErrorCode;
+use tether_protocol::{CloseReason, DeviceId, DeviceMessage, PROTOCOL_VERSION};
 
 const T: Duration = Duration::from_secs(10);
 
@@ -210,110 +206,6 @@ fn a_reloaded_device_ca_replaces_the_old_one() {
 }
 
 // ---- openssl s_client ----
-
-fn have_openssl() -> bool {
-    if Command::new("openssl").arg("version").output().is_ok() {
-        return true;
-    }
-    eprintln!("SKIPPED: no `openssl` binary (install the `openssl` package)");
-    false
-}
-
-/// An `openssl s_client` connected to the device port; what the server sends arrives on
-/// `frames`, decoded.
-struct SClient {
-    child: Child,
-    frames: mpsc::Receiver<DeviceMessage>,
-}
-
-impl SClient {
-    fn connect(s: &Server, cert: Option<&(PathBuf, PathBuf)>) -> SClient {
-        let mut cmd = Command::new("openssl");
-        cmd.args(["s_client", "-connect", &s.devices.to_string(), "-tls1_3"])
-            .args(["-servername", "localhost", "-alpn", "tether/1", "-CAfile"])
-            .arg(s.dir.join("tls/ca.pem"))
-            // -quiet: no session printout on stdout, only what the server sends; it implies
-            // -ign_eof, so closing stdin does not end the connection.
-            .args(["-verify_return_error", "-quiet", "-ign_eof"]);
-        if let Some((c, k)) = cert {
-            cmd.arg("-cert").arg(c).arg("-key").arg(k);
-        }
-        let mut child = cmd
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut stdout = child.stdout.take().unwrap();
-        let (tx, frames) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut dec = FrameDecoder::new(1 << 16);
-            let mut buf = [0u8; 4096];
-            while let Ok(n @ 1..) = stdout.read(&mut buf) {
-                dec.push(&buf[..n]);
-                while let Ok(Some(f)) = dec.next_frame() {
-                    let Ok(m) = DeviceMessage::decode(f) else {
-                        return;
-                    };
-                    if tx.send(m).is_err() {
-                        return;
-                    }
-                }
-            }
-        });
-        SClient { child, frames }
-    }
-
-    fn send(&mut self, m: &DeviceMessage) {
-        let mut b = BytesMut::new();
-        m.encode(&mut b).unwrap();
-        let stdin = self.child.stdin.as_mut().unwrap();
-        stdin.write_all(&b).unwrap();
-        stdin.flush().unwrap();
-    }
-
-    fn next(&self) -> Option<DeviceMessage> {
-        self.frames.recv_timeout(T).ok()
-    }
-
-    /// The server's `Challenge` nonce.
-    fn challenge(&self) -> Nonce {
-        match self.next() {
-            Some(DeviceMessage::Challenge { nonce }) => nonce,
-            other => panic!("expected a Challenge, got {other:?}"),
-        }
-    }
-
-    /// True once the server has closed the connection (s_client's stdout ends).
-    fn closed_by_server(&self) -> bool {
-        let end = Instant::now() + T;
-        while Instant::now() < end {
-            match self.frames.recv_timeout(Duration::from_millis(100)) {
-                Err(mpsc::RecvTimeoutError::Disconnected) => return true,
-                _ => continue,
-            }
-        }
-        false
-    }
-}
-
-impl Drop for SClient {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn hello(device: u64, proof: Proof) -> DeviceMessage {
-    DeviceMessage::Hello(Hello {
-        version: PROTOCOL_VERSION,
-        device: DeviceId(device),
-        proof,
-        code_version: CodeVersion(0),
-        fw_version: Bytes::from_static(b"s_client"),
-        resume: None,
-    })
-}
 
 fn is_welcome(m: &Option<DeviceMessage>) -> bool {
     matches!(m, Some(DeviceMessage::Welcome { .. }))

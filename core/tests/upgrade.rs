@@ -526,3 +526,42 @@ fn the_new_process_may_have_fewer_or_more_shards() {
     }
     assert_eq!(closed_events(&devs), vec![]);
 }
+
+/// A device on a TLS stack nobody here wrote keeps its connection through an upgrade: OpenSSL's
+/// record layer goes on with the sequence numbers and keys the new process took over.
+#[test]
+fn an_openssl_s_client_device_keeps_its_tls_session_through_an_upgrade() {
+    use common::{SClient, have_openssl, hello};
+    use tether_protocol::DeviceMessage;
+    use tether_protocol::auth::prove;
+    if !have_openssl() {
+        return;
+    }
+    let s = Server::start(2, &["--shards", "2"]);
+    let mut c = SClient::connect(&s, None);
+    let nonce = c.challenge();
+    let key = s.config(1).key;
+    c.send(&hello(
+        1,
+        prove(&key, &nonce, DeviceId(1), tether_protocol::PROTOCOL_VERSION),
+    ));
+    assert!(
+        matches!(c.next(), Some(DeviceMessage::Welcome { .. })),
+        "not welcomed"
+    );
+    c.send(&DeviceMessage::Ping { id: 1 });
+    assert_eq!(c.next(), Some(DeviceMessage::Pong { id: 1 }));
+    let (status, answer) = s.upgrade(None);
+    assert_eq!(status, 200, "{answer}");
+    let _new = successor(&answer);
+    assert_eq!(report(&answer).sessions_handed, 1, "{answer}");
+    // The same s_client process, the same TLS connection: answered by the new process.
+    for id in 2..5 {
+        c.send(&DeviceMessage::Ping { id });
+        assert_eq!(c.next(), Some(DeviceMessage::Pong { id }), "ping {id}");
+    }
+    // The old process exits; the connection stays.
+    assert_eq!(s.wait_log("upgrade complete", 1, T).len(), 1);
+    c.send(&DeviceMessage::Ping { id: 9 });
+    assert_eq!(c.next(), Some(DeviceMessage::Pong { id: 9 }));
+}

@@ -8,15 +8,18 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use tether_core::registry::Registry;
 use tether_net::tls::{ClientTlsOptions, client_config};
+use tether_protocol::auth::{Nonce, Proof};
 use tether_protocol::code::{CodeReceiver, CodeUpdate, ReceiverConfig};
 use tether_protocol::codec::{DEFAULT_AGENT_MAX_FRAME, FrameDecoder};
 use tether_protocol::device::{DeviceConfig, DeviceEvent, DeviceSession};
-use tether_protocol::{AgentMessage, CodeVersion, DeviceId, PROTOCOL_VERSION};
+use tether_protocol::message::Hello;
+use tether_protocol::{AgentMessage, CodeVersion, DeviceId, DeviceMessage, PROTOCOL_VERSION};
 
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -717,4 +720,114 @@ impl Agent {
         }
         None
     }
+}
+
+// ---- openssl s_client: a TLS client nobody here wrote ----
+
+/// How long an [`SClient`] waits for a frame or the server's close.
+const S_CLIENT_WAIT: Duration = Duration::from_secs(10);
+
+pub fn have_openssl() -> bool {
+    if Command::new("openssl").arg("version").output().is_ok() {
+        return true;
+    }
+    eprintln!("SKIPPED: no `openssl` binary (install the `openssl` package)");
+    false
+}
+
+/// An `openssl s_client` connected to the device port; what the server sends arrives on
+/// `frames`, decoded.
+pub struct SClient {
+    child: Child,
+    frames: mpsc::Receiver<DeviceMessage>,
+}
+
+impl SClient {
+    pub fn connect(s: &Server, cert: Option<&(PathBuf, PathBuf)>) -> SClient {
+        let mut cmd = Command::new("openssl");
+        cmd.args(["s_client", "-connect", &s.devices.to_string(), "-tls1_3"])
+            .args(["-servername", "localhost", "-alpn", "tether/1", "-CAfile"])
+            .arg(s.dir.join("tls/ca.pem"))
+            // -quiet: no session printout on stdout, only what the server sends; it implies
+            // -ign_eof, so closing stdin does not end the connection.
+            .args(["-verify_return_error", "-quiet", "-ign_eof"]);
+        if let Some((c, k)) = cert {
+            cmd.arg("-cert").arg(c).arg("-key").arg(k);
+        }
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut stdout = child.stdout.take().unwrap();
+        let (tx, frames) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut dec = FrameDecoder::new(1 << 16);
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = stdout.read(&mut buf) {
+                dec.push(&buf[..n]);
+                while let Ok(Some(f)) = dec.next_frame() {
+                    let Ok(m) = DeviceMessage::decode(f) else {
+                        return;
+                    };
+                    if tx.send(m).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        SClient { child, frames }
+    }
+
+    pub fn send(&mut self, m: &DeviceMessage) {
+        let mut b = BytesMut::new();
+        m.encode(&mut b).unwrap();
+        let stdin = self.child.stdin.as_mut().unwrap();
+        stdin.write_all(&b).unwrap();
+        stdin.flush().unwrap();
+    }
+
+    pub fn next(&self) -> Option<DeviceMessage> {
+        self.frames.recv_timeout(S_CLIENT_WAIT).ok()
+    }
+
+    /// The server's `Challenge` nonce.
+    pub fn challenge(&self) -> Nonce {
+        match self.next() {
+            Some(DeviceMessage::Challenge { nonce }) => nonce,
+            other => panic!("expected a Challenge, got {other:?}"),
+        }
+    }
+
+    /// True once the server has closed the connection (s_client's stdout ends).
+    pub fn closed_by_server(&self) -> bool {
+        let end = Instant::now() + S_CLIENT_WAIT;
+        while Instant::now() < end {
+            match self.frames.recv_timeout(Duration::from_millis(100)) {
+                Err(mpsc::RecvTimeoutError::Disconnected) => return true,
+                _ => continue,
+            }
+        }
+        false
+    }
+}
+
+impl Drop for SClient {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A `Hello` for `device` with `proof`, as a raw client (`openssl s_client`) sends it.
+pub fn hello(device: u64, proof: Proof) -> DeviceMessage {
+    DeviceMessage::Hello(Hello {
+        version: PROTOCOL_VERSION,
+        device: DeviceId(device),
+        proof,
+        code_version: CodeVersion(0),
+        fw_version: Bytes::from_static(b"s_client"),
+        resume: None,
+    })
 }
