@@ -109,12 +109,29 @@ pub enum TlsState {
     Detached,
 }
 
-/// The server under load: spawned by loadgen on loopback, or already running at `address`.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+/// The server under load: spawned by loadgen on loopback (one process or `nodes` independent
+/// ones), or already running at `address` (or at each of `addresses`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerSpec {
     /// Start `tether serve` on loopback with its embedded defaults and provision the devices.
     pub spawn: bool,
+    /// Spawned server processes (spawn only), each an independent node with its own loopback
+    /// address and data directory, all provisioned with the same device registry. Node `k`
+    /// (from 0) listens on the spawn addresses with `k` added to the last octet; with more than
+    /// one node the default base is 127.0.3.1 (ports 7400, 7401, 7402). Default 1.
+    pub nodes: u32,
+    /// Device listeners of several running servers (not spawned), instead of `address`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<SocketAddr>,
+    /// Their agent links, in the same order as `addresses` (needed for agent messages).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub agent_addresses: Vec<SocketAddr>,
+    /// How each device picks a node when there are several: `"hash"` of its id (default; the
+    /// same node every time), `"random"` at every connect (as round-robin DNS would give), or
+    /// `"node:K"` (all devices to node K, from 0). A `Goodbye{redirect}` naming another node
+    /// sends the device there instead.
+    pub pick: Pick,
     /// Device listener. Required unless `spawn`; with `spawn`, where the spawned server listens
     /// (default 127.0.0.1:7400).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -143,7 +160,131 @@ pub struct ServerSpec {
     pub pid: Option<u32>,
 }
 
+impl Default for ServerSpec {
+    fn default() -> Self {
+        ServerSpec {
+            spawn: false,
+            nodes: 1,
+            addresses: Vec::new(),
+            agent_addresses: Vec::new(),
+            pick: Pick::Hash,
+            address: None,
+            agent_address: None,
+            admin_address: None,
+            agent_tls: false,
+            data_dir: None,
+            shards: None,
+            extra_args: Vec::new(),
+            pid: None,
+        }
+    }
+}
+
+/// How a device picks one of several server nodes (`server.pick`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Pick {
+    /// A hash of the device id: the same node every time.
+    #[default]
+    Hash,
+    /// A random node at every connect attempt.
+    Random,
+    /// This node (from 0) for every device.
+    Node(u32),
+}
+
+impl Serialize for Pick {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Pick::Hash => s.serialize_str("hash"),
+            Pick::Random => s.serialize_str("random"),
+            Pick::Node(k) => s.serialize_str(&format!("node:{k}")),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Pick {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        match text.as_str() {
+            "hash" => Ok(Pick::Hash),
+            "random" => Ok(Pick::Random),
+            other => other
+                .strip_prefix("node:")
+                .and_then(|k| k.parse().ok())
+                .map(Pick::Node)
+                .ok_or_else(|| {
+                    serde::de::Error::custom(format!(
+                        "pick = {other:?}: expected \"hash\", \"random\" or \"node:K\""
+                    ))
+                }),
+        }
+    }
+}
+
+/// One server node's addresses, as the devices and agents see them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeAddrs {
+    /// Device listener.
+    pub device: SocketAddr,
+    /// Agent link.
+    pub agent: Option<SocketAddr>,
+    /// Admin endpoint.
+    pub admin: Option<SocketAddr>,
+}
+
 impl ServerSpec {
+    /// First address of spawned nodes when there are several.
+    pub const NODES_BASE: &str = "127.0.3.1";
+
+    /// Every node under load: the spawned ones, `addresses`, or the one `address`.
+    pub fn nodes(&self) -> Vec<NodeAddrs> {
+        if self.spawn && self.nodes > 1 {
+            let base: std::net::IpAddr = self.address.map_or_else(
+                || Self::NODES_BASE.parse().expect("constant address"),
+                |a| a.ip(),
+            );
+            let port = |a: Option<SocketAddr>, d: &str| {
+                a.map_or_else(|| parse_const(d).port(), |a| a.port())
+            };
+            return (0..self.nodes)
+                .map(|k| {
+                    let ip = shift(base, k);
+                    NodeAddrs {
+                        device: SocketAddr::new(ip, port(self.address, Self::SPAWN_ADDRESS)),
+                        agent: Some(SocketAddr::new(
+                            ip,
+                            port(self.agent_address, Self::SPAWN_AGENT_ADDRESS),
+                        )),
+                        admin: Some(SocketAddr::new(
+                            ip,
+                            port(self.admin_address, Self::SPAWN_ADMIN_ADDRESS),
+                        )),
+                    }
+                })
+                .collect();
+        }
+        if !self.addresses.is_empty() {
+            return self
+                .addresses
+                .iter()
+                .enumerate()
+                .map(|(k, a)| NodeAddrs {
+                    device: *a,
+                    agent: self.agent_addresses.get(k).copied(),
+                    admin: None,
+                })
+                .collect();
+        }
+        self.device_address()
+            .map(|device| NodeAddrs {
+                device,
+                agent: self.agent_link_address(),
+                admin: self.admin_link_address(),
+            })
+            .into_iter()
+            .collect()
+    }
+
     /// Default device listener of a spawned server.
     pub const SPAWN_ADDRESS: &str = "127.0.0.1:7400";
     /// Default agent link of a spawned server.
@@ -167,6 +308,18 @@ impl ServerSpec {
     pub fn agent_link_address(&self) -> Option<SocketAddr> {
         self.agent_address
             .or_else(|| self.spawn.then(|| parse_const(Self::SPAWN_AGENT_ADDRESS)))
+    }
+}
+
+/// `ip` with `k` added to its last octet (IPv4; validation keeps it within the /24).
+fn shift(ip: std::net::IpAddr, k: u32) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V4(v4) => {
+            let [a, b, c, d] = v4.octets();
+            let d = u8::try_from(u32::from(d) + k).unwrap_or(u8::MAX);
+            std::net::IpAddr::V4(std::net::Ipv4Addr::new(a, b, c, d))
+        }
+        v6 => v6,
     }
 }
 
@@ -434,8 +587,17 @@ impl Campaign {
                 format!("must be 1..=3600 seconds (got {})", self.heartbeat_s),
             );
         }
-        if let Workers::Count(0) = self.workers {
-            p.add("workers", "must be at least 1, or \"auto\"");
+        match &self.workers {
+            Workers::Count(0) => p.add("workers", "must be at least 1, or \"auto\""),
+            Workers::Remote(list) if list.is_empty() => {
+                p.add("workers", "an empty list: name at least one \"host:port\"")
+            }
+            Workers::Remote(list) => {
+                for a in list.iter().filter(|a| !a.contains(':')) {
+                    p.add("workers", format!("{a:?} is not host:port"));
+                }
+            }
+            _ => {}
         }
         self.validate_server(&mut p);
         if let Err(e) = parse_sources(&self.source.addresses) {
@@ -509,11 +671,12 @@ impl Campaign {
 
     fn validate_server(&self, p: &mut Problems) {
         let s = &self.server;
+        self.validate_nodes(p);
         if !s.spawn {
-            if s.address.is_none() {
+            if s.address.is_none() && s.addresses.is_empty() {
                 p.add("server.address", "required unless server.spawn = true");
             }
-            if s.agent_address.is_none() && self.messages.uses_agents() {
+            if s.agent_address.is_none() && s.addresses.is_empty() && self.messages.uses_agents() {
                 p.add(
                     "server.agent_address",
                     "required for agent messages unless server.spawn = true",
@@ -536,15 +699,122 @@ impl Campaign {
             );
         }
         // Load must never leave loopback: the sources are loopback, so the server must be too.
+        let listed = s
+            .addresses
+            .iter()
+            .map(|a| ("server.addresses", Some(*a)))
+            .chain(
+                s.agent_addresses
+                    .iter()
+                    .map(|a| ("server.agent_addresses", Some(*a))),
+            );
         for (key, addr) in [
             ("server.address", s.address),
             ("server.agent_address", s.agent_address),
             ("server.admin_address", s.admin_address),
-        ] {
+        ]
+        .into_iter()
+        .chain(listed)
+        {
             if let Some(a) = addr.filter(|a| !a.ip().is_loopback()) {
                 p.add(
                     key,
                     format!("{a} is not a loopback address; load never leaves loopback"),
+                );
+            }
+        }
+    }
+}
+
+impl Campaign {
+    /// Several nodes: how they are given, how devices pick them, and what runs against them.
+    fn validate_nodes(&self, p: &mut Problems) {
+        let s = &self.server;
+        if s.nodes == 0 {
+            p.add("server.nodes", "must be at least 1");
+        }
+        if s.nodes > 1 && !s.spawn {
+            p.add(
+                "server.nodes",
+                "only applies when server.spawn = true; list running nodes in server.addresses",
+            );
+        }
+        if s.nodes > 1 {
+            let base = s.address.map_or(3, |a| match a.ip() {
+                std::net::IpAddr::V4(v4) => v4.octets()[3],
+                std::net::IpAddr::V6(_) => 0,
+            });
+            if s.address.is_some_and(|a| a.is_ipv6()) {
+                p.add("server.address", "several nodes need an IPv4 base address");
+            } else if u32::from(base) + s.nodes > 255 {
+                p.add(
+                    "server.nodes",
+                    format!(
+                        "{} nodes from a base address ending in .{base} run past .254",
+                        s.nodes
+                    ),
+                );
+            }
+        }
+        if !s.addresses.is_empty() {
+            if s.spawn {
+                p.add(
+                    "server.addresses",
+                    "names running servers: only with server.spawn = false (spawn several with \
+                     server.nodes)",
+                );
+            }
+            if s.address.is_some() {
+                p.add(
+                    "server.addresses",
+                    "set either server.address or server.addresses, not both",
+                );
+            }
+            if self.messages.uses_agents() && s.agent_addresses.len() != s.addresses.len() {
+                p.add(
+                    "server.agent_addresses",
+                    format!(
+                        "agent messages need one agent link per node: {} listed for {} nodes",
+                        s.agent_addresses.len(),
+                        s.addresses.len()
+                    ),
+                );
+            }
+        }
+        let n = s.nodes().len().max(1);
+        if let Pick::Node(k) = s.pick
+            && k as usize >= n
+        {
+            p.add(
+                "server.pick",
+                format!(
+                    "node:{k} does not exist: there are {n} nodes, 0..={}",
+                    n - 1
+                ),
+            );
+        }
+        if n > 1 {
+            if s.pick == Pick::Random && self.messages.uses_agents() {
+                p.add(
+                    "server.pick",
+                    "\"random\" with agent messages over several independent nodes: an agent \
+                     reaches only its own node's devices; use \"hash\" or \"node:K\"",
+                );
+            }
+            if self.messages.uses_agents() && (self.messages.agents as usize) < n {
+                p.add(
+                    "messages.agents",
+                    format!(
+                        "{} agents for {n} independent nodes: each node needs its own agent",
+                        self.messages.agents
+                    ),
+                );
+            }
+            if !self.deploy.is_empty() || !self.upgrade.is_empty() {
+                p.add(
+                    "server.nodes",
+                    "deploy and upgrade steps run against one node; several independent nodes \
+                     are not supported for them yet",
                 );
             }
         }

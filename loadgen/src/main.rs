@@ -42,6 +42,20 @@ enum Cmd {
         /// No progress lines.
         #[arg(long, short)]
         quiet: bool,
+        /// Also print one row per server node and worker process.
+        #[arg(long)]
+        per_process: bool,
+    },
+    /// Run one share of a campaign for a coordinator (`loadgen run` starts these itself; run
+    /// one by hand on another host for `workers = ["host:port", …]`).
+    Worker {
+        /// Serve coordinators on this TCP address, one run after another, until killed.
+        #[arg(long, value_name = "ADDR", conflicts_with = "stdio")]
+        listen: Option<std::net::SocketAddr>,
+        /// Take one job on stdin and answer on stdout (how `loadgen run` starts local workers);
+        /// ends when the job ends or stdin closes.
+        #[arg(long)]
+        stdio: bool,
     },
 }
 
@@ -74,6 +88,7 @@ fn main() -> ExitCode {
             data_dir,
             server_pid,
             quiet,
+            per_process,
         } => {
             raise_nofile();
             let mut c = match Campaign::load(&campaign) {
@@ -109,6 +124,9 @@ fn main() -> ExitCode {
                 Err(e) => return fail(&e.to_string()),
             };
             println!("\n{}", r.to_table());
+            if per_process {
+                println!("{}", r.process_table());
+            }
             if let Some(path) = report {
                 if let Err(e) = std::fs::write(&path, r.to_json()) {
                     return fail(&format!("cannot write {}: {e}", path.display()));
@@ -122,6 +140,21 @@ fn main() -> ExitCode {
                 ));
             }
             ExitCode::SUCCESS
+        }
+        Cmd::Worker { listen, stdio } => {
+            raise_nofile();
+            let result = match (listen, stdio) {
+                (Some(addr), _) => tether_loadgen::run::worker::listen(addr),
+                (None, true) => {
+                    let input = std::io::BufReader::new(std::io::stdin());
+                    tether_loadgen::run::worker::serve(input, std::io::stdout().lock())
+                }
+                (None, false) => Err("say --listen ADDR or --stdio".into()),
+            };
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(&e),
+            }
         }
     }
 }

@@ -51,7 +51,7 @@ pub struct Report {
     /// or was given `server.pid`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server: Option<ServerUsage>,
-    /// Loadgen's own memory and CPU (this process; workers report their own).
+    /// Loadgen's memory and CPU: this process and every worker process, summed.
     pub loadgen: LoadgenUsage,
     /// Kernel socket figures; absent if /proc could not be read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -79,6 +79,10 @@ pub struct Report {
     /// What each campaign attack did, from the attacker's side.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub attacks: Vec<AttackSummary>,
+    /// Every server node and loadgen worker process with its memory and CPU when the ramp
+    /// settled (the totals above are their sums); empty for one server and one loadgen process.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub processes: Vec<ProcessUsage>,
 }
 
 /// `session_ready` (a connect's scheduled start → `Welcome`: connect + TLS + Hello, through
@@ -358,13 +362,19 @@ impl CpuTrace {
         self.samples.push(s);
     }
 
-    /// Reads the CPU of `server` (if any) and of this process now and appends it.
-    pub fn sample(&mut self, server: Option<u32>) {
+    /// Reads the CPU of the `servers` (summed; none: unknown) and of this process now, adds
+    /// `workers_s` (the worker processes' CPU seconds) and appends it.
+    pub fn sample(&mut self, servers: &[u32], workers_s: f64) {
         let at = Instant::now();
+        let sum = |pids: &[u32]| {
+            pids.iter()
+                .filter_map(|p| host::cpu_of(*p).ok())
+                .sum::<f64>()
+        };
         self.push(CpuSample {
             at,
-            server_s: server.and_then(|p| host::cpu_of(p).ok()),
-            loadgen_s: host::cpu_self().ok(),
+            server_s: (!servers.is_empty()).then(|| sum(servers)),
+            loadgen_s: host::cpu_self().ok().map(|me| me + workers_s),
         });
     }
 
@@ -507,6 +517,24 @@ pub struct ReportInputs<'a> {
     pub ramp_connects: u64,
     /// Per campaign attack, merged over the shards.
     pub attacks: Vec<AttackTally>,
+    /// Per server node and worker process (see [`Report::processes`]).
+    pub processes: Vec<ProcessUsage>,
+}
+
+/// One process of the run (a server node or a loadgen worker) once the ramp settled.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProcessUsage {
+    /// "server node 2 (127.0.3.3:7400)", "worker 1 (pid 4321)", …
+    pub name: String,
+    /// Its pid (on its host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// RSS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rss_bytes: Option<u64>,
+    /// CPU seconds since it started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_s: Option<f64>,
 }
 
 fn per_sec(n: u64, d: Duration) -> f64 {
@@ -607,7 +635,22 @@ impl Report {
             goodbyes: i.stats.goodbyes.by_kind().clone(),
             session_ready,
             attacks,
+            processes: i.processes,
         }
+    }
+
+    /// One line per server node and worker process (`loadgen run --per-process`).
+    pub fn process_table(&self) -> String {
+        let mut out = String::from("process                                   rss        cpu\n");
+        for p in &self.processes {
+            out.push_str(&format!(
+                "{:<40} {:>9} {:>9}\n",
+                p.name,
+                p.rss_bytes.map_or_else(|| "-".into(), bytes),
+                p.cpu_s.map_or_else(|| "-".into(), |s| format!("{s:.1} s")),
+            ));
+        }
+        out
     }
 
     /// The report as pretty JSON.

@@ -82,8 +82,9 @@ impl fmt::Display for Metric {
 /// [`Histograms::clamped`]. A metric's histogram (≈ 140 KiB of counts) is made on its first
 /// value, so metrics a campaign never records cost nothing, and neither do their copies in the
 /// once-a-second snapshots.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Histograms {
+    #[serde(with = "wire::hists")]
     hists: [Option<Box<Histogram<u64>>>; 8],
     clamped: u64,
 }
@@ -172,7 +173,7 @@ pub fn micros_between(from: Instant, to: Instant) -> u64 {
 }
 
 /// Errors counted by kind (a short stable name, e.g. "connect_refused", "tls_alert").
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorCounts(BTreeMap<String, u64>);
 
 impl ErrorCounts {
@@ -210,7 +211,7 @@ impl ErrorCounts {
 }
 
 /// Connection and message counters of one shard (or, merged, of the run).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counters {
     /// Devices connected now (Welcome received, not yet closed).
     pub connected_now: u64,
@@ -236,6 +237,9 @@ pub struct Counters {
     pub device_received: u64,
     /// Agent links the server closed after their welcome, attached again (an upgrade).
     pub agent_reattaches: u64,
+    /// `Goodbye{redirect}`s followed to another node.
+    #[serde(default)]
+    pub redirects_followed: u64,
 }
 
 impl Counters {
@@ -270,11 +274,12 @@ impl Counters {
         self.agent_delivered += o.agent_delivered;
         self.device_received += o.device_received;
         self.agent_reattaches += o.agent_reattaches;
+        self.redirects_followed += o.redirects_followed;
     }
 }
 
 /// Everything one shard measures; merged across shards and workers for the report.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Stats {
     /// Latencies.
     pub hist: Histograms,
@@ -315,10 +320,11 @@ impl Stats {
 }
 
 /// What the devices saw during one report window.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct WindowStats {
     /// `session_ready`: a connect's scheduled start → `Welcome` (connect + TLS + Hello), for
     /// connects scheduled in the window. Made on the first value.
+    #[serde(with = "wire::hist")]
     pub ready: Option<Box<Histogram<u64>>>,
     /// `Goodbye`s received in the window, by reason.
     pub goodbyes: ErrorCounts,
@@ -339,11 +345,12 @@ impl WindowStats {
 }
 
 /// What one attack (one `[[attack]]` of the campaign) did, from the attacker's side.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct AttackTally {
     /// The counts.
     pub counts: AttackCounts,
     /// Time from TCP established until the server reset or closed it, µs.
+    #[serde(with = "wire::hist")]
     pub closed_after: Option<Box<Histogram<u64>>>,
 }
 
@@ -434,6 +441,113 @@ fn add_hist(mine: &mut Option<Box<Histogram<u64>>>, theirs: &Option<Box<Histogra
         // Same bounds on both sides, so adding cannot fail.
         Some(mine) => mine.add(&**theirs).expect("histograms share bounds"),
         None => *mine = Some(theirs.clone()),
+    }
+}
+
+/// Histograms between worker processes and their coordinator: each one in HdrHistogram's own
+/// serialised form (V2, as every HdrHistogram implementation reads it), hex in JSON, so the
+/// coordinator merges the exact counts (never averages of percentiles).
+pub mod wire {
+    use hdrhistogram::Histogram;
+    use hdrhistogram::serialization::{Deserializer as HdrIn, Serializer as _, V2Serializer};
+    use serde::de::Error as _;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::Histograms;
+
+    /// One histogram as hex of its V2 serialisation.
+    pub fn encode(h: &Histogram<u64>) -> String {
+        let mut bytes = Vec::new();
+        V2Serializer::new()
+            .serialize(h, &mut bytes)
+            .expect("serialising into a Vec cannot fail");
+        let mut out = String::with_capacity(bytes.len() * 2);
+        for b in bytes {
+            out.push(char::from(b"0123456789abcdef"[usize::from(b >> 4)]));
+            out.push(char::from(b"0123456789abcdef"[usize::from(b & 15)]));
+        }
+        out
+    }
+
+    /// The histogram [`encode`] made, with the bounds every loadgen histogram has (so it can be
+    /// added to the others); a clear error for anything else.
+    pub fn decode(hex: &str) -> Result<Box<Histogram<u64>>, String> {
+        let digit = |c: u8| match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            _ => None,
+        };
+        let raw = hex.as_bytes();
+        if raw.len() % 2 != 0 {
+            return Err("histogram: odd number of hex digits".into());
+        }
+        let mut bytes = Vec::with_capacity(raw.len() / 2);
+        for pair in raw.chunks_exact(2) {
+            match (digit(pair[0]), digit(pair[1])) {
+                (Some(a), Some(b)) => bytes.push(a << 4 | b),
+                _ => return Err("histogram: not hex".into()),
+            }
+        }
+        let h: Histogram<u64> = HdrIn::new()
+            .deserialize(&mut bytes.as_slice())
+            .map_err(|e| format!("histogram: {e:?}"))?;
+        let mut out = Histograms::make();
+        out.add(&h).map_err(|e| format!("histogram: {e:?}"))?;
+        Ok(out)
+    }
+
+    /// serde for `Option<Box<Histogram>>`.
+    pub mod hist {
+        use super::*;
+
+        /// Serialises as the hex string, or null.
+        pub fn serialize<S: Serializer>(
+            h: &Option<Box<Histogram<u64>>>,
+            s: S,
+        ) -> Result<S::Ok, S::Error> {
+            h.as_deref().map(super::encode).serialize(s)
+        }
+
+        /// Reads what [`serialize`] wrote.
+        pub fn deserialize<'de, D: Deserializer<'de>>(
+            d: D,
+        ) -> Result<Option<Box<Histogram<u64>>>, D::Error> {
+            Option::<String>::deserialize(d)?
+                .map(|hex| super::decode(&hex).map_err(D::Error::custom))
+                .transpose()
+        }
+    }
+
+    /// serde for the per-metric array of [`Histograms`].
+    pub mod hists {
+        use super::*;
+
+        type Hists = [Option<Box<Histogram<u64>>>; 8];
+
+        /// Serialises as an array of hex strings or nulls.
+        pub fn serialize<S: Serializer>(h: &Hists, s: S) -> Result<S::Ok, S::Error> {
+            let v: Vec<Option<String>> =
+                h.iter().map(|h| h.as_deref().map(super::encode)).collect();
+            v.serialize(s)
+        }
+
+        /// Reads what [`serialize`] wrote.
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Hists, D::Error> {
+            let v = Vec::<Option<String>>::deserialize(d)?;
+            if v.len() != 8 {
+                return Err(D::Error::custom(format!(
+                    "{} histograms, expected 8",
+                    v.len()
+                )));
+            }
+            let mut out: Hists = Default::default();
+            for (slot, hex) in out.iter_mut().zip(v) {
+                *slot = hex
+                    .map(|hex| super::decode(&hex).map_err(D::Error::custom))
+                    .transpose()?;
+            }
+            Ok(out)
+        }
     }
 }
 
@@ -549,6 +663,35 @@ mod tests {
         assert!(only.get(Metric::RoundTrip).is_none());
         assert_eq!(only.get(Metric::Heartbeat).unwrap().len(), 0);
         assert_eq!(Metric::ALL.map(Metric::name).len(), 8);
+    }
+
+    #[test]
+    fn stats_cross_processes_exactly() {
+        let mut a = Stats::default();
+        for v in [3, 70, 900, 12_000, 59_000_000] {
+            a.hist.record(Metric::Hello, v);
+        }
+        a.errors.count("tls_alert");
+        a.counters.connected();
+        a.window(1).record_ready(4321);
+        let json = serde_json::to_string(&a).unwrap();
+        let b: Stats = serde_json::from_str(&json).unwrap();
+        let (ha, hb) = (
+            a.hist.get(Metric::Hello).unwrap(),
+            b.hist.get(Metric::Hello).unwrap(),
+        );
+        assert_eq!(ha, hb, "every count survives");
+        assert!(b.hist.get(Metric::RoundTrip).is_none());
+        assert_eq!(b.errors, a.errors);
+        assert_eq!(b.counters, a.counters);
+        assert_eq!(b.windows[1].ready.as_ref().unwrap().len(), 1);
+        // Merged after the trip, like two workers' histograms in the coordinator.
+        let mut m = b.clone();
+        m.add(&a);
+        assert_eq!(m.hist.get(Metric::Hello).unwrap().len(), 10);
+        assert!(wire::decode("zz").is_err());
+        assert!(wire::decode("abc").is_err());
+        assert!(wire::decode("00112233").is_err(), "not a histogram");
     }
 
     #[test]

@@ -243,7 +243,7 @@ fn auto_workers_split_devices_and_sources() {
         plans.iter().map(|p| p.devices).collect::<Vec<_>>(),
         [16_667, 16_667, 16_666]
     );
-    assert_eq!(plans[1].first_device, 16_667);
+    assert_eq!((plans[1].first_device, plans[1].stride), (1, 3));
     assert_eq!(
         plans.iter().map(|p| p.sources.len()).collect::<Vec<_>>(),
         [3, 2, 2]
@@ -273,18 +273,73 @@ fn a_spawned_server_must_fit_one_process() {
 
 #[test]
 fn server_pid_only_for_a_running_server() {
-    let keys = |text: &str| -> Vec<String> {
-        match Campaign::parse(text, "<t>") {
-            Ok(_) => Vec::new(),
-            Err(CampaignError::Invalid { problems, .. }) => {
-                problems.into_iter().map(|p| p.key).collect()
-            }
-            Err(e) => panic!("{e}"),
-        }
-    };
+    let keys = problem_keys;
     assert_eq!(keys("[server]\nspawn = true\npid = 42\n"), ["server.pid"]);
     assert!(keys("[server]\naddress = \"127.0.0.1:1\"\npid = 42\n").is_empty());
     let mut c = Campaign::parse("[server]\naddress = \"127.0.0.1:1\"\n", "<t>").unwrap();
     c.apply_override("server.pid", "4242").unwrap();
     assert_eq!(c.server.pid, Some(4242));
+}
+
+#[test]
+fn nodes_picks_and_remote_workers_are_checked() {
+    let keys = problem_keys;
+    let c = parse("[server]\nspawn = true\nnodes = 3\npick = \"node:2\"\n").unwrap();
+    let nodes = c.server.nodes();
+    assert_eq!(nodes.len(), 3);
+    assert_eq!(nodes[2].device.to_string(), "127.0.3.3:7400");
+    assert_eq!(nodes[1].agent.unwrap().to_string(), "127.0.3.2:7401");
+    assert_eq!(c.server.pick, Pick::Node(2));
+    assert_eq!(
+        keys("[server]\nspawn = true\nnodes = 2\npick = \"node:2\"\n"),
+        ["server.pick"]
+    );
+    assert_eq!(
+        keys("[server]\naddress = \"127.0.0.1:1\"\nnodes = 2\n"),
+        ["server.nodes"]
+    );
+    assert_eq!(
+        keys("[server]\nspawn = true\nnodes = 0\n"),
+        ["server.nodes"]
+    );
+    // An agent reaches only its own node: random picks and too few agents are refused.
+    let msgs = "[messages]\nround_trip_per_sec = 1\nagents = 1\n";
+    assert_eq!(
+        keys(&format!(
+            "[server]\nspawn = true\nnodes = 2\npick = \"random\"\n{msgs}"
+        )),
+        ["server.pick", "messages.agents"]
+    );
+    assert!(Campaign::parse("[server]\npick = \"nearest\"\n", "<t>").is_err());
+    let r = parse(
+        "workers = [\"10.0.0.2:7500\", \"10.0.0.3:7500\"]\n[server]\naddress = \"127.0.0.1:1\"\n",
+    )
+    .unwrap();
+    assert_eq!(
+        r.workers,
+        Workers::Remote(vec!["10.0.0.2:7500".into(), "10.0.0.3:7500".into()])
+    );
+    assert_eq!(r.plan_workers(&VM).unwrap().len(), 2);
+    assert_eq!(
+        keys("workers = []\n[server]\naddress = \"127.0.0.1:1\"\n"),
+        ["workers"]
+    );
+    // A spawned server that cannot hold its share says how many nodes would.
+    let big = parse(
+        "devices = 50000\nworkers = \"auto\"\n[server]\nspawn = true\n[source]\naddresses = \"127.0.1.1-127.0.1.4\"\n",
+    )
+    .unwrap();
+    let err = big.plan_workers(&VM).unwrap_err().to_string();
+    assert!(err.contains("server.nodes = 3"), "{err}");
+}
+
+/// The keys of the problems `text` has (empty if it is valid).
+fn problem_keys(text: &str) -> Vec<String> {
+    match Campaign::parse(text, "<t>") {
+        Ok(_) => Vec::new(),
+        Err(CampaignError::Invalid { problems, .. }) => {
+            problems.into_iter().map(|p| p.key).collect()
+        }
+        Err(e) => panic!("{e}"),
+    }
 }

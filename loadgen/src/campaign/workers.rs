@@ -14,13 +14,15 @@ use crate::host::HostLimits;
 /// eventfds per shard, agent links, report and /proc files. Generous on purpose.
 pub const FD_RESERVE: u64 = 100;
 
-/// `workers = 4` or `workers = "auto"`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// `workers = 4`, `workers = "auto"` or `workers = ["host:port", …]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Workers {
     /// As many processes as the open-file hard limit requires.
     Auto,
     /// Exactly this many processes.
     Count(u32),
+    /// Workers already running elsewhere (`loadgen worker --listen ADDR`), one per address.
+    Remote(Vec<String>),
 }
 
 impl Serialize for Workers {
@@ -28,6 +30,7 @@ impl Serialize for Workers {
         match self {
             Workers::Auto => s.serialize_str("auto"),
             Workers::Count(n) => s.serialize_u32(*n),
+            Workers::Remote(list) => list.serialize(s),
         }
     }
 }
@@ -35,10 +38,13 @@ impl Serialize for Workers {
 impl<'de> Deserialize<'de> for Workers {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;
-        impl Visitor<'_> for V {
+        impl<'a> Visitor<'a> for V {
             type Value = Workers;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a number of worker processes or \"auto\"")
+                f.write_str(
+                    "a number of worker processes, \"auto\", or a list of \"host:port\" of \
+                     remote workers",
+                )
             }
             fn visit_i64<E: de::Error>(self, n: i64) -> Result<Workers, E> {
                 u32::try_from(n)
@@ -56,18 +62,29 @@ impl<'de> Deserialize<'de> for Workers {
                     _ => Err(E::invalid_value(de::Unexpected::Str(s), &self)),
                 }
             }
+            fn visit_seq<A: de::SeqAccess<'a>>(self, mut seq: A) -> Result<Workers, A::Error> {
+                let mut list = Vec::new();
+                while let Some(addr) = seq.next_element::<String>()? {
+                    list.push(addr);
+                }
+                Ok(Workers::Remote(list))
+            }
         }
         d.deserialize_any(V)
     }
 }
 
 /// What one worker process drives.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkerPlan {
     /// 0-based worker index.
     pub index: u32,
-    /// Its first device number; it drives `first_device .. first_device + devices`.
+    /// Its first device number (its index): it drives devices `first_device`,
+    /// `first_device + stride`, … so that every worker ramps at once, each at its share of the
+    /// rate.
     pub first_device: u64,
+    /// The step between its devices: the number of workers.
+    pub stride: u64,
     /// How many devices it drives.
     pub devices: u64,
     /// Source addresses it binds, round-robin over its devices; empty: the kernel picks.
@@ -101,9 +118,11 @@ impl Campaign {
             ));
         }
         let need = self.devices.div_ceil(fit);
-        let n = match self.workers {
-            Workers::Count(n) => u64::from(n),
+        let n = match &self.workers {
+            Workers::Count(n) => u64::from(*n),
             Workers::Auto => need,
+            // Remote hosts check their own limits when they take their share.
+            Workers::Remote(list) => return Ok(list.len() as u32),
         };
         let per = self.devices.div_ceil(n.max(1));
         if per > fit {
@@ -128,26 +147,44 @@ impl Campaign {
     /// ephemeral ports per source address.
     pub fn plan_workers(&self, host: &HostLimits) -> Result<Vec<WorkerPlan>, CampaignError> {
         let n = self.worker_count(host)?;
-        if self.server.spawn && self.fds_needed(self.devices) > host.fd_hard {
+        let nodes = u64::from(self.server.nodes.max(1));
+        let per_node = self.devices.div_ceil(nodes);
+        if self.server.spawn && self.fds_needed(per_node) > host.fd_hard {
+            let (what, fix) = if nodes == 1 {
+                (
+                    "a spawned server holds all".to_owned(),
+                    format!(
+                        "spawn several nodes (server.nodes = {})",
+                        self.devices
+                            .div_ceil(self.devices_per_process(host.fd_hard).max(1))
+                    ),
+                )
+            } else {
+                (
+                    format!("each of {nodes} spawned servers holds up to"),
+                    "spawn more nodes".to_owned(),
+                )
+            };
             return Err(host_err(
                 "server.spawn",
                 format!(
-                    "a spawned server holds all {} devices in one process, which needs {} open \
-                     files, but the hard limit here is {}; run a farm (server.spawn = false) or \
-                     fewer devices",
-                    self.devices,
-                    self.fds_needed(self.devices),
+                    "{what} {per_node} devices in one process, which needs {} open files, but \
+                     the hard limit here is {}; {fix}, run against a farm (server.spawn = \
+                     false) or use fewer devices",
+                    self.fds_needed(per_node),
                     host.fd_hard
                 ),
             ));
         }
         let sources =
             parse_sources(&self.source.addresses).map_err(|e| host_err("source.addresses", e))?;
-        let plans: Vec<WorkerPlan> = split_even(self.devices, u64::from(n))
+        let stride = u64::from(n.max(1));
+        let plans: Vec<WorkerPlan> = split_even(self.devices, stride)
             .enumerate()
-            .map(|(i, (first_device, devices))| WorkerPlan {
+            .map(|(i, (_, devices))| WorkerPlan {
                 index: i as u32,
-                first_device,
+                first_device: i as u64,
+                stride,
                 devices,
                 sources: sources_for(&sources, i, n as usize),
             })

@@ -82,6 +82,7 @@ fn report() -> Report {
             loadgen_s: Some(0.0625),
         },
         attacks: Vec::new(),
+        processes: Vec::new(),
         ramp_connects: 1000,
     })
 }
@@ -148,6 +149,7 @@ fn bare_inputs<'a>(c: &'a Campaign, s: &'a Stats) -> ReportInputs<'a> {
         cpu_total: CpuSpent::default(),
         cpu_ramp: CpuSpent::default(),
         attacks: Vec::new(),
+        processes: Vec::new(),
         ramp_connects: 0,
     }
 }
@@ -284,8 +286,8 @@ fn cpu_windows_never_cut_short() {
     assert_eq!(all.loadgen_s, Some(0.5));
     // No server pid: no server figure.
     let mut lone = CpuTrace::default();
-    lone.sample(None);
-    lone.sample(None);
+    lone.sample(&[], 0.0);
+    lone.sample(&[], 0.0);
     assert_eq!(lone.total().server_s, None);
     assert!(lone.total().loadgen_s.is_some());
 }

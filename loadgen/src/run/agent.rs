@@ -55,7 +55,7 @@ pub async fn run(ctx: Rc<ShardCtx>, slot: usize, agent: usize) {
 /// after its welcome; every other failure is counted here and ends the agent (`Ok`).
 async fn attach(ctx: &Rc<ShardCtx>, slot: usize, agent: usize) -> Result<(), &'static str> {
     let sh = ctx.shared.clone();
-    let Some(addr) = sh.agent_server else {
+    let Some(&addr) = sh.agent_targets.get(agent % sh.agent_targets.len().max(1)) else {
         return Ok(());
     };
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -146,7 +146,22 @@ where
         }
     }
     // This agent's share of agent→device traffic: devices agent, agent + agents, ...
-    let share: Vec<usize> = (agent..sh.devices.len()).step_by(agents).collect();
+    // Several independent nodes: an agent reaches only its own node's devices, so agent `a`
+    // serves the devices whose home is node `a mod nodes` (validation keeps `random` out).
+    let nodes = sh.agent_targets.len().max(1);
+    let share: Vec<usize> = if nodes == 1 {
+        (agent..sh.devices.len()).step_by(agents).collect()
+    } else {
+        let (node, peers) = (
+            agent % nodes,
+            agents / nodes + usize::from(agent % nodes < agents % nodes),
+        );
+        (0..sh.devices.len())
+            .filter(|&d| sh.home_target(d) == Some(node))
+            .skip(agent / nodes)
+            .step_by(peers.max(1))
+            .collect()
+    };
     let mut a2d = OpenLoopSchedule::with_phase(
         m.agent_to_device_per_sec * share.len() as f64,
         tl.epoch.0,

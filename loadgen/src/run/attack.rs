@@ -383,7 +383,7 @@ impl Attacker {
     }
 
     fn connect(&mut self, r: usize) {
-        let server = self.ctx.shared.server;
+        let server = self.ctx.shared.targets[0];
         let run = &mut self.runs[r];
         let ip = run.sources[(run.made % run.sources.len() as u64) as usize];
         run.made += 1;

@@ -141,10 +141,16 @@ pub(super) struct Device {
     code: Option<Box<CodeReceiver>>,
     /// Code versions installed so far (the n-th counts for the campaign's n-th deploy).
     installs: u8,
+    /// The server node it connects to (an index into the targets); [`NO_TARGET`]: draw one at
+    /// the next connect (`pick = "random"`).
+    target: u16,
     /// The TLS session ticket to resume with (lent to rustls for each step, see
     /// [`super::tls::DeviceTickets`]).
     pub ticket: Option<Box<Tls13ClientSessionValue>>,
 }
+
+/// No target chosen yet.
+const NO_TARGET: u16 = u16::MAX;
 
 /// A stable pseudo-random number in [0, 1) for (device, salt): spreads phases and picks storm
 /// victims deterministically.
@@ -161,7 +167,7 @@ impl Device {
     pub fn new(ctx: &ShardCtx, index: usize) -> Device {
         let sh = &ctx.shared;
         let c = &sh.campaign;
-        let first = sh.timeline.ramp_slot(index);
+        let first = sh.timeline.ramp_slot(sh.global(index));
         let ident = &sh.devices[index];
         let mut cfg = DeviceConfig::new(ident.id, ident.key.clone());
         cfg.welcome_timeout = Duration::from_millis(c.limits.connect_timeout_ms);
@@ -184,6 +190,10 @@ impl Device {
             resumed: false,
             code: None,
             installs: 0,
+            target: sh
+                .home_target(index)
+                .and_then(|t| u16::try_from(t).ok())
+                .unwrap_or(NO_TARGET),
             ticket: None,
         }
     }
@@ -321,9 +331,21 @@ impl Device {
         let deadline = self.since.max(now) + timeout;
         let source =
             (!sh.sources.is_empty()).then(|| sh.sources[self.index as usize % sh.sources.len()]);
+        if self.target == NO_TARGET {
+            // `random`: a fresh draw per connect attempt, as a DNS answer would give.
+            let draw = unit(
+                sh.global(self.index as usize),
+                5000 + u64::from(self.generation),
+            );
+            self.target = (draw * sh.targets.len() as f64) as u16;
+        }
+        let server = sh.targets[usize::from(self.target) % sh.targets.len()];
+        if sh.pick == crate::campaign::Pick::Random {
+            self.target = NO_TARGET;
+        }
         let socket = (|| {
             let s = Socket::new(
-                Domain::for_address(sh.server),
+                Domain::for_address(server),
                 Type::STREAM.nonblocking().cloexec(),
                 Some(Protocol::TCP),
             )?;
@@ -331,7 +353,7 @@ impl Device {
             if let Some(ip) = source {
                 s.bind(&SockAddr::from(std::net::SocketAddr::from((ip, 0))))?;
             }
-            match s.connect(&SockAddr::from(sh.server)) {
+            match s.connect(&SockAddr::from(server)) {
                 Ok(()) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
                 Err(e) => return Err(e),
@@ -577,6 +599,22 @@ impl Device {
         }
     }
 
+    /// A `Goodbye{redirect}` named another node (its device address, `ip:port`): the next
+    /// connect goes there if it is one of the run's targets; anything else is counted as
+    /// `redirect_unknown` and the device stays with its pick.
+    fn redirected(&mut self, to: &[u8], ctx: &ShardCtx) {
+        let to = std::str::from_utf8(to)
+            .ok()
+            .and_then(|t| t.trim().parse::<std::net::SocketAddr>().ok());
+        match to.and_then(|a| ctx.shared.targets.iter().position(|t| *t == a)) {
+            Some(k) => {
+                self.target = u16::try_from(k).unwrap_or(NO_TARGET);
+                ctx.stats.borrow_mut().counters.redirects_followed += 1;
+            }
+            None => ctx.error("redirect_unknown"),
+        }
+    }
+
     /// The wait the server's Goodbye asked for (taken), or the default.
     fn retry_after(&mut self) -> Duration {
         match std::mem::take(&mut self.retry_after_ms) {
@@ -640,7 +678,9 @@ impl Device {
             .iter()
             .enumerate()
             .skip(usize::from(self.next_storm))
-            .find(|(k, s)| unit(self.index as usize, 1000 + *k as u64) * 100.0 < s.drop_percent)
+            .find(|(k, s)| {
+                unit(sh.global(self.index as usize), 1000 + *k as u64) * 100.0 < s.drop_percent
+            })
             .map(|(k, s)| (k, sh.timeline.at(s.at_s)))
     }
 
@@ -650,7 +690,7 @@ impl Device {
     fn timetable(&self, sh: &Shared, k: usize) -> OpenLoopSchedule {
         let m = &sh.campaign.messages;
         let rate = [m.device_to_agent_per_sec, m.round_trip_per_sec][k];
-        let index = self.index as usize;
+        let index = sh.global(self.index as usize);
         let first = sh.timeline.ramp_slot(index);
         OpenLoopSchedule::with_phase(rate, first, unit(index, 1 + k as u64))
             .after(u64::from(self.sent[k]))
@@ -776,8 +816,11 @@ impl Device {
                 DeviceEvent::Goodbye {
                     reason,
                     retry_after,
-                    ..
+                    redirect,
                 } => {
+                    if !redirect.is_empty() {
+                        self.redirected(&redirect, ctx);
+                    }
                     let name = goodbye_name(reason);
                     let mut st = ctx.stats.borrow_mut();
                     st.goodbyes.count(name);

@@ -25,6 +25,7 @@ pub mod spawn;
 pub mod stamp;
 mod tls;
 mod upgrade;
+pub mod worker;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -36,15 +37,18 @@ use glommio::{LocalExecutorBuilder, Placement};
 use rustls::pki_types::ServerName;
 use tether_net::tls::{ClientTlsOptions, client_config};
 
-use crate::campaign::{Campaign, CampaignError, TlsState};
+use std::net::SocketAddr;
+
+use crate::campaign::{Campaign, CampaignError, NodeAddrs, TlsState, WorkerPlan, Workers};
 use crate::host::{self, HostLimits, Machine};
 use crate::report::{
-    CpuTrace, DeploySummary, KernelSample, ProgressTracker, Report, ReportInputs, RssSample,
-    StormSummary,
+    CpuTrace, DeploySummary, KernelSample, ProcessUsage, ProgressTracker, Report, ReportInputs,
+    RssSample, StormSummary,
 };
 use crate::stats::Stats;
 use shard::{DeviceIdent, Shared, Snapshot, StormTally, Timeline};
 use spawn::{ServerProcess, SpawnError};
+use worker::{Event, Job, ToWorker, WorkerLink};
 
 /// Time left after the last scheduled send for replies in flight.
 const DRAIN: Duration = Duration::from_secs(2);
@@ -82,7 +86,7 @@ pub enum RunError {
     Setup(String),
 }
 
-fn setup(msg: impl Into<String>) -> RunError {
+pub(crate) fn setup(msg: impl Into<String>) -> RunError {
     RunError::Setup(msg.into())
 }
 
@@ -90,16 +94,9 @@ fn setup(msg: impl Into<String>) -> RunError {
 pub fn run(c: &Campaign, opts: &RunOptions) -> Result<Report, RunError> {
     let host = HostLimits::probe().map_err(|e| setup(format!("cannot read host limits: {e}")))?;
     let plans = c.plan_workers(&host)?;
-    if plans.len() > 1 {
-        return Err(setup(format!(
-            "this campaign needs {} worker processes; multi-process runs are not implemented yet \
-             (one process holds at most {} devices here)",
-            plans.len(),
-            c.devices_per_process(host.fd_hard)
-        )));
-    }
+    let multi = plans.len() > 1 || matches!(c.workers, Workers::Remote(_));
     let need = c.fds_needed(c.devices);
-    if need > host.fd_soft {
+    if !multi && need > host.fd_soft {
         return Err(CampaignError::DoesNotFit {
             key: "devices".into(),
             problem: format!(
@@ -111,17 +108,23 @@ pub fn run(c: &Campaign, opts: &RunOptions) -> Result<Report, RunError> {
         .into());
     }
     let notes = Vec::new();
-
-    let mut server = if c.server.spawn {
+    let nodes = c.server.nodes();
+    if nodes.is_empty() {
+        return Err(setup("server.address is not set"));
+    }
+    let mut servers = if c.server.spawn {
         let bin = opts
             .tether_bin
             .clone()
             .unwrap_or_else(spawn::default_tether_bin);
-        Some(ServerProcess::start(c, &bin)?)
+        if opts.progress && nodes.len() > 1 {
+            eprintln!("starting {} server nodes", nodes.len());
+        }
+        ServerProcess::start_nodes(c, &bin)?
     } else {
-        None
+        Vec::new()
     };
-    let data_dir = match (&server, &opts.data_dir) {
+    let data_dir = match (servers.first(), &opts.data_dir) {
         (Some(s), _) => s.data_dir.clone(),
         (None, Some(d)) => d.clone(),
         (None, None) => {
@@ -131,29 +134,32 @@ pub fn run(c: &Campaign, opts: &RunOptions) -> Result<Report, RunError> {
             ));
         }
     };
-    let server_pid = match (&server, c.server.pid) {
-        (Some(s), _) => Some(s.pid()),
-        (None, Some(pid)) => {
+    let server_pids: Vec<u32> = match (servers.is_empty(), c.server.pid) {
+        (false, _) => servers.iter().map(ServerProcess::pid).collect(),
+        (true, Some(pid)) => {
             host::cpu_of(pid).map_err(|e| {
                 setup(format!(
                     "server.pid {pid}: cannot read /proc/{pid}/stat: {e}"
                 ))
             })?;
-            Some(pid)
+            vec![pid]
         }
-        (None, None) => None,
+        (true, None) => Vec::new(),
     };
     let mut successor = None;
     let result = run_against(
         c,
-        &data_dir,
-        server_pid,
+        &Target {
+            data_dir: &data_dir,
+            nodes: &nodes,
+            server_pids,
+        },
         &plans,
         notes,
         opts,
         &mut successor,
     );
-    if let Some(s) = server.as_mut() {
+    for (k, s) in servers.iter_mut().enumerate() {
         if let Some(pid) = successor {
             s.upgraded_to(pid);
         }
@@ -164,7 +170,12 @@ pub fn run(c: &Campaign, opts: &RunOptions) -> Result<Report, RunError> {
         }
         let how = s.stop();
         if opts.progress {
-            eprintln!("server {how}");
+            let who = if nodes.len() > 1 {
+                format!("server node {k}")
+            } else {
+                "server".into()
+            };
+            eprintln!("{who} {how}");
         }
         if result.is_err() {
             for line in s.tail() {
@@ -175,15 +186,300 @@ pub fn run(c: &Campaign, opts: &RunOptions) -> Result<Report, RunError> {
     result
 }
 
+/// What the run goes against.
+struct Target<'a> {
+    /// Data directory of the (first) server: registry, CA, tokens.
+    data_dir: &'a Path,
+    /// The nodes' addresses.
+    nodes: &'a [NodeAddrs],
+    /// Server processes whose CPU and memory are measured (every spawned node, or
+    /// `server.pid`).
+    server_pids: Vec<u32>,
+}
+
+/// The TLS configurations and the agent token a process of the run needs.
+pub(crate) struct Material {
+    tls: Arc<rustls::ClientConfig>,
+    attack_tls: Option<Arc<rustls::ClientConfig>>,
+    agent_tls: Option<Arc<rustls::ClientConfig>>,
+    agent_token: Vec<u8>,
+}
+
+impl Material {
+    /// Builds the configs of `c`, trusting the CA at `ca`.
+    pub(crate) fn new(c: &Campaign, ca: &Path, agent_token: Vec<u8>) -> Result<Material, RunError> {
+        let tls = client_config(
+            ca,
+            &ClientTlsOptions {
+                pq_kx: false,
+                session_tickets: usize::from(c.resume),
+                // Each device keeps its own ticket (see tls::DeviceTickets).
+                session_store: Some(Arc::new(tls::DeviceTickets::default())),
+                // The detached device state takes its traffic secrets from rustls.
+                secret_extraction: c.tls_state == TlsState::Detached,
+            },
+        )
+        .map_err(|e| setup(e.to_string()))?;
+        // Attackers keep no tickets and extract no secrets.
+        let attack_tls = if c.attack.is_empty() {
+            None
+        } else {
+            let opts = ClientTlsOptions {
+                pq_kx: false,
+                session_tickets: 0,
+                session_store: None,
+                secret_extraction: false,
+            };
+            Some(client_config(ca, &opts).map_err(|e| setup(e.to_string()))?)
+        };
+        let agent_tls = if c.messages.uses_agents() && c.server.agent_tls {
+            Some(tether_net::tls::agent_client_config(ca).map_err(|e| setup(e.to_string()))?)
+        } else {
+            None
+        };
+        Ok(Material {
+            tls,
+            attack_tls,
+            agent_tls,
+            agent_token,
+        })
+    }
+
+    /// The plan the shards of one process read.
+    #[allow(clippy::too_many_arguments)] // reason: one call per process kind, all named
+    pub(crate) fn shared(
+        &self,
+        c: &Campaign,
+        start: Instant,
+        devices: Vec<DeviceIdent>,
+        (first_device, stride): (usize, usize),
+        sources: &[std::net::Ipv4Addr],
+        (targets, agent_targets): (&[SocketAddr], &[SocketAddr]),
+        shards: usize,
+    ) -> Result<Arc<Shared>, String> {
+        let timeline = Timeline::new(c, start, DRAIN);
+        let windows = c.windows();
+        let attack_spans = c
+            .attack
+            .iter()
+            .map(|a| {
+                let w = windows
+                    .iter()
+                    .position(|l| l == a.window_label())
+                    .unwrap_or(0);
+                (
+                    timeline.at(a.start_s),
+                    timeline.at(a.start_s + a.duration_s),
+                    w,
+                )
+            })
+            .collect();
+        Ok(Arc::new(Shared {
+            campaign: c.clone(),
+            timeline,
+            online: (0..devices.len()).map(|_| AtomicBool::new(false)).collect(),
+            devices,
+            first_device,
+            stride: stride.max(1),
+            sources: sources.to_vec(),
+            targets: targets.to_vec(),
+            pick: c.server.pick,
+            agent_targets: if c.messages.uses_agents() {
+                agent_targets.to_vec()
+            } else {
+                Vec::new()
+            },
+            agent_token: self.agent_token.clone(),
+            agent_tls: self.agent_tls.clone(),
+            tls: self.tls.clone(),
+            server_name: ServerName::try_from("localhost")
+                .map_err(|e| e.to_string())?
+                .to_owned(),
+            attack_tls: self.attack_tls.clone(),
+            attack_spans,
+            shards,
+            abort: AtomicBool::new(false),
+        }))
+    }
+}
+
+/// This process's loadgen shards, started and idle until [`LocalShards::go`].
+pub(crate) struct LocalShards {
+    handles: Vec<glommio::ExecutorJoinHandle<()>>,
+    plans: Vec<mpsc::SyncSender<Arc<Shared>>>,
+}
+
+impl LocalShards {
+    /// Starts `shards` executors; they make their fixed state (ring, buffers, timing wheel),
+    /// whatever the number of devices, and wait for the plan: memory measured from here on is
+    /// what the devices add. Snapshots go to `out`.
+    pub(crate) fn start(
+        shards: usize,
+        out: mpsc::Sender<Snapshot>,
+    ) -> Result<LocalShards, RunError> {
+        let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
+        let cores = host::available_cores();
+        let mut handles = Vec::new();
+        let mut plans = Vec::new();
+        for i in 0..shards {
+            let spawn = |placement| {
+                let (plan_tx, plan_rx) = mpsc::sync_channel::<Arc<Shared>>(1);
+                let (tx, ready_tx) = (out.clone(), ready_tx.clone());
+                LocalExecutorBuilder::new(placement)
+                    .name(&format!("loadgen-{i}"))
+                    .io_memory(IO_MEMORY)
+                    .spawn(move || shard::run_shard(i, ready_tx, plan_rx, tx))
+                    .map(|h| (h, plan_tx))
+            };
+            let (h, plan_tx) = spawn(Placement::Fixed(i % cores))
+                .or_else(|_| spawn(Placement::Unbound))
+                .map_err(|e| setup(format!("cannot start loadgen shard {i}: {e}")))?;
+            handles.push(h);
+            plans.push(plan_tx);
+        }
+        drop(ready_tx);
+        for _ in 0..shards {
+            match ready_rx.recv_timeout(Duration::from_secs(10)) {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(setup(e)),
+                Err(_) => return Err(setup("a loadgen shard did not start within 10 s")),
+            }
+        }
+        Ok(LocalShards { handles, plans })
+    }
+
+    /// Hands every shard the plan: the run starts at its timeline.
+    pub(crate) fn go(&self, shared: &Arc<Shared>) {
+        for plan in &self.plans {
+            // A shard that is gone already reported why (or its panic is joined below).
+            let _ = plan.send(shared.clone());
+        }
+    }
+
+    /// Waits for every shard to end.
+    pub(crate) fn join(self) -> Result<(), String> {
+        for h in self.handles {
+            h.join()
+                .map_err(|e| format!("a loadgen shard failed: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// How the devices are driven: by this process's shards, or by worker processes.
+enum Fleet {
+    Local {
+        shards: LocalShards,
+        shared: Arc<Shared>,
+    },
+    Workers(Vec<WorkerLink>),
+}
+
+impl Fleet {
+    fn abort(&mut self) {
+        match self {
+            Fleet::Local { shared, .. } => shared.abort.store(true, Ordering::Relaxed),
+            Fleet::Workers(links) => {
+                for l in links {
+                    let _ = l.send(&ToWorker::Abort);
+                }
+            }
+        }
+    }
+}
+
+/// A worker's last figures (RSS, CPU seconds), from its snapshots.
+#[derive(Clone, Copy, Default)]
+struct WorkerFigures {
+    rss: u64,
+    cpu_s: f64,
+}
+
+/// Starts the worker processes (or attaches the remote ones), hands each its job, and waits
+/// until every one is ready; a worker that fails is named with its reason.
+fn start_workers(
+    c: &Campaign,
+    plans: &[WorkerPlan],
+    devices: &[DeviceIdent],
+    job: &Job,
+    events: &mpsc::Sender<Event>,
+    progress: bool,
+) -> Result<Vec<WorkerLink>, RunError> {
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let mut links = Vec::with_capacity(plans.len());
+    for plan in plans {
+        let (mut link, input) = match &c.workers {
+            Workers::Remote(list) => WorkerLink::connect(plan.index, &list[plan.index as usize])?,
+            _ => WorkerLink::spawn(plan.index)?,
+        };
+        let (w, tx, ev) = (links.len(), ready_tx.clone(), events.clone());
+        std::thread::spawn(move || worker::read(w, worker::SHARD_SLOTS, input, tx, ev));
+        let mut job = job.clone();
+        job.plan = plan.clone();
+        job.devices = devices
+            .iter()
+            .skip(plan.first_device as usize)
+            .step_by(plan.stride.max(1) as usize)
+            .map(|d| (d.id.0, worker::key_hex(&d.key)))
+            .collect();
+        if let Err(e) = link.send(&ToWorker::Job(Box::new(job))) {
+            return Err(setup(format!("{}: cannot send its job: {e}", link.name)));
+        }
+        links.push(link);
+    }
+    drop(ready_tx);
+    let deadline = Instant::now() + worker::READY_TIMEOUT;
+    for _ in 0..links.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match ready_rx.recv_timeout(left) {
+            Ok((w, Ok((pid, rss)))) => {
+                links[w].pid = Some(pid);
+                links[w].rss_before = rss;
+            }
+            Ok((w, Err(e))) => {
+                let last = links[w].last_words();
+                let msg = format!("{} failed before the start: {e} {last}", links[w].name);
+                for l in &mut links {
+                    let _ = l.send(&ToWorker::Abort);
+                    l.reap();
+                }
+                return Err(setup(msg.trim().to_owned()));
+            }
+            Err(_) => {
+                for l in &mut links {
+                    let _ = l.send(&ToWorker::Abort);
+                    l.reap();
+                }
+                return Err(setup(format!(
+                    "a worker was not ready within {:?}",
+                    worker::READY_TIMEOUT
+                )));
+            }
+        }
+    }
+    if progress {
+        eprintln!(
+            "{} workers ready: {}",
+            links.len(),
+            links
+                .iter()
+                .map(|l| l.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    Ok(links)
+}
+
 fn run_against(
     c: &Campaign,
-    data_dir: &Path,
-    server_pid: Option<u32>,
+    target: &Target<'_>,
     plans: &[crate::campaign::WorkerPlan],
     mut notes: Vec<String>,
     opts: &RunOptions,
     successor: &mut Option<u32>,
 ) -> Result<Report, RunError> {
+    let data_dir = target.data_dir;
     let admin = c.server.admin_link_address();
     let steps = !c.deploy.is_empty() || !c.upgrade.is_empty();
     if steps && admin.is_none() {
@@ -191,7 +487,7 @@ fn run_against(
             "deploy and upgrade steps need the server's admin endpoint: set server.admin_address",
         ));
     }
-    let mut server_pid = server_pid;
+    let mut server_pids = target.server_pids.clone();
     // Deploys and upgrades change state: the admin endpoint wants its token.
     let admin_token = if !steps {
         None
@@ -213,36 +509,7 @@ fn run_against(
     }
     devices.truncate(want);
     let ca = data_dir.join("tls").join("ca.pem");
-    let tls = client_config(
-        &ca,
-        &ClientTlsOptions {
-            pq_kx: false,
-            session_tickets: usize::from(c.resume),
-            // Each device keeps its own ticket (see tls::DeviceTickets).
-            session_store: Some(Arc::new(tls::DeviceTickets::default())),
-            // The detached device state takes its traffic secrets from rustls.
-            secret_extraction: c.tls_state == TlsState::Detached,
-        },
-    )
-    .map_err(|e| setup(e.to_string()))?;
-    // Attackers keep no tickets and extract no secrets.
-    let attack_tls = if c.attack.is_empty() {
-        None
-    } else {
-        let opts = ClientTlsOptions {
-            pq_kx: false,
-            session_tickets: 0,
-            session_store: None,
-            secret_extraction: false,
-        };
-        Some(client_config(&ca, &opts).map_err(|e| setup(e.to_string()))?)
-    };
     let uses_agents = c.messages.uses_agents();
-    let agent_tls = if uses_agents && c.server.agent_tls {
-        Some(tether_net::tls::agent_client_config(&ca).map_err(|e| setup(e.to_string()))?)
-    } else {
-        None
-    };
     let agent_token = if uses_agents {
         let p = data_dir.join("agent.token");
         std::fs::read_to_string(&p)
@@ -253,105 +520,128 @@ fn run_against(
     } else {
         Vec::new()
     };
-    let server_addr = c
-        .server
-        .device_address()
-        .ok_or_else(|| setup("server.address is not set"))?;
-    let shards = c.effective_shards().clamp(1, want.max(1));
-    let sources = plans.first().map(|p| p.sources.clone()).unwrap_or_default();
+    let targets: Vec<SocketAddr> = target.nodes.iter().map(|n| n.device).collect();
+    let agent_targets: Vec<SocketAddr> = if uses_agents {
+        target.nodes.iter().filter_map(|n| n.agent).collect()
+    } else {
+        Vec::new()
+    };
+    if uses_agents && agent_targets.len() != targets.len() {
+        return Err(setup("agent messages need every node's agent link address"));
+    }
+    let multi = plans.len() > 1 || matches!(c.workers, Workers::Remote(_));
 
-    // The shards start first and make what they keep whatever the number of devices (ring,
-    // buffers, timing wheel), then wait for the plan: memory measured from here on is what the
-    // devices add (the server's "before" is likewise a started, idle server).
-    let (tx, rx) = mpsc::channel::<Snapshot>();
-    let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
-    let cores = host::available_cores();
-    let mut handles = Vec::new();
-    let mut plans_tx = Vec::new();
-    for i in 0..shards {
-        let spawn = |placement| {
-            let (plan_tx, plan_rx) = mpsc::sync_channel::<Arc<Shared>>(1);
-            let (tx, ready_tx) = (tx.clone(), ready_tx.clone());
-            LocalExecutorBuilder::new(placement)
-                .name(&format!("loadgen-{i}"))
-                .io_memory(IO_MEMORY)
-                .spawn(move || shard::run_shard(i, ready_tx, plan_rx, tx))
-                .map(|h| (h, plan_tx))
+    let (ev_tx, ev_rx) = mpsc::channel::<Event>();
+    let mut links = Vec::new();
+    let mut local = None;
+    if multi {
+        let ca_pem = std::fs::read_to_string(&ca)
+            .map_err(|e| setup(format!("cannot read {}: {e}", ca.display())))?;
+        let job = Job {
+            campaign: c.clone(),
+            plan: plans[0].clone(),
+            devices: Vec::new(),
+            ca_pem,
+            agent_token: String::from_utf8_lossy(&agent_token).into_owned(),
+            targets: targets.clone(),
+            agent_targets: agent_targets.clone(),
         };
-        let (h, plan_tx) = spawn(Placement::Fixed(i % cores))
-            .or_else(|_| spawn(Placement::Unbound))
-            .map_err(|e| setup(format!("cannot start loadgen shard {i}: {e}")))?;
-        handles.push(h);
-        plans_tx.push(plan_tx);
+        links = start_workers(c, plans, &devices, &job, &ev_tx, opts.progress)?;
+    } else {
+        let material = Material::new(c, &ca, agent_token)?;
+        let shards = c.effective_shards().clamp(1, want.max(1));
+        let (snap_tx, snap_rx) = mpsc::channel::<Snapshot>();
+        let started = LocalShards::start(shards, snap_tx)?;
+        let ev = ev_tx.clone();
+        // Ends when the shards end (their senders drop).
+        std::thread::spawn(move || {
+            for s in snap_rx {
+                if ev.send(Event::Snap(Box::new(s), 0, 0, 0.0)).is_err() {
+                    return;
+                }
+            }
+            let _ = ev.send(Event::Done(0));
+        });
+        local = Some((started, material, shards));
     }
-    drop((tx, ready_tx));
-    for _ in 0..shards {
-        match ready_rx.recv_timeout(Duration::from_secs(10)) {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(setup(e)),
-            Err(_) => return Err(setup("a loadgen shard did not start within 10 s")),
-        }
-    }
+    drop(ev_tx);
+    let remote = links.iter().any(|l| l.child.is_none());
+    let mut figures = vec![WorkerFigures::default(); links.len()];
 
-    let server_before = server_pid.and_then(|p| host::rss_of(p).ok());
-    let self_before = host::rss_self().ok();
+    let rss_servers = |pids: &[u32]| -> Option<u64> {
+        let v: Vec<u64> = pids.iter().filter_map(|p| host::rss_of(*p).ok()).collect();
+        (!v.is_empty()).then(|| v.iter().sum())
+    };
+    let server_before = rss_servers(&server_pids);
+    let self_before = host::rss_self()
+        .ok()
+        .map(|me| me + links.iter().map(|l| l.rss_before).sum::<u64>());
     let kernel_before = KernelSample::read().ok();
 
     let mut cpu = CpuTrace::default();
-    cpu.sample(server_pid);
-    let start = Instant::now() + Duration::from_millis(300);
+    // Workers' CPU: read from /proc for local ones while they run (finer than their once-a-second
+    // figure), else the last figure they sent.
+    let workers_cpu = |f: &[WorkerFigures], links: &[WorkerLink]| -> f64 {
+        f.iter()
+            .zip(links)
+            .map(|(f, l)| {
+                l.pid
+                    .filter(|_| l.child.is_some())
+                    .and_then(|p| host::cpu_of(p).ok())
+                    .map_or(f.cpu_s, |s| s.max(f.cpu_s))
+            })
+            .sum()
+    };
+    cpu.sample(&server_pids, workers_cpu(&figures, &links));
+    let lead = if multi { 500 } else { 300 };
+    let start = Instant::now() + Duration::from_millis(lead);
     let timeline = Timeline::new(c, start, DRAIN);
-    let windows = c.windows();
-    let attack_spans = c
-        .attack
-        .iter()
-        .map(|a| {
-            let w = windows
-                .iter()
-                .position(|l| l == a.window_label())
-                .unwrap_or(0);
-            (
-                timeline.at(a.start_s),
-                timeline.at(a.start_s + a.duration_s),
-                w,
-            )
-        })
-        .collect();
-    let shared = Arc::new(Shared {
-        campaign: c.clone(),
-        timeline,
-        online: (0..want).map(|_| AtomicBool::new(false)).collect(),
-        devices,
-        sources,
-        server: server_addr,
-        agent_server: if uses_agents {
-            c.server.agent_link_address()
-        } else {
-            None
-        },
-        agent_token,
-        agent_tls,
-        tls,
-        server_name: ServerName::try_from("localhost")
-            .map_err(|e| setup(e.to_string()))?
-            .to_owned(),
-        attack_tls,
-        attack_spans,
-        shards,
-        abort: AtomicBool::new(false),
-    });
-
-    for plan_tx in plans_tx {
-        // A shard that is gone already reported why (or its thread's panic is joined below).
-        let _ = plan_tx.send(shared.clone());
-    }
+    let mut fleet = match local {
+        Some((started, material, shards)) => {
+            let sources = plans.first().map(|p| p.sources.clone()).unwrap_or_default();
+            let shared = material
+                .shared(
+                    c,
+                    start,
+                    devices,
+                    (0, 1),
+                    &sources,
+                    (&targets, &agent_targets),
+                    shards,
+                )
+                .map_err(setup)?;
+            started.go(&shared);
+            Fleet::Local {
+                shards: started,
+                shared,
+            }
+        }
+        None => {
+            let start_unix_us = (std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_micros() as u64))
+                + lead * 1000;
+            for l in &mut links {
+                let _ = l.send(&ToWorker::Go { start_unix_us });
+            }
+            Fleet::Workers(links)
+        }
+    };
+    let n_workers = match &fleet {
+        Fleet::Local { .. } => 1,
+        Fleet::Workers(l) => l.len(),
+    };
 
     // Collect snapshots; bounded by the timeline (plus a grace after which the run is aborted).
-    let mut latest: Vec<Option<Snapshot>> = vec![None; shards];
+    let mut latest: Vec<Option<Snapshot>> = Vec::new();
+    let mut finished = vec![false; n_workers];
+    let mut failures: Vec<String> = Vec::new();
+    let mut aborted = false;
     let mut tracker = ProgressTracker::new(start, c.devices);
     let mut peak = 0u64;
     let mut ramp_done: Option<Instant> = None;
     let mut rss_after: Option<AfterRamp> = None;
+    let mut processes: Vec<ProcessUsage> = Vec::new();
     let hard_end = timeline.end + Duration::from_secs(20);
     let mut next_tick = Instant::now() + Duration::from_secs(1);
     let mut next_sample = Instant::now() + CPU_SAMPLE;
@@ -374,23 +664,47 @@ fn run_against(
             .min(next_deploy.unwrap_or(next_tick))
             .min(next_upgrade.unwrap_or(next_tick))
             .saturating_duration_since(Instant::now());
-        match rx.recv_timeout(wait) {
-            Ok(s) => {
+        match ev_rx.recv_timeout(wait) {
+            Ok(Event::Snap(s, w, rss, cpu_s)) => {
                 let i = s.shard;
-                latest[i] = Some(s);
-                if latest.iter().all(|s| s.as_ref().is_some_and(|s| s.done)) {
-                    break;
+                if latest.len() <= i {
+                    latest.resize(i + 1, None);
+                }
+                latest[i] = Some(*s);
+                if let Some(f) = figures.get_mut(w) {
+                    *f = WorkerFigures { rss, cpu_s };
+                }
+            }
+            Ok(Event::Done(w)) => finished[w] = true,
+            Ok(Event::Died(w, why)) => {
+                finished[w] = true;
+                let (name, last) = match &fleet {
+                    Fleet::Workers(l) => (l[w].name.clone(), l[w].last_words()),
+                    Fleet::Local { .. } => ("loadgen".into(), String::new()),
+                };
+                let last = if last.is_empty() {
+                    String::new()
+                } else {
+                    format!("; its last words: {last}")
+                };
+                failures.push(format!("{name} died: {why}{last}"));
+                if opts.progress {
+                    eprintln!("{}", failures.last().map_or("", String::as_str));
+                }
+                if !aborted {
+                    aborted = true;
+                    fleet.abort();
                 }
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }
+        if finished.iter().all(|f| *f) {
+            break;
+        }
         let now = Instant::now();
         for (k, d) in c.deploy.iter().enumerate() {
-            if deployed[k].is_none()
-                && now >= timeline.at(d.at_s as f64)
-                && !shared.abort.load(Ordering::Relaxed)
-            {
+            if deployed[k].is_none() && now >= timeline.at(d.at_s as f64) && !aborted {
                 let (addr, tx) = (admin.expect("checked above"), deploy_tx.clone());
                 let token = admin_token.clone();
                 let path = format!("/deploy?group={}", query_escape(&d.group));
@@ -423,20 +737,24 @@ fn run_against(
                 c.deploy[k].at_s
             ));
         }
-        if !c.upgrade.is_empty() && !shared.abort.load(Ordering::Relaxed) {
+        if !c.upgrade.is_empty() && !aborted {
             let merged = merge(&latest);
             let rtt = merged.hist.get(crate::stats::Metric::RoundTrip);
             upgrades.post_due(c, &timeline, now, rtt);
         }
         // The server is another process after an upgrade: sample that one from now on.
         for pid in upgrades.answers() {
-            if server_pid.is_some() {
-                server_pid = Some(pid);
+            if !server_pids.is_empty() {
+                server_pids = vec![pid];
             }
             *successor = Some(pid);
         }
+        let links = match &fleet {
+            Fleet::Workers(l) => l.as_slice(),
+            Fleet::Local { .. } => &[],
+        };
         if now >= next_sample {
-            cpu.sample(server_pid);
+            cpu.sample(&server_pids, workers_cpu(&figures, links));
             next_sample = now + CPU_SAMPLE;
         }
         if now < next_tick {
@@ -457,12 +775,15 @@ fn run_against(
             && ramp_done
                 .is_some_and(|t| now >= t + Duration::from_secs(1) || now >= timeline.sends_end)
         {
+            let me = host::rss_self().ok();
+            let loadgen = me.map(|m| m + figures.iter().map(|f| f.rss).sum::<u64>());
             rss_after = Some((
-                server_pid.and_then(|p| host::rss_of(p).ok()),
-                host::rss_self().ok(),
+                rss_servers(&server_pids),
+                loadgen,
                 merged.counters.connected_now,
                 KernelSample::read().ok(),
             ));
+            processes = process_rows(&server_pids, target.nodes, links, &figures);
         }
         if opts.progress && now >= start {
             eprintln!("{}", tracker.sample(now, &merged).line());
@@ -471,7 +792,7 @@ fn run_against(
             .limits
             .max_errors
             .is_some_and(|max| merged.errors.total() > max);
-        if (over_limit || now >= hard_end) && !shared.abort.load(Ordering::Relaxed) {
+        if (over_limit || now >= hard_end) && !aborted {
             if opts.progress {
                 eprintln!(
                     "aborting: {}",
@@ -482,19 +803,45 @@ fn run_against(
                     }
                 );
             }
-            shared.abort.store(true, Ordering::Relaxed);
+            aborted = true;
+            fleet.abort();
+        }
+        if now >= hard_end + Duration::from_secs(30) {
+            failures.push("the run did not end 30 s after it was aborted".into());
+            break;
         }
     }
-    for h in handles {
-        h.join()
-            .map_err(|e| setup(format!("a loadgen shard failed: {e}")))?;
+    let links = match fleet {
+        Fleet::Local { shards, .. } => {
+            shards.join().map_err(setup)?;
+            Vec::new()
+        }
+        Fleet::Workers(mut links) => {
+            for l in &mut links {
+                l.reap();
+            }
+            links
+        }
+    };
+    if !failures.is_empty() {
+        return Err(setup(format!("the run failed: {}", failures.join("; "))));
     }
-    cpu.sample(server_pid);
+    cpu.sample(&server_pids, workers_cpu(&figures, &links));
+    if remote {
+        notes.push(
+            "loadgen CPU of remote workers is their own once-a-second figure; their memory is \
+             their RSS as they reported it"
+                .into(),
+        );
+    }
     let elapsed = Instant::now().saturating_duration_since(start);
     let mut stats = merge(&latest);
     stats.counters.peak_connected = peak;
     let (srv_after, self_after, held, kernel_after) =
         rss_after.unwrap_or((None, host::rss_self().ok(), 0, KernelSample::read().ok()));
+    if processes.is_empty() {
+        processes = process_rows(&server_pids, target.nodes, &links, &figures);
+    }
     let storms = storm_summaries(c, &latest, &timeline, &cpu);
     let agent_sends_offline = latest.iter().flatten().map(|s| s.sends_offline).sum();
     // The ramp ends when the last device first connected (exact, from the shards), or at the
@@ -577,7 +924,37 @@ fn run_against(
         cpu_ramp,
         ramp_connects,
         attacks,
+        processes,
     }))
+}
+
+/// One row per server node and per worker process: its RSS and CPU now.
+fn process_rows(
+    server_pids: &[u32],
+    nodes: &[NodeAddrs],
+    links: &[WorkerLink],
+    figures: &[WorkerFigures],
+) -> Vec<ProcessUsage> {
+    let mut rows: Vec<ProcessUsage> = server_pids
+        .iter()
+        .enumerate()
+        .map(|(k, pid)| ProcessUsage {
+            name: match nodes.get(k) {
+                Some(n) if server_pids.len() > 1 => format!("server node {k} ({})", n.device),
+                _ => "server".into(),
+            },
+            pid: Some(*pid),
+            rss_bytes: host::rss_of(*pid).ok(),
+            cpu_s: host::cpu_of(*pid).ok(),
+        })
+        .collect();
+    rows.extend(links.iter().zip(figures).map(|(l, f)| ProcessUsage {
+        name: l.name.clone(),
+        pid: l.pid,
+        rss_bytes: Some(f.rss),
+        cpu_s: Some(f.cpu_s),
+    }));
+    rows
 }
 
 /// Server RSS, loadgen RSS, connections held and kernel figures, sampled once the ramp settled.

@@ -19,8 +19,9 @@ use tether_protocol::auth::DeviceKey;
 use super::net::sleep_until;
 use super::stamp::Epoch;
 use super::{agent, attack, driver};
-use crate::campaign::Campaign;
+use crate::campaign::{Campaign, Pick};
 use crate::stats::{AttackTally, Metric, Stats};
+use serde::{Deserialize, Serialize};
 
 /// The run's timeline, fixed before any shard starts.
 #[derive(Clone, Copy, Debug)]
@@ -77,16 +78,25 @@ pub struct Shared {
     pub campaign: Campaign,
     /// The timeline.
     pub timeline: Timeline,
-    /// Devices this process simulates, by index.
+    /// Devices this process simulates, by index: device `index` is the campaign's device
+    /// [`Shared::global`]`(index)`.
     pub devices: Vec<DeviceIdent>,
+    /// The campaign number of this process's device 0 (its worker's index).
+    pub first_device: usize,
+    /// Campaign numbers step by this between this process's devices (the worker count): a
+    /// worker drives every `stride`-th device, so all workers ramp together.
+    pub stride: usize,
     /// Whether each device is established now (set by its shard, read by agents).
     pub online: Vec<AtomicBool>,
     /// Source addresses to bind (empty: let the kernel choose).
     pub sources: Vec<Ipv4Addr>,
-    /// Device listener.
-    pub server: SocketAddr,
-    /// Agent link, if agents run.
-    pub agent_server: Option<SocketAddr>,
+    /// Device listeners of the servers under load (one per node; at least one).
+    pub targets: Vec<SocketAddr>,
+    /// How each device picks its target.
+    pub pick: Pick,
+    /// Agent links, one per target (empty if no agents run): agent `a` attaches to
+    /// `agent_targets[a % len]`.
+    pub agent_targets: Vec<SocketAddr>,
     /// The agent token (trimmed file content).
     pub agent_token: Vec<u8>,
     /// The agent link's TLS client config (`server.agent_tls`); `None`: plain TCP.
@@ -107,6 +117,24 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// The campaign number of this process's device `index`: what its ramp slot, timetables,
+    /// storm draws and target pick come from, so a campaign behaves the same over any number of
+    /// worker processes.
+    pub fn global(&self, index: usize) -> usize {
+        self.first_device + index * self.stride
+    }
+
+    /// The target device `index` of this process connects to unless told otherwise (a redirect):
+    /// fixed for `hash` and `node`, `None` for `random` (drawn at each connect).
+    pub fn home_target(&self, index: usize) -> Option<usize> {
+        let n = self.targets.len();
+        match self.pick {
+            Pick::Hash => Some(spread(self.devices[index].id.0, n)),
+            Pick::Node(k) => Some(k as usize % n.max(1)),
+            Pick::Random => None,
+        }
+    }
+
     /// The report windows active at `t`, as a bit mask (bit `w` for window `w` of
     /// [`Campaign::windows`]): the windows of the attacks running then, or bit 0 (`calm`).
     pub fn windows_at(&self, t: Instant) -> u64 {
@@ -117,6 +145,15 @@ impl Shared {
             .fold(0u64, |m, (_, _, w)| m | 1 << w);
         if mask == 0 { 1 } else { mask }
     }
+}
+
+/// `x` hashed onto `0..n` (splitmix64 finaliser: a device id's home node).
+pub fn spread(x: u64, n: usize) -> usize {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    (z % n.max(1) as u64) as usize
 }
 
 /// Calls `f` for each window in a mask from [`Shared::windows_at`].
@@ -130,7 +167,7 @@ pub fn each_window(mask: u64, mut f: impl FnMut(usize)) {
 }
 
 /// One reconnect storm as one shard saw it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StormTally {
     /// Established connections dropped.
     pub dropped: u64,
@@ -142,8 +179,9 @@ pub struct StormTally {
     pub resumed: u64,
 }
 
-/// A shard's measurements at one moment.
-#[derive(Clone, Debug)]
+/// A shard's measurements at one moment (a worker process sends them to its coordinator as
+/// they are, histograms in HDR form).
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Snapshot {
     /// Which shard.
     pub shard: usize,
@@ -327,7 +365,7 @@ pub async fn run_shard(
         tasks.push(glommio::spawn_local(attack::run(ctx.clone(), attacks)));
     }
     let mut slot = 0;
-    if shared.agent_server.is_some() && shared.campaign.messages.uses_agents() {
+    if !shared.agent_targets.is_empty() && shared.campaign.messages.uses_agents() {
         let agents = shared.campaign.messages.agents as usize;
         for a in (index..agents).step_by(shared.shards) {
             tasks.push(glommio::spawn_local(agent::run(ctx.clone(), slot, a)));

@@ -41,16 +41,39 @@ pub enum SpawnError {
 /// The `tether` binary next to the running executable (the same target directory), or the
 /// one above it (tests run from `target/<profile>/deps`).
 pub fn default_tether_bin() -> PathBuf {
-    let exe = std::env::current_exe().unwrap_or_default();
+    sibling(&std::env::current_exe().unwrap_or_default(), "tether")
+}
+
+/// The binary `name` next to `exe`, or one level up when `exe` runs from `target/<profile>/deps`.
+pub fn sibling(exe: &Path, name: &str) -> PathBuf {
     let dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
-    let here = dir.join("tether");
+    let here = dir.join(name);
     if here.exists() {
         return here;
     }
     match dir.parent() {
-        Some(up) if dir.file_name().is_some_and(|n| n == "deps") => up.join("tether"),
+        Some(up) if dir.file_name().is_some_and(|n| n == "deps") => up.join(name),
         _ => here,
     }
+}
+
+/// Copies node 0's data directory into another node's (the registry, PKI and tokens: every
+/// node knows the same devices and shows the same certificate), leaving out its lock and
+/// control socket.
+fn seed_from(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let (src, dst) = (entry.path(), to.join(entry.file_name()));
+        let kind = entry.file_type()?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if kind.is_dir() {
+            seed_from(&src, &dst)?;
+        } else if kind.is_file() && !name.ends_with(".lock") && !name.ends_with(".sock") {
+            std::fs::copy(&src, &dst)?;
+        }
+    }
+    Ok(())
 }
 
 /// A running spawned server.
@@ -71,13 +94,61 @@ pub struct ServerProcess {
 }
 
 impl ServerProcess {
+    /// Starts every node of `c` (`server.nodes`): node 0 is provisioned with the devices, the
+    /// others get a copy of its data directory; returns once all of them listen.
+    pub fn start_nodes(c: &Campaign, bin: &Path) -> Result<Vec<ServerProcess>, SpawnError> {
+        let nodes = c.server.nodes();
+        if nodes.len() <= 1 {
+            return Ok(vec![ServerProcess::start(c, bin)?]);
+        }
+        let mut out: Vec<ServerProcess> = Vec::with_capacity(nodes.len());
+        for (k, addrs) in nodes.iter().enumerate() {
+            let seed = out.first().map(|p| p.data_dir.clone());
+            let dir = c
+                .server
+                .data_dir
+                .as_ref()
+                .map(|d| d.join(format!("node-{k}")));
+            out.push(ServerProcess::start_node(
+                c,
+                bin,
+                addrs,
+                dir,
+                seed.as_deref(),
+            )?);
+        }
+        Ok(out)
+    }
+
     /// Provisions `c.devices` devices and starts `tether serve`; returns once it listens.
     pub fn start(c: &Campaign, bin: &Path) -> Result<ServerProcess, SpawnError> {
+        let s = &c.server;
+        let addrs = crate::campaign::NodeAddrs {
+            device: s.device_address().unwrap_or_else(|| {
+                crate::campaign::ServerSpec::SPAWN_ADDRESS
+                    .parse()
+                    .expect("constant")
+            }),
+            agent: s.agent_link_address(),
+            admin: s.admin_link_address(),
+        };
+        ServerProcess::start_node(c, bin, &addrs, s.data_dir.clone(), None)
+    }
+
+    /// Starts one node at `addrs` in `data_dir` (default: a fresh temporary directory), its
+    /// devices provisioned, or copied from `seed` (another node's data directory).
+    fn start_node(
+        c: &Campaign,
+        bin: &Path,
+        addrs: &crate::campaign::NodeAddrs,
+        data_dir: Option<PathBuf>,
+        seed: Option<&Path>,
+    ) -> Result<ServerProcess, SpawnError> {
         if !bin.exists() {
             return Err(SpawnError::NoBinary(bin.to_owned()));
         }
-        let (data_dir, temp) = match &c.server.data_dir {
-            Some(d) => (d.clone(), false),
+        let (data_dir, temp) = match data_dir {
+            Some(d) => (d, false),
             None => {
                 let nanos = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
@@ -87,6 +158,11 @@ impl ServerProcess {
                 (d, true)
             }
         };
+        if let Some(seed) = seed {
+            seed_from(seed, &data_dir)
+                .map_err(|e| cmd_err("copying the device registry", e.to_string()))?;
+            return ServerProcess::serve(c, bin, addrs, data_dir, temp);
+        }
         let gen_out = Command::new(bin)
             .args(["devices", "gen", "--count"])
             .arg(c.devices.to_string())
@@ -100,6 +176,17 @@ impl ServerProcess {
                 String::from_utf8_lossy(&gen_out.stderr).trim().to_owned(),
             ));
         }
+        ServerProcess::serve(c, bin, addrs, data_dir, temp)
+    }
+
+    /// `tether serve` on a provisioned data directory.
+    fn serve(
+        c: &Campaign,
+        bin: &Path,
+        addrs: &crate::campaign::NodeAddrs,
+        data_dir: PathBuf,
+        temp: bool,
+    ) -> Result<ServerProcess, SpawnError> {
         let s = &c.server;
         let addr =
             |a: Option<SocketAddr>, d: &str| a.map_or_else(|| d.to_owned(), |a| a.to_string());
@@ -108,15 +195,15 @@ impl ServerProcess {
             .arg("--data-dir")
             .arg(&data_dir)
             .arg("--listen")
-            .arg(addr(s.address, crate::campaign::ServerSpec::SPAWN_ADDRESS))
+            .arg(addrs.device.to_string())
             .arg("--agent-listen")
             .arg(addr(
-                s.agent_address,
+                addrs.agent,
                 crate::campaign::ServerSpec::SPAWN_AGENT_ADDRESS,
             ))
             .arg("--admin-listen")
             .arg(addr(
-                s.admin_address,
+                addrs.admin,
                 crate::campaign::ServerSpec::SPAWN_ADMIN_ADDRESS,
             ))
             .arg("--heartbeat-s")
