@@ -112,7 +112,17 @@ fn deploy_reaches_every_connected_device_with_bounded_transfers() {
     let st = s.rollout();
     let g = st.groups.iter().find(|g| g.group == "lamps").unwrap();
     assert_eq!((g.version, g.connected, g.current), (2, 6, 6));
-    let m = s.stats();
+    // A device has its code before the server has read its last acknowledgement and the shard
+    // has published its counters: wait for them (bounded).
+    let deadline = std::time::Instant::now() + T;
+    let m = loop {
+        let m = s.stats();
+        let settled = m.total.code_transfers_completed >= 12 && m.total.code_transfers_active == 0;
+        if settled || std::time::Instant::now() > deadline {
+            break m;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     assert_eq!(m.total.code_transfers_completed, 12);
     assert_eq!(m.total.code_transfers_active, 0);
     // Never more than --max-transfers per shard at once: 6 devices needed queueing.

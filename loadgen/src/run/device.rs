@@ -149,6 +149,14 @@ pub(super) struct Device {
     pub ticket: Option<Box<Tls13ClientSessionValue>>,
 }
 
+/// The target a `Goodbye{redirect}` names: its text `ip:port` must be one of `targets`.
+fn redirect_target(to: &[u8], targets: &[std::net::SocketAddr]) -> Option<usize> {
+    let to = std::str::from_utf8(to)
+        .ok()
+        .and_then(|t| t.trim().parse::<std::net::SocketAddr>().ok())?;
+    targets.iter().position(|t| *t == to)
+}
+
 /// No target chosen yet.
 const NO_TARGET: u16 = u16::MAX;
 
@@ -603,10 +611,7 @@ impl Device {
     /// connect goes there if it is one of the run's targets; anything else is counted as
     /// `redirect_unknown` and the device stays with its pick.
     fn redirected(&mut self, to: &[u8], ctx: &ShardCtx) {
-        let to = std::str::from_utf8(to)
-            .ok()
-            .and_then(|t| t.trim().parse::<std::net::SocketAddr>().ok());
-        match to.and_then(|a| ctx.shared.targets.iter().position(|t| *t == a)) {
+        match redirect_target(to, &ctx.shared.targets) {
             Some(k) => {
                 self.target = u16::try_from(k).unwrap_or(NO_TARGET);
                 ctx.stats.borrow_mut().counters.redirects_followed += 1;
@@ -987,6 +992,23 @@ mod tests {
     /// Memory per device is a budget: these are the inline sizes of what every
     /// simulated device holds at rest; heap behind them (rustls' `ClientConnection`, the
     /// session's buffers) is measured by the idle campaigns. Run with `--nocapture` to see them.
+    #[test]
+    fn a_redirect_names_a_node_of_the_run() {
+        let targets: Vec<std::net::SocketAddr> = vec![
+            "127.0.3.1:7400".parse().unwrap(),
+            "127.0.3.2:7400".parse().unwrap(),
+        ];
+        assert_eq!(redirect_target(b"127.0.3.2:7400", &targets), Some(1));
+        assert_eq!(redirect_target(b" 127.0.3.1:7400\n", &targets), Some(0));
+        assert_eq!(
+            redirect_target(b"127.0.3.9:7400", &targets),
+            None,
+            "not a node of the run"
+        );
+        assert_eq!(redirect_target(b"node-2", &targets), None);
+        assert_eq!(redirect_target(&[0xff, 0xfe], &targets), None);
+    }
+
     #[test]
     fn per_device_sizes() {
         use std::mem::size_of;
