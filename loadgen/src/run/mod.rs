@@ -94,7 +94,7 @@ pub(crate) fn setup(msg: impl Into<String>) -> RunError {
 pub fn run(c: &Campaign, opts: &RunOptions) -> Result<Report, RunError> {
     let host = HostLimits::probe().map_err(|e| setup(format!("cannot read host limits: {e}")))?;
     let plans = c.plan_workers(&host)?;
-    let multi = plans.len() > 1 || matches!(c.workers, Workers::Remote(_));
+    let multi = needs_workers(c, &plans);
     let need = c.fds_needed(c.devices);
     if !multi && need > host.fd_soft {
         return Err(CampaignError::DoesNotFit {
@@ -184,6 +184,11 @@ pub fn run(c: &Campaign, opts: &RunOptions) -> Result<Report, RunError> {
         }
     }
     result
+}
+
+/// Whether the run is split over worker processes (more than one, or remote ones).
+fn needs_workers(c: &Campaign, plans: &[WorkerPlan]) -> bool {
+    plans.len() > 1 || matches!(c.workers, Workers::Remote(_))
 }
 
 /// What the run goes against.
@@ -529,7 +534,7 @@ fn run_against(
     if uses_agents && agent_targets.len() != targets.len() {
         return Err(setup("agent messages need every node's agent link address"));
     }
-    let multi = plans.len() > 1 || matches!(c.workers, Workers::Remote(_));
+    let multi = needs_workers(c, plans);
 
     let (ev_tx, ev_rx) = mpsc::channel::<Event>();
     let mut links = Vec::new();
